@@ -1,0 +1,334 @@
+//! Sessions: short-lived signed bearer tokens scoped to a context, a user and
+//! roles, and single-use tickets for places that cannot send headers
+//! (EventSource, `<video src>`).
+//!
+//! Tokens are HS256 JWTs signed with a 256-bit key kept in
+//! `<data_dir>/keys/session.key` (mode 0600, created on first use). LTI
+//! launches and `viva session` both mint these same tokens.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Role, Submission};
+use crate::error::{Error, Result};
+
+const ISSUER: &str = "viva";
+const AUDIENCE: &str = "viva-session";
+
+/// What a session token says about its bearer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Claims {
+    /// User id.
+    pub sub: String,
+    /// Context (course) id.
+    pub ctx: String,
+    pub roles: Vec<Role>,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub iat: u64,
+    pub exp: u64,
+    pub iss: String,
+    pub aud: String,
+    pub jti: String,
+}
+
+impl Claims {
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.has(Role::Admin)
+    }
+
+    /// Instructors manage their own context; admins every context.
+    pub fn can_manage(&self, context_id: &str) -> bool {
+        self.is_admin() || (self.has(Role::Instructor) && self.ctx == context_id)
+    }
+
+    /// Learners read their own submissions in their context; instructors
+    /// their context's; admins all.
+    pub fn can_read(&self, s: &Submission) -> bool {
+        self.can_manage(&s.context_id) || (s.user_id == self.sub && s.context_id == self.ctx)
+    }
+
+    /// Who did it, for the audit log.
+    pub fn actor(&self) -> String {
+        format!("{}@{}", self.sub, self.ctx)
+    }
+}
+
+/// Signs and verifies session tokens; keeps single-use tickets.
+#[derive(Clone)]
+pub struct Sessions {
+    encoding: Arc<EncodingKey>,
+    decoding: Arc<DecodingKey>,
+    ttl: Duration,
+    ticket_ttl: Duration,
+    tickets: Arc<Mutex<HashMap<String, Ticket>>>,
+}
+
+#[derive(Debug, Clone)]
+struct Ticket {
+    claims: Claims,
+    scope: String,
+    expires_at_ms: i64,
+}
+
+pub fn key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("session.key")
+}
+
+/// Reads the session key, creating it (0600) on first use.
+pub fn load_or_create_key(data_dir: &Path) -> Result<Vec<u8>> {
+    let path = key_path(data_dir);
+    match std::fs::read(&path) {
+        Ok(key) if key.len() >= 32 => {
+            let mode = std::fs::metadata(&path)
+                .map_err(Error::io("reading the session key's permissions"))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    "session key is readable by other users; fixing its mode to 0600"
+                );
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(Error::io("fixing the session key's permissions"))?;
+            }
+            Ok(key)
+        }
+        Ok(_) => Err(Error::Internal(format!(
+            "the session key {} is shorter than 32 bytes; delete it to generate a new one \
+             (existing sessions will end)",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = path.parent().unwrap_or(data_dir);
+            std::fs::create_dir_all(dir).map_err(Error::io("creating the keys directory"))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(Error::io("securing the keys directory"))?;
+            let key: [u8; 32] = rand::random();
+            let tmp = dir.join(format!("session.key.{}", std::process::id()));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(Error::io("creating the session key"))?;
+            f.write_all(&key)
+                .and_then(|_| f.sync_all())
+                .map_err(Error::io("writing the session key"))?;
+            // A concurrent creator may have won; then use theirs.
+            if std::fs::hard_link(&tmp, &path).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+                return std::fs::read(&path).map_err(Error::io("reading the session key"));
+            }
+            let _ = std::fs::remove_file(&tmp);
+            Ok(key.to_vec())
+        }
+        Err(e) => Err(Error::io(format!("reading {}", path.display()))(e)),
+    }
+}
+
+impl Sessions {
+    pub fn new(key: &[u8], ttl: Duration, ticket_ttl: Duration) -> Sessions {
+        Sessions {
+            encoding: Arc::new(EncodingKey::from_secret(key)),
+            decoding: Arc::new(DecodingKey::from_secret(key)),
+            ttl,
+            ticket_ttl,
+            tickets: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Mints a session token.
+    pub fn mint(
+        &self,
+        user: &str,
+        context: &str,
+        roles: &[Role],
+        name: Option<String>,
+    ) -> Result<(String, Claims)> {
+        let now = crate::now_ms() as u64 / 1000;
+        let mut roles = roles.to_vec();
+        roles.sort();
+        roles.dedup();
+        let claims = Claims {
+            sub: user.to_owned(),
+            ctx: context.to_owned(),
+            roles,
+            name,
+            iat: now,
+            exp: now + self.ttl.as_secs().max(1),
+            iss: ISSUER.into(),
+            aud: AUDIENCE.into(),
+            jti: hex::encode(rand::random::<[u8; 12]>()),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| Error::Internal(format!("signing a session token: {e}")))?;
+        Ok((token, claims))
+    }
+
+    /// Verifies signature, issuer, audience and expiry.
+    pub fn verify(&self, token: &str) -> Result<Claims> {
+        let mut v = Validation::new(Algorithm::HS256);
+        v.set_issuer(&[ISSUER]);
+        v.set_audience(&[AUDIENCE]);
+        v.leeway = 5;
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        jsonwebtoken::decode::<Claims>(token, &self.decoding, &v)
+            .map(|d| d.claims)
+            .map_err(|e| {
+                let why = match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                        "the session has expired; open the assignment again from your course"
+                    }
+                    _ => "the session token is invalid",
+                };
+                Error::Unauthorized(why.into())
+            })
+    }
+
+    /// Mints a single-use ticket for `scope` ("events", "media:<id>").
+    pub fn ticket(&self, claims: &Claims, scope: &str) -> (String, Duration) {
+        let ticket = hex::encode(rand::random::<[u8; 24]>());
+        let now = crate::now_ms();
+        if let Ok(mut t) = self.tickets.lock() {
+            t.retain(|_, v| v.expires_at_ms > now);
+            t.insert(
+                ticket.clone(),
+                Ticket {
+                    claims: claims.clone(),
+                    scope: scope.to_owned(),
+                    expires_at_ms: now + self.ticket_ttl.as_millis() as i64,
+                },
+            );
+        }
+        (ticket, self.ticket_ttl)
+    }
+
+    /// Consumes a ticket: valid once, within its lifetime, for its scope.
+    pub fn redeem(&self, ticket: &str, scope: &str) -> Result<Claims> {
+        let t = self
+            .tickets
+            .lock()
+            .ok()
+            .and_then(|mut t| t.remove(ticket))
+            .ok_or_else(|| Error::Unauthorized("the ticket is unknown or already used".into()))?;
+        if t.expires_at_ms <= crate::now_ms() {
+            return Err(Error::Unauthorized("the ticket has expired".into()));
+        }
+        if t.scope != scope {
+            return Err(Error::Unauthorized(format!(
+                "the ticket is for {:?}, not {scope:?}",
+                t.scope
+            )));
+        }
+        Ok(t.claims)
+    }
+}
+
+/// Axum extractor: the verified claims of the request's bearer token.
+pub struct Session(pub Claims);
+
+pub trait HasSessions {
+    fn sessions(&self) -> &Sessions;
+}
+
+impl<S> FromRequestParts<S> for Session
+where
+    S: HasSessions + Send + Sync,
+{
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| {
+                Error::Unauthorized(
+                    "send `Authorization: Bearer <session token>` (viva session mints one)".into(),
+                )
+            })?;
+        let value = header
+            .to_str()
+            .map_err(|_| Error::Unauthorized("malformed Authorization header".into()))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or_else(|| Error::Unauthorized("the Authorization header must be Bearer".into()))?;
+        Ok(Session(state.sessions().verify(token.trim())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sessions() -> Sessions {
+        Sessions::new(&[7u8; 32], Duration::from_secs(60), Duration::from_secs(60))
+    }
+
+    #[test]
+    fn tokens_verify_and_forgeries_do_not() {
+        let s = sessions();
+        let (token, claims) = s
+            .mint("alice", "c1", &[Role::Learner], None)
+            .expect("mint");
+        assert_eq!(s.verify(&token).expect("valid"), claims);
+        let other = Sessions::new(&[8u8; 32], Duration::from_secs(60), Duration::from_secs(60));
+        assert!(other.verify(&token).is_err(), "another key must not verify");
+        let mut tampered = token.clone();
+        tampered.insert(tampered.len() / 2, 'x');
+        assert!(s.verify(&tampered).is_err());
+    }
+
+    #[test]
+    fn expired_tokens_are_refused() {
+        let s = Sessions::new(&[7u8; 32], Duration::from_secs(1), Duration::from_secs(1));
+        let (_, mut claims) = s.mint("a", "c", &[Role::Learner], None).expect("mint");
+        claims.exp = claims.iat - 100;
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &s.encoding)
+            .expect("encode");
+        let e = s.verify(&token).expect_err("expired");
+        assert!(e.to_string().contains("expired"));
+    }
+
+    #[test]
+    fn tickets_are_single_use_and_scoped() {
+        let s = sessions();
+        let (_, claims) = s.mint("a", "c", &[Role::Learner], None).expect("mint");
+        let (t, _) = s.ticket(&claims, "events");
+        assert!(s.redeem(&t, "media:x").is_err(), "wrong scope");
+        let (t, _) = s.ticket(&claims, "events");
+        assert_eq!(s.redeem(&t, "events").expect("ok").sub, "a");
+        assert!(s.redeem(&t, "events").is_err(), "second use");
+    }
+
+    #[test]
+    fn key_file_is_created_private_and_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k1 = load_or_create_key(dir.path()).expect("create");
+        let mode = std::fs::metadata(key_path(dir.path()))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let k2 = load_or_create_key(dir.path()).expect("reuse");
+        assert_eq!(k1, k2);
+    }
+}

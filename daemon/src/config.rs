@@ -1,0 +1,538 @@
+//! Configuration: defaults → `viva.toml` → `VIVA_*` environment → flags.
+//!
+//! Every key has a default, so an empty file is a valid configuration. Unknown
+//! keys are an error (a typo must not silently fall back to a default).
+//! Environment variables name a key by its path with `__` between sections:
+//! `VIVA_LISTEN`, `VIVA_DATA_DIR`, `VIVA_SCHEDULER__STT_BATCH_SIZE`,
+//! `VIVA_SANDBOX__ENABLED`. Their values are parsed as TOML values when they
+//! parse (numbers, booleans, arrays), else taken as strings.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::intake::IntakeLimits;
+use crate::workers::WorkerTimeouts;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// Database, media and caches live here.
+    pub data_dir: PathBuf,
+    /// Public base URL (used in links the daemon hands out); defaults to http://{listen}.
+    pub public_url: Option<String>,
+    /// `text` or `json` logs.
+    pub log_format: LogFormat,
+    pub intake: IntakeConfig,
+    pub scheduler: SchedulerConfig,
+    pub workers: WorkersConfig,
+    pub sessions: SessionConfig,
+    pub sandbox: SandboxConfig,
+    pub retention: RetentionConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./var"),
+            public_url: None,
+            log_format: LogFormat::Text,
+            intake: IntakeConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            workers: WorkersConfig::default(),
+            sessions: SessionConfig::default(),
+            sandbox: SandboxConfig::default(),
+            retention: RetentionConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntakeConfig {
+    pub max_upload_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    pub max_duration: Duration,
+    /// Uploads are refused (507) when free disk space would drop below this.
+    pub min_free_bytes: u64,
+    pub ffmpeg: PathBuf,
+    pub ffprobe: PathBuf,
+    /// Limit for each ffprobe/ffmpeg run on an upload.
+    #[serde(with = "humantime_serde")]
+    pub normalize_timeout: Duration,
+}
+
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        let l = IntakeLimits::default();
+        Self {
+            max_upload_bytes: l.max_upload_bytes,
+            max_duration: l.max_duration,
+            min_free_bytes: l.min_free_bytes,
+            ffmpeg: l.ffmpeg,
+            ffprobe: l.ffprobe,
+            normalize_timeout: l.timeout,
+        }
+    }
+}
+
+impl IntakeConfig {
+    pub fn limits(&self) -> IntakeLimits {
+        IntakeLimits {
+            max_upload_bytes: self.max_upload_bytes,
+            max_duration: self.max_duration,
+            min_free_bytes: self.min_free_bytes,
+            ffmpeg: self.ffmpeg.clone(),
+            ffprobe: self.ffprobe.clone(),
+            timeout: self.normalize_timeout,
+        }
+    }
+}
+
+/// How STT and evaluation share the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// The design log's plan: a batch of STT, then its evaluation, never both at once.
+    #[default]
+    TwoPhase,
+    /// STT and evaluation side by side, no barrier.
+    Pipelined,
+    /// Pipelined when every model fits `gpu_memory_budget_mb` together, else two-phase.
+    Auto,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    pub policy: Policy,
+    /// Memory all models may use together (MiB); 0 = unknown, so `auto` picks two-phase.
+    pub gpu_memory_budget_mb: u64,
+    pub stt_batch_size: usize,
+    /// A batch stops taking new uploads once its phase has been open this long.
+    #[serde(with = "humantime_serde")]
+    pub batch_window: Duration,
+    /// An idle daemon waits this long after the first upload to gather a batch.
+    #[serde(with = "humantime_serde")]
+    pub min_batch_wait: Duration,
+    /// Transcriptions at once (the semaphore of 1).
+    pub stt_concurrency: usize,
+    /// Busy evaluator workers at once (the semaphore of 2).
+    pub eval_concurrency: usize,
+    /// Submissions decoded together in one evaluator call.
+    pub eval_batch_size: usize,
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt, capped at 5 minutes.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// A claimed job's lease; renewed while it runs.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Stop a phase's idle workers after this long with nothing to do (0 = keep).
+    #[serde(with = "humantime_serde")]
+    pub idle_unload_after: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::TwoPhase,
+            gpu_memory_budget_mb: 0,
+            stt_batch_size: 10,
+            batch_window: Duration::from_secs(120),
+            min_batch_wait: Duration::ZERO,
+            stt_concurrency: 1,
+            eval_concurrency: 2,
+            eval_batch_size: 4,
+            max_attempts: 3,
+            retry_backoff: Duration::from_secs(2),
+            lease: Duration::from_secs(60),
+            idle_unload_after: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub load_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+    /// Longest a single transcription or evaluation call may take before the
+    /// worker is considered stuck, killed and the job retried.
+    #[serde(with = "humantime_serde")]
+    pub job_timeout: Duration,
+    pub stt: Option<WorkerConfig>,
+    /// Evaluator workers keyed by role ("a", "b"): each submission gets one
+    /// evaluation per role.
+    pub evaluators: std::collections::BTreeMap<String, WorkerConfig>,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        let t = WorkerTimeouts::default();
+        Self {
+            handshake_timeout: t.handshake,
+            load_timeout: t.load,
+            stop_grace: t.stop_grace,
+            job_timeout: Duration::from_secs(1800),
+            stt: None,
+            evaluators: Default::default(),
+        }
+    }
+}
+
+impl WorkersConfig {
+    pub fn timeouts(&self) -> WorkerTimeouts {
+        WorkerTimeouts {
+            handshake: self.handshake_timeout,
+            load: self.load_timeout,
+            stop_grace: self.stop_grace,
+        }
+    }
+}
+
+/// One worker executable and the model it loads.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    pub command: PathBuf,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Model name shown to users and stored with results.
+    pub model: String,
+    /// Model file.
+    pub model_path: PathBuf,
+    /// Backend options passed to the worker (threads, gpu_layers, …).
+    #[serde(default)]
+    pub options: toml::Table,
+    /// Memory the loaded model needs (MiB), for the `auto` policy and ETAs.
+    #[serde(default)]
+    pub memory_mb: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Lifetime of session tokens.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Lifetime of single-use stream and media tickets.
+    #[serde(with = "humantime_serde")]
+    pub ticket_ttl: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(3600),
+            ticket_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Creates the built-in `sandbox` course with assignment `sandbox-oral-1`.
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Media is deleted this many days after a submission reaches a final
+    /// state (0 = keep forever). Transcripts and grades stay.
+    pub retention_days: u32,
+    /// How often the daemon looks for expired media.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: 180,
+            sweep_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Config {
+    /// Builds the configuration from an optional file, the environment and
+    /// flag overrides (already in `key.path = value` form).
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(String, toml::Value)],
+    ) -> Result<Config, ConfigError> {
+        let mut table = toml::Table::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            table = text.parse::<toml::Table>().map_err(|e| ConfigError::Invalid {
+                origin: format!(" in {}", path.display()),
+                message: e.to_string(),
+            })?;
+        }
+        for (key, value) in env {
+            let Some(rest) = key.strip_prefix("VIVA_") else {
+                continue;
+            };
+            // Variables the CLI reads itself, not configuration keys.
+            if matches!(rest, "CONFIG" | "TOKEN" | "URL" | "LOG") {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            set_path(&mut table, &path, parse_env_value(&value));
+        }
+        for (key, value) in overrides {
+            let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+            set_path(&mut table, &path, value.clone());
+        }
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                    origin: String::new(),
+                    message: e.to_string(),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| {
+            Err(ConfigError::Invalid {
+                origin: String::new(),
+                message: m,
+            })
+        };
+        let s = &self.scheduler;
+        if s.stt_batch_size == 0 || s.stt_concurrency == 0 || s.eval_batch_size == 0 {
+            return bad("scheduler.stt_batch_size, stt_concurrency and eval_batch_size must be at least 1".into());
+        }
+        if s.eval_concurrency == 0 {
+            return bad("scheduler.eval_concurrency must be at least 1".into());
+        }
+        if s.max_attempts == 0 {
+            return bad("scheduler.max_attempts must be at least 1".into());
+        }
+        if s.lease < Duration::from_secs(3) {
+            return bad("scheduler.lease must be at least 3s".into());
+        }
+        for role in self.workers.evaluators.keys() {
+            if role.is_empty()
+                || !role
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return bad(format!(
+                    "evaluator role {role:?} must be letters, digits, '-' or '_'"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The policy in force once `auto` is resolved against the memory budget.
+    pub fn effective_policy(&self) -> Policy {
+        match self.scheduler.policy {
+            Policy::Auto => {
+                let total: u64 = self.workers.stt.iter().map(|w| w.memory_mb).sum::<u64>()
+                    + self
+                        .workers
+                        .evaluators
+                        .values()
+                        .map(|e| e.memory_mb)
+                        .sum::<u64>();
+                let budget = self.scheduler.gpu_memory_budget_mb;
+                if budget > 0 && total <= budget {
+                    Policy::Pipelined
+                } else {
+                    Policy::TwoPhase
+                }
+            }
+            p => p,
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("viva.db")
+    }
+
+    pub fn media_dir(&self) -> PathBuf {
+        self.data_dir.join("media")
+    }
+
+    pub fn staging_dir(&self) -> PathBuf {
+        self.data_dir.join("staging")
+    }
+
+    pub fn public_url(&self) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    // `key = <raw>` parses numbers, booleans, arrays and quoted strings;
+    // anything else (paths, addresses) is a plain string.
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut cur = table;
+    for p in parents {
+        let entry = cur
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        match entry {
+            toml::Value::Table(t) => cur = t,
+            _ => return,
+        }
+    }
+    cur.insert(last.clone(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::load(None, env(&[]), &[]).expect("defaults");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.data_dir, PathBuf::from("./var"));
+        assert_eq!(c.scheduler.stt_batch_size, 10);
+        assert_eq!(c.scheduler.batch_window, Duration::from_secs(120));
+        assert_eq!(c.scheduler.stt_concurrency, 1);
+        assert_eq!(c.scheduler.eval_concurrency, 2);
+        assert_eq!(c.scheduler.eval_batch_size, 4);
+        assert_eq!(c.scheduler.max_attempts, 3);
+        assert_eq!(c.intake.max_upload_bytes, 2 * 1024 * 1024 * 1024);
+        assert_eq!(c.intake.max_duration, Duration::from_secs(30 * 60));
+        assert!(!c.sandbox.enabled);
+    }
+
+    #[test]
+    fn layers_apply_in_order_file_env_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("viva.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\n[scheduler]\nstt_batch_size = 5\nbatch_window = \"30s\"\n",
+        )
+        .expect("write");
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("VIVA_SCHEDULER__STT_BATCH_SIZE", "7"),
+                ("VIVA_DATA_DIR", "/srv/viva"),
+                ("VIVA_SANDBOX__ENABLED", "true"),
+                ("VIVA_TOKEN", "ignored"),
+                ("HOME", "/root"),
+            ]),
+            &[("listen".into(), toml::Value::String("0.0.0.0:7000".into()))],
+        )
+        .expect("load");
+        assert_eq!(c.listen.to_string(), "0.0.0.0:7000");
+        assert_eq!(c.scheduler.stt_batch_size, 7);
+        assert_eq!(c.scheduler.batch_window, Duration::from_secs(30));
+        assert_eq!(c.data_dir, PathBuf::from("/srv/viva"));
+        assert!(c.sandbox.enabled);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_in_file_and_env() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("viva.toml");
+        std::fs::write(&file, "[scheduler]\nstt_batchsize = 5\n").expect("write");
+        let e = Config::load(Some(&file), env(&[]), &[]).expect_err("typo");
+        assert!(e.to_string().contains("stt_batchsize"), "{e}");
+        let e = Config::load(None, env(&[("VIVA_NOPE", "1")]), &[]).expect_err("typo");
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn example_config_parses_and_keeps_sandbox_off() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../viva.example.toml");
+        let c = Config::load(Some(&path), env(&[]), &[]).expect("example parses");
+        assert!(!c.sandbox.enabled);
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/viva.demo.toml");
+        let d = Config::load(Some(&demo), env(&[]), &[]).expect("demo parses");
+        assert!(d.sandbox.enabled);
+    }
+
+    #[test]
+    fn auto_policy_follows_the_memory_budget() {
+        let mut c = Config::default();
+        c.scheduler.policy = Policy::Auto;
+        let w = WorkerConfig {
+            command: "w".into(),
+            args: vec![],
+            env: Default::default(),
+            model: "m".into(),
+            model_path: "m.bin".into(),
+            options: Default::default(),
+            memory_mb: 4000,
+        };
+        c.workers.stt = Some(w.clone());
+        c.workers.evaluators.insert("a".into(), w.clone());
+        c.workers.evaluators.insert("b".into(), w);
+        assert_eq!(c.effective_policy(), Policy::TwoPhase);
+        c.scheduler.gpu_memory_budget_mb = 12_000;
+        assert_eq!(c.effective_policy(), Policy::Pipelined);
+        c.scheduler.gpu_memory_budget_mb = 11_999;
+        assert_eq!(c.effective_policy(), Policy::TwoPhase);
+    }
+}

@@ -1,0 +1,607 @@
+//! The data model: courses (contexts), users with roles, assignments and
+//! submissions, and the SQL that reads and writes them.
+
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use serde::{Deserialize, Serialize};
+use viva_models::{Evaluation, Rubric, Transcript};
+
+use crate::error::{Error, Result};
+use crate::now_ms;
+
+/// A role within a context. LTI roles map onto these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Learner,
+    Instructor,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Learner => "learner",
+            Role::Instructor => "instructor",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "learner" => Some(Role::Learner),
+            "instructor" => Some(Role::Instructor),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReleasePolicy {
+    /// An instructor releases every grade.
+    #[default]
+    Manual,
+    /// Released at once unless the scorer flags the submission for review.
+    AutoUnlessFlagged,
+    /// Released at once.
+    Auto,
+}
+
+impl ReleasePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleasePolicy::Manual => "manual",
+            ReleasePolicy::AutoUnlessFlagged => "auto-unless-flagged",
+            ReleasePolicy::Auto => "auto",
+        }
+    }
+
+    fn parse(s: &str) -> ReleasePolicy {
+        match s {
+            "auto" => ReleasePolicy::Auto,
+            "auto-unless-flagged" => ReleasePolicy::AutoUnlessFlagged,
+            _ => ReleasePolicy::Manual,
+        }
+    }
+}
+
+/// Where a submission is in its life. `Failed`, `AwaitingReview` and
+/// `Released` end processing; `Evaluated` does too while no scorer is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubmissionState {
+    /// Waiting for speech-to-text.
+    Queued,
+    Transcribing,
+    /// Waiting for evaluation.
+    Transcribed,
+    Evaluating,
+    /// Both evaluations done; waiting for the rubric plugin.
+    Evaluated,
+    /// Scored; the grade waits for an instructor to release it.
+    AwaitingReview,
+    /// Scored and released to the student and the gradebook.
+    Released,
+    Failed,
+}
+
+impl SubmissionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubmissionState::Queued => "queued",
+            SubmissionState::Transcribing => "transcribing",
+            SubmissionState::Transcribed => "transcribed",
+            SubmissionState::Evaluating => "evaluating",
+            SubmissionState::Evaluated => "evaluated",
+            SubmissionState::AwaitingReview => "awaiting_review",
+            SubmissionState::Released => "released",
+            SubmissionState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SubmissionState> {
+        Some(match s {
+            "queued" => SubmissionState::Queued,
+            "transcribing" => SubmissionState::Transcribing,
+            "transcribed" => SubmissionState::Transcribed,
+            "evaluating" => SubmissionState::Evaluating,
+            "evaluated" => SubmissionState::Evaluated,
+            "awaiting_review" => SubmissionState::AwaitingReview,
+            "released" => SubmissionState::Released,
+            "failed" => SubmissionState::Failed,
+            _ => return None,
+        })
+    }
+
+    /// Whether processing is over (a grade or a failure exists).
+    pub fn is_settled(self) -> bool {
+        matches!(
+            self,
+            SubmissionState::AwaitingReview | SubmissionState::Released | SubmissionState::Failed
+        )
+    }
+
+    /// The queue phase a student sees.
+    pub fn phase(self) -> &'static str {
+        match self {
+            SubmissionState::Queued | SubmissionState::Transcribing => "stt",
+            SubmissionState::Transcribed | SubmissionState::Evaluating => "evaluation",
+            SubmissionState::Evaluated => "scoring",
+            SubmissionState::AwaitingReview | SubmissionState::Released => "done",
+            SubmissionState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Assignment {
+    pub id: String,
+    pub context_id: String,
+    pub title: String,
+    /// The spoken prompt students answer.
+    pub prompt: String,
+    pub rubric: Rubric,
+    /// Name of the scoring plugin.
+    pub plugin: String,
+    pub plugin_config: serde_json::Value,
+    pub release_policy: ReleasePolicy,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// Body of `POST /api/v1/assignments` and `PUT /api/v1/assignments/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignmentInput {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub title: String,
+    pub prompt: String,
+    pub rubric: Rubric,
+    #[serde(default)]
+    pub plugin: Option<String>,
+    #[serde(default)]
+    pub plugin_config: Option<serde_json::Value>,
+    #[serde(default)]
+    pub release_policy: Option<ReleasePolicy>,
+}
+
+pub const DEFAULT_PLUGIN: &str = "weighted-criteria";
+
+impl AssignmentInput {
+    pub fn validate(&self) -> Result<()> {
+        if self.title.trim().is_empty() {
+            return Err(Error::bad_request("invalid_assignment", "title must not be empty"));
+        }
+        if self.prompt.trim().is_empty() {
+            return Err(Error::bad_request(
+                "invalid_assignment",
+                "prompt must not be empty: it is the question students answer",
+            ));
+        }
+        if let Some(id) = &self.id {
+            validate_id(id, "assignment id")?;
+        }
+        self.rubric
+            .validate()
+            .map_err(|e| Error::bad_request("invalid_rubric", e.to_string()))?;
+        if let Some(cfg) = &self.plugin_config
+            && !cfg.is_object()
+        {
+            return Err(Error::bad_request(
+                "invalid_assignment",
+                "plugin_config must be a JSON object",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Ids that come from outside (LTI, API) must be safe in URLs and logs.
+pub fn validate_id(id: &str, what: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::bad_request(
+            "invalid_id",
+            format!("{what} {id:?} must be 1-128 characters of letters, digits, '-', '_', '.', ':'"),
+        ))
+    }
+}
+
+/// A random identifier with a readable prefix, e.g. `sub_3f9c…`.
+pub fn new_id(prefix: &str) -> String {
+    let bytes: [u8; 12] = rand::random();
+    format!("{prefix}_{}", hex::encode(bytes))
+}
+
+pub fn ensure_context(tx: &Transaction<'_>, id: &str, title: &str) -> Result<()> {
+    tx.execute(
+        "INSERT INTO contexts (id, title, created_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT(id) DO NOTHING",
+        params![id, title, now_ms()],
+    )?;
+    Ok(())
+}
+
+/// Creates or updates a user and their roles in a context.
+pub fn ensure_member(
+    tx: &Transaction<'_>,
+    context_id: &str,
+    user_id: &str,
+    name: Option<&str>,
+    roles: &[Role],
+) -> Result<()> {
+    let now = now_ms();
+    tx.execute(
+        "INSERT INTO users (id, name, created_at) VALUES (?1, COALESCE(?2, ''), ?3)
+         ON CONFLICT(id) DO UPDATE SET name = COALESCE(?2, name)",
+        params![user_id, name, now],
+    )?;
+    let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+    tx.execute(
+        "INSERT INTO memberships (context_id, user_id, roles, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(context_id, user_id) DO UPDATE SET roles = ?3, updated_at = ?4",
+        params![context_id, user_id, roles.join(","), now],
+    )?;
+    Ok(())
+}
+
+fn assignment_from_row(r: &Row<'_>) -> rusqlite::Result<(Assignment, String, String)> {
+    Ok((
+        Assignment {
+            id: r.get("id")?,
+            context_id: r.get("context_id")?,
+            title: r.get("title")?,
+            prompt: r.get("prompt")?,
+            rubric: Rubric { criteria: vec![] },
+            plugin: r.get("plugin")?,
+            plugin_config: serde_json::Value::Null,
+            release_policy: ReleasePolicy::parse(&r.get::<_, String>("release_policy")?),
+            created_at: r.get("created_at")?,
+            updated_at: r.get("updated_at")?,
+        },
+        r.get("rubric")?,
+        r.get("plugin_config")?,
+    ))
+}
+
+fn finish_assignment((mut a, rubric, cfg): (Assignment, String, String)) -> Result<Assignment> {
+    a.rubric = serde_json::from_str(&rubric)
+        .map_err(|e| Error::Internal(format!("stored rubric of {} is invalid: {e}", a.id)))?;
+    a.plugin_config = serde_json::from_str(&cfg).unwrap_or(serde_json::Value::Null);
+    Ok(a)
+}
+
+pub fn get_assignment(conn: &Connection, id: &str) -> Result<Option<Assignment>> {
+    conn.query_row(
+        "SELECT * FROM assignments WHERE id = ?1",
+        [id],
+        assignment_from_row,
+    )
+    .optional()?
+    .map(finish_assignment)
+    .transpose()
+}
+
+pub fn list_assignments(conn: &Connection, context_id: &str) -> Result<Vec<Assignment>> {
+    let mut stmt =
+        conn.prepare("SELECT * FROM assignments WHERE context_id = ?1 ORDER BY created_at, id")?;
+    let rows = stmt
+        .query_map([context_id], assignment_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(finish_assignment).collect()
+}
+
+/// Inserts or replaces an assignment; returns it as stored.
+pub fn upsert_assignment(
+    tx: &Transaction<'_>,
+    context_id: &str,
+    id: &str,
+    input: &AssignmentInput,
+) -> Result<Assignment> {
+    let now = now_ms();
+    let rubric = serde_json::to_string(&input.rubric)
+        .map_err(|e| Error::Internal(format!("serialising rubric: {e}")))?;
+    let cfg = input
+        .plugin_config
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({}))
+        .to_string();
+    tx.execute(
+        "INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, plugin_config,
+                                  release_policy, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+         ON CONFLICT(id) DO UPDATE SET title = ?3, prompt = ?4, rubric = ?5, plugin = ?6,
+             plugin_config = ?7, release_policy = ?8, updated_at = ?9",
+        params![
+            id,
+            context_id,
+            input.title,
+            input.prompt,
+            rubric,
+            input.plugin.as_deref().unwrap_or(DEFAULT_PLUGIN),
+            cfg,
+            input.release_policy.unwrap_or_default().as_str(),
+            now
+        ],
+    )?;
+    get_assignment(tx, id)?.ok_or(Error::NotFound("assignment"))
+}
+
+/// Deletes an assignment; refused while it has submissions (grades must not vanish).
+pub fn delete_assignment(tx: &Transaction<'_>, id: &str) -> Result<()> {
+    let n: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM submissions WHERE assignment_id = ?1",
+        [id],
+        |r| r.get(0),
+    )?;
+    if n > 0 {
+        return Err(Error::Conflict {
+            code: "assignment_has_submissions",
+            message: format!(
+                "assignment {id} has {n} submission(s); delete or export them first"
+            ),
+        });
+    }
+    if tx.execute("DELETE FROM assignments WHERE id = ?1", [id])? == 0 {
+        return Err(Error::NotFound("assignment"));
+    }
+    Ok(())
+}
+
+/// A submission as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Submission {
+    pub id: String,
+    pub assignment_id: String,
+    pub context_id: String,
+    pub user_id: String,
+    pub attempt: i64,
+    pub state: SubmissionState,
+    pub batch_id: Option<i64>,
+    pub original_name: Option<String>,
+    pub sha256: String,
+    pub size_bytes: i64,
+    pub duration_seconds: f64,
+    pub media_info: serde_json::Value,
+    pub transcript: Option<Transcript>,
+    pub evaluations: Vec<Evaluation>,
+    pub score: Option<serde_json::Value>,
+    pub failure_code: Option<String>,
+    pub failure_reason: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub finished_at: Option<i64>,
+    pub media_available: bool,
+    #[serde(skip)]
+    pub wav_path: Option<String>,
+    #[serde(skip)]
+    pub original_path: Option<String>,
+    #[serde(skip)]
+    pub media_dir: Option<String>,
+}
+
+const SUBMISSION_SELECT: &str = "SELECT s.*, a.context_id AS context_id FROM submissions s
+     JOIN assignments a ON a.id = s.assignment_id";
+
+fn submission_from_row(r: &Row<'_>) -> rusqlite::Result<Submission> {
+    let state: String = r.get("state")?;
+    let transcript: Option<String> = r.get("transcript")?;
+    let score: Option<String> = r.get("score")?;
+    let media_info: String = r.get("media_info")?;
+    let purged: Option<i64> = r.get("media_purged_at")?;
+    Ok(Submission {
+        id: r.get("id")?,
+        assignment_id: r.get("assignment_id")?,
+        context_id: r.get("context_id")?,
+        user_id: r.get("user_id")?,
+        attempt: r.get("attempt")?,
+        state: SubmissionState::parse(&state).unwrap_or(SubmissionState::Failed),
+        batch_id: r.get("batch_id")?,
+        original_name: r.get("original_name")?,
+        sha256: r.get("sha256")?,
+        size_bytes: r.get("size_bytes")?,
+        duration_seconds: r.get("duration_seconds")?,
+        media_info: serde_json::from_str(&media_info).unwrap_or_default(),
+        transcript: transcript.and_then(|t| serde_json::from_str(&t).ok()),
+        evaluations: Vec::new(),
+        score: score.and_then(|t| serde_json::from_str(&t).ok()),
+        failure_code: r.get("failure_code")?,
+        failure_reason: r.get("failure_reason")?,
+        created_at: r.get("created_at")?,
+        updated_at: r.get("updated_at")?,
+        finished_at: r.get("finished_at")?,
+        media_available: purged.is_none(),
+        wav_path: r.get("wav_path")?,
+        original_path: r.get("original_path")?,
+        media_dir: r.get("media_dir")?,
+    })
+}
+
+fn with_evaluations(conn: &Connection, mut s: Submission) -> Result<Submission> {
+    let mut stmt = conn.prepare(
+        "SELECT result FROM jobs WHERE submission_id = ?1 AND stage = 'eval' AND state = 'done'
+         ORDER BY role",
+    )?;
+    s.evaluations = stmt
+        .query_map([&s.id], |r| r.get::<_, Option<String>>(0))?
+        .filter_map(|r| r.ok().flatten())
+        .filter_map(|t| serde_json::from_str(&t).ok())
+        .collect();
+    Ok(s)
+}
+
+pub fn get_submission(conn: &Connection, id: &str) -> Result<Option<Submission>> {
+    let s = conn
+        .query_row(
+            &format!("{SUBMISSION_SELECT} WHERE s.id = ?1"),
+            [id],
+            submission_from_row,
+        )
+        .optional()?;
+    s.map(|s| with_evaluations(conn, s)).transpose()
+}
+
+/// Filter for listing submissions; `None` fields do not filter.
+#[derive(Debug, Default, Clone)]
+pub struct SubmissionFilter {
+    pub context_id: Option<String>,
+    pub assignment_id: Option<String>,
+    pub user_id: Option<String>,
+    pub limit: Option<u32>,
+}
+
+pub fn list_submissions(conn: &Connection, f: &SubmissionFilter) -> Result<Vec<Submission>> {
+    let mut stmt = conn.prepare(&format!(
+        "{SUBMISSION_SELECT}
+         WHERE (?1 IS NULL OR a.context_id = ?1)
+           AND (?2 IS NULL OR s.assignment_id = ?2)
+           AND (?3 IS NULL OR s.user_id = ?3)
+         ORDER BY s.created_at, s.id
+         LIMIT ?4"
+    ))?;
+    let rows = stmt
+        .query_map(
+            params![
+                f.context_id,
+                f.assignment_id,
+                f.user_id,
+                f.limit.unwrap_or(10_000)
+            ],
+            submission_from_row,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter()
+        .map(|s| with_evaluations(conn, s))
+        .collect()
+}
+
+/// Records an audit entry (who did what to which subject).
+pub fn audit(
+    tx: &Transaction<'_>,
+    actor: &str,
+    action: &str,
+    subject: &str,
+    details: serde_json::Value,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO audit_log (at, actor, action, subject, details) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![now_ms(), actor, action, subject, details.to_string()],
+    )?;
+    Ok(())
+}
+
+/// The built-in sandbox course: context `sandbox`, assignment `sandbox-oral-1`.
+pub fn ensure_sandbox(tx: &Transaction<'_>) -> Result<()> {
+    ensure_context(tx, "sandbox", "Viva sandbox course")?;
+    let exists: bool = tx
+        .query_row(
+            "SELECT 1 FROM assignments WHERE id = 'sandbox-oral-1'",
+            [],
+            |_| Ok(true),
+        )
+        .optional()?
+        .unwrap_or(false);
+    if !exists {
+        let input = sandbox_assignment();
+        upsert_assignment(tx, "sandbox", "sandbox-oral-1", &input)?;
+    }
+    Ok(())
+}
+
+pub fn sandbox_assignment() -> AssignmentInput {
+    let rubric: Rubric = serde_json::from_value(serde_json::json!({
+        "criteria": [
+            {
+                "id": "content",
+                "title": "Content",
+                "description": "Answers the question with correct, relevant ideas.",
+                "weight": 2.0,
+                "levels": [
+                    {"label": "missing", "points": 0, "descriptor": "Does not address the question."},
+                    {"label": "partial", "points": 2, "descriptor": "Addresses part of the question, or with errors."},
+                    {"label": "complete", "points": 4, "descriptor": "Answers the question fully and correctly."}
+                ]
+            },
+            {
+                "id": "organisation",
+                "title": "Organisation",
+                "description": "Ideas come in a clear order with an introduction and a conclusion.",
+                "weight": 1.0,
+                "levels": [
+                    {"label": "unclear", "points": 0, "descriptor": "Hard to follow."},
+                    {"label": "mostly-clear", "points": 2, "descriptor": "Mostly in a sensible order."},
+                    {"label": "clear", "points": 4, "descriptor": "Clear structure throughout."}
+                ]
+            },
+            {
+                "id": "language",
+                "title": "Language",
+                "description": "Uses the subject's vocabulary accurately.",
+                "weight": 1.0,
+                "levels": [
+                    {"label": "limited", "points": 0, "descriptor": "Little subject vocabulary."},
+                    {"label": "adequate", "points": 2, "descriptor": "Some subject vocabulary, mostly accurate."},
+                    {"label": "precise", "points": 4, "descriptor": "Precise subject vocabulary."}
+                ]
+            }
+        ]
+    }))
+    .unwrap_or(Rubric { criteria: vec![] });
+    AssignmentInput {
+        id: Some("sandbox-oral-1".into()),
+        title: "Sandbox: explain photosynthesis".into(),
+        prompt: "In one or two minutes, explain how plants turn sunlight into food. \
+                 Name the inputs and outputs of photosynthesis and say where it happens."
+            .into(),
+        rubric,
+        plugin: None,
+        plugin_config: None,
+        release_policy: Some(ReleasePolicy::Manual),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_rubric_is_valid() {
+        let a = sandbox_assignment();
+        a.validate().expect("valid");
+        assert_eq!(a.rubric.criteria.len(), 3);
+    }
+
+    #[test]
+    fn states_round_trip_and_settle() {
+        for s in [
+            SubmissionState::Queued,
+            SubmissionState::Transcribing,
+            SubmissionState::Transcribed,
+            SubmissionState::Evaluating,
+            SubmissionState::Evaluated,
+            SubmissionState::AwaitingReview,
+            SubmissionState::Released,
+            SubmissionState::Failed,
+        ] {
+            assert_eq!(SubmissionState::parse(s.as_str()), Some(s));
+        }
+        assert!(SubmissionState::Failed.is_settled());
+        assert!(!SubmissionState::Transcribed.is_settled());
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(validate_id("sandbox-oral-1", "id").is_ok());
+        assert!(validate_id("../etc", "id").is_err());
+        assert!(validate_id("", "id").is_err());
+        assert!(new_id("sub").starts_with("sub_"));
+    }
+}

@@ -1,0 +1,540 @@
+//! The durable job queue: one row per (submission, stage, role) in `jobs`.
+//!
+//! A job is claimed with a lease (owner = this daemon instance) in one short
+//! transaction and completed or failed in another, each guarded by
+//! `state = 'running' AND lease_owner = me`: a result that arrives after its
+//! lease was lost is dropped, so a submission never gets two final results.
+//! On start-up, leases of previous instances go back to the queue at once.
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::Serialize;
+use viva_models::{Evaluation, Transcript};
+
+use crate::domain::SubmissionState;
+use crate::error::{Error, Result};
+use crate::now_ms;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Stt,
+    Eval,
+    Score,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Stt => "stt",
+            Stage::Eval => "eval",
+            Stage::Score => "score",
+        }
+    }
+
+    fn parse(s: &str) -> Stage {
+        match s {
+            "stt" => Stage::Stt,
+            "eval" => Stage::Eval,
+            _ => Stage::Score,
+        }
+    }
+}
+
+/// A job that is queued or running, with what the scheduler needs to plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct PendingJob {
+    pub id: i64,
+    pub submission_id: String,
+    pub stage: Stage,
+    pub role: String,
+    pub running: bool,
+    pub attempts: u32,
+    pub not_before: i64,
+    pub batch_id: Option<i64>,
+    pub submitted_at: i64,
+    pub duration_seconds: f64,
+    pub started_at: Option<i64>,
+}
+
+/// The STT batch whose phase has not finished.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenBatch {
+    pub id: i64,
+    pub opened_at: i64,
+    pub closed: bool,
+    pub size: usize,
+}
+
+/// Everything not yet finished, in queue order (oldest submission first).
+pub fn load_pending(conn: &Connection) -> Result<(Vec<PendingJob>, Option<OpenBatch>)> {
+    let mut stmt = conn.prepare(
+        "SELECT j.id, j.submission_id, j.stage, j.role, j.state, j.attempts, j.not_before,
+                s.batch_id, s.created_at, s.duration_seconds, j.started_at
+         FROM jobs j JOIN submissions s ON s.id = j.submission_id
+         WHERE j.state IN ('queued', 'running')
+         ORDER BY s.created_at, s.id, j.stage, j.role",
+    )?;
+    let jobs = stmt
+        .query_map([], |r| {
+            Ok(PendingJob {
+                id: r.get(0)?,
+                submission_id: r.get(1)?,
+                stage: Stage::parse(&r.get::<_, String>(2)?),
+                role: r.get(3)?,
+                running: r.get::<_, String>(4)? == "running",
+                attempts: r.get(5)?,
+                not_before: r.get(6)?,
+                batch_id: r.get(7)?,
+                submitted_at: r.get(8)?,
+                duration_seconds: r.get(9)?,
+                started_at: r.get(10)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let batch = conn
+        .query_row(
+            "SELECT b.id, b.opened_at, b.closed_at IS NOT NULL,
+                    (SELECT COUNT(*) FROM submissions s WHERE s.batch_id = b.id)
+             FROM batches b WHERE b.stt_done_at IS NULL ORDER BY b.id LIMIT 1",
+            [],
+            |r| {
+                Ok(OpenBatch {
+                    id: r.get(0)?,
+                    opened_at: r.get(1)?,
+                    closed: r.get(2)?,
+                    size: r.get::<_, i64>(3)? as usize,
+                })
+            },
+        )
+        .optional()?;
+    Ok((jobs, batch))
+}
+
+/// Facts about a batch for status displays.
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+pub struct BatchProgress {
+    pub id: i64,
+    pub size: usize,
+    pub stt_done: usize,
+    pub eval_done: usize,
+    pub failed: usize,
+}
+
+pub fn batch_progress(conn: &Connection, batch_id: i64) -> Result<BatchProgress> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*),
+                SUM(CASE WHEN state NOT IN ('queued', 'transcribing', 'failed') THEN 1 ELSE 0 END),
+                SUM(CASE WHEN state IN ('evaluated', 'awaiting_review', 'released') THEN 1 ELSE 0 END),
+                SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END)
+         FROM submissions WHERE batch_id = ?1",
+        [batch_id],
+        |r| {
+            Ok(BatchProgress {
+                id: batch_id,
+                size: r.get::<_, i64>(0)? as usize,
+                stt_done: r.get::<_, Option<i64>>(1)?.unwrap_or(0) as usize,
+                eval_done: r.get::<_, Option<i64>>(2)?.unwrap_or(0) as usize,
+                failed: r.get::<_, Option<i64>>(3)?.unwrap_or(0) as usize,
+            })
+        },
+    )?)
+}
+
+/// Opens a new STT batch holding the given submissions.
+pub fn open_batch(tx: &Transaction<'_>, submission_ids: &[String]) -> Result<i64> {
+    tx.execute("INSERT INTO batches (opened_at) VALUES (?1)", [now_ms()])?;
+    let id = tx.last_insert_rowid();
+    add_to_batch(tx, id, submission_ids)?;
+    Ok(id)
+}
+
+pub fn add_to_batch(tx: &Transaction<'_>, batch_id: i64, submission_ids: &[String]) -> Result<()> {
+    let mut stmt =
+        tx.prepare("UPDATE submissions SET batch_id = ?1 WHERE id = ?2 AND batch_id IS NULL")?;
+    for id in submission_ids {
+        stmt.execute(params![batch_id, id])?;
+    }
+    Ok(())
+}
+
+pub fn close_batch(tx: &Transaction<'_>, batch_id: i64) -> Result<()> {
+    tx.execute(
+        "UPDATE batches SET closed_at = COALESCE(closed_at, ?2) WHERE id = ?1",
+        params![batch_id, now_ms()],
+    )?;
+    Ok(())
+}
+
+pub fn finish_batch_stt(tx: &Transaction<'_>, batch_id: i64) -> Result<()> {
+    let now = now_ms();
+    tx.execute(
+        "UPDATE batches SET closed_at = COALESCE(closed_at, ?2), stt_done_at = ?2 WHERE id = ?1",
+        params![batch_id, now],
+    )?;
+    Ok(())
+}
+
+/// Puts every lease not held by `instance` (a previous daemon) back in the
+/// queue, and expired leases of anyone. Attempts are not charged: the job did
+/// not fail, its daemon went away.
+pub fn release_stale_leases(tx: &Transaction<'_>, instance: &str) -> Result<usize> {
+    let now = now_ms();
+    let n = tx.execute(
+        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, started_at = NULL
+         WHERE state = 'running' AND (lease_owner IS NOT ?1 OR lease_expires_at < ?2)",
+        params![instance, now],
+    )?;
+    if n > 0 {
+        tx.execute(
+            "UPDATE submissions SET state = 'queued', updated_at = ?1
+             WHERE state = 'transcribing'
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.submission_id = submissions.id
+                               AND j.stage = 'stt' AND j.state = 'running')",
+            [now],
+        )?;
+    }
+    Ok(n)
+}
+
+/// Puts this instance's running jobs back (graceful shutdown).
+pub fn release_own_leases(tx: &Transaction<'_>, instance: &str) -> Result<usize> {
+    let n = tx.execute(
+        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, started_at = NULL
+         WHERE state = 'running' AND lease_owner = ?1",
+        [instance],
+    )?;
+    tx.execute(
+        "UPDATE submissions SET state = 'queued', updated_at = ?1 WHERE state = 'transcribing'",
+        [now_ms()],
+    )?;
+    Ok(n)
+}
+
+pub fn renew_leases(tx: &Transaction<'_>, instance: &str, until: i64) -> Result<usize> {
+    Ok(tx.execute(
+        "UPDATE jobs SET lease_expires_at = ?2 WHERE state = 'running' AND lease_owner = ?1",
+        params![instance, until],
+    )?)
+}
+
+/// A claimed job with what its worker needs.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub job_id: i64,
+    pub submission_id: String,
+    pub stage: Stage,
+    pub role: String,
+    pub attempts: u32,
+    pub wav_path: String,
+    pub duration_seconds: f64,
+    pub transcript: Option<Transcript>,
+    pub assignment_id: String,
+    pub claimed_at: i64,
+}
+
+/// Claims queued jobs (those still queued; others are skipped).
+pub fn claim(
+    tx: &Transaction<'_>,
+    job_ids: &[i64],
+    instance: &str,
+    lease_until: i64,
+) -> Result<Vec<Claimed>> {
+    let now = now_ms();
+    let mut out = Vec::new();
+    for &id in job_ids {
+        let n = tx.execute(
+            "UPDATE jobs SET state = 'running', lease_owner = ?2, lease_expires_at = ?3, started_at = ?4
+             WHERE id = ?1 AND state = 'queued'",
+            params![id, instance, lease_until, now],
+        )?;
+        if n == 0 {
+            continue;
+        }
+        let c = tx.query_row(
+            "SELECT j.submission_id, j.stage, j.role, j.attempts, COALESCE(s.wav_path, ''),
+                    s.duration_seconds, s.transcript, s.assignment_id
+             FROM jobs j JOIN submissions s ON s.id = j.submission_id WHERE j.id = ?1",
+            [id],
+            |r| {
+                let transcript: Option<String> = r.get(6)?;
+                Ok(Claimed {
+                    job_id: id,
+                    submission_id: r.get(0)?,
+                    stage: Stage::parse(&r.get::<_, String>(1)?),
+                    role: r.get(2)?,
+                    attempts: r.get(3)?,
+                    wav_path: r.get(4)?,
+                    duration_seconds: r.get(5)?,
+                    transcript: transcript.and_then(|t| serde_json::from_str(&t).ok()),
+                    assignment_id: r.get(7)?,
+                    claimed_at: now,
+                })
+            },
+        )?;
+        let new_state = match c.stage {
+            Stage::Stt => Some(SubmissionState::Transcribing),
+            Stage::Eval => Some(SubmissionState::Evaluating),
+            Stage::Score => None,
+        };
+        if let Some(state) = new_state {
+            tx.execute(
+                "UPDATE submissions SET state = ?2, updated_at = ?3 WHERE id = ?1 AND state NOT IN ('failed')",
+                params![c.submission_id, state.as_str(), now],
+            )?;
+        }
+        out.push(c);
+    }
+    Ok(out)
+}
+
+fn finish_job(
+    tx: &Transaction<'_>,
+    job_id: i64,
+    instance: &str,
+    result: &str,
+) -> Result<Option<String>> {
+    let now = now_ms();
+    let n = tx.execute(
+        "UPDATE jobs SET state = 'done', result = ?3, finished_at = ?4, lease_owner = NULL,
+                lease_expires_at = NULL, service_ms = ?4 - started_at, last_error = NULL
+         WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
+        params![job_id, instance, result, now],
+    )?;
+    if n == 0 {
+        // The lease was lost (released at shutdown or expired): drop the result.
+        return Ok(None);
+    }
+    Ok(Some(tx.query_row(
+        "SELECT submission_id FROM jobs WHERE id = ?1",
+        [job_id],
+        |r| r.get(0),
+    )?))
+}
+
+/// Stores a transcript and queues one evaluation per role. Returns false when
+/// the lease was lost and the result dropped.
+pub fn complete_stt(
+    tx: &Transaction<'_>,
+    job_id: i64,
+    instance: &str,
+    transcript: &Transcript,
+    roles: &[String],
+) -> Result<bool> {
+    let json = serde_json::to_string(transcript)
+        .map_err(|e| Error::Internal(format!("serialising transcript: {e}")))?;
+    let Some(sub) = finish_job(tx, job_id, instance, &json)? else {
+        return Ok(false);
+    };
+    let now = now_ms();
+    let state = if roles.is_empty() {
+        SubmissionState::Evaluated
+    } else {
+        SubmissionState::Transcribed
+    };
+    tx.execute(
+        "UPDATE submissions SET transcript = ?2, state = ?3, updated_at = ?4 WHERE id = ?1",
+        params![sub, json, state.as_str(), now],
+    )?;
+    let mut stmt = tx.prepare(
+        "INSERT INTO jobs (submission_id, stage, role, state, created_at)
+         VALUES (?1, 'eval', ?2, 'queued', ?3) ON CONFLICT DO NOTHING",
+    )?;
+    for role in roles {
+        stmt.execute(params![sub, role, now])?;
+    }
+    Ok(true)
+}
+
+/// Stores one evaluation. Returns `Some(true)` when it was the last one the
+/// submission needed, `Some(false)` when others are outstanding, `None` when
+/// the lease was lost.
+pub fn complete_eval(
+    tx: &Transaction<'_>,
+    job_id: i64,
+    instance: &str,
+    evaluation: &Evaluation,
+    queue_scoring: bool,
+) -> Result<Option<bool>> {
+    let json = serde_json::to_string(evaluation)
+        .map_err(|e| Error::Internal(format!("serialising evaluation: {e}")))?;
+    let Some(sub) = finish_job(tx, job_id, instance, &json)? else {
+        return Ok(None);
+    };
+    let outstanding: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM jobs WHERE submission_id = ?1 AND stage = 'eval' AND state != 'done'",
+        [&sub],
+        |r| r.get(0),
+    )?;
+    if outstanding > 0 {
+        return Ok(Some(false));
+    }
+    let now = now_ms();
+    tx.execute(
+        "UPDATE submissions SET state = 'evaluated', updated_at = ?2 WHERE id = ?1 AND state != 'failed'",
+        params![sub, now],
+    )?;
+    if queue_scoring {
+        tx.execute(
+            "INSERT INTO jobs (submission_id, stage, role, state, created_at)
+             VALUES (?1, 'score', '', 'queued', ?2) ON CONFLICT DO NOTHING",
+            params![sub, now],
+        )?;
+    }
+    Ok(Some(true))
+}
+
+/// What became of a failed job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailOutcome {
+    /// Back in the queue, runnable at this time (ms since the epoch).
+    Retry { at: i64, attempts: u32 },
+    /// Out of attempts (or not retryable): the submission failed.
+    Failed,
+    /// The lease was lost; nothing recorded.
+    Ignored,
+}
+
+/// Records a failure: retried with exponential backoff while attempts remain,
+/// else the submission fails with a human-readable reason.
+pub fn fail_job(
+    tx: &Transaction<'_>,
+    job_id: i64,
+    instance: &str,
+    error: &str,
+    retryable: bool,
+    max_attempts: u32,
+    backoff_ms: i64,
+) -> Result<FailOutcome> {
+    let now = now_ms();
+    let row: Option<(String, String, u32)> = tx
+        .query_row(
+            "SELECT submission_id, stage, attempts FROM jobs
+             WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
+            params![job_id, instance],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((sub, stage, attempts)) = row else {
+        return Ok(FailOutcome::Ignored);
+    };
+    let attempts = attempts + 1;
+    if retryable && attempts < max_attempts {
+        let delay = backoff_ms.saturating_mul(1 << (attempts - 1).min(16)).min(300_000);
+        let at = now + delay;
+        tx.execute(
+            "UPDATE jobs SET state = 'queued', attempts = ?2, not_before = ?3, last_error = ?4,
+                    lease_owner = NULL, lease_expires_at = NULL, started_at = NULL
+             WHERE id = ?1",
+            params![job_id, attempts, at, error],
+        )?;
+        return Ok(FailOutcome::Retry { at, attempts });
+    }
+    tx.execute(
+        "UPDATE jobs SET state = 'failed', attempts = ?2, last_error = ?3, finished_at = ?4,
+                lease_owner = NULL, lease_expires_at = NULL
+         WHERE id = ?1",
+        params![job_id, attempts, error, now],
+    )?;
+    let (code, what) = match Stage::parse(&stage) {
+        Stage::Stt => ("transcription_failed", "Transcribing your recording"),
+        Stage::Eval => ("evaluation_failed", "Evaluating your answer"),
+        Stage::Score => ("scoring_failed", "Scoring your answer"),
+    };
+    let times = if attempts == 1 {
+        "once".to_owned()
+    } else {
+        format!("{attempts} times")
+    };
+    let reason = format!(
+        "{what} failed {times} ({error}). Nothing you did caused this: your recording is saved. \
+         Your instructor can retry it from the queue dashboard, or you can submit again."
+    );
+    fail_submission(tx, &sub, code, &reason)?;
+    Ok(FailOutcome::Failed)
+}
+
+/// Marks a submission failed and cancels its other outstanding jobs.
+pub fn fail_submission(tx: &Transaction<'_>, sub: &str, code: &str, reason: &str) -> Result<()> {
+    let now = now_ms();
+    tx.execute(
+        "UPDATE submissions SET state = 'failed', failure_code = ?2, failure_reason = ?3,
+                updated_at = ?4, finished_at = ?4
+         WHERE id = ?1 AND state NOT IN ('failed', 'awaiting_review', 'released')",
+        params![sub, code, reason, now],
+    )?;
+    tx.execute(
+        "UPDATE jobs SET state = 'failed', last_error = 'cancelled: the submission failed',
+                finished_at = ?2, lease_owner = NULL, lease_expires_at = NULL
+         WHERE submission_id = ?1 AND state IN ('queued', 'running')",
+        params![sub, now],
+    )?;
+    Ok(())
+}
+
+/// Puts one claimed job back without charging an attempt (its worker was
+/// stopped for a reason that is not the job's fault).
+pub fn requeue(tx: &Transaction<'_>, job_id: i64, instance: &str) -> Result<()> {
+    tx.execute(
+        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, started_at = NULL
+         WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
+        params![job_id, instance],
+    )?;
+    Ok(())
+}
+
+/// Recent service times, newest first, to seed the ETA estimator at start-up.
+pub fn recent_service_times(conn: &Connection, limit: u32) -> Result<Vec<(Stage, f64, f64)>> {
+    let mut stmt = conn.prepare(
+        "SELECT j.stage, j.service_ms, s.duration_seconds FROM jobs j
+         JOIN submissions s ON s.id = j.submission_id
+         WHERE j.state = 'done' AND j.service_ms IS NOT NULL AND j.stage IN ('stt', 'eval')
+         ORDER BY j.finished_at DESC LIMIT ?1",
+    )?;
+    let rows = stmt
+        .query_map([limit], |r| {
+            Ok((
+                Stage::parse(&r.get::<_, String>(0)?),
+                r.get::<_, i64>(1)? as f64 / 1000.0,
+                r.get::<_, f64>(2)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// Stores a score, moves the submission to `released` or `awaiting_review`
+/// by the assignment's release policy, and queues the grade in the outbox.
+/// Returns the new state, or `None` when the lease was lost.
+pub fn complete_score(
+    tx: &Transaction<'_>,
+    job_id: i64,
+    instance: &str,
+    report: &serde_json::Value,
+    release: bool,
+) -> Result<Option<SubmissionState>> {
+    let json = report.to_string();
+    let Some(sub) = finish_job(tx, job_id, instance, &json)? else {
+        return Ok(None);
+    };
+    let now = now_ms();
+    let state = if release {
+        SubmissionState::Released
+    } else {
+        SubmissionState::AwaitingReview
+    };
+    let n = tx.execute(
+        "UPDATE submissions SET score = ?2, state = ?3, updated_at = ?4, finished_at = ?4
+         WHERE id = ?1 AND state = 'evaluated'",
+        params![sub, json, state.as_str(), now],
+    )?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let kind = if release { "released" } else { "pending" };
+    tx.execute(
+        "INSERT INTO grade_outbox (submission_id, kind, payload, next_attempt_at, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?4) ON CONFLICT DO NOTHING",
+        params![sub, kind, json, now],
+    )?;
+    Ok(Some(state))
+}

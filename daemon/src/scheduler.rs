@@ -1,0 +1,1239 @@
+//! The two-phase scheduler: one state machine, two policies.
+//!
+//! ```text
+//!            upload                batch full / window over / all STT done
+//!   Idle ──────────────▶ STT phase ─────────────────────────────▶ Evaluation phase
+//!    ▲                    (only STT workers alive,                 (only evaluator workers alive,
+//!    │                     ≤ stt_concurrency transcriptions)        ≤ eval_concurrency busy workers,
+//!    │                                                              ≤ eval_batch_size items per call)
+//!    └──────────── nothing waits ◀──── uploads wait? → next STT phase ◀──┘
+//! ```
+//!
+//! Policy `two-phase` runs exactly that; `pipelined` keeps both kinds of
+//! worker alive and dispatches STT and evaluation side by side with no
+//! barrier; `auto` picks one from the memory budget at start-up.
+//!
+//! The loop owns all scheduling state. The database is the source of truth
+//! for jobs (see [`crate::jobs`]): every decision starts from a fresh read of
+//! the pending jobs, every claim and completion is its own short transaction,
+//! and model calls run in spawned tasks that report back over a channel.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use viva_models::protocol::ModelSpec;
+use viva_models::{
+    EvaluateItem, EvaluateRequest, Evaluation, JobPayload, JobResult, TranscribeRequest,
+    Transcript, WorkerKind,
+};
+
+use crate::config::{Config, Policy, SchedulerConfig, WorkerConfig};
+use crate::domain::{Assignment, ReleasePolicy, get_assignment};
+use crate::error::{Error, Result};
+use crate::jobs::{self, Claimed, FailOutcome, OpenBatch, PendingJob, Stage};
+use crate::metrics::Metrics;
+use crate::now_ms;
+use crate::status::{PlanInput, ServiceStats, Snapshot, StatsView};
+use crate::store::Store;
+use crate::workers::{Supervisor, WorkerError, WorkerExit, WorkerHandle, WorkerSpec};
+
+/// What the rubric plugin host implements (the plugins issue); until one is
+/// configured, submissions rest in state `evaluated`.
+pub trait Scorer: Send + Sync + 'static {
+    /// Scores one submission. Runs on a blocking thread.
+    fn score(&self, input: &ScoreInput) -> std::result::Result<ScoreOutcome, String>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ScoreInput {
+    pub assignment: Assignment,
+    pub submission_id: String,
+    pub duration_seconds: f64,
+    pub transcript: Transcript,
+    pub evaluations: Vec<Evaluation>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScoreOutcome {
+    pub total: f64,
+    pub max: f64,
+    pub needs_review: bool,
+    pub reasons: Vec<String>,
+    /// The plugin's full report, stored with the submission.
+    pub report: serde_json::Value,
+}
+
+/// The scheduler's current phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    Stt,
+    Evaluation,
+    Pipelined,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Stt => "stt",
+            Phase::Evaluation => "evaluation",
+            Phase::Pipelined => "pipelined",
+        }
+    }
+}
+
+/// A phase switch, for status and tests.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PhaseChange {
+    pub at_ms: i64,
+    pub phase: &'static str,
+    pub batch_id: Option<i64>,
+}
+
+/// Cheap handle for the rest of the daemon.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    notify: Arc<Notify>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub supervisor: Supervisor,
+    phases: Arc<std::sync::Mutex<VecDeque<PhaseChange>>>,
+}
+
+impl SchedulerHandle {
+    /// Wakes the scheduler (new upload, retry request …).
+    pub fn poke(&self) {
+        self.notify.notify_one();
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.clone()
+    }
+
+    pub fn phase_history(&self) -> Vec<PhaseChange> {
+        self.phases
+            .lock()
+            .map(|p| p.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+enum SlotState {
+    Down,
+    Starting,
+    Ready(WorkerHandle),
+    Stopping,
+}
+
+struct Slot {
+    spec_kind: WorkerKind,
+    role: Option<String>,
+    config: WorkerConfig,
+    state: SlotState,
+    in_flight: usize,
+    failures: u32,
+    next_start_ms: i64,
+    idle_since: Instant,
+    last_error: Option<String>,
+}
+
+enum Event {
+    Started {
+        slot: String,
+        result: std::result::Result<WorkerHandle, WorkerError>,
+        seconds: f64,
+    },
+    Stopped {
+        slot: String,
+    },
+    JobDone {
+        slot: String,
+        jobs: Vec<Claimed>,
+        result: std::result::Result<JobResult, WorkerError>,
+        seconds: f64,
+    },
+    ScoreDone {
+        job: Claimed,
+        result: std::result::Result<(ScoreOutcome, ReleasePolicy), String>,
+    },
+}
+
+pub struct Scheduler {
+    store: Store,
+    cfg: SchedulerConfig,
+    job_timeout: Duration,
+    policy: Policy,
+    instance: String,
+    supervisor: Supervisor,
+    scorer: Option<Arc<dyn Scorer>>,
+    metrics: Metrics,
+    roles: Vec<String>,
+    slots: BTreeMap<String, Slot>,
+    stats: ServiceStats,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events_rx: mpsc::UnboundedReceiver<Event>,
+    exits_rx: mpsc::UnboundedReceiver<WorkerExit>,
+    notify: Arc<Notify>,
+    snapshot_tx: watch::Sender<Arc<Snapshot>>,
+    phases: Arc<std::sync::Mutex<VecDeque<PhaseChange>>>,
+    phase: Phase,
+    phase_since: Instant,
+    phase_since_ms: i64,
+    batch: Option<OpenBatch>,
+    wake_at_ms: Option<i64>,
+    version: u64,
+    last_lease_sweep: Instant,
+    score_in_flight: usize,
+}
+
+const DAEMON_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+impl Scheduler {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        instance: String,
+        metrics: Metrics,
+        scorer: Option<Arc<dyn Scorer>>,
+    ) -> (Scheduler, SchedulerHandle) {
+        let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+        let supervisor = Supervisor::new(DAEMON_VERSION, config.workers.timeouts(), exits_tx);
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let notify = Arc::new(Notify::new());
+        let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let phases = Arc::new(std::sync::Mutex::new(VecDeque::new()));
+        let mut slots = BTreeMap::new();
+        if let Some(stt) = &config.workers.stt {
+            slots.insert("stt".to_owned(), Slot::new(WorkerKind::Stt, None, stt.clone()));
+        }
+        for (role, w) in &config.workers.evaluators {
+            slots.insert(
+                format!("evaluator:{role}"),
+                Slot::new(WorkerKind::Evaluator, Some(role.clone()), w.clone()),
+            );
+        }
+        let handle = SchedulerHandle {
+            notify: notify.clone(),
+            snapshot: snapshot_rx,
+            supervisor: supervisor.clone(),
+            phases: phases.clone(),
+        };
+        let scheduler = Scheduler {
+            store,
+            cfg: config.scheduler.clone(),
+            job_timeout: config.workers.job_timeout,
+            policy: config.effective_policy(),
+            instance,
+            supervisor,
+            scorer,
+            metrics,
+            roles: config.workers.evaluators.keys().cloned().collect(),
+            slots,
+            stats: ServiceStats::default(),
+            events_tx,
+            events_rx,
+            exits_rx,
+            notify,
+            snapshot_tx,
+            phases,
+            phase: Phase::Idle,
+            phase_since: Instant::now(),
+            phase_since_ms: now_ms(),
+            batch: None,
+            wake_at_ms: None,
+            version: 0,
+            last_lease_sweep: Instant::now(),
+            score_in_flight: 0,
+        };
+        (scheduler, handle)
+    }
+
+    /// Runs until `shutdown` fires, then stops workers and hands running
+    /// jobs back to the queue.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        let instance = self.instance.clone();
+        let released = self
+            .store
+            .write(move |tx| jobs::release_stale_leases(tx, &instance))
+            .await?;
+        if released > 0 {
+            tracing::info!(released, "returned jobs of a previous daemon run to the queue");
+        }
+        self.seed_stats().await;
+        let mut renew = tokio::time::interval(self.cfg.lease / 3);
+        loop {
+            if let Err(e) = self.tick().await {
+                tracing::error!(error = %e, "scheduler step failed; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let sleep_for = self
+                .wake_at_ms
+                .map(|t| Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.notify.notified() => {}
+                Some(ev) = self.events_rx.recv() => self.handle(ev).await,
+                Some(exit) = self.exits_rx.recv() => self.handle_exit(exit),
+                _ = tokio::time::sleep(sleep_for) => {}
+                _ = renew.tick() => self.renew_leases().await,
+            }
+            // Drain what else has arrived before deciding again.
+            while let Ok(ev) = self.events_rx.try_recv() {
+                self.handle(ev).await;
+            }
+            while let Ok(exit) = self.exits_rx.try_recv() {
+                self.handle_exit(exit);
+            }
+        }
+        tracing::info!("scheduler stopping: stopping workers and returning running jobs");
+        self.supervisor.stop_all().await;
+        let instance = self.instance.clone();
+        let n = self
+            .store
+            .write(move |tx| jobs::release_own_leases(tx, &instance))
+            .await?;
+        tracing::info!(returned = n, "scheduler stopped");
+        Ok(())
+    }
+
+    async fn seed_stats(&mut self) {
+        let Ok(rows) = self
+            .store
+            .read(|c| jobs::recent_service_times(c, 200))
+            .await
+        else {
+            return;
+        };
+        for (stage, secs, dur) in rows.into_iter().rev() {
+            if stage == Stage::Stt {
+                self.stats.stt.observe(dur, secs);
+            }
+        }
+    }
+
+    async fn renew_leases(&mut self) {
+        let instance = self.instance.clone();
+        let until = now_ms() + self.cfg.lease.as_millis() as i64;
+        if let Err(e) = self
+            .store
+            .write(move |tx| jobs::renew_leases(tx, &instance, until))
+            .await
+        {
+            tracing::warn!(error = %e, "renewing job leases failed");
+        }
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        if self.phase == phase {
+            return;
+        }
+        let secs = self.phase_since.elapsed().as_secs_f64();
+        self.metrics
+            .phase_seconds
+            .with_label_values(&[self.phase.as_str()])
+            .observe(secs);
+        self.metrics
+            .phase
+            .with_label_values(&[self.phase.as_str()])
+            .set(0);
+        self.metrics.phase.with_label_values(&[phase.as_str()]).set(1);
+        tracing::info!(from = self.phase.as_str(), to = phase.as_str(), batch = ?self.batch.as_ref().map(|b| b.id), "phase switch");
+        self.phase = phase;
+        self.phase_since = Instant::now();
+        self.phase_since_ms = now_ms();
+        if let Ok(mut p) = self.phases.lock() {
+            if p.len() >= 1000 {
+                p.pop_front();
+            }
+            p.push_back(PhaseChange {
+                at_ms: self.phase_since_ms,
+                phase: phase.as_str(),
+                batch_id: self.batch.as_ref().map(|b| b.id),
+            });
+        }
+    }
+
+    fn wake_at(&mut self, t: i64) {
+        self.wake_at_ms = Some(self.wake_at_ms.map_or(t, |w| w.min(t)));
+    }
+
+    /// One decision step.
+    async fn tick(&mut self) -> Result<()> {
+        self.wake_at_ms = None;
+        if self.last_lease_sweep.elapsed() >= self.cfg.lease {
+            self.last_lease_sweep = Instant::now();
+            let instance = self.instance.clone();
+            self.store
+                .write(move |tx| jobs::release_stale_leases(tx, &instance))
+                .await?;
+        }
+        // A decision can unlock another (batch finished → evaluation), so
+        // repeat until nothing changes, bounded.
+        for _ in 0..4 {
+            let (pending, batch) = self.store.read(jobs::load_pending).await?;
+            self.batch = batch;
+            let changed = match self.policy {
+                Policy::Pipelined => self.step_pipelined(&pending).await?,
+                _ => self.step_two_phase(&pending).await?,
+            };
+            let scored = self.dispatch_scores(&pending).await?;
+            if !changed && !scored {
+                break;
+            }
+        }
+        self.unload_idle();
+        self.publish().await
+    }
+
+    async fn step_two_phase(&mut self, pending: &[PendingJob]) -> Result<bool> {
+        let now = now_ms();
+        if let Some(batch) = self.batch.clone() {
+            self.set_phase(Phase::Stt);
+            if !batch.closed {
+                let window_ms = self.cfg.batch_window.as_millis() as i64;
+                let window_over = now - batch.opened_at >= window_ms;
+                let mut size = batch.size;
+                if !window_over && size < self.cfg.stt_batch_size {
+                    let joiners: Vec<String> = pending
+                        .iter()
+                        .filter(|j| j.stage == Stage::Stt && j.batch_id.is_none())
+                        .take(self.cfg.stt_batch_size - size)
+                        .map(|j| j.submission_id.clone())
+                        .collect();
+                    if !joiners.is_empty() {
+                        size += joiners.len();
+                        let id = batch.id;
+                        self.store
+                            .write(move |tx| jobs::add_to_batch(tx, id, &joiners))
+                            .await?;
+                        if size < self.cfg.stt_batch_size {
+                            self.wake_at(batch.opened_at + window_ms);
+                        }
+                        let id = batch.id;
+                        if size >= self.cfg.stt_batch_size {
+                            self.store.write(move |tx| jobs::close_batch(tx, id)).await?;
+                        }
+                        return Ok(true);
+                    }
+                }
+                if size >= self.cfg.stt_batch_size || window_over {
+                    let id = batch.id;
+                    self.store.write(move |tx| jobs::close_batch(tx, id)).await?;
+                } else {
+                    self.wake_at(batch.opened_at + window_ms);
+                }
+            }
+            let members: Vec<&PendingJob> = pending
+                .iter()
+                .filter(|j| j.stage == Stage::Stt && j.batch_id == Some(batch.id))
+                .collect();
+            if members.is_empty() {
+                let id = batch.id;
+                self.store
+                    .write(move |tx| jobs::finish_batch_stt(tx, id))
+                    .await?;
+                tracing::info!(batch = id, "STT phase of batch finished");
+                return Ok(true);
+            }
+            if self.ensure_only(WorkerKind::Stt) {
+                self.dispatch_stt(&members).await?;
+            }
+            return Ok(false);
+        }
+        let eval_pending: Vec<&PendingJob> =
+            pending.iter().filter(|j| j.stage == Stage::Eval).collect();
+        if !eval_pending.is_empty() {
+            self.set_phase(Phase::Evaluation);
+            if self.ensure_only(WorkerKind::Evaluator) {
+                self.dispatch_evals(&eval_pending).await?;
+            }
+            return Ok(false);
+        }
+        let waiting: Vec<&PendingJob> = pending
+            .iter()
+            .filter(|j| j.stage == Stage::Stt && j.batch_id.is_none())
+            .collect();
+        if let Some(first) = waiting.first() {
+            let open_at = first.submitted_at + self.cfg.min_batch_wait.as_millis() as i64;
+            if now >= open_at {
+                let ids: Vec<String> = waiting
+                    .iter()
+                    .take(self.cfg.stt_batch_size)
+                    .map(|j| j.submission_id.clone())
+                    .collect();
+                let full = ids.len() >= self.cfg.stt_batch_size;
+                let id = self
+                    .store
+                    .write(move |tx| {
+                        let id = jobs::open_batch(tx, &ids)?;
+                        if full {
+                            jobs::close_batch(tx, id)?;
+                        }
+                        Ok(id)
+                    })
+                    .await?;
+                tracing::info!(batch = id, "opened STT batch");
+                return Ok(true);
+            }
+            // Gathering a batch: warm the STT worker meanwhile.
+            self.set_phase(Phase::Idle);
+            self.ensure_only(WorkerKind::Stt);
+            self.wake_at(open_at);
+            return Ok(false);
+        }
+        self.set_phase(Phase::Idle);
+        Ok(false)
+    }
+
+    async fn step_pipelined(&mut self, pending: &[PendingJob]) -> Result<bool> {
+        let stt: Vec<&PendingJob> = pending.iter().filter(|j| j.stage == Stage::Stt).collect();
+        let eval: Vec<&PendingJob> = pending.iter().filter(|j| j.stage == Stage::Eval).collect();
+        if stt.is_empty() && eval.is_empty() {
+            self.set_phase(Phase::Idle);
+            return Ok(false);
+        }
+        self.set_phase(Phase::Pipelined);
+        if !stt.is_empty() {
+            self.ensure_started(WorkerKind::Stt);
+            self.dispatch_stt(&stt).await?;
+        }
+        if !eval.is_empty() {
+            self.ensure_started(WorkerKind::Evaluator);
+            self.dispatch_evals(&eval).await?;
+        }
+        Ok(false)
+    }
+
+    /// Two-phase rule: stop the other kind's workers, and start ours only
+    /// once every process of the other kind is confirmed gone. Returns whether
+    /// our workers may be used now.
+    fn ensure_only(&mut self, kind: WorkerKind) -> bool {
+        let names: Vec<String> = self.slots.keys().cloned().collect();
+        for name in &names {
+            let Some(slot) = self.slots.get_mut(name) else {
+                continue;
+            };
+            if slot.spec_kind == kind || slot.in_flight > 0 {
+                continue;
+            }
+            if let SlotState::Ready(h) = &slot.state {
+                let h = h.clone();
+                slot.state = SlotState::Stopping;
+                let tx = self.events_tx.clone();
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let status = h.stop().await;
+                    tracing::info!(slot = %name, %status, "worker stopped for the phase switch");
+                    let _ = tx.send(Event::Stopped { slot: name });
+                });
+            }
+        }
+        let other = match kind {
+            WorkerKind::Stt => WorkerKind::Evaluator,
+            WorkerKind::Evaluator => WorkerKind::Stt,
+        };
+        let others_alive = self.supervisor.alive(other) > 0
+            || self
+                .slots
+                .values()
+                .any(|s| s.spec_kind == other && !matches!(s.state, SlotState::Down));
+        if others_alive {
+            return false;
+        }
+        self.ensure_started(kind);
+        true
+    }
+
+    fn ensure_started(&mut self, kind: WorkerKind) {
+        let now = now_ms();
+        let mut earliest: Option<i64> = None;
+        for (name, slot) in self.slots.iter_mut() {
+            if slot.spec_kind != kind || !matches!(slot.state, SlotState::Down) {
+                continue;
+            }
+            if now < slot.next_start_ms {
+                earliest = Some(earliest.map_or(slot.next_start_ms, |e: i64| e.min(slot.next_start_ms)));
+                continue;
+            }
+            slot.state = SlotState::Starting;
+            let spec = slot.spec(name);
+            let sup = self.supervisor.clone();
+            let tx = self.events_tx.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                let t0 = Instant::now();
+                let result = sup.start(spec).await;
+                let _ = tx.send(Event::Started {
+                    slot: name,
+                    result,
+                    seconds: t0.elapsed().as_secs_f64(),
+                });
+            });
+        }
+        if let Some(t) = earliest {
+            self.wake_at(t);
+        }
+    }
+
+    fn ready_slot(&self, kind: WorkerKind, role: Option<&str>) -> Option<(String, WorkerHandle, usize)> {
+        self.slots.iter().find_map(|(name, s)| match &s.state {
+            SlotState::Ready(h) if s.spec_kind == kind && s.role.as_deref() == role => {
+                Some((name.clone(), h.clone(), s.in_flight))
+            }
+            _ => None,
+        })
+    }
+
+    async fn claim(&self, ids: Vec<i64>) -> Result<Vec<Claimed>> {
+        let instance = self.instance.clone();
+        let until = now_ms() + self.cfg.lease.as_millis() as i64;
+        self.store
+            .write(move |tx| jobs::claim(tx, &ids, &instance, until))
+            .await
+    }
+
+    async fn dispatch_stt(&mut self, candidates: &[&PendingJob]) -> Result<()> {
+        let Some((slot, handle, in_flight)) = self.ready_slot(WorkerKind::Stt, None) else {
+            return Ok(());
+        };
+        let capacity = self
+            .cfg
+            .stt_concurrency
+            .min(handle.max_parallel_jobs().max(1) as usize)
+            .saturating_sub(in_flight);
+        if capacity == 0 {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut ids = Vec::new();
+        for j in candidates {
+            if j.running {
+                continue;
+            }
+            if j.not_before > now {
+                self.wake_at(j.not_before);
+                continue;
+            }
+            if ids.len() < capacity {
+                ids.push(j.id);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        for job in self.claim(ids).await? {
+            if let Some(s) = self.slots.get_mut(&slot) {
+                s.in_flight += 1;
+            }
+            let payload = JobPayload::Transcribe(TranscribeRequest {
+                wav_path: job.wav_path.clone(),
+                audio_seconds: job.duration_seconds,
+                language: None,
+                initial_prompt: None,
+            });
+            self.spawn_call(slot.clone(), handle.clone(), vec![job], payload);
+        }
+        Ok(())
+    }
+
+    async fn dispatch_evals(&mut self, candidates: &[&PendingJob]) -> Result<()> {
+        let now = now_ms();
+        let mut busy = self
+            .slots
+            .values()
+            .filter(|s| s.spec_kind == WorkerKind::Evaluator && s.in_flight > 0)
+            .count();
+        // Roles whose oldest ready job is oldest go first (fair alternation
+        // when eval_concurrency is below the number of roles).
+        let mut by_role: BTreeMap<String, Vec<&PendingJob>> = BTreeMap::new();
+        for j in candidates {
+            if j.running {
+                continue;
+            }
+            if j.not_before > now {
+                self.wake_at(j.not_before);
+                continue;
+            }
+            by_role.entry(j.role.clone()).or_default().push(j);
+        }
+        let mut order: Vec<(String, i64)> = by_role
+            .iter()
+            .map(|(r, v)| (r.clone(), v.first().map(|j| j.submitted_at).unwrap_or(i64::MAX)))
+            .collect();
+        order.sort_by_key(|(r, t)| (*t, r.clone()));
+        for (role, _) in order {
+            if busy >= self.cfg.eval_concurrency {
+                break;
+            }
+            let Some((slot, handle, in_flight)) =
+                self.ready_slot(WorkerKind::Evaluator, Some(&role))
+            else {
+                continue;
+            };
+            if in_flight > 0 {
+                continue;
+            }
+            let ids: Vec<i64> = by_role
+                .get(&role)
+                .map(|v| v.iter().take(self.cfg.eval_batch_size).map(|j| j.id).collect())
+                .unwrap_or_default();
+            let claimed = self.claim(ids).await?;
+            if claimed.is_empty() {
+                continue;
+            }
+            let assignment_ids: Vec<String> =
+                claimed.iter().map(|c| c.assignment_id.clone()).collect();
+            let assignments: HashMap<String, Assignment> = self
+                .store
+                .read(move |c| {
+                    let mut m = HashMap::new();
+                    for id in assignment_ids {
+                        if let Some(a) = get_assignment(c, &id)? {
+                            m.insert(id, a);
+                        }
+                    }
+                    Ok(m)
+                })
+                .await?;
+            let mut items = Vec::new();
+            let mut jobs_in_call = Vec::new();
+            for c in claimed {
+                match (assignments.get(&c.assignment_id), &c.transcript) {
+                    (Some(a), Some(t)) => {
+                        items.push(EvaluateItem {
+                            submission_id: c.submission_id.clone(),
+                            assignment_prompt: a.prompt.clone(),
+                            rubric: a.rubric.clone(),
+                            transcript: t.text.clone(),
+                        });
+                        jobs_in_call.push(c);
+                    }
+                    _ => {
+                        let instance = self.instance.clone();
+                        let max = self.cfg.max_attempts;
+                        self.store
+                            .write(move |tx| {
+                                jobs::fail_job(
+                                    tx,
+                                    c.job_id,
+                                    &instance,
+                                    "its assignment or transcript is missing",
+                                    false,
+                                    max,
+                                    0,
+                                )
+                            })
+                            .await?;
+                    }
+                }
+            }
+            if items.is_empty() {
+                continue;
+            }
+            if let Some(s) = self.slots.get_mut(&slot) {
+                s.in_flight += 1;
+            }
+            busy += 1;
+            self.spawn_call(
+                slot,
+                handle,
+                jobs_in_call,
+                JobPayload::Evaluate(EvaluateRequest { items }),
+            );
+        }
+        Ok(())
+    }
+
+    fn spawn_call(&self, slot: String, handle: WorkerHandle, jobs: Vec<Claimed>, payload: JobPayload) {
+        let tx = self.events_tx.clone();
+        let timeout = self.job_timeout;
+        tokio::spawn(async move {
+            let t0 = Instant::now();
+            let result = match tokio::time::timeout(timeout, handle.call(payload, None)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    // A stuck native call: kill the worker; the job is retried.
+                    let _ = handle.stop().await;
+                    Err(WorkerError::Job {
+                        code: "timeout".into(),
+                        message: format!("the worker did not answer within {}", humantime::format_duration(timeout)),
+                        retryable: true,
+                    })
+                }
+            };
+            let _ = tx.send(Event::JobDone {
+                slot,
+                jobs,
+                result,
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+        });
+    }
+
+    async fn dispatch_scores(&mut self, pending: &[PendingJob]) -> Result<bool> {
+        let Some(scorer) = self.scorer.clone() else {
+            return Ok(false);
+        };
+        let now = now_ms();
+        let ids: Vec<i64> = pending
+            .iter()
+            .filter(|j| j.stage == Stage::Score && !j.running && j.not_before <= now)
+            .take(8usize.saturating_sub(self.score_in_flight))
+            .map(|j| j.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(false);
+        }
+        for job in self.claim(ids).await? {
+            self.score_in_flight += 1;
+            let store = self.store.clone();
+            let scorer = scorer.clone();
+            let tx = self.events_tx.clone();
+            tokio::spawn(async move {
+                let sub_id = job.submission_id.clone();
+                let input = store
+                    .read(move |c| {
+                        let s = crate::domain::get_submission(c, &sub_id)?
+                            .ok_or(Error::NotFound("submission"))?;
+                        let a = get_assignment(c, &s.assignment_id)?
+                            .ok_or(Error::NotFound("assignment"))?;
+                        Ok(ScoreInput {
+                            assignment: a,
+                            submission_id: s.id,
+                            duration_seconds: s.duration_seconds,
+                            transcript: s.transcript.ok_or(Error::NotFound("transcript"))?,
+                            evaluations: s.evaluations,
+                        })
+                    })
+                    .await;
+                let result = match input {
+                    Err(e) => Err(e.to_string()),
+                    Ok(input) => {
+                        let policy = input.assignment.release_policy;
+                        tokio::task::spawn_blocking(move || scorer.score(&input))
+                            .await
+                            .map_err(|e| format!("the scorer panicked: {e}"))
+                            .and_then(|r| r)
+                            .map(|o| (o, policy))
+                    }
+                };
+                let _ = tx.send(Event::ScoreDone { job, result });
+            });
+        }
+        Ok(true)
+    }
+
+    fn handle_exit(&mut self, exit: WorkerExit) {
+        let Some(slot) = self.slots.get_mut(&exit.slot) else {
+            return;
+        };
+        if exit.expected {
+            return;
+        }
+        slot.failures += 1;
+        let backoff = (500i64 << slot.failures.min(6)).min(30_000);
+        slot.next_start_ms = now_ms() + backoff;
+        slot.state = SlotState::Down;
+        slot.last_error = Some(format!("worker exited unexpectedly ({})", exit.status));
+        self.metrics
+            .worker_restarts
+            .with_label_values(&[&exit.slot])
+            .inc();
+        tracing::warn!(slot = %exit.slot, pid = exit.pid, status = %exit.status, backoff_ms = backoff, "worker crashed; it will be restarted");
+        let t = slot.next_start_ms;
+        self.wake_at(t);
+    }
+
+    async fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Started {
+                slot,
+                result,
+                seconds,
+            } => {
+                let Some(s) = self.slots.get_mut(&slot) else {
+                    return;
+                };
+                match result {
+                    Ok(h) => {
+                        tracing::info!(%slot, pid = h.pid(), load_ms = h.load_ms(), "worker ready");
+                        s.state = SlotState::Ready(h);
+                        s.idle_since = Instant::now();
+                        s.last_error = None;
+                        self.stats
+                            .observe_start(s.spec_kind.as_str(), seconds);
+                    }
+                    Err(e) => {
+                        s.failures += 1;
+                        let backoff = (1000i64 << s.failures.min(6)).min(60_000);
+                        s.next_start_ms = now_ms() + backoff;
+                        s.state = SlotState::Down;
+                        s.last_error = Some(e.to_string());
+                        tracing::error!(%slot, error = %e, backoff_ms = backoff, "worker failed to start");
+                    }
+                }
+            }
+            Event::Stopped { slot } => {
+                if let Some(s) = self.slots.get_mut(&slot)
+                    && matches!(s.state, SlotState::Stopping)
+                {
+                    s.state = SlotState::Down;
+                }
+            }
+            Event::JobDone {
+                slot,
+                jobs,
+                result,
+                seconds,
+            } => {
+                if let Some(s) = self.slots.get_mut(&slot) {
+                    s.in_flight = s.in_flight.saturating_sub(1);
+                    s.idle_since = Instant::now();
+                    if result.is_ok() {
+                        s.failures = 0;
+                    }
+                }
+                if let Err(e) = self.finish_call(&slot, jobs, result, seconds).await {
+                    tracing::error!(error = %e, "recording a job result failed; its lease will expire and it will run again");
+                }
+            }
+            Event::ScoreDone { job, result } => {
+                self.score_in_flight = self.score_in_flight.saturating_sub(1);
+                if let Err(e) = self.finish_score(job, result).await {
+                    tracing::error!(error = %e, "recording a score failed");
+                }
+            }
+        }
+    }
+
+    async fn finish_call(
+        &mut self,
+        slot: &str,
+        jobs: Vec<Claimed>,
+        result: std::result::Result<JobResult, WorkerError>,
+        seconds: f64,
+    ) -> Result<()> {
+        let role = self
+            .slots
+            .get(slot)
+            .and_then(|s| s.role.clone())
+            .unwrap_or_default();
+        let model = self
+            .slots
+            .get(slot)
+            .map(|s| s.config.model.clone())
+            .unwrap_or_default();
+        match result {
+            Ok(JobResult::Transcript(t)) => {
+                let Some(job) = jobs.into_iter().next() else {
+                    return Ok(());
+                };
+                self.stats.stt.observe(job.duration_seconds, seconds);
+                self.metrics
+                    .stage_seconds
+                    .with_label_values(&["stt"])
+                    .observe(seconds);
+                self.metrics.jobs.with_label_values(&["stt", "done"]).inc();
+                let instance = self.instance.clone();
+                let roles = self.roles.clone();
+                self.store
+                    .write(move |tx| jobs::complete_stt(tx, job.job_id, &instance, &t, &roles))
+                    .await?;
+            }
+            Ok(JobResult::Evaluations(resp)) => {
+                self.stats.eval_model(&role).observe(jobs.len() as f64, seconds);
+                self.metrics
+                    .stage_seconds
+                    .with_label_values(&["eval"])
+                    .observe(seconds);
+                let mut by_sub: HashMap<String, viva_models::EvaluationOutcome> = resp
+                    .outcomes
+                    .into_iter()
+                    .map(|o| (o.submission_id.clone(), o))
+                    .collect();
+                for job in jobs {
+                    let outcome = by_sub.remove(&job.submission_id);
+                    let evaluation = match outcome {
+                        Some(viva_models::EvaluationOutcome {
+                            evaluation: Some(mut e),
+                            ..
+                        }) => {
+                            e.role = role.clone();
+                            if e.model.is_empty() {
+                                e.model = model.clone();
+                            }
+                            self.check_evaluation(&job, &e).await.map(|_| e)
+                        }
+                        Some(o) => Err(o
+                            .error
+                            .unwrap_or_else(|| "the evaluator returned no evaluation".into())),
+                        None => Err("the evaluator's answer left this submission out".into()),
+                    };
+                    match evaluation {
+                        Ok(e) => {
+                            self.metrics.jobs.with_label_values(&["eval", "done"]).inc();
+                            let instance = self.instance.clone();
+                            let score = self.scorer.is_some();
+                            self.store
+                                .write(move |tx| {
+                                    jobs::complete_eval(tx, job.job_id, &instance, &e, score)
+                                })
+                                .await?;
+                        }
+                        Err(msg) => self.fail(job, &msg, true).await?,
+                    }
+                }
+            }
+            Err(WorkerError::Stopped) => {
+                // Not the job's fault: back to the queue, no attempt charged.
+                for job in jobs {
+                    let instance = self.instance.clone();
+                    self.store
+                        .write(move |tx| jobs::requeue(tx, job.job_id, &instance))
+                        .await?;
+                }
+            }
+            Err(e) => {
+                let retryable = match &e {
+                    WorkerError::Job { retryable, .. } => *retryable,
+                    _ => true,
+                };
+                let msg = match &e {
+                    WorkerError::Crashed { .. } => "the model worker crashed".to_owned(),
+                    WorkerError::Job { message, .. } => message.clone(),
+                    other => other.to_string(),
+                };
+                for job in jobs {
+                    self.fail(job, &msg, retryable).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The evaluation must rate every rubric criterion with one of its levels.
+    async fn check_evaluation(&self, job: &Claimed, e: &Evaluation) -> std::result::Result<(), String> {
+        let id = job.assignment_id.clone();
+        let a = self
+            .store
+            .read(move |c| get_assignment(c, &id))
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("its assignment was deleted")?;
+        for c in &a.rubric.criteria {
+            let r = e
+                .ratings
+                .iter()
+                .find(|r| r.criterion_id == c.id)
+                .ok_or_else(|| format!("the evaluation does not rate criterion {:?}", c.id))?;
+            if !c.levels.iter().any(|l| l.label == r.level) {
+                return Err(format!(
+                    "the evaluation gives criterion {:?} an unknown level {:?}",
+                    c.id, r.level
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail(&mut self, job: Claimed, msg: &str, retryable: bool) -> Result<()> {
+        let instance = self.instance.clone();
+        let max = self.cfg.max_attempts;
+        let backoff = self.cfg.retry_backoff.as_millis() as i64;
+        let m = msg.to_owned();
+        let stage = job.stage;
+        let outcome = self
+            .store
+            .write(move |tx| jobs::fail_job(tx, job.job_id, &instance, &m, retryable, max, backoff))
+            .await?;
+        match &outcome {
+            FailOutcome::Retry { at, attempts } => {
+                tracing::warn!(submission = %job.submission_id, stage = stage.as_str(), attempts, error = msg, "job failed; retrying");
+                self.wake_at(*at);
+                self.metrics
+                    .jobs
+                    .with_label_values(&[stage.as_str(), "retried"])
+                    .inc();
+            }
+            FailOutcome::Failed => {
+                tracing::warn!(submission = %job.submission_id, stage = stage.as_str(), error = msg, "job failed for good");
+                self.metrics
+                    .jobs
+                    .with_label_values(&[stage.as_str(), "failed"])
+                    .inc();
+            }
+            FailOutcome::Ignored => {}
+        }
+        Ok(())
+    }
+
+    async fn finish_score(
+        &mut self,
+        job: Claimed,
+        result: std::result::Result<(ScoreOutcome, ReleasePolicy), String>,
+    ) -> Result<()> {
+        match result {
+            Ok((outcome, policy)) => {
+                let release = match policy {
+                    ReleasePolicy::Auto => true,
+                    ReleasePolicy::AutoUnlessFlagged => !outcome.needs_review,
+                    ReleasePolicy::Manual => false,
+                };
+                let report = serde_json::to_value(&outcome)
+                    .map_err(|e| Error::Internal(format!("serialising a score: {e}")))?;
+                let instance = self.instance.clone();
+                self.store
+                    .write(move |tx| jobs::complete_score(tx, job.job_id, &instance, &report, release))
+                    .await?;
+                self.metrics.jobs.with_label_values(&["score", "done"]).inc();
+                Ok(())
+            }
+            Err(msg) => self.fail(job, &msg, true).await,
+        }
+    }
+
+    fn unload_idle(&mut self) {
+        let after = self.cfg.idle_unload_after;
+        if after.is_zero() || self.phase != Phase::Idle {
+            return;
+        }
+        for (name, slot) in self.slots.iter_mut() {
+            if slot.in_flight > 0 {
+                continue;
+            }
+            if let SlotState::Ready(h) = &slot.state {
+                if slot.idle_since.elapsed() < after {
+                    let t = now_ms() + (after - slot.idle_since.elapsed()).as_millis() as i64;
+                    self.wake_at_ms = Some(self.wake_at_ms.map_or(t, |w| w.min(t)));
+                    continue;
+                }
+                let h = h.clone();
+                slot.state = SlotState::Stopping;
+                let tx = self.events_tx.clone();
+                let name = name.clone();
+                tracing::info!(slot = %name, "unloading idle worker");
+                tokio::spawn(async move {
+                    h.stop().await;
+                    let _ = tx.send(Event::Stopped { slot: name });
+                });
+            }
+        }
+    }
+
+    async fn publish(&mut self) -> Result<()> {
+        let (pending, batch) = self.store.read(jobs::load_pending).await?;
+        let progress = match &batch {
+            Some(b) => {
+                let id = b.id;
+                Some(self.store.read(move |c| jobs::batch_progress(c, id)).await?)
+            }
+            None => None,
+        };
+        let stt_ready = self.ready_slot(WorkerKind::Stt, None).is_some();
+        let eval_ready = self
+            .slots
+            .values()
+            .filter(|s| s.spec_kind == WorkerKind::Evaluator)
+            .all(|s| matches!(s.state, SlotState::Ready(_)));
+        let inp = PlanInput {
+            now_ms: now_ms(),
+            policy: self.policy,
+            jobs: &pending,
+            batch: batch.as_ref().map(|b| (b.id, b.closed, b.size)),
+            stt_batch_size: self.cfg.stt_batch_size,
+            stt_concurrency: self.cfg.stt_concurrency,
+            eval_concurrency: self.cfg.eval_concurrency,
+            eval_batch_size: self.cfg.eval_batch_size,
+            min_batch_wait_ms: self.cfg.min_batch_wait.as_millis() as i64,
+            roles: &self.roles,
+            stt_ready,
+            eval_ready,
+        };
+        let entries = crate::status::entries(&inp, &self.stats);
+        let count = |stage: Stage| pending.iter().filter(|j| j.stage == stage).count();
+        let (stt_q, eval_q, score_q) = (count(Stage::Stt), count(Stage::Eval), count(Stage::Score));
+        self.metrics.queue_length.with_label_values(&["stt"]).set(stt_q as i64);
+        self.metrics.queue_length.with_label_values(&["eval"]).set(eval_q as i64);
+        self.metrics.queue_length.with_label_values(&["score"]).set(score_q as i64);
+        self.version += 1;
+        let snapshot = Snapshot {
+            version: self.version,
+            at_ms: now_ms(),
+            policy: match self.policy {
+                Policy::Pipelined => "pipelined",
+                _ => "two-phase",
+            },
+            phase: self.phase.as_str(),
+            phase_since_ms: self.phase_since_ms,
+            batch_closed: batch.as_ref().map(|b| b.closed).unwrap_or(false),
+            batch: progress,
+            stt_queue: stt_q,
+            eval_queue: eval_q,
+            score_queue: score_q,
+            workers: self.supervisor.table(),
+            worker_errors: self
+                .slots
+                .iter()
+                .filter_map(|(n, s)| s.last_error.clone().map(|e| (n.clone(), e)))
+                .collect(),
+            ready: self.slots.contains_key("stt") && !self.roles.is_empty(),
+            entries,
+            stats: StatsView::from(&self.stats),
+        };
+        self.snapshot_tx.send_replace(Arc::new(snapshot));
+        Ok(())
+    }
+}
+
+impl Slot {
+    fn new(kind: WorkerKind, role: Option<String>, config: WorkerConfig) -> Slot {
+        Slot {
+            spec_kind: kind,
+            role,
+            config,
+            state: SlotState::Down,
+            in_flight: 0,
+            failures: 0,
+            next_start_ms: 0,
+            idle_since: Instant::now(),
+            last_error: None,
+        }
+    }
+
+    fn spec(&self, name: &str) -> WorkerSpec {
+        let mut args = self.config.args.clone();
+        if let Some(role) = &self.role
+            && !args.iter().any(|a| a == "--role")
+        {
+            args.push("--role".into());
+            args.push(role.clone());
+        }
+        WorkerSpec {
+            slot: name.to_owned(),
+            kind: self.spec_kind,
+            role: self.role.clone(),
+            command: self.config.command.clone(),
+            args,
+            env: self
+                .config
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            model: ModelSpec {
+                name: self.config.model.clone(),
+                path: self.config.model_path.display().to_string(),
+                options: serde_json::to_value(&self.config.options).unwrap_or_default(),
+            },
+            memory_mb: self.config.memory_mb,
+        }
+    }
+}

@@ -1,0 +1,716 @@
+//! Live status and honest ETAs.
+//!
+//! After every scheduler step a [`Snapshot`] is published: the phase, the
+//! current batch's progress, queue lengths, workers, and for every unfinished
+//! submission its state, position in its queue and predicted completion.
+//!
+//! The prediction replays the scheduler's own policy forward in time
+//! ([`plan`]) with service times measured on this machine
+//! ([`ServiceStats`]): STT time as a linear function of audio duration,
+//! evaluator call time as a linear function of the items in the call, and
+//! worker start-up time per kind. It is a simulation of the phase plan, not a
+//! constant per position.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::Serialize;
+
+use crate::config::Policy;
+use crate::jobs::{BatchProgress, PendingJob, Stage};
+use crate::workers::ProcessInfo;
+
+/// Online least-squares fit of `seconds = a + b * x` over recent samples.
+#[derive(Debug, Clone)]
+pub struct LinearModel {
+    samples: VecDeque<(f64, f64)>,
+    cap: usize,
+    prior: (f64, f64),
+}
+
+impl LinearModel {
+    pub fn new(prior_a: f64, prior_b: f64) -> Self {
+        Self {
+            samples: VecDeque::new(),
+            cap: 64,
+            prior: (prior_a, prior_b),
+        }
+    }
+
+    pub fn observe(&mut self, x: f64, seconds: f64) {
+        if !x.is_finite() || !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        if self.samples.len() == self.cap {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((x, seconds));
+    }
+
+    pub fn samples(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Returns (a, b), falling back to a ratio through the origin when the
+    /// samples cannot separate the fixed and proportional parts.
+    pub fn coefficients(&self) -> (f64, f64) {
+        let n = self.samples.len() as f64;
+        if self.samples.is_empty() {
+            return self.prior;
+        }
+        let mx = self.samples.iter().map(|s| s.0).sum::<f64>() / n;
+        let my = self.samples.iter().map(|s| s.1).sum::<f64>() / n;
+        let sxx: f64 = self.samples.iter().map(|s| (s.0 - mx).powi(2)).sum();
+        let sxy: f64 = self.samples.iter().map(|s| (s.0 - mx) * (s.1 - my)).sum();
+        if self.samples.len() >= 3 && sxx > 1e-9 * n.max(1.0) {
+            let b = (sxy / sxx).max(0.0);
+            let a = (my - b * mx).max(0.0);
+            return (a, b);
+        }
+        if mx > 0.0 {
+            (0.0, my / mx)
+        } else {
+            (my, 0.0)
+        }
+    }
+
+    pub fn predict(&self, x: f64) -> f64 {
+        let (a, b) = self.coefficients();
+        (a + b * x).max(0.0)
+    }
+}
+
+/// Measured service times.
+#[derive(Debug, Clone)]
+pub struct ServiceStats {
+    /// STT seconds as a function of audio seconds.
+    pub stt: LinearModel,
+    /// Evaluator call seconds as a function of items in the call, per role.
+    pub eval: BTreeMap<String, LinearModel>,
+    /// Worker start-up (spawn to loaded) seconds per kind: "stt", "evaluator".
+    pub start: HashMap<&'static str, f64>,
+}
+
+impl Default for ServiceStats {
+    fn default() -> Self {
+        Self {
+            // Priors until the first measurements: Whisper on CPU runs at
+            // roughly a fifth of real time; a small LLM call takes seconds.
+            stt: LinearModel::new(1.0, 0.2),
+            eval: BTreeMap::new(),
+            start: HashMap::new(),
+        }
+    }
+}
+
+impl ServiceStats {
+    pub fn eval_model(&mut self, role: &str) -> &mut LinearModel {
+        self.eval
+            .entry(role.to_owned())
+            .or_insert_with(|| LinearModel::new(5.0, 5.0))
+    }
+
+    fn eval_seconds(&self, role: &str, items: usize) -> f64 {
+        self.eval
+            .get(role)
+            .map(|m| m.predict(items as f64))
+            .unwrap_or(5.0 + 5.0 * items as f64)
+    }
+
+    pub fn observe_start(&mut self, kind: &'static str, seconds: f64) {
+        let e = self.start.entry(kind).or_insert(seconds);
+        *e = 0.7 * *e + 0.3 * seconds;
+    }
+
+    fn start_seconds(&self, kind: &str) -> f64 {
+        self.start.get(kind).copied().unwrap_or(1.0)
+    }
+}
+
+/// What the planner needs to know about the scheduler right now.
+#[derive(Debug, Clone)]
+pub struct PlanInput<'a> {
+    pub now_ms: i64,
+    pub policy: Policy,
+    pub jobs: &'a [PendingJob],
+    /// The open STT batch: (id, closed, size).
+    pub batch: Option<(i64, bool, usize)>,
+    pub stt_batch_size: usize,
+    pub stt_concurrency: usize,
+    pub eval_concurrency: usize,
+    pub eval_batch_size: usize,
+    pub min_batch_wait_ms: i64,
+    pub roles: &'a [String],
+    pub stt_ready: bool,
+    pub eval_ready: bool,
+}
+
+/// Predicted times (ms since the epoch) for one submission.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Prediction {
+    pub stt_done_ms: i64,
+    pub done_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+struct Sub {
+    id: String,
+    duration: f64,
+    stt: Option<(bool, Option<i64>)>, // (running, started_at)
+    evals: Vec<(String, bool, Option<i64>)>,
+    batch: Option<i64>,
+    score_pending: bool,
+}
+
+fn group(jobs: &[PendingJob]) -> Vec<Sub> {
+    let mut order: Vec<Sub> = Vec::new();
+    let mut idx: HashMap<&str, usize> = HashMap::new();
+    for j in jobs {
+        let i = *idx.entry(j.submission_id.as_str()).or_insert_with(|| {
+            order.push(Sub {
+                id: j.submission_id.clone(),
+                duration: j.duration_seconds,
+                stt: None,
+                evals: Vec::new(),
+                batch: j.batch_id,
+                score_pending: false,
+            });
+            order.len() - 1
+        });
+        let s = &mut order[i];
+        match j.stage {
+            Stage::Stt => s.stt = Some((j.running, j.started_at)),
+            Stage::Eval => s.evals.push((j.role.clone(), j.running, j.started_at)),
+            Stage::Score => s.score_pending = true,
+        }
+    }
+    order
+}
+
+/// Multi-server FIFO: returns finish time of each job in order.
+fn run_servers(start: f64, servers: usize, durations: &[f64]) -> Vec<f64> {
+    let mut free = vec![start; servers.max(1)];
+    durations
+        .iter()
+        .map(|d| {
+            let (i, t) = free
+                .iter()
+                .copied()
+                .enumerate()
+                .fold((0, f64::MAX), |acc, (i, t)| if t < acc.1 { (i, t) } else { acc });
+            free[i] = t + d;
+            free[i]
+        })
+        .collect()
+}
+
+/// Simulates evaluator calls. `avail[i]` is when item i may start; items are
+/// (submission index, role). Returns per-submission completion.
+fn run_evals(
+    inp: &PlanInput<'_>,
+    stats: &ServiceStats,
+    start: f64,
+    items: &[(usize, String, f64)],
+    running_remaining: &HashMap<String, f64>,
+    done: &mut HashMap<usize, f64>,
+) -> f64 {
+    let mut end = start;
+    let concurrency = inp.eval_concurrency.max(1);
+    let mut slot_free = vec![start; concurrency];
+    let mut role_free: HashMap<&str, f64> = HashMap::new();
+    for (role, rem) in running_remaining {
+        role_free.insert(role.as_str(), start + rem);
+        // A running call holds a concurrency slot until it ends.
+        if let Some(s) = slot_free.iter_mut().min_by(|a, b| a.total_cmp(b)) {
+            *s = start + rem;
+        }
+    }
+    let mut per_role: BTreeMap<&str, VecDeque<(usize, f64)>> = BTreeMap::new();
+    for (sub, role, avail) in items {
+        per_role
+            .entry(role.as_str())
+            .or_default()
+            .push_back((*sub, *avail));
+    }
+    loop {
+        // The role whose next chunk can start earliest goes next.
+        let mut best: Option<(&str, f64)> = None;
+        for (role, q) in &per_role {
+            if let Some(&(_, avail)) = q.front() {
+                let t = avail.max(*role_free.get(role).unwrap_or(&start));
+                if best.is_none_or(|(_, bt)| t < bt) {
+                    best = Some((role, t));
+                }
+            }
+        }
+        let Some((role, ready)) = best else { break };
+        let (si, slot_t) = slot_free
+            .iter()
+            .copied()
+            .enumerate()
+            .fold((0, f64::MAX), |acc, (i, t)| if t < acc.1 { (i, t) } else { acc });
+        let t0 = ready.max(slot_t);
+        let Some(q) = per_role.get_mut(role) else { break };
+        let mut chunk = Vec::new();
+        while chunk.len() < inp.eval_batch_size.max(1) {
+            match q.front() {
+                Some(&(sub, avail)) if avail <= t0 + 1e-9 => {
+                    chunk.push(sub);
+                    q.pop_front();
+                }
+                _ => break,
+            }
+        }
+        if chunk.is_empty() {
+            continue;
+        }
+        let t1 = t0 + stats.eval_seconds(role, chunk.len());
+        slot_free[si] = t1;
+        role_free.insert(role, t1);
+        end = end.max(t1);
+        for sub in chunk {
+            let e = done.entry(sub).or_insert(t1);
+            *e = e.max(t1);
+        }
+    }
+    end
+}
+
+/// Predicts when each unfinished submission will be done.
+pub fn plan(inp: &PlanInput<'_>, stats: &ServiceStats) -> HashMap<String, Prediction> {
+    let now = inp.now_ms as f64 / 1000.0;
+    let subs = group(inp.jobs);
+    let stt_time = |s: &Sub| -> f64 {
+        let full = stats.stt.predict(s.duration);
+        match s.stt {
+            Some((true, Some(started))) => {
+                (full - (now - started as f64 / 1000.0)).max(0.2 * full.min(1.0))
+            }
+            _ => full,
+        }
+    };
+    let mut stt_done: HashMap<usize, f64> = HashMap::new();
+    let mut done: HashMap<usize, f64> = HashMap::new();
+    // Submissions whose STT is over already wait only for evaluation.
+    let stt_start_cost = if inp.stt_ready {
+        0.0
+    } else {
+        stats.start_seconds("stt")
+    };
+    let eval_start_cost = if inp.eval_ready {
+        0.0
+    } else {
+        stats.start_seconds("evaluator")
+    };
+    let running_eval: HashMap<String, f64> = subs
+        .iter()
+        .flat_map(|s| s.evals.iter())
+        .filter(|(_, running, _)| *running)
+        .map(|(role, _, started)| {
+            let full = stats.eval_seconds(role, inp.eval_batch_size);
+            let elapsed = started.map(|t| now - t as f64 / 1000.0).unwrap_or(0.0);
+            (role.clone(), (full - elapsed).max(0.5))
+        })
+        .collect();
+    let queued_evals = |indices: &[usize], avail: &HashMap<usize, f64>, floor: f64| {
+        let mut items = Vec::new();
+        for &i in indices {
+            let s = &subs[i];
+            let a = avail.get(&i).copied().unwrap_or(floor).max(floor);
+            if s.stt.is_some() {
+                for role in inp.roles {
+                    items.push((i, role.clone(), a));
+                }
+            } else {
+                for (role, running, _) in &s.evals {
+                    if !running {
+                        items.push((i, role.clone(), a));
+                    }
+                }
+            }
+        }
+        items
+    };
+
+    match inp.policy {
+        Policy::Pipelined | Policy::Auto => {
+            let stt_idx: Vec<usize> = (0..subs.len()).filter(|&i| subs[i].stt.is_some()).collect();
+            let durs: Vec<f64> = stt_idx.iter().map(|&i| stt_time(&subs[i])).collect();
+            let ends = run_servers(now + stt_start_cost, inp.stt_concurrency, &durs);
+            for (k, &i) in stt_idx.iter().enumerate() {
+                stt_done.insert(i, ends[k]);
+            }
+            let all: Vec<usize> = (0..subs.len()).collect();
+            let items = queued_evals(&all, &stt_done, now + eval_start_cost);
+            run_evals(inp, stats, now, &items, &running_eval, &mut done);
+        }
+        Policy::TwoPhase => {
+            let mut t = now;
+            let mut batch_members: Vec<usize> = Vec::new();
+            let mut unbatched: VecDeque<usize> = VecDeque::new();
+            for (i, s) in subs.iter().enumerate() {
+                if s.stt.is_none() {
+                    continue;
+                }
+                match (s.batch, inp.batch) {
+                    (Some(b), Some((cur, _, _))) if b == cur => batch_members.push(i),
+                    (Some(_), _) => batch_members.push(i),
+                    (None, _) => unbatched.push_back(i),
+                }
+            }
+            let evals_waiting: Vec<usize> = (0..subs.len())
+                .filter(|&i| subs[i].stt.is_none() && subs[i].evals.iter().any(|e| !e.1))
+                .collect();
+            let mut first = true;
+            let mut stt_warm = inp.stt_ready;
+            // The open batch takes late arrivals while it has room.
+            if let Some((_, closed, size)) = inp.batch
+                && !closed
+            {
+                let room = inp.stt_batch_size.saturating_sub(size);
+                for _ in 0..room {
+                    match unbatched.pop_front() {
+                        Some(i) => batch_members.push(i),
+                        None => break,
+                    }
+                }
+            }
+            if inp.batch.is_none() && batch_members.is_empty() && !evals_waiting.is_empty() {
+                // Evaluation phase first, for what is already transcribed.
+                let items = queued_evals(&evals_waiting, &HashMap::new(), now + eval_start_cost);
+                t = run_evals(inp, stats, now, &items, &running_eval, &mut done)
+                    .max(now + eval_start_cost);
+                stt_warm = false;
+                first = false;
+            } else if inp.batch.is_none() && batch_members.is_empty() {
+                // Idle: the next batch waits for `min_batch_wait`.
+                if let Some(&i) = unbatched.front() {
+                    let oldest = inp
+                        .jobs
+                        .iter()
+                        .find(|j| j.submission_id == subs[i].id)
+                        .map(|j| j.submitted_at)
+                        .unwrap_or(inp.now_ms);
+                    t = t.max((oldest + inp.min_batch_wait_ms) as f64 / 1000.0);
+                }
+            }
+            loop {
+                if batch_members.is_empty() {
+                    if unbatched.is_empty() {
+                        break;
+                    }
+                    for _ in 0..inp.stt_batch_size.max(1) {
+                        match unbatched.pop_front() {
+                            Some(i) => batch_members.push(i),
+                            None => break,
+                        }
+                    }
+                }
+                // STT phase for this batch.
+                let switch_in = if stt_warm {
+                    0.0
+                } else {
+                    stats.start_seconds("stt")
+                };
+                let durs: Vec<f64> = batch_members.iter().map(|&i| stt_time(&subs[i])).collect();
+                let ends = run_servers(t + switch_in, inp.stt_concurrency, &durs);
+                let mut phase_end = t + switch_in;
+                for (k, &i) in batch_members.iter().enumerate() {
+                    stt_done.insert(i, ends[k]);
+                    phase_end = phase_end.max(ends[k]);
+                }
+                // Evaluation phase: this batch, plus evaluations left over.
+                let mut eval_subs = batch_members.clone();
+                if first {
+                    eval_subs.extend(evals_waiting.iter().copied());
+                }
+                let eval_start = phase_end + stats.start_seconds("evaluator");
+                let items = queued_evals(&eval_subs, &HashMap::new(), eval_start);
+                let running = if first {
+                    running_eval.clone()
+                } else {
+                    HashMap::new()
+                };
+                t = run_evals(inp, stats, eval_start, &items, &running, &mut done).max(eval_start);
+                first = false;
+                stt_warm = false;
+                batch_members.clear();
+            }
+        }
+    }
+    // Submissions with only running evaluations left end with those calls.
+    for (i, s) in subs.iter().enumerate() {
+        done.entry(i).or_insert_with(|| {
+            s.evals
+                .iter()
+                .filter_map(|(r, _, _)| running_eval.get(r).map(|x| now + x))
+                .fold(now, f64::max)
+        });
+    }
+    subs.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let d = done.get(&i).copied().unwrap_or(now);
+            let sd = stt_done.get(&i).copied().unwrap_or(now).min(d);
+            (
+                s.id.clone(),
+                Prediction {
+                    stt_done_ms: (sd * 1000.0) as i64,
+                    done_ms: (d * 1000.0) as i64,
+                },
+            )
+        })
+        .collect()
+}
+
+/// One unfinished submission as students see it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QueueEntry {
+    pub submission_id: String,
+    /// "stt", "evaluation" or "scoring".
+    pub phase: &'static str,
+    /// Position in its phase's queue (1 = next or running).
+    pub position: usize,
+    /// Jobs in that queue.
+    pub queue_length: usize,
+    pub batch_id: Option<i64>,
+    pub running: bool,
+    pub eta_seconds: f64,
+    pub stt_eta_seconds: f64,
+    pub retrying: bool,
+}
+
+/// The published state of the whole queue.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Snapshot {
+    pub version: u64,
+    pub at_ms: i64,
+    pub policy: &'static str,
+    /// "idle", "stt" or "evaluation" (pipelined: "pipelined").
+    pub phase: &'static str,
+    pub phase_since_ms: i64,
+    pub batch: Option<BatchProgress>,
+    pub batch_closed: bool,
+    pub stt_queue: usize,
+    pub eval_queue: usize,
+    pub score_queue: usize,
+    pub workers: Vec<ProcessInfo>,
+    pub worker_errors: BTreeMap<String, String>,
+    pub ready: bool,
+    pub entries: BTreeMap<String, QueueEntry>,
+    pub stats: StatsView,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct StatsView {
+    pub stt_fixed_seconds: f64,
+    pub stt_real_time_factor: f64,
+    pub stt_samples: usize,
+    pub eval: BTreeMap<String, (f64, f64, usize)>,
+    pub worker_start_seconds: BTreeMap<String, f64>,
+}
+
+impl StatsView {
+    pub fn from(stats: &ServiceStats) -> Self {
+        let (a, b) = stats.stt.coefficients();
+        StatsView {
+            stt_fixed_seconds: a,
+            stt_real_time_factor: b,
+            stt_samples: stats.stt.samples(),
+            eval: stats
+                .eval
+                .iter()
+                .map(|(r, m)| {
+                    let (a, b) = m.coefficients();
+                    (r.clone(), (a, b, m.samples()))
+                })
+                .collect(),
+            worker_start_seconds: stats
+                .start
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+        }
+    }
+}
+
+/// Positions and ETAs for every unfinished submission.
+pub fn entries(
+    inp: &PlanInput<'_>,
+    stats: &ServiceStats,
+) -> BTreeMap<String, QueueEntry> {
+    let predictions = plan(inp, stats);
+    let subs = group(inp.jobs);
+    let now = inp.now_ms;
+    let stt_queue: Vec<&Sub> = subs.iter().filter(|s| s.stt.is_some()).collect();
+    let eval_queue: Vec<&Sub> = subs
+        .iter()
+        .filter(|s| s.stt.is_none() && !s.evals.is_empty())
+        .collect();
+    let score_queue: Vec<&Sub> = subs
+        .iter()
+        .filter(|s| s.stt.is_none() && s.evals.is_empty() && s.score_pending)
+        .collect();
+    let retrying: std::collections::HashSet<&str> = inp
+        .jobs
+        .iter()
+        .filter(|j| j.attempts > 0 && !j.running)
+        .map(|j| j.submission_id.as_str())
+        .collect();
+    let mut out = BTreeMap::new();
+    for (phase, queue) in [
+        ("stt", &stt_queue),
+        ("evaluation", &eval_queue),
+        ("scoring", &score_queue),
+    ] {
+        for (pos, s) in queue.iter().enumerate() {
+            let p = predictions.get(&s.id).copied().unwrap_or(Prediction {
+                stt_done_ms: now,
+                done_ms: now,
+            });
+            let running = match phase {
+                "stt" => s.stt.map(|x| x.0).unwrap_or(false),
+                "evaluation" => s.evals.iter().any(|e| e.1),
+                _ => false,
+            };
+            out.insert(
+                s.id.clone(),
+                QueueEntry {
+                    submission_id: s.id.clone(),
+                    phase,
+                    position: pos + 1,
+                    queue_length: queue.len(),
+                    batch_id: s.batch,
+                    running,
+                    eta_seconds: ((p.done_ms - now) as f64 / 1000.0).max(0.0),
+                    stt_eta_seconds: ((p.stt_done_ms - now) as f64 / 1000.0).max(0.0),
+                    retrying: retrying.contains(s.id.as_str()),
+                },
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(sub: &str, stage: Stage, role: &str, t: i64, dur: f64, batch: Option<i64>) -> PendingJob {
+        PendingJob {
+            id: t,
+            submission_id: sub.into(),
+            stage,
+            role: role.into(),
+            running: false,
+            attempts: 0,
+            not_before: 0,
+            batch_id: batch,
+            submitted_at: -t,
+            duration_seconds: dur,
+            started_at: None,
+        }
+    }
+
+    fn stats() -> ServiceStats {
+        let mut s = ServiceStats::default();
+        for d in [10.0, 20.0, 30.0] {
+            s.stt.observe(d, 1.0 + 0.1 * d);
+        }
+        for r in ["a", "b"] {
+            for k in [1.0, 2.0, 4.0] {
+                s.eval_model(r).observe(k, 2.0 + 1.0 * k);
+            }
+        }
+        s.observe_start("stt", 0.5);
+        s.observe_start("evaluator", 1.0);
+        s
+    }
+
+    fn input<'a>(jobs: &'a [PendingJob], roles: &'a [String], policy: Policy) -> PlanInput<'a> {
+        PlanInput {
+            now_ms: 0,
+            policy,
+            jobs,
+            batch: None,
+            stt_batch_size: 2,
+            stt_concurrency: 1,
+            eval_concurrency: 2,
+            eval_batch_size: 4,
+            min_batch_wait_ms: 0,
+            roles,
+            stt_ready: true,
+            eval_ready: false,
+        }
+    }
+
+    #[test]
+    fn linear_model_recovers_fixed_and_proportional_parts() {
+        let mut m = LinearModel::new(9.0, 9.0);
+        assert_eq!(m.predict(1.0), 18.0, "prior before samples");
+        for x in [1.0, 2.0, 3.0, 4.0] {
+            m.observe(x, 0.5 + 2.0 * x);
+        }
+        let (a, b) = m.coefficients();
+        assert!((a - 0.5).abs() < 1e-9 && (b - 2.0).abs() < 1e-9, "{a} {b}");
+        let mut same = LinearModel::new(0.0, 0.0);
+        same.observe(10.0, 5.0);
+        same.observe(10.0, 7.0);
+        assert!((same.predict(20.0) - 12.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn two_phase_plan_finishes_a_batch_before_the_next_starts() {
+        let roles = vec!["a".to_string(), "b".to_string()];
+        let jobs = vec![
+            job("s1", Stage::Stt, "", 1, 10.0, None),
+            job("s2", Stage::Stt, "", 2, 10.0, None),
+            job("s3", Stage::Stt, "", 3, 10.0, None),
+        ];
+        let p = plan(&input(&jobs, &roles, Policy::TwoPhase), &stats());
+        // Batch 1 = s1, s2 (size 2): STT 2 s each, back to back.
+        assert_eq!(p["s1"].stt_done_ms, 2000);
+        assert_eq!(p["s2"].stt_done_ms, 4000);
+        // Then evaluator start 1 s, one call of 2 items per role: 4 s.
+        assert_eq!(p["s1"].done_ms, 9000);
+        assert_eq!(p["s2"].done_ms, 9000);
+        // s3 waits for batch 1's evaluation, then an STT start (0.5 s).
+        assert_eq!(p["s3"].stt_done_ms, 11_500);
+        assert!(p["s3"].done_ms > p["s2"].done_ms);
+    }
+
+    #[test]
+    fn pipelined_plan_overlaps_and_eta_falls_with_position() {
+        let roles = vec!["a".to_string(), "b".to_string()];
+        let jobs = vec![
+            job("s1", Stage::Stt, "", 1, 10.0, None),
+            job("s2", Stage::Stt, "", 2, 10.0, None),
+            job("s3", Stage::Stt, "", 3, 10.0, None),
+        ];
+        let st = stats();
+        let two = plan(&input(&jobs, &roles, Policy::TwoPhase), &st);
+        let pipe = plan(&input(&jobs, &roles, Policy::Pipelined), &st);
+        assert!(pipe["s3"].done_ms < two["s3"].done_ms);
+        let e = entries(&input(&jobs, &roles, Policy::TwoPhase), &st);
+        assert_eq!(e["s1"].position, 1);
+        assert_eq!(e["s3"].position, 3);
+        assert!(e["s1"].eta_seconds <= e["s2"].eta_seconds);
+        assert!(e["s2"].eta_seconds < e["s3"].eta_seconds);
+    }
+
+    #[test]
+    fn evaluation_queue_entries_have_their_own_positions() {
+        let roles = vec!["a".to_string(), "b".to_string()];
+        let jobs = vec![
+            job("s1", Stage::Eval, "a", 1, 10.0, Some(1)),
+            job("s1", Stage::Eval, "b", 1, 10.0, Some(1)),
+            job("s2", Stage::Eval, "a", 2, 10.0, Some(1)),
+            job("s3", Stage::Stt, "", 3, 10.0, None),
+        ];
+        let e = entries(&input(&jobs, &roles, Policy::TwoPhase), &stats());
+        assert_eq!(e["s1"].phase, "evaluation");
+        assert_eq!(e["s2"].position, 2);
+        assert_eq!(e["s3"].phase, "stt");
+        assert_eq!(e["s3"].position, 1);
+        assert!(e["s3"].eta_seconds > e["s1"].eta_seconds);
+    }
+}

@@ -1,0 +1,445 @@
+//! The embedded SQLite store: WAL, foreign keys, numbered migrations, one
+//! writer thread and a small pool of readers.
+//!
+//! All SQL runs off the async threads: writes on the single writer thread (so
+//! there is never write contention inside the daemon), reads on the blocking
+//! pool. Each write closure is one short `IMMEDIATE` transaction; callers never
+//! keep one open across a model call (they cannot: the closure is synchronous).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result};
+
+/// Numbered migrations; the index + 1 is the schema version. Never edit a
+/// migration that has shipped: add a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: courses, people and assignments.
+    r#"
+    CREATE TABLE contexts (
+        id          TEXT PRIMARY KEY,
+        title       TEXT NOT NULL,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE TABLE users (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL DEFAULT '',
+        email       TEXT NOT NULL DEFAULT '',
+        created_at  INTEGER NOT NULL
+    );
+    CREATE TABLE memberships (
+        context_id  TEXT NOT NULL REFERENCES contexts(id) ON DELETE CASCADE,
+        user_id     TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        roles       TEXT NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        PRIMARY KEY (context_id, user_id)
+    );
+    CREATE TABLE assignments (
+        id              TEXT PRIMARY KEY,
+        context_id      TEXT NOT NULL REFERENCES contexts(id),
+        title           TEXT NOT NULL,
+        prompt          TEXT NOT NULL,
+        rubric          TEXT NOT NULL,
+        plugin          TEXT NOT NULL,
+        plugin_config   TEXT NOT NULL DEFAULT '{}',
+        release_policy  TEXT NOT NULL DEFAULT 'manual'
+                        CHECK (release_policy IN ('manual', 'auto-unless-flagged', 'auto')),
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL
+    );
+    CREATE INDEX assignments_by_context ON assignments(context_id);
+    "#,
+    // 2: submissions, STT batches and the durable job queue.
+    r#"
+    CREATE TABLE batches (
+        id           INTEGER PRIMARY KEY,
+        opened_at    INTEGER NOT NULL,
+        closed_at    INTEGER,
+        stt_done_at  INTEGER
+    );
+    CREATE TABLE submissions (
+        id                TEXT PRIMARY KEY,
+        assignment_id     TEXT NOT NULL REFERENCES assignments(id),
+        user_id           TEXT NOT NULL REFERENCES users(id),
+        attempt           INTEGER NOT NULL,
+        state             TEXT NOT NULL,
+        batch_id          INTEGER REFERENCES batches(id),
+        original_name     TEXT,
+        media_dir         TEXT,
+        original_path     TEXT,
+        wav_path          TEXT,
+        sha256            TEXT NOT NULL,
+        size_bytes        INTEGER NOT NULL,
+        duration_seconds  REAL NOT NULL,
+        media_info        TEXT NOT NULL,
+        transcript        TEXT,
+        score             TEXT,
+        failure_code      TEXT,
+        failure_reason    TEXT,
+        created_at        INTEGER NOT NULL,
+        updated_at        INTEGER NOT NULL,
+        finished_at       INTEGER,
+        media_purged_at   INTEGER,
+        UNIQUE (assignment_id, user_id, attempt)
+    );
+    CREATE INDEX submissions_by_user ON submissions(user_id);
+    CREATE INDEX submissions_by_state ON submissions(state);
+    CREATE TABLE jobs (
+        id                INTEGER PRIMARY KEY,
+        submission_id     TEXT NOT NULL REFERENCES submissions(id) ON DELETE CASCADE,
+        stage             TEXT NOT NULL CHECK (stage IN ('stt', 'eval', 'score')),
+        role              TEXT NOT NULL DEFAULT '',
+        state             TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed')),
+        attempts          INTEGER NOT NULL DEFAULT 0,
+        not_before        INTEGER NOT NULL DEFAULT 0,
+        lease_owner       TEXT,
+        lease_expires_at  INTEGER,
+        result            TEXT,
+        last_error        TEXT,
+        service_ms        INTEGER,
+        created_at        INTEGER NOT NULL,
+        started_at        INTEGER,
+        finished_at       INTEGER,
+        UNIQUE (submission_id, stage, role)
+    );
+    CREATE INDEX jobs_by_state ON jobs(stage, state, not_before);
+    "#,
+    // 3: the grade outbox (consumed by LTI grade passback) and the audit log.
+    r#"
+    CREATE TABLE grade_outbox (
+        id               INTEGER PRIMARY KEY,
+        submission_id    TEXT NOT NULL REFERENCES submissions(id) ON DELETE CASCADE,
+        kind             TEXT NOT NULL CHECK (kind IN ('pending', 'released')),
+        payload          TEXT NOT NULL,
+        state            TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'dead')),
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at  INTEGER NOT NULL,
+        last_error       TEXT,
+        created_at       INTEGER NOT NULL,
+        delivered_at     INTEGER,
+        UNIQUE (submission_id, kind)
+    );
+    CREATE TABLE audit_log (
+        id       INTEGER PRIMARY KEY,
+        at       INTEGER NOT NULL,
+        actor    TEXT NOT NULL,
+        action   TEXT NOT NULL,
+        subject  TEXT NOT NULL DEFAULT '',
+        details  TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX audit_by_subject ON audit_log(subject);
+    "#,
+];
+
+/// The schema version this build understands.
+pub fn schema_version() -> u32 {
+    MIGRATIONS.len() as u32
+}
+
+type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// Handle to the store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: mpsc::UnboundedSender<WriteJob>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+fn open_connection(path: &Path, read_only: bool) -> Result<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    if !read_only {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // WAL + NORMAL: a committed transaction survives a process crash
+        // (kill -9); only an OS crash can lose the last few commits.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+    }
+    Ok(conn)
+}
+
+/// Brings the database to the current schema. Refuses a newer database.
+pub fn migrate(conn: &mut Connection, path: &Path) -> Result<u32> {
+    migrate_to(conn, path, MIGRATIONS)
+}
+
+fn migrate_to(conn: &mut Connection, path: &Path, migrations: &[&str]) -> Result<u32> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+            version     INTEGER PRIMARY KEY,
+            applied_at  INTEGER NOT NULL
+        );",
+    )?;
+    let current: u32 = conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+        [],
+        |r| r.get(0),
+    )?;
+    let supported = migrations.len() as u32;
+    if current > supported {
+        return Err(Error::SchemaTooNew {
+            path: path.display().to_string(),
+            found: current,
+            supported,
+        });
+    }
+    for (i, sql) in migrations.iter().enumerate().skip(current as usize) {
+        let version = i as u32 + 1;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
+            (version, crate::now_ms()),
+        )?;
+        tx.commit()?;
+        tracing::info!(version, "applied database migration");
+    }
+    Ok(supported)
+}
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database, and starts the
+    /// writer thread.
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut conn = open_connection(path, false)?;
+        migrate(&mut conn, path)?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<WriteJob>();
+        std::thread::Builder::new()
+            .name("viva-db-writer".into())
+            .spawn(move || {
+                while let Some(job) = rx.blocking_recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(Error::io("starting the database writer thread"))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                writer: tx,
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` in one short write transaction on the writer thread.
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn: &mut Connection| {
+            let result = (|| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let value = f(&tx)?;
+                tx.commit()?;
+                Ok(value)
+            })();
+            let _ = reply.send(result);
+        });
+        self.inner
+            .writer
+            .send(job)
+            .map_err(|_| Error::Unavailable("the database writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Internal("the database writer dropped a request".into()))?
+    }
+
+    /// Runs `f` on a read connection on the blocking pool.
+    pub async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.read_blocking(f))
+            .await
+            .map_err(|e| Error::Internal(format!("database reader panicked: {e}")))?
+    }
+
+    /// Synchronous read, for code already off the async threads.
+    pub fn read_blocking<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let conn = self.take_reader()?;
+        let result = f(&conn);
+        if let Ok(mut pool) = self.inner.readers.lock()
+            && pool.len() < 8
+        {
+            pool.push(conn);
+        }
+        result
+    }
+
+    fn take_reader(&self) -> Result<Connection> {
+        if let Ok(mut pool) = self.inner.readers.lock()
+            && let Some(c) = pool.pop()
+        {
+            return Ok(c);
+        }
+        open_connection(&self.inner.path, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tables(conn: &Connection) -> Vec<String> {
+        let mut stmt = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .expect("prepare");
+        stmt.query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<std::result::Result<_, _>>()
+            .expect("rows")
+    }
+
+    fn db_at(version: usize) -> (tempfile::TempDir, Connection, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("viva.db");
+        let mut conn = open_connection(&path, false).expect("open");
+        migrate_to(&mut conn, &path, &MIGRATIONS[..version]).expect("migrate");
+        (dir, conn, path)
+    }
+
+    #[test]
+    fn migration_1_creates_courses_people_assignments() {
+        let (_d, conn, _) = db_at(1);
+        let t = tables(&conn);
+        for name in ["contexts", "users", "memberships", "assignments"] {
+            assert!(t.contains(&name.to_string()), "{name} missing: {t:?}");
+        }
+        assert!(!t.contains(&"submissions".to_string()));
+        conn.execute("INSERT INTO contexts VALUES ('c', 'C', 0)", [])
+            .expect("context");
+        let bad = conn.execute(
+            "INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, release_policy, created_at, updated_at)
+             VALUES ('a', 'c', 't', 'p', '{}', 'x', 'sometimes', 0, 0)",
+            [],
+        );
+        assert!(bad.is_err(), "release policy is checked");
+        let orphan = conn.execute(
+            "INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, created_at, updated_at)
+             VALUES ('a', 'nope', 't', 'p', '{}', 'x', 0, 0)",
+            [],
+        );
+        assert!(orphan.is_err(), "foreign keys are on");
+    }
+
+    #[test]
+    fn migration_2_adds_submissions_and_a_unique_job_per_stage() {
+        let (_d, conn, _) = db_at(2);
+        conn.execute_batch(
+            "INSERT INTO contexts VALUES ('c', 'C', 0);
+             INSERT INTO users (id, created_at) VALUES ('u', 0);
+             INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, created_at, updated_at)
+                 VALUES ('a', 'c', 't', 'p', '{}', 'x', 0, 0);
+             INSERT INTO submissions (id, assignment_id, user_id, attempt, state, sha256, size_bytes,
+                 duration_seconds, media_info, created_at, updated_at)
+                 VALUES ('s', 'a', 'u', 1, 'queued', 'h', 1, 1.0, '{}', 0, 0);
+             INSERT INTO jobs (submission_id, stage, state, created_at) VALUES ('s', 'stt', 'queued', 0);",
+        )
+        .expect("rows");
+        let dup = conn.execute(
+            "INSERT INTO jobs (submission_id, stage, state, created_at) VALUES ('s', 'stt', 'queued', 0)",
+            [],
+        );
+        assert!(dup.is_err(), "one STT job per submission");
+        let dup_attempt = conn.execute(
+            "INSERT INTO submissions (id, assignment_id, user_id, attempt, state, sha256, size_bytes,
+                 duration_seconds, media_info, created_at, updated_at)
+                 VALUES ('s2', 'a', 'u', 1, 'queued', 'h', 1, 1.0, '{}', 0, 0)",
+            [],
+        );
+        assert!(dup_attempt.is_err(), "attempt numbers are unique");
+    }
+
+    #[test]
+    fn migration_3_adds_outbox_with_one_row_per_kind() {
+        let (_d, conn, _) = db_at(3);
+        let t = tables(&conn);
+        assert!(t.contains(&"grade_outbox".to_string()));
+        assert!(t.contains(&"audit_log".to_string()));
+        let bad = conn.execute(
+            "INSERT INTO grade_outbox (submission_id, kind, payload, next_attempt_at, created_at)
+             VALUES ('s', 'maybe', '{}', 0, 0)",
+            [],
+        );
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn migrating_twice_is_a_no_op_and_versions_are_recorded() {
+        let (_d, mut conn, path) = db_at(MIGRATIONS.len());
+        assert_eq!(migrate(&mut conn, &path).expect("again"), schema_version());
+        let n: u32 = conn
+            .query_row("SELECT COUNT(*) FROM schema_version", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(n, schema_version());
+    }
+
+    #[test]
+    fn a_newer_database_is_refused_with_a_clear_message() {
+        let (_d, mut conn, path) = db_at(MIGRATIONS.len());
+        conn.execute(
+            "INSERT INTO schema_version VALUES (?1, 0)",
+            [schema_version() + 1],
+        )
+        .expect("bump");
+        let e = migrate(&mut conn, &path).expect_err("refused");
+        let msg = e.to_string();
+        assert!(msg.contains("newer than this viva"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn writes_are_transactions_and_reads_see_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("viva.db")).expect("open");
+        let mode: String = store
+            .read(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
+            .await
+            .expect("mode");
+        assert_eq!(mode, "wal");
+        // A failing closure rolls back everything it did.
+        let failed = store
+            .write(|tx| {
+                tx.execute("INSERT INTO contexts VALUES ('c', 'C', 0)", [])?;
+                Err::<(), _>(Error::Internal("boom".into()))
+            })
+            .await;
+        assert!(failed.is_err());
+        let n: i64 = store
+            .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM contexts", [], |r| r.get(0))?))
+            .await
+            .expect("count");
+        assert_eq!(n, 0);
+        store
+            .write(|tx| Ok(tx.execute("INSERT INTO contexts VALUES ('c', 'C', 0)", [])?))
+            .await
+            .expect("insert");
+        let n: i64 = store
+            .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM contexts", [], |r| r.get(0))?))
+            .await
+            .expect("count");
+        assert_eq!(n, 1);
+    }
+}

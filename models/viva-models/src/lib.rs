@@ -1,0 +1,39 @@
+//! Types shared by the Viva daemon and its model worker processes.
+//!
+//! The daemon never links an inference library: Whisper and llama.cpp run in
+//! separate worker executables (their vendored ggml copies clash in one binary,
+//! and a process that exits returns all of its memory). This crate is the
+//! contract between the two sides:
+//!
+//! - [`protocol`]: the versioned envelope spoken over a worker's stdin/stdout —
+//!   handshake, load, job, progress, result, error, shutdown — and blocking
+//!   framing helpers for worker binaries.
+//! - [`rubric`]: the instructor's rubric (criteria, weights, levels) and its
+//!   validation.
+//! - [`payload`]: what a transcription or an evaluation job carries and returns.
+//!
+//! It has no native or async dependency on purpose, so every worker can use it.
+
+pub mod payload;
+pub mod protocol;
+pub mod rubric;
+
+pub use payload::{
+    CriterionRating, EvaluateItem, EvaluateRequest, EvaluateResponse, Evaluation, EvaluationOutcome,
+    JobPayload, JobResult, Segment, TranscribeRequest, Transcript,
+};
+pub use protocol::{DaemonMessage, PROTOCOL_VERSION, WorkerKind, WorkerMessage};
+pub use rubric::{Criterion, Level, Rubric};
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("worker protocol I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed worker protocol frame: {0}")]
+    Frame(#[from] serde_json::Error),
+    #[error("worker protocol frame of {len} bytes exceeds the {max}-byte limit")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("invalid rubric: {0}")]
+    Rubric(String),
+}

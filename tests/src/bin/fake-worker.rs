@@ -1,0 +1,472 @@
+//! A protocol-correct test double of a Viva model worker.
+//!
+//! It speaks the worker protocol of `viva_models::protocol` exactly like the
+//! real Whisper and llama workers, but "transcribes" and "evaluates" by
+//! sleeping and returning canned results, so scheduler and end-to-end tests
+//! can run without models.
+//!
+//! Arguments: `--kind stt|evaluator`, `--role NAME` (evaluators),
+//! `--max-parallel N` (default 1; with N > 1 jobs run on threads).
+//!
+//! Environment:
+//!
+//! - `FAKE_LOG=/path`: one JSON line per event, appended with `O_APPEND` in a
+//!   single write: `{"ev","pid","kind","role","job","items","t_ms"}` where
+//!   `ev` is `start`, `loaded`, `job_start`, `job_end` or `exit`; `job` and
+//!   `items` (batch size of an evaluator job) are null where they do not
+//!   apply; `t_ms` is Unix time in milliseconds. `job_end` also has
+//!   `"ok": true|false`.
+//! - `FAKE_LOAD_MS`: time to "load the model". `FAKE_LOAD_FAIL`: when set
+//!   and not empty, loading fails with an `Error` frame and the worker exits 1.
+//! - `FAKE_STT_FIXED_MS` + `FAKE_STT_MS_PER_AUDIO_SEC` × audio seconds: the
+//!   duration of a transcription. `FAKE_EVAL_FIXED_MS` +
+//!   `FAKE_EVAL_MS_PER_ITEM` × items: the duration of an evaluation.
+//!   All default to 0 and may be fractional.
+//! - Failure injection by the WAV path: `fail-always` → job error
+//!   `fake_failure` (retryable); `crash-once` → abort mid-job unless
+//!   `<wav_path>.crashed` exists (which the crash creates); `crash-always` →
+//!   abort mid-job; `hang` → never answer.
+//! - Evaluator items whose transcript contains `EVAL_FAIL` get an outcome
+//!   with an error; `EVAL_CRASH_ONCE` aborts the worker unless
+//!   `$FAKE_MARKER_DIR/<submission_id>.crashed` exists (the crash creates it;
+//!   `FAKE_MARKER_DIR` defaults to the temporary directory).
+//!
+//! The worker exits 0 on `Shutdown` (after `Bye`) and when its stdin closes.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use viva_models::protocol::{FrameWriter, exit_with_parent, take_stdio};
+use viva_models::{
+    CriterionRating, DaemonMessage, EvaluateItem, EvaluateRequest, EvaluateResponse, Evaluation,
+    EvaluationOutcome, JobPayload, JobResult, PROTOCOL_VERSION, Segment, TranscribeRequest,
+    Transcript, WorkerKind, WorkerMessage,
+};
+
+const PROGRAM: &str = concat!("fake-worker ", env!("CARGO_PKG_VERSION"));
+
+struct Args {
+    kind: WorkerKind,
+    role: Option<String>,
+    max_parallel: u32,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut kind = None;
+    let mut role = None;
+    let mut max_parallel = 1u32;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (arg.clone(), None),
+        };
+        let mut value = || -> anyhow::Result<String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => args.next().with_context(|| format!("{name} needs a value")),
+            }
+        };
+        match name.as_str() {
+            "--kind" => {
+                kind = Some(match value()?.as_str() {
+                    "stt" => WorkerKind::Stt,
+                    "evaluator" => WorkerKind::Evaluator,
+                    other => bail!("unknown --kind {other:?} (stt or evaluator)"),
+                })
+            }
+            "--role" => role = Some(value()?),
+            "--max-parallel" => {
+                let v = value()?;
+                max_parallel = v
+                    .parse::<u32>()
+                    .with_context(|| format!("--max-parallel {v:?} is not a number"))?
+                    .max(1);
+            }
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    let kind = kind.context("--kind stt|evaluator is required")?;
+    Ok(Args {
+        kind,
+        role,
+        max_parallel,
+    })
+}
+
+fn env_ms(name: &str) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .unwrap_or(0.0)
+}
+
+fn sleep_ms(ms: f64) {
+    if ms > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(ms / 1000.0));
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+struct Worker {
+    kind: WorkerKind,
+    role: Option<String>,
+    pid: u32,
+    model: String,
+    log: Option<File>,
+    writer: Mutex<FrameWriter<File>>,
+}
+
+impl Worker {
+    fn log(&self, ev: &str, job: Option<&str>, items: Option<usize>, ok: Option<bool>) {
+        let Some(file) = &self.log else { return };
+        let mut line = serde_json::json!({
+            "ev": ev,
+            "pid": self.pid,
+            "kind": self.kind.as_str(),
+            "role": self.role,
+            "job": job,
+            "items": items,
+            "t_ms": now_unix_ms(),
+        });
+        if let (Some(ok), Some(obj)) = (ok, line.as_object_mut()) {
+            obj.insert("ok".into(), ok.into());
+        }
+        let mut buf = line.to_string().into_bytes();
+        buf.push(b'\n');
+        // One write on an O_APPEND descriptor: lines of concurrent workers
+        // never interleave.
+        if let Err(e) = (&*file).write_all(&buf) {
+            eprintln!("fake-worker: cannot write FAKE_LOG: {e}");
+        }
+    }
+
+    fn send(&self, msg: &WorkerMessage) {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = writer.send(msg) {
+            // The daemon is gone: nobody to answer to.
+            eprintln!("fake-worker: cannot write to the daemon: {e}");
+            std::process::exit(1);
+        }
+    }
+
+    fn exit(&self, code: i32) -> ! {
+        self.log("exit", None, None, None);
+        std::process::exit(code)
+    }
+
+    fn run_job(&self, job_id: &str, payload: JobPayload) {
+        let answer = match (self.kind, payload) {
+            (WorkerKind::Stt, JobPayload::Transcribe(req)) => self.transcribe(job_id, &req),
+            (WorkerKind::Evaluator, JobPayload::Evaluate(req)) => self.evaluate(job_id, &req),
+            (kind, _) => WorkerMessage::Error {
+                job_id: Some(job_id.to_string()),
+                code: "wrong_kind".into(),
+                message: format!("this is a {} worker", kind.as_str()),
+                retryable: false,
+            },
+        };
+        self.send(&answer);
+    }
+
+    fn progress(&self, job_id: &str, done: u64, total: u64) {
+        self.send(&WorkerMessage::Progress {
+            job_id: job_id.to_string(),
+            done,
+            total,
+            message: None,
+        });
+    }
+
+    fn transcribe(&self, job_id: &str, req: &TranscribeRequest) -> WorkerMessage {
+        self.log("job_start", Some(job_id), None, None);
+        let started = Instant::now();
+        let duration = env_ms("FAKE_STT_FIXED_MS")
+            + env_ms("FAKE_STT_MS_PER_AUDIO_SEC") * req.audio_seconds.max(0.0);
+        let path = req.wav_path.as_str();
+        if path.contains("hang") {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        if path.contains("crash-always") {
+            crash_mid_job(duration, None);
+        }
+        if path.contains("crash-once") {
+            let marker = PathBuf::from(format!("{path}.crashed"));
+            if !marker.exists() {
+                crash_mid_job(duration, Some(&marker));
+            }
+        }
+        self.progress(job_id, 0, 1);
+        sleep_ms(duration);
+        if path.contains("fail-always") {
+            self.log("job_end", Some(job_id), None, Some(false));
+            return WorkerMessage::Error {
+                job_id: Some(job_id.to_string()),
+                code: "fake_failure".into(),
+                message: format!("fake failure injected for {path}"),
+                retryable: true,
+            };
+        }
+        self.progress(job_id, 1, 1);
+        let stem = Path::new(path)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let text = format!("fake transcript of {stem}");
+        let end_ms = (req.audio_seconds.max(0.0) * 1000.0).round() as u64;
+        let transcript = Transcript {
+            text: text.clone(),
+            language: Some("en".into()),
+            segments: vec![Segment {
+                start_ms: 0,
+                end_ms,
+                text,
+                avg_logprob: -0.25,
+                no_speech_prob: 0.01,
+            }],
+            audio_seconds: req.audio_seconds,
+            processing_seconds: started.elapsed().as_secs_f64(),
+            model: self.model.clone(),
+        };
+        self.log("job_end", Some(job_id), None, Some(true));
+        WorkerMessage::Result {
+            job_id: job_id.to_string(),
+            result: JobResult::Transcript(transcript),
+        }
+    }
+
+    fn evaluate(&self, job_id: &str, req: &EvaluateRequest) -> WorkerMessage {
+        let n = req.items.len();
+        self.log("job_start", Some(job_id), Some(n), None);
+        let per_item = env_ms("FAKE_EVAL_MS_PER_ITEM");
+        sleep_ms(env_ms("FAKE_EVAL_FIXED_MS"));
+        let mut outcomes = Vec::with_capacity(n);
+        for (i, item) in req.items.iter().enumerate() {
+            if item.transcript.contains("EVAL_CRASH_ONCE") {
+                let marker = marker_dir().join(format!(
+                    "{}.crashed",
+                    sanitize_file_name(&item.submission_id)
+                ));
+                if !marker.exists() {
+                    crash_mid_job(per_item, Some(&marker));
+                }
+            }
+            let started = Instant::now();
+            sleep_ms(per_item);
+            outcomes.push(if item.transcript.contains("EVAL_FAIL") {
+                EvaluationOutcome {
+                    submission_id: item.submission_id.clone(),
+                    evaluation: None,
+                    error: Some("fake evaluation failure (EVAL_FAIL)".into()),
+                }
+            } else {
+                EvaluationOutcome {
+                    submission_id: item.submission_id.clone(),
+                    evaluation: Some(self.evaluation(item, started.elapsed())),
+                    error: None,
+                }
+            });
+            self.progress(job_id, i as u64 + 1, n as u64);
+        }
+        self.log("job_end", Some(job_id), Some(n), Some(true));
+        WorkerMessage::Result {
+            job_id: job_id.to_string(),
+            result: JobResult::Evaluations(EvaluateResponse { outcomes }),
+        }
+    }
+
+    fn evaluation(&self, item: &EvaluateItem, took: Duration) -> Evaluation {
+        let role = self.role.clone().unwrap_or_else(|| "fake".into());
+        let evidence: String = item.transcript.chars().take(60).collect();
+        let ratings = item
+            .rubric
+            .criteria
+            .iter()
+            .filter_map(|c| {
+                let level = c.levels.get(c.levels.len() / 2)?;
+                Some(CriterionRating {
+                    criterion_id: c.id.clone(),
+                    evidence: evidence.clone(),
+                    rationale: format!("fake evaluator {role}"),
+                    level: level.label.clone(),
+                })
+            })
+            .collect::<Vec<_>>();
+        let generated_tokens = 40 * ratings.len() as u64;
+        Evaluation {
+            role,
+            model: self.model.clone(),
+            ratings,
+            flags: Vec::new(),
+            prompt_tokens: (item.transcript.len() + item.assignment_prompt.len()) as u64 / 4 + 200,
+            generated_tokens,
+            seconds: took.as_secs_f64(),
+        }
+    }
+}
+
+fn marker_dir() -> PathBuf {
+    std::env::var_os("FAKE_MARKER_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+fn sanitize_file_name(s: &str) -> String {
+    s.chars()
+        .map(|c| if c == '/' || c == '\0' { '_' } else { c })
+        .collect()
+}
+
+/// Works for half the job's time, then aborts (leaving `marker` behind).
+fn crash_mid_job(duration_ms: f64, marker: Option<&Path>) -> ! {
+    if let Some(marker) = marker
+        && let Err(e) = File::create(marker)
+    {
+        eprintln!(
+            "fake-worker: cannot create crash marker {}: {e}",
+            marker.display()
+        );
+    }
+    sleep_ms(duration_ms / 2.0);
+    eprintln!("fake-worker: crashing on purpose");
+    std::process::abort()
+}
+
+fn main() {
+    exit_with_parent();
+    if let Err(e) = run() {
+        eprintln!("fake-worker: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let (mut reader, writer) = take_stdio().context("taking stdio")?;
+    let log = match std::env::var_os("FAKE_LOG").filter(|p| !p.is_empty()) {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening FAKE_LOG {}", Path::new(&path).display()))?,
+        ),
+        None => None,
+    };
+    let mut worker = Worker {
+        kind: args.kind,
+        role: args.role,
+        pid: std::process::id(),
+        model: String::new(),
+        log,
+        writer: Mutex::new(writer),
+    };
+    worker.log("start", None, None, None);
+    worker.send(&WorkerMessage::Hello {
+        protocol: PROTOCOL_VERSION,
+        kind: args.kind,
+        worker: PROGRAM.into(),
+        pid: worker.pid,
+        max_parallel_jobs: args.max_parallel,
+    });
+
+    match reader.read::<DaemonMessage>()? {
+        Some(DaemonMessage::Hello { protocol, .. }) if protocol == PROTOCOL_VERSION => {}
+        Some(DaemonMessage::Hello { protocol, .. }) => {
+            worker.send(&WorkerMessage::Error {
+                job_id: None,
+                code: "protocol_mismatch".into(),
+                message: format!(
+                    "the daemon speaks protocol {protocol}, this worker speaks {PROTOCOL_VERSION}"
+                ),
+                retryable: false,
+            });
+            worker.exit(1);
+        }
+        Some(DaemonMessage::Shutdown) => shutdown(&worker),
+        None => worker.exit(0),
+        Some(other) => bail!("expected hello from the daemon, got {other:?}"),
+    }
+
+    let model = match reader.read::<DaemonMessage>()? {
+        Some(DaemonMessage::Load { model }) => model,
+        Some(DaemonMessage::Shutdown) => shutdown(&worker),
+        None => worker.exit(0),
+        Some(other) => bail!("expected load from the daemon, got {other:?}"),
+    };
+    let started = Instant::now();
+    sleep_ms(env_ms("FAKE_LOAD_MS"));
+    if std::env::var_os("FAKE_LOAD_FAIL").is_some_and(|v| !v.is_empty()) {
+        worker.send(&WorkerMessage::Error {
+            job_id: None,
+            code: "fake_load_failure".into(),
+            message: format!("cannot load {} (FAKE_LOAD_FAIL)", model.path),
+            retryable: false,
+        });
+        worker.exit(1);
+    }
+    worker.model = model.name.clone();
+    worker.log("loaded", None, None, None);
+    worker.send(&WorkerMessage::Loaded {
+        model: model.name,
+        load_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        memory_bytes: None,
+    });
+
+    let worker = Arc::new(worker);
+    loop {
+        match reader.read::<DaemonMessage>() {
+            Ok(Some(DaemonMessage::Job { job_id, payload })) => {
+                if args.max_parallel > 1 {
+                    let w = worker.clone();
+                    std::thread::Builder::new()
+                        .name(format!("job-{job_id}"))
+                        .spawn(move || w.run_job(&job_id, payload))
+                        .context("spawning a job thread")?;
+                } else {
+                    worker.run_job(&job_id, payload);
+                }
+            }
+            Ok(Some(DaemonMessage::Shutdown)) => shutdown(&worker),
+            Ok(Some(other)) => worker.send(&WorkerMessage::Error {
+                job_id: None,
+                code: "unexpected_message".into(),
+                message: format!("unexpected message from the daemon: {other:?}"),
+                retryable: false,
+            }),
+            Ok(None) => worker.exit(0),
+            Err(viva_models::Error::Io(e)) => {
+                eprintln!("fake-worker: cannot read from the daemon: {e}");
+                worker.exit(1);
+            }
+            Err(e) => {
+                eprintln!("fake-worker: bad frame from the daemon: {e}");
+                worker.send(&WorkerMessage::Error {
+                    job_id: None,
+                    code: "bad_frame".into(),
+                    message: e.to_string(),
+                    retryable: false,
+                });
+            }
+        }
+    }
+}
+
+fn shutdown(worker: &Worker) -> ! {
+    worker.send(&WorkerMessage::Bye);
+    worker.exit(0)
+}
