@@ -1332,3 +1332,436 @@ fn kill_child(child: &mut Child) {
     }
     let _ = child.start_kill();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use viva_models::{TranscribeRequest, Transcript};
+
+    const HELLO_STT: &str = r#"printf '%s\n' '{"type":"hello","protocol":1,"kind":"stt","worker":"sh-worker 0","pid":1,"max_parallel_jobs":2}'"#;
+
+    /// Handshake and load, then answer jobs by their WAV path: "fail" → job
+    /// error, "crash" → exit 7, "garbage" → malformed result, "hold" → no
+    /// answer, anything else → progress and a transcript of the path.
+    const GOOD_WORKER: &str = r#"
+read -r hello
+read -r load
+printf '%s\n' '{"type":"loaded","model":"m","load_ms":7,"memory_bytes":1234}'
+while read -r line; do
+  case "$line" in
+    *'"type":"job"'*)
+      id=$(printf '%s' "$line" | sed 's/.*"job_id":"\([^"]*\)".*/\1/')
+      wav=$(printf '%s' "$line" | sed 's/.*"wav_path":"\([^"]*\)".*/\1/')
+      case "$wav" in
+        *fail*) printf '{"type":"error","job_id":"%s","code":"bad","message":"nope","retryable":true}\n' "$id" ;;
+        *crash*) echo "dying on purpose" >&2; exit 7 ;;
+        *garbage*) printf '{"type":"result","job_id":"%s","result":42}\n' "$id" ;;
+        *hold*) ;;
+        *)
+          printf '{"type":"progress","job_id":"%s","done":1,"total":2}\n' "$id"
+          printf '{"type":"result","job_id":"%s","result":{"kind":"transcript","text":"%s","audio_seconds":1.0,"processing_seconds":0.1}}\n' "$id" "$wav" ;;
+      esac ;;
+    *'"type":"shutdown"'*) printf '{"type":"bye"}\n'; exit 0 ;;
+  esac
+done
+"#;
+
+    fn spec(kind: WorkerKind, script: &str) -> WorkerSpec {
+        WorkerSpec {
+            slot: "test".into(),
+            kind,
+            role: None,
+            command: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: vec![],
+            model: ModelSpec {
+                name: "m".into(),
+                path: "/dev/null".into(),
+                options: serde_json::Value::Null,
+            },
+            memory_mb: 64,
+        }
+    }
+
+    fn good_spec() -> WorkerSpec {
+        spec(WorkerKind::Stt, &format!("{HELLO_STT}\n{GOOD_WORKER}"))
+    }
+
+    fn timeouts(ms: u64) -> WorkerTimeouts {
+        WorkerTimeouts {
+            handshake: Duration::from_millis(ms),
+            load: Duration::from_millis(ms),
+            stop_grace: Duration::from_millis(ms),
+        }
+    }
+
+    fn supervisor(ms: u64) -> (Supervisor, mpsc::UnboundedReceiver<WorkerExit>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Supervisor::new("test 0", timeouts(ms), tx), rx)
+    }
+
+    fn transcribe(wav: &str) -> JobPayload {
+        JobPayload::Transcribe(TranscribeRequest {
+            wav_path: wav.into(),
+            audio_seconds: 1.0,
+            language: None,
+            initial_prompt: None,
+        })
+    }
+
+    fn gone(pid: u32) -> bool {
+        let pid = i32::try_from(pid).expect("pid");
+        // SAFETY: signal 0 only checks that the process exists.
+        let rc = unsafe { libc::kill(pid, 0) };
+        rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    }
+
+    /// The pid of the last process spawned, from the history.
+    fn last_spawned_pid(sup: &Supervisor) -> u32 {
+        sup.history()
+            .iter()
+            .rev()
+            .find(|e| e.event == "spawned")
+            .map(|e| e.pid)
+            .expect("a spawned event")
+    }
+
+    fn assert_reaped(sup: &Supervisor, pid: u32) {
+        assert!(gone(pid), "pid {pid} still exists");
+        assert_eq!(sup.alive(WorkerKind::Stt), 0);
+        assert!(sup.table().is_empty());
+        let events: Vec<_> = sup
+            .history()
+            .into_iter()
+            .filter(|e| e.pid == pid)
+            .map(|e| e.event)
+            .collect();
+        assert_eq!(events.first(), Some(&"spawned"));
+        assert_eq!(events.last(), Some(&"exited"));
+    }
+
+    async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test]
+    async fn protocol_version_mismatch_names_both_versions() {
+        let (sup, mut exits) = supervisor(5000);
+        let script = r#"printf '%s\n' '{"type":"hello","protocol":99,"kind":"stt","worker":"old","pid":1}'; exec sleep 30"#;
+        let err = sup
+            .start(spec(WorkerKind::Stt, script))
+            .await
+            .expect_err("must fail");
+        let msg = err.to_string();
+        assert!(matches!(err, WorkerError::Handshake(_)), "{err:?}");
+        assert!(msg.contains("version 99") && msg.contains("version 1"), "{msg}");
+        assert_reaped(&sup, last_spawned_pid(&sup));
+        // A failed start is reported by its error, not on the exits channel.
+        assert!(exits.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn worker_that_never_says_hello_times_out() {
+        let (sup, _exits) = supervisor(300);
+        let t0 = Instant::now();
+        let err = sup
+            .start(spec(WorkerKind::Stt, "exec sleep 30"))
+            .await
+            .expect_err("must fail");
+        assert!(matches!(err, WorkerError::Handshake(ref m) if m.contains("did not say hello")), "{err:?}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert_reaped(&sup, last_spawned_pid(&sup));
+    }
+
+    #[tokio::test]
+    async fn wrong_first_message_and_wrong_kind_are_refused() {
+        let (sup, _exits) = supervisor(5000);
+        let script = r#"printf '%s\n' '{"type":"bye"}'; exec sleep 30"#;
+        let err = sup.start(spec(WorkerKind::Stt, script)).await.expect_err("bye first");
+        assert!(matches!(err, WorkerError::Handshake(ref m) if m.contains("got bye")), "{err:?}");
+
+        let script = r#"printf '%s\n' '{"type":"hello","protocol":1,"kind":"evaluator","worker":"llm","pid":1}'; exec sleep 30"#;
+        let err = sup.start(spec(WorkerKind::Stt, script)).await.expect_err("wrong kind");
+        assert!(matches!(err, WorkerError::Handshake(ref m) if m.contains("evaluator")), "{err:?}");
+
+        let err = sup.start(spec(WorkerKind::Stt, "echo not-json; exec sleep 30")).await.expect_err("garbage");
+        assert!(matches!(err, WorkerError::Protocol(_)), "{err:?}");
+        assert_reaped(&sup, last_spawned_pid(&sup));
+    }
+
+    #[tokio::test]
+    async fn exit_during_load_is_a_load_error_with_status_and_stderr() {
+        let (sup, _exits) = supervisor(5000);
+        let script = format!(
+            "{HELLO_STT}\nread -r hello\nread -r load\necho 'model file missing' >&2\nexit 3"
+        );
+        let err = sup.start(spec(WorkerKind::Stt, &script)).await.expect_err("must fail");
+        let msg = err.to_string();
+        assert!(matches!(err, WorkerError::Load(_)), "{err:?}");
+        assert!(msg.contains("exit status: 3"), "{msg}");
+        assert!(msg.contains("model file missing"), "{msg}");
+        assert_reaped(&sup, last_spawned_pid(&sup));
+    }
+
+    #[tokio::test]
+    async fn load_error_frame_and_load_timeout() {
+        let (sup, _exits) = supervisor(300);
+        let script = format!(
+            r#"{HELLO_STT}
+read -r hello
+read -r load
+printf '%s\n' '{{"type":"error","code":"no_model","message":"cannot open /dev/null"}}'
+exec sleep 30"#
+        );
+        let err = sup.start(spec(WorkerKind::Stt, &script)).await.expect_err("error frame");
+        assert!(matches!(err, WorkerError::Load(ref m) if m.contains("no_model: cannot open")), "{err:?}");
+        assert_reaped(&sup, last_spawned_pid(&sup));
+
+        let script = format!("{HELLO_STT}\nread -r hello\nread -r load\nexec sleep 30");
+        let err = sup.start(spec(WorkerKind::Stt, &script)).await.expect_err("timeout");
+        assert!(matches!(err, WorkerError::Load(ref m) if m.contains("did not load")), "{err:?}");
+        assert_reaped(&sup, last_spawned_pid(&sup));
+    }
+
+    #[tokio::test]
+    async fn missing_command_is_a_spawn_error_naming_it() {
+        let (sup, _exits) = supervisor(5000);
+        let mut s = good_spec();
+        s.command = "/nonexistent/viva-worker".into();
+        let err = sup.start(s).await.expect_err("must fail");
+        assert!(matches!(err, WorkerError::Spawn { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("/nonexistent/viva-worker") && msg.contains("path"), "{msg}");
+        assert!(sup.history().is_empty());
+    }
+
+    #[tokio::test]
+    async fn calls_route_results_progress_and_errors_then_stop() {
+        let (sup, mut exits) = supervisor(5000);
+        let h = sup.start(good_spec()).await.expect("start");
+        assert_eq!(h.max_parallel_jobs(), 2);
+        assert_eq!(h.load_ms(), 7);
+        assert_eq!(h.slot(), "test");
+        assert!(h.is_alive());
+
+        let (ptx, mut prx) = mpsc::unbounded_channel();
+        let r = h.call(transcribe("/x/ok.wav"), Some(ptx)).await.expect("call");
+        match r {
+            JobResult::Transcript(Transcript { text, .. }) => assert_eq!(text, "/x/ok.wav"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(prx.try_recv().ok(), Some((1, 2)));
+
+        let err = h.call(transcribe("/x/fail.wav"), None).await.expect_err("job error");
+        assert!(
+            matches!(err, WorkerError::Job { ref code, retryable: true, .. } if code == "bad"),
+            "{err:?}"
+        );
+        let err = h.call(transcribe("/x/garbage.wav"), None).await.expect_err("malformed");
+        assert!(matches!(err, WorkerError::Protocol(_)), "{err:?}");
+        let eval = JobPayload::Evaluate(viva_models::EvaluateRequest { items: vec![] });
+        let err = h.call(eval, None).await.expect_err("wrong kind");
+        assert!(matches!(err, WorkerError::Protocol(_)), "{err:?}");
+
+        let table = sup.table();
+        assert_eq!(table.len(), 1);
+        let info = &table[0];
+        assert_eq!((info.state, info.jobs_done, info.in_flight), ("ready", 3, 0));
+        assert_eq!(info.pid, h.pid());
+        assert_eq!(info.load_ms, Some(7));
+        assert_eq!(info.model_memory_bytes, Some(1234));
+        assert!(info.peak_rss_bytes.is_some_and(|b| b > 0));
+        assert_eq!(sup.alive(WorkerKind::Stt), 1);
+        assert_eq!(sup.alive(WorkerKind::Evaluator), 0);
+
+        let status = h.stop().await;
+        assert_eq!(status, "exit status: 0");
+        assert_eq!(h.stop().await, status, "stop is idempotent");
+        assert!(!h.is_alive());
+        assert_reaped(&sup, h.pid());
+        let exit = exits.recv().await.expect("exit reported");
+        assert!(exit.expected);
+        assert_eq!((exit.pid, exit.slot.as_str()), (h.pid(), "test"));
+        let err = h.call(transcribe("/x/ok.wav"), None).await.expect_err("stopped");
+        assert!(matches!(err, WorkerError::Stopped), "{err:?}");
+        let events: Vec<_> = sup.history().iter().map(|e| e.event).collect();
+        assert_eq!(events, ["spawned", "ready", "exited"]);
+        let seqs: Vec<_> = sup.history().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_are_demultiplexed_by_job_id() {
+        // Reads three jobs, then answers them in reverse order.
+        let script = format!(
+            r#"{HELLO_STT}
+read -r hello
+read -r load
+printf '%s\n' '{{"type":"loaded","model":"m","load_ms":1}}'
+answer() {{
+  id=$(printf '%s' "$1" | sed 's/.*"job_id":"\([^"]*\)".*/\1/')
+  wav=$(printf '%s' "$1" | sed 's/.*"wav_path":"\([^"]*\)".*/\1/')
+  printf '{{"type":"result","job_id":"%s","result":{{"kind":"transcript","text":"%s","audio_seconds":1.0,"processing_seconds":0.1}}}}\n' "$id" "$wav"
+}}
+read -r a; read -r b; read -r c
+answer "$c"; answer "$b"; answer "$a"
+exec sleep 30"#
+        );
+        let (sup, _exits) = supervisor(300);
+        let h = sup.start(spec(WorkerKind::Stt, &script)).await.expect("start");
+        let (h1, h2) = (h.clone(), h.clone());
+        let a = tokio::spawn(async move { h1.call(transcribe("a"), None).await });
+        let b = tokio::spawn(async move { h2.call(transcribe("b"), None).await });
+        wait_until("two calls in flight", || h.in_flight() == 2).await;
+        let info = &sup.table()[0];
+        assert_eq!((info.state, info.in_flight), ("busy", 2));
+        let c = h.call(transcribe("c"), None).await.expect("c");
+        let text = |r: JobResult| match r {
+            JobResult::Transcript(t) => t.text,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(text(c), "c");
+        assert_eq!(text(b.await.expect("join").expect("b")), "b");
+        assert_eq!(text(a.await.expect("join").expect("a")), "a");
+        // This worker ignores Shutdown: stop kills it after the grace.
+        let t0 = Instant::now();
+        let status = h.stop().await;
+        assert!(status.contains("SIGKILL"), "{status}");
+        assert!(t0.elapsed() >= Duration::from_millis(300));
+        assert_reaped(&sup, h.pid());
+    }
+
+    #[tokio::test]
+    async fn crash_fails_pending_calls_and_reports_an_unexpected_exit() {
+        let (sup, mut exits) = supervisor(5000);
+        let h = sup.start(good_spec()).await.expect("start");
+        let h2 = h.clone();
+        let held = tokio::spawn(async move { h2.call(transcribe("/x/hold.wav"), None).await });
+        wait_until("held call in flight", || h.in_flight() == 1).await;
+        let err = h.call(transcribe("/x/crash.wav"), None).await.expect_err("crash");
+        match &err {
+            WorkerError::Crashed { slot, pid, status } => {
+                assert_eq!((slot.as_str(), *pid), ("test", h.pid()));
+                assert_eq!(status, "exit status: 7");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(err.is_retryable());
+        let held = held.await.expect("join").expect_err("held call fails too");
+        assert!(matches!(held, WorkerError::Crashed { .. }), "{held:?}");
+        let exit = exits.recv().await.expect("exit");
+        assert!(!exit.expected);
+        assert_eq!(exit.status, "exit status: 7");
+        assert_reaped(&sup, h.pid());
+        let last = sup.history().pop().expect("event");
+        assert!(last.detail.contains("unexpected"), "{}", last.detail);
+        let err = h.call(transcribe("/x/ok.wav"), None).await.expect_err("dead");
+        assert!(matches!(err, WorkerError::Crashed { .. }), "{err:?}");
+        assert_eq!(h.stop().await, "exit status: 7");
+    }
+
+    #[tokio::test]
+    async fn stop_fails_pending_calls_with_stopped() {
+        let (sup, mut exits) = supervisor(5000);
+        let h = sup.start(good_spec()).await.expect("start");
+        let h2 = h.clone();
+        let held = tokio::spawn(async move { h2.call(transcribe("/x/hold.wav"), None).await });
+        wait_until("held call in flight", || h.in_flight() == 1).await;
+        assert_eq!(h.stop().await, "exit status: 0");
+        let err = held.await.expect("join").expect_err("stopped");
+        assert!(matches!(err, WorkerError::Stopped), "{err:?}");
+        assert!(exits.recv().await.expect("exit").expected);
+    }
+
+    #[tokio::test]
+    async fn stop_all_stops_every_worker_including_starting_ones() {
+        let (sup, mut exits) = supervisor(5000);
+        let a = sup.start(good_spec()).await.expect("a");
+        let b = sup.start(good_spec()).await.expect("b");
+        assert_eq!(sup.alive(WorkerKind::Stt), 2);
+        let starting = {
+            let sup = sup.clone();
+            tokio::spawn(async move { sup.start(spec(WorkerKind::Stt, "exec sleep 30")).await })
+        };
+        wait_until("third worker spawned", || sup.alive(WorkerKind::Stt) == 3).await;
+        assert_eq!(sup.table()[2].state, "starting");
+        sup.stop_all().await;
+        assert!(sup.table().is_empty());
+        assert!(gone(a.pid()) && gone(b.pid()));
+        let err = starting.await.expect("join").expect_err("stopped while starting");
+        assert!(matches!(err, WorkerError::Stopped), "{err:?}");
+        let mut reported = vec![exits.recv().await.expect("1"), exits.recv().await.expect("2")];
+        reported.sort_by_key(|e| e.pid);
+        assert!(reported.iter().all(|e| e.expected));
+        assert!(exits.try_recv().is_err(), "the failed start is not reported");
+    }
+
+    #[tokio::test]
+    async fn worker_that_closes_stdout_is_killed() {
+        let (sup, mut exits) = supervisor(300);
+        let script = format!(
+            r#"{HELLO_STT}
+read -r hello
+read -r load
+printf '%s\n' '{{"type":"loaded","model":"m","load_ms":1}}'
+exec >&-
+exec sleep 30"#
+        );
+        let h = sup.start(spec(WorkerKind::Stt, &script)).await.expect("start");
+        let exit = tokio::time::timeout(Duration::from_secs(5), exits.recv())
+            .await
+            .expect("killed in time")
+            .expect("exit");
+        assert!(!exit.expected);
+        assert!(exit.status.contains("SIGKILL"), "{}", exit.status);
+        assert_reaped(&sup, h.pid());
+    }
+
+    #[tokio::test]
+    async fn cancelled_start_kills_the_process() {
+        let (sup, _exits) = supervisor(10_000);
+        let res = tokio::time::timeout(
+            Duration::from_millis(200),
+            sup.start(spec(WorkerKind::Stt, "exec sleep 30")),
+        )
+        .await;
+        assert!(res.is_err(), "start should still be waiting");
+        let pid = last_spawned_pid(&sup);
+        wait_until("the abandoned worker to be reaped", || sup.table().is_empty()).await;
+        assert_reaped(&sup, pid);
+    }
+
+    #[tokio::test]
+    async fn stderr_lines_are_bounded() {
+        let long = "x".repeat(10_000);
+        let input = format!("short\r\n{long}\n\ntail");
+        let mut reader = input.as_bytes();
+        let mut buf = Vec::new();
+        let mut lines = Vec::new();
+        while let Some(truncated) = read_bounded_line(&mut reader, &mut buf, STDERR_LINE_MAX)
+            .await
+            .expect("read")
+        {
+            lines.push((String::from_utf8_lossy(&buf).into_owned(), truncated));
+        }
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[0], ("short\r".to_string(), false));
+        assert_eq!(lines[1].0.len(), STDERR_LINE_MAX);
+        assert!(lines[1].1);
+        assert_eq!(lines[2], (String::new(), false));
+        assert_eq!(lines[3], ("tail".to_string(), false));
+    }
+
+    #[test]
+    fn proc_memory_reads_this_process() {
+        let (peak, rss) = proc_memory(std::process::id());
+        assert!(peak.is_some_and(|b| b > 0) && rss.is_some_and(|b| b > 0));
+        assert_eq!(proc_memory(u32::MAX), (None, None));
+    }
+}

@@ -1,1 +1,279 @@
+//! Support for Viva's end-to-end tests: real media made with espeak-ng and
+//! ffmpeg, an in-process daemon wired to the test-double worker
+//! (`fake-worker`, a real process speaking the real protocol), and helpers to
+//! find the real `viva` binary.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio_util::sync::CancellationToken;
+use viva_daemon::Config;
+use viva_daemon::config::WorkerConfig;
+use viva_daemon::domain::Role;
+
+/// The directory holding this build's binaries (target/<profile>).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test binary>
+    exe.parent()
+        .and_then(|p| p.parent())
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The test-double worker binary, built with this package.
+pub fn fake_worker() -> PathBuf {
+    let p = bin_dir().join("fake-worker");
+    assert!(p.exists(), "{} is missing: build with `cargo test --workspace`", p.display());
+    p
+}
+
+/// The real `viva` binary (built because viva-daemon has integration tests).
+pub fn viva_bin() -> PathBuf {
+    let p = bin_dir().join("viva");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo test --workspace` (or `cargo build -p viva-daemon`)",
+        p.display()
+    );
+    p
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {cmd:?} (install ffmpeg and espeak-ng: scripts/test does)"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Speech with espeak-ng, re-encoded by ffmpeg to the extension's format.
+pub fn speech(dir: &Path, name: &str, text: &str, voice: &str) -> PathBuf {
+    let wav = dir.join(format!("{name}.espeak.wav"));
+    run(Command::new("espeak-ng")
+        .args(["-v", voice, "-s", "160", "-w"])
+        .arg(&wav)
+        .arg(text))
+    .expect("espeak-ng");
+    let out = dir.join(name);
+    if name.ends_with(".wav") {
+        std::fs::rename(&wav, &out).expect("rename");
+    } else {
+        run(Command::new("ffmpeg")
+            .args(["-nostdin", "-y", "-v", "error", "-i"])
+            .arg(&wav)
+            .arg(&out))
+        .expect("ffmpeg encode");
+    }
+    out
+}
+
+/// A sine tone of `seconds` as WAV: quick to make, exact duration.
+pub fn tone(dir: &Path, name: &str, seconds: f64) -> PathBuf {
+    let out = dir.join(name);
+    run(Command::new("ffmpeg")
+        .args(["-nostdin", "-y", "-v", "error", "-f", "lavfi", "-i"])
+        .arg(format!("sine=frequency=440:duration={seconds}"))
+        .args(["-ar", "16000", "-ac", "1"])
+        .arg(&out))
+    .expect("ffmpeg tone");
+    out
+}
+
+/// A small H.264 video, with or without an AAC audio track.
+pub fn video(dir: &Path, name: &str, seconds: f64, with_audio: bool) -> PathBuf {
+    let out = dir.join(name);
+    let mut cmd = Command::new("ffmpeg");
+    cmd.args(["-nostdin", "-y", "-v", "error", "-f", "lavfi", "-i"])
+        .arg(format!("testsrc=duration={seconds}:size=160x120:rate=10"));
+    if with_audio {
+        cmd.args(["-f", "lavfi", "-i"])
+            .arg(format!("sine=frequency=300:duration={seconds}"))
+            .args(["-c:a", "aac", "-shortest"]);
+    }
+    cmd.args(["-c:v", "libx264", "-pix_fmt", "yuv420p"]).arg(&out);
+    run(&mut cmd).expect("ffmpeg video");
+    out
+}
+
+/// A daemon running in this process on an ephemeral port, with fake workers.
+pub struct TestDaemon {
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub state: viva_daemon::AppState,
+    pub fake_log: PathBuf,
+    shutdown: CancellationToken,
+    join: Option<tokio::task::JoinHandle<viva_daemon::Result<()>>>,
+}
+
+/// Fake worker settings shared by every worker of a test daemon.
+pub fn fake_worker_config(kind: &str, env: &[(&str, String)], log: &Path, db: &Path) -> WorkerConfig {
+    let mut e: std::collections::BTreeMap<String, String> =
+        env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    e.insert("FAKE_LOG".into(), log.display().to_string());
+    e.insert("FAKE_DB".into(), db.display().to_string());
+    e.insert(
+        "FAKE_MARKER_DIR".into(),
+        log.parent().unwrap_or(Path::new("/tmp")).display().to_string(),
+    );
+    WorkerConfig {
+        command: fake_worker(),
+        args: vec!["--kind".into(), kind.into()],
+        env: e,
+        model: format!("fake-{kind}"),
+        model_path: "/dev/null".into(),
+        options: Default::default(),
+        memory_mb: 100,
+    }
+}
+
+impl TestDaemon {
+    /// Starts a daemon with the sandbox course, one fake STT worker and two
+    /// fake evaluators ("a", "b"); `env` configures the fake workers and
+    /// `customize` anything else.
+    pub async fn start(env: &[(&str, String)], customize: impl FnOnce(&mut Config)) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("var");
+        let fake_log = dir.path().join("fake.log");
+        let mut config = Config::default();
+        config.data_dir = data.clone();
+        config.sandbox.enabled = true;
+        config.intake.min_free_bytes = 64 * 1024 * 1024;
+        config.scheduler.retry_backoff = Duration::from_millis(100);
+        config.scheduler.batch_window = Duration::from_secs(120);
+        config.workers.stop_grace = Duration::from_secs(2);
+        let db = data.join("viva.db");
+        config.workers.stt = Some(fake_worker_config("stt", env, &fake_log, &db));
+        for role in ["a", "b"] {
+            config
+                .workers
+                .evaluators
+                .insert(role.into(), fake_worker_config("evaluator", env, &fake_log, &db));
+        }
+        customize(&mut config);
+        let daemon = viva_daemon::Daemon::build(config, None)
+            .await
+            .expect("daemon builds");
+        let state = daemon.state.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let shutdown = CancellationToken::new();
+        let join = tokio::spawn(daemon.serve(listener, shutdown.clone()));
+        TestDaemon {
+            url,
+            dir,
+            state,
+            fake_log,
+            shutdown,
+            join: Some(join),
+        }
+    }
+
+    pub fn token(&self, role: Role, user: &str, context: &str) -> String {
+        self.state
+            .sessions
+            .mint(user, context, &[role], None)
+            .expect("mint")
+            .0
+    }
+
+    /// Uploads a file as raw body; returns (status, JSON body).
+    pub async fn upload(&self, token: &str, assignment: &str, file: &Path) -> (u16, serde_json::Value) {
+        let bytes = std::fs::read(file).expect("read media");
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let resp = reqwest::Client::new()
+            .post(format!("{}/api/v1/assignments/{assignment}/submissions", self.url))
+            .query(&[("filename", name)])
+            .bearer_auth(token)
+            .body(bytes)
+            .send()
+            .await
+            .expect("upload request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or_default())
+    }
+
+    pub async fn get(&self, token: &str, path: &str) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or_default())
+    }
+
+    /// Waits until every submission has left processing (or `timeout`).
+    pub async fn wait_settled(&self, ids: &[String], timeout: Duration) -> Vec<serde_json::Value> {
+        let admin = self.token(Role::Admin, "test-admin", "sandbox");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut all = Vec::new();
+            for id in ids {
+                let (_, v) = self.get(&admin, &format!("/api/v1/submissions/{id}")).await;
+                all.push(v);
+            }
+            let settled = all.iter().all(|v| {
+                matches!(
+                    v["state"].as_str(),
+                    Some("evaluated" | "awaiting_review" | "released" | "failed")
+                )
+            });
+            if settled {
+                return all;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "submissions did not settle within {timeout:?}: {:?}",
+                    all.iter()
+                        .map(|v| (v["id"].clone(), v["state"].clone()))
+                        .collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The fake workers' event log, in order.
+    pub fn fake_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.fake_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Stops the daemon (graceful shutdown) and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(j) = self.join.take() {
+            let _ = j.await;
+        }
+    }
+}
+
+/// Largest number of overlapping intervals among `(start, end)` event pairs
+/// read in log order: counts, not timings.
+pub fn max_overlap<'a>(events: impl IntoIterator<Item = (&'a str, bool)>) -> usize {
+    let mut open = std::collections::HashSet::new();
+    let mut max = 0;
+    for (key, is_start) in events {
+        if is_start {
+            open.insert(key);
+            max = max.max(open.len());
+        } else {
+            open.remove(key);
+        }
+    }
+    max
+}
