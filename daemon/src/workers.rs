@@ -92,7 +92,9 @@ impl Default for WorkerTimeouts {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("could not start worker `{command}`: {source} (check the configured worker command path)")]
+    #[error(
+        "could not start worker `{command}`: {source} (check the configured worker command path)"
+    )]
     Spawn {
         command: String,
         #[source]
@@ -194,6 +196,8 @@ pub struct Supervisor {
     inner: Arc<SupervisorInner>,
 }
 
+/// Lock order: a worker's `state`, then the supervisor's `table` (never the
+/// other way round).
 struct SupervisorInner {
     daemon_version: String,
     timeouts: WorkerTimeouts,
@@ -421,7 +425,10 @@ impl Supervisor {
         let handle = WorkerHandle {
             worker: worker.clone(),
         };
-        let result = match self.handshake_and_load(&worker, &spec, &mut control_rx).await {
+        let result = match self
+            .handshake_and_load(&worker, &spec, &mut control_rx)
+            .await
+        {
             Ok((load_ms, memory_bytes)) => {
                 let mut st = lock(&worker.state);
                 match st.phase {
@@ -430,11 +437,21 @@ impl Supervisor {
                         st.handed_out = true;
                         st.load_ms = Some(load_ms);
                         st.model_memory_bytes = memory_bytes;
+                        // Recorded under the state lock so that "ready"
+                        // always precedes this worker's "exited".
+                        let mut table = lock(&self.inner.table);
+                        self.inner.record(
+                            &mut table,
+                            &worker,
+                            "ready",
+                            format!("model {} loaded in {load_ms} ms", worker.model),
+                        );
                         Ok(load_ms)
                     }
-                    Phase::Exited if !st.stop_requested => Err(StartFailure::Exited(
-                        "the worker exited right after loading its model",
-                    )),
+                    Phase::Exited if !st.stop_requested => Err(StartFailure::Exited {
+                        handshake: false,
+                        what: "the worker exited right after loading its model",
+                    }),
                     _ => Err(StartFailure::Error(WorkerError::Stopped)),
                 }
             }
@@ -447,15 +464,6 @@ impl Supervisor {
             Ok(load_ms) => {
                 let mut guard = guard;
                 guard.0 = None;
-                {
-                    let mut table = lock(&self.inner.table);
-                    self.inner.record(
-                        &mut table,
-                        &worker,
-                        "ready",
-                        format!("model {} loaded in {load_ms} ms", worker.model),
-                    );
-                }
                 tracing::info!(slot = %worker.slot, pid, model = %worker.model, load_ms, "worker ready");
                 Ok(handle)
             }
@@ -464,8 +472,8 @@ impl Supervisor {
                 let status = worker.wait_exit().await;
                 // Let the forwarder log (and remember) the last stderr lines.
                 let mut closed = worker.stderr_closed.clone();
-                let _ = tokio::time::timeout(Duration::from_millis(500), closed.wait_for(|c| *c))
-                    .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(500), closed.wait_for(|c| *c)).await;
                 drop(guard);
                 let stopped = lock(&worker.state).stop_requested;
                 let err = if stopped {
@@ -494,7 +502,10 @@ impl Supervisor {
                 ))));
             }
             Ok(None | Some(Control::Eof)) => {
-                return Err(StartFailure::Exited("the worker exited before saying hello"));
+                return Err(StartFailure::Exited {
+                    handshake: true,
+                    what: "the worker exited before saying hello",
+                });
             }
             Ok(Some(Control::Malformed(m))) => {
                 return Err(StartFailure::Error(WorkerError::Protocol(format!(
@@ -563,9 +574,10 @@ impl Supervisor {
                     ))));
                 }
                 Ok(None | Some(Control::Eof)) => {
-                    return Err(StartFailure::Exited(
-                        "the worker exited while loading its model",
-                    ));
+                    return Err(StartFailure::Exited {
+                        handshake: false,
+                        what: "the worker exited while loading its model",
+                    });
                 }
                 Ok(Some(Control::Malformed(m))) => {
                     return Err(StartFailure::Error(WorkerError::Protocol(format!(
@@ -638,7 +650,10 @@ enum StartFailure {
     Error(WorkerError),
     /// The worker's stdout closed during start-up; the message is completed
     /// with the exit status and the last stderr lines.
-    Exited(&'static str),
+    Exited {
+        handshake: bool,
+        what: &'static str,
+    },
 }
 
 impl StartFailure {
@@ -649,9 +664,9 @@ impl StartFailure {
             format!("; last stderr: {}", stderr_tail.join(" | "))
         };
         match self {
-            StartFailure::Exited(what) => {
+            StartFailure::Exited { handshake, what } => {
                 let message = format!("{what} ({status}){tail}");
-                if what.contains("hello") {
+                if handshake {
                     WorkerError::Handshake(message)
                 } else {
                     WorkerError::Load(message)
@@ -789,7 +804,10 @@ impl Worker {
                 }),
             ),
             WorkerMessage::Progress {
-                job_id, done, total, ..
+                job_id,
+                done,
+                total,
+                ..
             } => {
                 let st = lock(&self.state);
                 if let Some(Pending {
@@ -995,7 +1013,10 @@ impl WorkerHandle {
             let worker = w.clone();
             tokio::spawn(async move {
                 let grace = worker.stop_grace;
-                if tokio::time::timeout(grace, worker.wait_exit()).await.is_err() {
+                if tokio::time::timeout(grace, worker.wait_exit())
+                    .await
+                    .is_err()
+                {
                     tracing::warn!(slot = %worker.slot, pid = worker.pid, "worker did not exit within {grace:?} of shutdown; killing it");
                     worker.request_kill();
                 }
@@ -1387,17 +1408,23 @@ done
         spec(WorkerKind::Stt, &format!("{HELLO_STT}\n{GOOD_WORKER}"))
     }
 
-    fn timeouts(ms: u64) -> WorkerTimeouts {
-        WorkerTimeouts {
-            handshake: Duration::from_millis(ms),
-            load: Duration::from_millis(ms),
-            stop_grace: Duration::from_millis(ms),
-        }
+    /// Generous timeouts (slow CI machines) except those a test shortens.
+    fn supervisor_with(
+        handshake_ms: u64,
+        load_ms: u64,
+        stop_grace_ms: u64,
+    ) -> (Supervisor, mpsc::UnboundedReceiver<WorkerExit>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let timeouts = WorkerTimeouts {
+            handshake: Duration::from_millis(handshake_ms),
+            load: Duration::from_millis(load_ms),
+            stop_grace: Duration::from_millis(stop_grace_ms),
+        };
+        (Supervisor::new("test 0", timeouts, tx), rx)
     }
 
-    fn supervisor(ms: u64) -> (Supervisor, mpsc::UnboundedReceiver<WorkerExit>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Supervisor::new("test 0", timeouts(ms), tx), rx)
+    fn supervisor() -> (Supervisor, mpsc::UnboundedReceiver<WorkerExit>) {
+        supervisor_with(10_000, 10_000, 5_000)
     }
 
     fn transcribe(wav: &str) -> JobPayload {
@@ -1452,7 +1479,7 @@ done
 
     #[tokio::test]
     async fn protocol_version_mismatch_names_both_versions() {
-        let (sup, mut exits) = supervisor(5000);
+        let (sup, mut exits) = supervisor();
         let script = r#"printf '%s\n' '{"type":"hello","protocol":99,"kind":"stt","worker":"old","pid":1}'; exec sleep 30"#;
         let err = sup
             .start(spec(WorkerKind::Stt, script))
@@ -1460,7 +1487,10 @@ done
             .expect_err("must fail");
         let msg = err.to_string();
         assert!(matches!(err, WorkerError::Handshake(_)), "{err:?}");
-        assert!(msg.contains("version 99") && msg.contains("version 1"), "{msg}");
+        assert!(
+            msg.contains("version 99") && msg.contains("version 1"),
+            "{msg}"
+        );
         assert_reaped(&sup, last_spawned_pid(&sup));
         // A failed start is reported by its error, not on the exits channel.
         assert!(exits.try_recv().is_err());
@@ -1468,40 +1498,61 @@ done
 
     #[tokio::test]
     async fn worker_that_never_says_hello_times_out() {
-        let (sup, _exits) = supervisor(300);
+        let (sup, _exits) = supervisor_with(300, 10_000, 5_000);
         let t0 = Instant::now();
         let err = sup
             .start(spec(WorkerKind::Stt, "exec sleep 30"))
             .await
             .expect_err("must fail");
-        assert!(matches!(err, WorkerError::Handshake(ref m) if m.contains("did not say hello")), "{err:?}");
+        assert!(
+            matches!(err, WorkerError::Handshake(ref m) if m.contains("did not say hello")),
+            "{err:?}"
+        );
         assert!(t0.elapsed() < Duration::from_secs(5));
         assert_reaped(&sup, last_spawned_pid(&sup));
     }
 
     #[tokio::test]
     async fn wrong_first_message_and_wrong_kind_are_refused() {
-        let (sup, _exits) = supervisor(5000);
+        let (sup, _exits) = supervisor();
         let script = r#"printf '%s\n' '{"type":"bye"}'; exec sleep 30"#;
-        let err = sup.start(spec(WorkerKind::Stt, script)).await.expect_err("bye first");
-        assert!(matches!(err, WorkerError::Handshake(ref m) if m.contains("got bye")), "{err:?}");
+        let err = sup
+            .start(spec(WorkerKind::Stt, script))
+            .await
+            .expect_err("bye first");
+        assert!(
+            matches!(err, WorkerError::Handshake(ref m) if m.contains("got bye")),
+            "{err:?}"
+        );
 
         let script = r#"printf '%s\n' '{"type":"hello","protocol":1,"kind":"evaluator","worker":"llm","pid":1}'; exec sleep 30"#;
-        let err = sup.start(spec(WorkerKind::Stt, script)).await.expect_err("wrong kind");
-        assert!(matches!(err, WorkerError::Handshake(ref m) if m.contains("evaluator")), "{err:?}");
+        let err = sup
+            .start(spec(WorkerKind::Stt, script))
+            .await
+            .expect_err("wrong kind");
+        assert!(
+            matches!(err, WorkerError::Handshake(ref m) if m.contains("evaluator")),
+            "{err:?}"
+        );
 
-        let err = sup.start(spec(WorkerKind::Stt, "echo not-json; exec sleep 30")).await.expect_err("garbage");
+        let err = sup
+            .start(spec(WorkerKind::Stt, "echo not-json; exec sleep 30"))
+            .await
+            .expect_err("garbage");
         assert!(matches!(err, WorkerError::Protocol(_)), "{err:?}");
         assert_reaped(&sup, last_spawned_pid(&sup));
     }
 
     #[tokio::test]
     async fn exit_during_load_is_a_load_error_with_status_and_stderr() {
-        let (sup, _exits) = supervisor(5000);
+        let (sup, _exits) = supervisor();
         let script = format!(
             "{HELLO_STT}\nread -r hello\nread -r load\necho 'model file missing' >&2\nexit 3"
         );
-        let err = sup.start(spec(WorkerKind::Stt, &script)).await.expect_err("must fail");
+        let err = sup
+            .start(spec(WorkerKind::Stt, &script))
+            .await
+            .expect_err("must fail");
         let msg = err.to_string();
         assert!(matches!(err, WorkerError::Load(_)), "{err:?}");
         assert!(msg.contains("exit status: 3"), "{msg}");
@@ -1511,7 +1562,7 @@ done
 
     #[tokio::test]
     async fn load_error_frame_and_load_timeout() {
-        let (sup, _exits) = supervisor(300);
+        let (sup, _exits) = supervisor();
         let script = format!(
             r#"{HELLO_STT}
 read -r hello
@@ -1519,31 +1570,47 @@ read -r load
 printf '%s\n' '{{"type":"error","code":"no_model","message":"cannot open /dev/null"}}'
 exec sleep 30"#
         );
-        let err = sup.start(spec(WorkerKind::Stt, &script)).await.expect_err("error frame");
-        assert!(matches!(err, WorkerError::Load(ref m) if m.contains("no_model: cannot open")), "{err:?}");
+        let err = sup
+            .start(spec(WorkerKind::Stt, &script))
+            .await
+            .expect_err("error frame");
+        assert!(
+            matches!(err, WorkerError::Load(ref m) if m.contains("no_model: cannot open")),
+            "{err:?}"
+        );
         assert_reaped(&sup, last_spawned_pid(&sup));
 
+        let (sup, _exits) = supervisor_with(10_000, 300, 5_000);
         let script = format!("{HELLO_STT}\nread -r hello\nread -r load\nexec sleep 30");
-        let err = sup.start(spec(WorkerKind::Stt, &script)).await.expect_err("timeout");
-        assert!(matches!(err, WorkerError::Load(ref m) if m.contains("did not load")), "{err:?}");
+        let err = sup
+            .start(spec(WorkerKind::Stt, &script))
+            .await
+            .expect_err("timeout");
+        assert!(
+            matches!(err, WorkerError::Load(ref m) if m.contains("did not load")),
+            "{err:?}"
+        );
         assert_reaped(&sup, last_spawned_pid(&sup));
     }
 
     #[tokio::test]
     async fn missing_command_is_a_spawn_error_naming_it() {
-        let (sup, _exits) = supervisor(5000);
+        let (sup, _exits) = supervisor();
         let mut s = good_spec();
         s.command = "/nonexistent/viva-worker".into();
         let err = sup.start(s).await.expect_err("must fail");
         assert!(matches!(err, WorkerError::Spawn { .. }), "{err:?}");
         let msg = err.to_string();
-        assert!(msg.contains("/nonexistent/viva-worker") && msg.contains("path"), "{msg}");
+        assert!(
+            msg.contains("/nonexistent/viva-worker") && msg.contains("path"),
+            "{msg}"
+        );
         assert!(sup.history().is_empty());
     }
 
     #[tokio::test]
     async fn calls_route_results_progress_and_errors_then_stop() {
-        let (sup, mut exits) = supervisor(5000);
+        let (sup, mut exits) = supervisor();
         let h = sup.start(good_spec()).await.expect("start");
         assert_eq!(h.max_parallel_jobs(), 2);
         assert_eq!(h.load_ms(), 7);
@@ -1551,19 +1618,28 @@ exec sleep 30"#
         assert!(h.is_alive());
 
         let (ptx, mut prx) = mpsc::unbounded_channel();
-        let r = h.call(transcribe("/x/ok.wav"), Some(ptx)).await.expect("call");
+        let r = h
+            .call(transcribe("/x/ok.wav"), Some(ptx))
+            .await
+            .expect("call");
         match r {
             JobResult::Transcript(Transcript { text, .. }) => assert_eq!(text, "/x/ok.wav"),
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(prx.try_recv().ok(), Some((1, 2)));
 
-        let err = h.call(transcribe("/x/fail.wav"), None).await.expect_err("job error");
+        let err = h
+            .call(transcribe("/x/fail.wav"), None)
+            .await
+            .expect_err("job error");
         assert!(
             matches!(err, WorkerError::Job { ref code, retryable: true, .. } if code == "bad"),
             "{err:?}"
         );
-        let err = h.call(transcribe("/x/garbage.wav"), None).await.expect_err("malformed");
+        let err = h
+            .call(transcribe("/x/garbage.wav"), None)
+            .await
+            .expect_err("malformed");
         assert!(matches!(err, WorkerError::Protocol(_)), "{err:?}");
         let eval = JobPayload::Evaluate(viva_models::EvaluateRequest { items: vec![] });
         let err = h.call(eval, None).await.expect_err("wrong kind");
@@ -1572,7 +1648,10 @@ exec sleep 30"#
         let table = sup.table();
         assert_eq!(table.len(), 1);
         let info = &table[0];
-        assert_eq!((info.state, info.jobs_done, info.in_flight), ("ready", 3, 0));
+        assert_eq!(
+            (info.state, info.jobs_done, info.in_flight),
+            ("ready", 3, 0)
+        );
         assert_eq!(info.pid, h.pid());
         assert_eq!(info.load_ms, Some(7));
         assert_eq!(info.model_memory_bytes, Some(1234));
@@ -1588,7 +1667,10 @@ exec sleep 30"#
         let exit = exits.recv().await.expect("exit reported");
         assert!(exit.expected);
         assert_eq!((exit.pid, exit.slot.as_str()), (h.pid(), "test"));
-        let err = h.call(transcribe("/x/ok.wav"), None).await.expect_err("stopped");
+        let err = h
+            .call(transcribe("/x/ok.wav"), None)
+            .await
+            .expect_err("stopped");
         assert!(matches!(err, WorkerError::Stopped), "{err:?}");
         let events: Vec<_> = sup.history().iter().map(|e| e.event).collect();
         assert_eq!(events, ["spawned", "ready", "exited"]);
@@ -1596,7 +1678,7 @@ exec sleep 30"#
         assert_eq!(seqs, [1, 2, 3]);
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_calls_are_demultiplexed_by_job_id() {
         // Reads three jobs, then answers them in reverse order.
         let script = format!(
@@ -1613,8 +1695,11 @@ read -r a; read -r b; read -r c
 answer "$c"; answer "$b"; answer "$a"
 exec sleep 30"#
         );
-        let (sup, _exits) = supervisor(300);
-        let h = sup.start(spec(WorkerKind::Stt, &script)).await.expect("start");
+        let (sup, _exits) = supervisor_with(10_000, 10_000, 300);
+        let h = sup
+            .start(spec(WorkerKind::Stt, &script))
+            .await
+            .expect("start");
         let (h1, h2) = (h.clone(), h.clone());
         let a = tokio::spawn(async move { h1.call(transcribe("a"), None).await });
         let b = tokio::spawn(async move { h2.call(transcribe("b"), None).await });
@@ -1639,12 +1724,15 @@ exec sleep 30"#
 
     #[tokio::test]
     async fn crash_fails_pending_calls_and_reports_an_unexpected_exit() {
-        let (sup, mut exits) = supervisor(5000);
+        let (sup, mut exits) = supervisor();
         let h = sup.start(good_spec()).await.expect("start");
         let h2 = h.clone();
         let held = tokio::spawn(async move { h2.call(transcribe("/x/hold.wav"), None).await });
         wait_until("held call in flight", || h.in_flight() == 1).await;
-        let err = h.call(transcribe("/x/crash.wav"), None).await.expect_err("crash");
+        let err = h
+            .call(transcribe("/x/crash.wav"), None)
+            .await
+            .expect_err("crash");
         match &err {
             WorkerError::Crashed { slot, pid, status } => {
                 assert_eq!((slot.as_str(), *pid), ("test", h.pid()));
@@ -1661,14 +1749,17 @@ exec sleep 30"#
         assert_reaped(&sup, h.pid());
         let last = sup.history().pop().expect("event");
         assert!(last.detail.contains("unexpected"), "{}", last.detail);
-        let err = h.call(transcribe("/x/ok.wav"), None).await.expect_err("dead");
+        let err = h
+            .call(transcribe("/x/ok.wav"), None)
+            .await
+            .expect_err("dead");
         assert!(matches!(err, WorkerError::Crashed { .. }), "{err:?}");
         assert_eq!(h.stop().await, "exit status: 7");
     }
 
     #[tokio::test]
     async fn stop_fails_pending_calls_with_stopped() {
-        let (sup, mut exits) = supervisor(5000);
+        let (sup, mut exits) = supervisor();
         let h = sup.start(good_spec()).await.expect("start");
         let h2 = h.clone();
         let held = tokio::spawn(async move { h2.call(transcribe("/x/hold.wav"), None).await });
@@ -1681,7 +1772,12 @@ exec sleep 30"#
 
     #[tokio::test]
     async fn stop_all_stops_every_worker_including_starting_ones() {
-        let (sup, mut exits) = supervisor(5000);
+        let (tx, mut exits) = mpsc::unbounded_channel();
+        let t = WorkerTimeouts {
+            stop_grace: Duration::from_millis(300),
+            ..WorkerTimeouts::default()
+        };
+        let sup = Supervisor::new("test 0", t, tx);
         let a = sup.start(good_spec()).await.expect("a");
         let b = sup.start(good_spec()).await.expect("b");
         assert_eq!(sup.alive(WorkerKind::Stt), 2);
@@ -1694,17 +1790,25 @@ exec sleep 30"#
         sup.stop_all().await;
         assert!(sup.table().is_empty());
         assert!(gone(a.pid()) && gone(b.pid()));
-        let err = starting.await.expect("join").expect_err("stopped while starting");
+        let err = starting
+            .await
+            .expect("join")
+            .expect_err("stopped while starting");
         assert!(matches!(err, WorkerError::Stopped), "{err:?}");
-        let mut reported = vec![exits.recv().await.expect("1"), exits.recv().await.expect("2")];
-        reported.sort_by_key(|e| e.pid);
+        let reported = [
+            exits.recv().await.expect("1"),
+            exits.recv().await.expect("2"),
+        ];
         assert!(reported.iter().all(|e| e.expected));
-        assert!(exits.try_recv().is_err(), "the failed start is not reported");
+        assert!(
+            exits.try_recv().is_err(),
+            "the failed start is not reported"
+        );
     }
 
     #[tokio::test]
     async fn worker_that_closes_stdout_is_killed() {
-        let (sup, mut exits) = supervisor(300);
+        let (sup, mut exits) = supervisor_with(10_000, 10_000, 300);
         let script = format!(
             r#"{HELLO_STT}
 read -r hello
@@ -1713,7 +1817,10 @@ printf '%s\n' '{{"type":"loaded","model":"m","load_ms":1}}'
 exec >&-
 exec sleep 30"#
         );
-        let h = sup.start(spec(WorkerKind::Stt, &script)).await.expect("start");
+        let h = sup
+            .start(spec(WorkerKind::Stt, &script))
+            .await
+            .expect("start");
         let exit = tokio::time::timeout(Duration::from_secs(5), exits.recv())
             .await
             .expect("killed in time")
@@ -1725,7 +1832,7 @@ exec sleep 30"#
 
     #[tokio::test]
     async fn cancelled_start_kills_the_process() {
-        let (sup, _exits) = supervisor(10_000);
+        let (sup, _exits) = supervisor();
         let res = tokio::time::timeout(
             Duration::from_millis(200),
             sup.start(spec(WorkerKind::Stt, "exec sleep 30")),
@@ -1733,7 +1840,10 @@ exec sleep 30"#
         .await;
         assert!(res.is_err(), "start should still be waiting");
         let pid = last_spawned_pid(&sup);
-        wait_until("the abandoned worker to be reaped", || sup.table().is_empty()).await;
+        wait_until("the abandoned worker to be reaped", || {
+            sup.table().is_empty()
+        })
+        .await;
         assert_reaped(&sup, pid);
     }
 

@@ -1,0 +1,309 @@
+//! The HTTP API end to end: authorization, intake of real media (good and
+//! bad), and live status over SSE.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use viva_daemon::domain::Role;
+use viva_tests::{TestDaemon, speech, tone, video};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_is_enforced() {
+    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", "50".into())], |_| {}).await;
+    let http = reqwest::Client::new();
+    for path in [
+        "/api/v1/me",
+        "/api/v1/status",
+        "/api/v1/assignments",
+        "/api/v1/submissions/sub_x",
+        "/api/v1/events",
+    ] {
+        let r = http
+            .get(format!("{}{path}", d.url))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status().as_u16(), 401, "{path} without a token");
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        assert_eq!(body["error"]["code"], "unauthorized", "{path}");
+    }
+    let forged = http
+        .get(format!("{}/api/v1/me", d.url))
+        .bearer_auth("eyJhbGciOiJIUzI1NiJ9.e30.c2lnbmF0dXJl")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(forged.status().as_u16(), 401);
+    // The health endpoints stay open.
+    let h = http.get(format!("{}/healthz", d.url)).send().await.expect("healthz");
+    assert_eq!(h.status().as_u16(), 200);
+
+    let alice = d.token(Role::Learner, "alice", "sandbox");
+    let bob = d.token(Role::Learner, "bob", "sandbox");
+    let teacher = d.token(Role::Instructor, "teacher", "sandbox");
+    let other_teacher = d.token(Role::Instructor, "stranger", "chemistry-101");
+    let f = tone(d.dir.path(), "alice.wav", 0.5);
+    let (status, body) = d.upload(&alice, "sandbox-oral-1", &f).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let path = format!("/api/v1/submissions/{id}");
+
+    assert_eq!(d.get(&alice, &path).await.0, 200, "her own submission");
+    assert_eq!(d.get(&bob, &path).await.0, 404, "another learner's submission");
+    assert_eq!(d.get(&teacher, &path).await.0, 200, "instructor of the course");
+    assert_eq!(
+        d.get(&other_teacher, &path).await.0,
+        404,
+        "instructor of another course"
+    );
+    let (_, list) = d.get(&bob, "/api/v1/submissions").await;
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "bob sees none of alice's");
+    let (_, list) = d.get(&teacher, "/api/v1/submissions").await;
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+
+    // Assignments: learners read, instructors write.
+    let input = serde_json::json!({
+        "id": "oral-2", "title": "Explain osmosis", "prompt": "Explain osmosis in a minute.",
+        "rubric": {"criteria": [{"id": "content", "title": "Content", "levels": [
+            {"label": "weak", "points": 0}, {"label": "strong", "points": 2}]}]}
+    });
+    let r = http
+        .post(format!("{}/api/v1/assignments", d.url))
+        .bearer_auth(&alice)
+        .json(&input)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 403);
+    let r = http
+        .post(format!("{}/api/v1/assignments", d.url))
+        .bearer_auth(&teacher)
+        .json(&input)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 201);
+    let bad = serde_json::json!({"title": "x", "prompt": "y", "rubric": {"criteria": []}});
+    let r = http
+        .post(format!("{}/api/v1/assignments", d.url))
+        .bearer_auth(&teacher)
+        .json(&bad)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 400);
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    assert_eq!(body["error"]["code"], "invalid_rubric");
+    assert_eq!(
+        d.get(&other_teacher, "/api/v1/assignments/oral-2").await.0,
+        404
+    );
+    let (_, me) = d.get(&alice, "/api/v1/me").await;
+    assert_eq!(me["user_id"], "alice");
+    assert_eq!(me["roles"], serde_json::json!(["learner"]));
+    d.stop().await;
+}
+
+async fn submission_count(d: &TestDaemon) -> i64 {
+    d.state
+        .store
+        .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM submissions", [], |r| r.get(0))?))
+        .await
+        .expect("count")
+}
+
+fn dir_entries(p: &std::path::Path) -> usize {
+    std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intake_accepts_real_media_and_rejects_bad_input_cleanly() {
+    let d = TestDaemon::start(&[], |c| {
+        c.intake.max_upload_bytes = 400 * 1024;
+        c.intake.max_duration = Duration::from_secs(8);
+        // No workers: this test is about intake only.
+        c.workers.stt = None;
+        c.workers.evaluators.clear();
+    })
+    .await;
+    let tok = d.token(Role::Learner, "carol", "sandbox");
+    let dir = d.dir.path();
+
+    let good = [
+        speech(dir, "answer.wav", "Plants make glucose from light.", "en-us"),
+        speech(dir, "answer.mp3", "Chlorophyll absorbs light.", "en-gb"),
+        speech(dir, "answer.webm", "Oxygen is released.", "en+f3"),
+        video(dir, "clip.mp4", 2.0, true),
+    ];
+    for f in &good {
+        let (status, body) = d.upload(&tok, "sandbox-oral-1", f).await;
+        assert_eq!(status, 201, "{}: {body}", f.display());
+        assert!(body["duration_seconds"].as_f64().unwrap_or(0.0) > 0.5);
+        assert_eq!(body["state"], "queued");
+    }
+    let accepted = submission_count(&d).await;
+    assert_eq!(accepted, 4);
+
+    // Multipart works too.
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(std::fs::read(&good[0]).expect("read"))
+            .file_name("form.wav")
+            .mime_str("audio/wav")
+            .expect("mime"),
+    );
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/assignments/sandbox-oral-1/submissions", d.url))
+        .bearer_auth(&tok)
+        .multipart(form)
+        .send()
+        .await
+        .expect("multipart");
+    assert_eq!(r.status().as_u16(), 201);
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    assert_eq!(body["attempt"], 6, "attempts are numbered per student");
+
+    let empty = dir.join("empty.mp4");
+    std::fs::write(&empty, b"").expect("write");
+    let text = dir.join("essay.mp4");
+    std::fs::write(&text, "This is my essay, not a video.\n".repeat(50)).expect("write");
+    let full = video(dir, "whole.mp4", 3.0, true);
+    let bytes = std::fs::read(&full).expect("read");
+    let truncated = dir.join("truncated.mp4");
+    std::fs::write(&truncated, &bytes[..bytes.len() * 6 / 10]).expect("write");
+    let silent_video = video(dir, "silent.mp4", 2.0, false);
+    let long = tone(dir, "long.wav", 10.0);
+    let huge = tone(dir, "huge.wav", 7.5); // 16 kHz s16: 240 KB … under size
+    let huge_bytes = std::fs::read(&huge).expect("read");
+    let oversize = dir.join("oversize.wav");
+    std::fs::write(&oversize, [huge_bytes.clone(), huge_bytes].concat()).expect("write");
+
+    let cases = [
+        (&empty, 400, "empty_upload"),
+        (&text, 415, "not_media"),
+        (&truncated, 422, "undecodable"),
+        (&silent_video, 422, "no_audio"),
+        (&long, 422, "too_long"),
+        (&oversize, 413, "too_large"),
+    ];
+    for (file, status, code) in cases {
+        let (got, body) = d.upload(&tok, "sandbox-oral-1", file).await;
+        assert_eq!(got, status, "{}: {body}", file.display());
+        assert_eq!(body["error"]["code"], code, "{}", file.display());
+        assert!(
+            body["error"]["message"].as_str().is_some_and(|m| m.len() > 10),
+            "a message a student can act on"
+        );
+    }
+    // Nothing half-written: no new rows, no staging leftovers, no media dirs.
+    assert_eq!(submission_count(&d).await, 5);
+    let var = dir.join("var");
+    assert_eq!(dir_entries(&var.join("staging")), 0, "staging is empty");
+    assert_eq!(dir_entries(&var.join("media")), 5, "one media dir per accepted upload");
+    let metrics = d.state.metrics.render();
+    assert!(metrics.contains("viva_uploads_rejected_total{code=\"not_media\"} 1"));
+    d.stop().await;
+}
+
+/// Reads SSE frames `(event, data)` until a "done" event.
+async fn collect_sse(resp: reqwest::Response) -> Vec<(String, serde_json::Value)> {
+    let mut out = Vec::new();
+    let mut buf = String::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+        while let Some(end) = buf.find("\n\n") {
+            let frame: String = buf.drain(..end + 2).collect();
+            let event = frame
+                .lines()
+                .find_map(|l| l.strip_prefix("event:"))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default();
+            if let Some(data) = frame.lines().find_map(|l| l.strip_prefix("data:")) {
+                let v = serde_json::from_str(data.trim()).unwrap_or_default();
+                let done = event == "done";
+                out.push((event, v));
+                if done {
+                    return out;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_shows_position_falling_and_phases_in_order() {
+    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", "700".into())], |_| {}).await;
+    let tok = d.token(Role::Learner, "dave", "sandbox");
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let f = tone(d.dir.path(), &format!("sse{i}.wav"), 0.5);
+        let (status, body) = d.upload(&tok, "sandbox-oral-1", &f).await;
+        assert_eq!(status, 201);
+        ids.push(body["id"].as_str().expect("id").to_owned());
+    }
+    // Watch the last one with a single-use ticket, as a browser would.
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/tickets", d.url))
+        .bearer_auth(&tok)
+        .json(&serde_json::json!({"scope": "events"}))
+        .send()
+        .await
+        .expect("ticket");
+    let ticket: serde_json::Value = r.json().await.expect("json");
+    let ticket = ticket["ticket"].as_str().expect("ticket").to_owned();
+    let url = format!(
+        "{}/api/v1/events?submission={}&ticket={ticket}",
+        d.url, ids[3]
+    );
+    let resp = reqwest::get(&url).await.expect("sse");
+    assert_eq!(resp.status().as_u16(), 200);
+    let events = tokio::time::timeout(Duration::from_secs(90), collect_sse(resp))
+        .await
+        .expect("stream finished");
+    // The ticket was single-use.
+    assert_eq!(reqwest::get(&url).await.expect("again").status().as_u16(), 401);
+
+    let stt_positions: Vec<u64> = events
+        .iter()
+        .filter(|(_, v)| v["phase"] == "stt")
+        .filter_map(|(_, v)| v["position"].as_u64())
+        .collect();
+    assert!(stt_positions.len() >= 2, "{events:?}");
+    assert!(stt_positions[0] > 1, "it started behind others: {stt_positions:?}");
+    assert!(
+        stt_positions.windows(2).all(|w| w[1] <= w[0]),
+        "position never rises: {stt_positions:?}"
+    );
+    assert_eq!(stt_positions.last(), Some(&1));
+    let etas: Vec<f64> = events
+        .iter()
+        .filter(|(_, v)| v["phase"] == "stt")
+        .filter_map(|(_, v)| v["eta_seconds"].as_f64())
+        .collect();
+    assert!(etas.iter().all(|e| *e > 0.0), "an ETA is always shown: {etas:?}");
+    // Phases appear in order: stt → evaluation → done, never backwards.
+    let mut order: Vec<String> = Vec::new();
+    for (_, v) in &events {
+        let p = v["phase"].as_str().unwrap_or_default().to_owned();
+        if order.last() != Some(&p) {
+            order.push(p);
+        }
+    }
+    let rank = |p: &str| match p {
+        "stt" => 0,
+        "evaluation" => 1,
+        "scoring" => 2,
+        _ => 3,
+    };
+    assert!(
+        order.windows(2).all(|w| rank(&w[0]) < rank(&w[1])),
+        "{order:?}"
+    );
+    assert!(order.contains(&"evaluation".to_owned()), "{order:?}");
+    let (last_event, last) = events.last().expect("events");
+    assert_eq!(last_event, "done");
+    assert_eq!(last["state"], "evaluated");
+    d.stop().await;
+}

@@ -1,0 +1,249 @@
+//! Durability: the real `viva serve` process is killed with SIGKILL in the
+//! middle of a phase, restarted, and every accepted submission still reaches
+//! exactly one final state. The kill also takes the worker processes down
+//! (PR_SET_PDEATHSIG), so no model stays loaded.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use viva_tests::{fake_worker, tone, viva_bin};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn write_config(dir: &Path, port: u16) -> std::path::PathBuf {
+    let log = dir.join("fake.log");
+    let worker = fake_worker();
+    let env = format!(
+        "env = {{ FAKE_LOG = \"{}\", FAKE_STT_FIXED_MS = \"250\", FAKE_EVAL_FIXED_MS = \"300\" }}",
+        log.display()
+    );
+    let config = format!(
+        r#"listen = "127.0.0.1:{port}"
+data_dir = "{data}"
+
+[sandbox]
+enabled = true
+
+[intake]
+min_free_bytes = 67108864
+
+[scheduler]
+stt_batch_size = 8
+batch_window = "5s"
+retry_backoff = "100ms"
+lease = "5s"
+
+[workers]
+stop_grace = "2s"
+
+[workers.stt]
+command = "{worker}"
+args = ["--kind", "stt"]
+model = "fake-stt"
+model_path = "/dev/null"
+{env}
+
+[workers.evaluators.a]
+command = "{worker}"
+args = ["--kind", "evaluator"]
+model = "fake-a"
+model_path = "/dev/null"
+{env}
+
+[workers.evaluators.b]
+command = "{worker}"
+args = ["--kind", "evaluator"]
+model = "fake-b"
+model_path = "/dev/null"
+{env}
+"#,
+        data = dir.join("var").display(),
+        worker = worker.display(),
+    );
+    let path = dir.join("viva.toml");
+    std::fs::write(&path, config).expect("config");
+    path
+}
+
+fn start(config: &Path, dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .expect("log");
+    Command::new(viva_bin())
+        .arg("--config")
+        .arg(config)
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn viva")
+}
+
+async fn wait_healthy(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(r) = reqwest::get(format!("{url}/healthz")).await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("viva did not become healthy at {url}");
+}
+
+fn session(config: &Path) -> String {
+    let out = Command::new(viva_bin())
+        .arg("--config")
+        .arg(config)
+        .args(["session", "--role", "admin", "--user", "crash-admin", "--context", "sandbox"])
+        .output()
+        .expect("viva session");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn worker_pids(log: &Path) -> Vec<u32> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["ev"] == "start")
+        .filter_map(|e| e["pid"].as_u64().map(|p| p as u32))
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is dead for our purposes: its memory is already returned.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn stt_jobs_done(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"job_end\"") && l.contains("\"stt\""))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = write_config(dir.path(), port);
+    let log = dir.path().join("fake.log");
+
+    let mut daemon = start(&config, dir.path());
+    wait_healthy(&url).await;
+    let token = session(&config);
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let f = tone(dir.path(), &format!("student{i:02}.wav"), 0.5 + (i % 3) as f64 * 0.5);
+        let r = http
+            .post(format!("{url}/api/v1/assignments/sandbox-oral-1/submissions"))
+            .bearer_auth(&token)
+            .body(std::fs::read(&f).expect("read"))
+            .send()
+            .await
+            .expect("upload");
+        assert_eq!(r.status().as_u16(), 201);
+        let v: serde_json::Value = r.json().await.expect("json");
+        ids.push(v["id"].as_str().expect("id").to_owned());
+    }
+    // Kill it in the middle of the first STT phase.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stt_jobs_done(&log) < 3 {
+        assert!(Instant::now() < deadline, "STT never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGKILL) };
+    let _ = daemon.wait();
+    // The workers die with it.
+    let pids = worker_pids(&log);
+    assert!(!pids.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for p in &pids {
+        assert!(!alive(*p), "worker {p} outlived the killed daemon");
+    }
+
+    // Restart; kill again during the evaluation phase, then let it finish.
+    let mut daemon = start(&config, dir.path());
+    wait_healthy(&url).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let events = std::fs::read_to_string(&log).unwrap_or_default();
+        if events.contains("\"evaluator\"") && events.contains("\"job_start\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "evaluation never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGKILL) };
+    let _ = daemon.wait();
+
+    let mut daemon = start(&config, dir.path());
+    wait_healthy(&url).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let finals = loop {
+        let mut states = Vec::new();
+        for id in &ids {
+            let r = http
+                .get(format!("{url}/api/v1/submissions/{id}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("get");
+            assert_eq!(r.status().as_u16(), 200, "submission {id} was lost");
+            let v: serde_json::Value = r.json().await.expect("json");
+            states.push(v);
+        }
+        if states.iter().all(|v| v["state"] == "evaluated") {
+            break states;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all settled: {:?}",
+            states.iter().map(|v| v["state"].clone()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Graceful stop (SIGTERM) exits cleanly.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let status = daemon.wait().expect("wait");
+    assert!(status.success(), "SIGTERM → clean exit, got {status}");
+
+    // Exactly one result per stage: one transcript, one evaluation per role.
+    let db = rusqlite::Connection::open(dir.path().join("var/viva.db")).expect("db");
+    for (v, id) in finals.iter().zip(&ids) {
+        assert!(v["transcript"]["text"].as_str().is_some(), "{id}");
+        assert_eq!(v["evaluations"].as_array().map(Vec::len), Some(2), "{id}");
+        let (done, other): (i64, i64) = db
+            .query_row(
+                "SELECT SUM(state = 'done'), SUM(state != 'done') FROM jobs WHERE submission_id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("jobs");
+        assert_eq!((done, other), (3, 0), "{id}: one STT + two evaluations, all done");
+    }
+    let n: i64 = db
+        .query_row("SELECT COUNT(*) FROM submissions", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(n, 20, "no submission lost or duplicated");
+}

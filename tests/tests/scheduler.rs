@@ -1,0 +1,315 @@
+//! The two-phase scheduler on its real state machine, with real worker
+//! processes (the `fake-worker` test double speaking the real protocol).
+//! Concurrency is asserted by counting events in the workers' own log and
+//! in the supervisor's process table, never by timing.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use viva_daemon::config::Policy;
+use viva_daemon::domain::Role;
+use viva_models::WorkerKind;
+use viva_tests::{TestDaemon, max_overlap, tone};
+
+fn ms(v: u64) -> String {
+    v.to_string()
+}
+
+async fn upload_all(d: &TestDaemon, names: &[&str], seconds: f64) -> Vec<String> {
+    let tok = d.token(Role::Learner, "student", "sandbox");
+    let mut ids = Vec::new();
+    for name in names {
+        let f = tone(d.dir.path(), name, seconds);
+        let (status, body) = d.upload(&tok, "sandbox-oral-1", &f).await;
+        assert_eq!(status, 201, "{body}");
+        ids.push(body["id"].as_str().expect("id").to_owned());
+    }
+    ids
+}
+
+/// Batch sizes in opening order, from the database.
+async fn batch_sizes(d: &TestDaemon) -> Vec<i64> {
+    d.state
+        .store
+        .read(|c| {
+            let mut stmt = c.prepare(
+                "SELECT COUNT(*) FROM submissions WHERE batch_id IS NOT NULL
+                 GROUP BY batch_id ORDER BY batch_id",
+            )?;
+            let rows = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<i64>>>()?;
+            Ok(rows)
+        })
+        .await
+        .expect("batches")
+}
+
+fn events_of<'a>(events: &'a [serde_json::Value], kind: &str) -> Vec<(&'a str, bool)> {
+    events
+        .iter()
+        .filter(|e| e["kind"] == kind)
+        .filter_map(|e| {
+            let job = e["job"].as_str()?;
+            match e["ev"].as_str()? {
+                "job_start" => Some((job, true)),
+                "job_end" => Some((job, false)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_upload_on_an_idle_daemon_starts_at_once() {
+    // The window is far longer than the test may take: finishing proves the
+    // batch did not wait for it to close.
+    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", ms(100))], |c| {
+        c.scheduler.batch_window = Duration::from_secs(600);
+    })
+    .await;
+    let ids = upload_all(&d, &["lone.wav"], 1.0).await;
+    let done = d.wait_settled(&ids, Duration::from_secs(60)).await;
+    assert_eq!(done[0]["state"], "evaluated", "{}", done[0]);
+    assert_eq!(done[0]["evaluations"].as_array().map(Vec::len), Some(2));
+    assert_eq!(batch_sizes(&d).await, vec![1]);
+    let phases: Vec<&str> = d
+        .state
+        .scheduler
+        .phase_history()
+        .iter()
+        .map(|p| p.phase)
+        .collect();
+    assert!(
+        phases.windows(2).any(|w| w == ["stt", "evaluation"]),
+        "{phases:?}"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_closes_by_size() {
+    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", ms(1500))], |c| {
+        c.scheduler.stt_batch_size = 3;
+    })
+    .await;
+    let ids = upload_all(&d, &["s1.wav", "s2.wav", "s3.wav", "s4.wav", "s5.wav"], 0.5).await;
+    d.wait_settled(&ids, Duration::from_secs(90)).await;
+    assert_eq!(batch_sizes(&d).await, vec![3, 2]);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_closes_by_window() {
+    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", ms(3000))], |c| {
+        c.scheduler.batch_window = Duration::from_millis(800);
+    })
+    .await;
+    let first = upload_all(&d, &["w1.wav"], 0.5).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = upload_all(&d, &["w2.wav"], 0.5).await;
+    let all: Vec<String> = first.iter().chain(&second).cloned().collect();
+    d.wait_settled(&all, Duration::from_secs(90)).await;
+    assert_eq!(batch_sizes(&d).await, vec![1, 1], "the late upload waited for batch 2");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limits_hold_by_count() {
+    // The fake STT worker could run 3 jobs at once and there are two evaluator
+    // roles: only the scheduler's limits keep the counts at 1, 1 and 2.
+    let d = TestDaemon::start(
+        &[
+            ("FAKE_STT_FIXED_MS", ms(150)),
+            ("FAKE_EVAL_FIXED_MS", ms(150)),
+        ],
+        |c| {
+            c.scheduler.stt_concurrency = 1;
+            c.scheduler.eval_concurrency = 1;
+            c.scheduler.eval_batch_size = 2;
+            if let Some(stt) = c.workers.stt.as_mut() {
+                stt.args.extend(["--max-parallel".into(), "3".into()]);
+            }
+        },
+    )
+    .await;
+    let names: Vec<String> = (0..5).map(|i| format!("c{i}.wav")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let ids = upload_all(&d, &names, 0.5).await;
+    d.wait_settled(&ids, Duration::from_secs(90)).await;
+    let ev = d.fake_events();
+    let stt = events_of(&ev, "stt");
+    let eval = events_of(&ev, "evaluator");
+    assert_eq!(stt.iter().filter(|e| e.1).count(), 5, "every STT job ran");
+    assert_eq!(max_overlap(stt), 1, "stt_concurrency = 1");
+    assert_eq!(max_overlap(eval), 1, "eval_concurrency = 1 busy evaluator");
+    let items: Vec<u64> = ev
+        .iter()
+        .filter(|e| e["kind"] == "evaluator" && e["ev"] == "job_start")
+        .filter_map(|e| e["items"].as_u64())
+        .collect();
+    assert!(!items.is_empty());
+    assert!(items.iter().all(|&n| n <= 2), "eval_batch_size = 2: {items:?}");
+    assert_eq!(items.iter().sum::<u64>(), 10, "5 submissions × 2 roles");
+    d.stop().await;
+}
+
+/// Walks the supervisor's process table history; returns the largest number
+/// of (stt, evaluator) processes alive at once, and whether both kinds were
+/// ever alive together.
+fn alive_profile(d: &TestDaemon) -> (usize, usize, bool) {
+    let mut alive: HashMap<u32, WorkerKind> = HashMap::new();
+    let (mut max_stt, mut max_eval, mut together) = (0, 0, false);
+    for e in d.state.scheduler.supervisor.history() {
+        match e.event {
+            "spawned" => {
+                alive.insert(e.pid, e.kind);
+            }
+            "exited" => {
+                alive.remove(&e.pid);
+            }
+            _ => {}
+        }
+        let stt = alive.values().filter(|k| **k == WorkerKind::Stt).count();
+        let eval = alive.len() - stt;
+        max_stt = max_stt.max(stt);
+        max_eval = max_eval.max(eval);
+        together |= stt > 0 && eval > 0;
+    }
+    (max_stt, max_eval, together)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_phase_never_runs_stt_and_evaluation_processes_together() {
+    let d = TestDaemon::start(
+        &[("FAKE_STT_FIXED_MS", ms(400)), ("FAKE_EVAL_FIXED_MS", ms(200))],
+        |c| {
+            c.scheduler.stt_batch_size = 2;
+        },
+    )
+    .await;
+    let ids = upload_all(&d, &["p1.wav", "p2.wav", "p3.wav", "p4.wav"], 0.5).await;
+    d.wait_settled(&ids, Duration::from_secs(90)).await;
+    let (max_stt, max_eval, together) = alive_profile(&d);
+    assert!(max_stt >= 1 && max_eval >= 2, "both phases ran: {max_stt} {max_eval}");
+    assert!(!together, "an STT and an evaluator process were alive at the same time");
+    let switches = d
+        .state
+        .scheduler
+        .phase_history()
+        .iter()
+        .filter(|p| p.phase == "stt")
+        .count();
+    assert!(switches >= 2, "two batches → two STT phases");
+    // The workers' own log agrees: no evaluator started while an STT worker lived.
+    let mut live: HashSet<u64> = HashSet::new();
+    let mut stt_pids: HashSet<u64> = HashSet::new();
+    for e in d.fake_events() {
+        let pid = e["pid"].as_u64().unwrap_or(0);
+        match (e["ev"].as_str(), e["kind"].as_str()) {
+            (Some("start"), Some("stt")) => {
+                stt_pids.insert(pid);
+                live.insert(pid);
+            }
+            (Some("start"), Some("evaluator")) => {
+                assert!(
+                    live.iter().all(|p| !stt_pids.contains(p)),
+                    "evaluator started while STT worker alive"
+                );
+                live.insert(pid);
+            }
+            (Some("exit"), _) => {
+                live.remove(&pid);
+            }
+            _ => {}
+        }
+    }
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_policy_overlaps_stt_and_evaluation() {
+    let d = TestDaemon::start(
+        &[("FAKE_STT_FIXED_MS", ms(600)), ("FAKE_EVAL_FIXED_MS", ms(100))],
+        |c| {
+            c.scheduler.policy = Policy::Pipelined;
+        },
+    )
+    .await;
+    let ids = upload_all(&d, &["q1.wav", "q2.wav", "q3.wav", "q4.wav"], 0.5).await;
+    d.wait_settled(&ids, Duration::from_secs(90)).await;
+    let (_, _, together) = alive_profile(&d);
+    assert!(together, "pipelined keeps both kinds of worker alive");
+    let ev = d.fake_events();
+    let first_eval = ev
+        .iter()
+        .position(|e| e["kind"] == "evaluator" && e["ev"] == "job_start")
+        .expect("an evaluation ran");
+    let last_stt_end = ev
+        .iter()
+        .rposition(|e| e["kind"] == "stt" && e["ev"] == "job_end")
+        .expect("STT ran");
+    assert!(
+        first_eval < last_stt_end,
+        "an evaluation started before the last transcription ended"
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_submission_fails_alone_with_its_reason() {
+    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", ms(50))], |c| {
+        c.scheduler.max_attempts = 2;
+    })
+    .await;
+    let ids = upload_all(&d, &["ok1.wav", "bad-fail-always.wav", "ok2.wav"], 0.5).await;
+    let done = d.wait_settled(&ids, Duration::from_secs(90)).await;
+    assert_eq!(done[0]["state"], "evaluated");
+    assert_eq!(done[2]["state"], "evaluated");
+    assert_eq!(done[1]["state"], "failed");
+    assert_eq!(done[1]["failure_code"], "transcription_failed");
+    let reason = done[1]["failure_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("2 times"), "{reason}");
+    assert!(reason.contains("fake"), "the worker's message is kept: {reason}");
+    let attempts: i64 = {
+        let id = ids[1].clone();
+        d.state
+            .store
+            .read(move |c| {
+                Ok(c.query_row(
+                    "SELECT attempts FROM jobs WHERE submission_id = ?1 AND stage = 'stt'",
+                    [id],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .expect("attempts")
+    };
+    assert_eq!(attempts, 2);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_is_restarted_and_the_job_completes() {
+    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", ms(300))], |_| {}).await;
+    let ids = upload_all(&d, &["first.wav", "boom-crash-once.wav", "last.wav"], 0.5).await;
+    let done = d.wait_settled(&ids, Duration::from_secs(90)).await;
+    for s in &done {
+        assert_eq!(s["state"], "evaluated", "{s}");
+    }
+    let stt_spawns = d
+        .state
+        .scheduler
+        .supervisor
+        .history()
+        .iter()
+        .filter(|e| e.event == "spawned" && e.kind == WorkerKind::Stt)
+        .count();
+    assert!(stt_spawns >= 2, "the crashed STT worker was restarted");
+    let metrics = d.state.metrics.render();
+    assert!(
+        metrics.contains("viva_worker_restarts_total{slot=\"stt\"} 1"),
+        "{metrics}"
+    );
+    d.stop().await;
+}
