@@ -524,7 +524,12 @@ pub struct SubmissionView {
     pub phase: &'static str,
 }
 
-fn view(st: &AppState, c: &Claims, mut s: Submission, batch: Option<BatchProgress>) -> SubmissionView {
+fn view(
+    st: &AppState,
+    c: &Claims,
+    mut s: Submission,
+    batch: Option<BatchProgress>,
+) -> SubmissionView {
     let snap = st.scheduler.snapshot();
     let learner_only = !c.can_manage(&s.context_id);
     if learner_only && s.state != SubmissionState::Released {
@@ -535,7 +540,11 @@ fn view(st: &AppState, c: &Claims, mut s: Submission, batch: Option<BatchProgres
     view_from_snapshot(&snap, s, batch)
 }
 
-fn view_from_snapshot(snap: &Snapshot, s: Submission, batch: Option<BatchProgress>) -> SubmissionView {
+fn view_from_snapshot(
+    snap: &Snapshot,
+    s: Submission,
+    batch: Option<BatchProgress>,
+) -> SubmissionView {
     let queue = snap.entries.get(&s.id).cloned();
     let batch = batch.or_else(|| {
         snap.batch
@@ -678,7 +687,12 @@ async fn ticket(
 }
 
 /// Bearer header, or else a single-use ticket for `scope`.
-fn claims_from(st: &AppState, headers: &HeaderMap, ticket: Option<&str>, scope: &str) -> Result<Claims> {
+fn claims_from(
+    st: &AppState,
+    headers: &HeaderMap,
+    ticket: Option<&str>,
+    scope: &str,
+) -> Result<Claims> {
     if let Some(v) = headers.get(header::AUTHORIZATION) {
         let v = v
             .to_str()
@@ -747,32 +761,35 @@ async fn events(
 fn global_stream(
     rx: tokio::sync::watch::Receiver<Arc<Snapshot>>,
 ) -> impl Stream<Item = std::result::Result<Event, Infallible>> {
-    futures::stream::unfold((rx, None::<GlobalEvent>, true), |(mut rx, last, first)| async move {
-        loop {
-            if !first && rx.changed().await.is_err() {
-                return None;
+    futures::stream::unfold(
+        (rx, None::<GlobalEvent>, true),
+        |(mut rx, last, first)| async move {
+            loop {
+                if !first && rx.changed().await.is_err() {
+                    return None;
+                }
+                let snap = rx.borrow_and_update().clone();
+                let ev = GlobalEvent {
+                    phase: snap.phase,
+                    batch: snap.batch.clone(),
+                    stt_queue: snap.stt_queue,
+                    eval_queue: snap.eval_queue,
+                    score_queue: snap.score_queue,
+                };
+                if last.as_ref() != Some(&ev) {
+                    let e = Event::default()
+                        .event("status")
+                        .json_data(&ev)
+                        .unwrap_or_default();
+                    return Some((Ok(e), (rx, Some(ev), false)));
+                }
+                if first {
+                    // Unchanged first value cannot happen (last is None), but keep the loop total.
+                    continue;
+                }
             }
-            let snap = rx.borrow_and_update().clone();
-            let ev = GlobalEvent {
-                phase: snap.phase,
-                batch: snap.batch.clone(),
-                stt_queue: snap.stt_queue,
-                eval_queue: snap.eval_queue,
-                score_queue: snap.score_queue,
-            };
-            if last.as_ref() != Some(&ev) {
-                let e = Event::default()
-                    .event("status")
-                    .json_data(&ev)
-                    .unwrap_or_default();
-                return Some((Ok(e), (rx, Some(ev), false)));
-            }
-            if first {
-                // Unchanged first value cannot happen (last is None), but keep the loop total.
-                continue;
-            }
-        }
-    })
+        },
+    )
 }
 
 fn submission_stream(
@@ -810,11 +827,10 @@ fn submission_stream(
             if entry.is_none() {
                 // Not in the queue: read its settled state from the store.
                 let id = s.sub.id.clone();
-                if let Ok(Some(fresh)) = s
-                    .st
-                    .store
-                    .read(move |c| domain::get_submission(c, &id))
-                    .await
+                if let Ok(Some(fresh)) =
+                    s.st.store
+                        .read(move |c| domain::get_submission(c, &id))
+                        .await
                 {
                     s.sub = fresh;
                 }
@@ -843,8 +859,8 @@ fn submission_stream(
                 batch,
                 failure_reason: s.sub.failure_reason.clone(),
             };
-            let settled = entry.is_none()
-                && (state.is_settled() || state == SubmissionState::Evaluated);
+            let settled =
+                entry.is_none() && (state.is_settled() || state == SubmissionState::Evaluated);
             if s.last.as_ref() != Some(&ev) || settled {
                 let e = Event::default()
                     .event(if settled { "done" } else { "status" })
@@ -874,7 +890,9 @@ async fn media(
     let path = s
         .original_path
         .filter(|_| s.media_available)
-        .ok_or(Error::NotFound("media (deleted after the retention period)"))?;
+        .ok_or(Error::NotFound(
+            "media (deleted after the retention period)",
+        ))?;
     let file = tokio::fs::File::open(&path)
         .await
         .map_err(|_| Error::NotFound("media"))?;
@@ -939,7 +957,9 @@ async fn purge(
     Session(c): Session,
 ) -> Result<Json<HashMap<&'static str, usize>>> {
     if !c.is_admin() {
-        return Err(Error::Forbidden("only an administrator can purge media".into()));
+        return Err(Error::Forbidden(
+            "only an administrator can purge media".into(),
+        ));
     }
     let n = crate::retention::purge_expired(&st.store, st.config.retention.retention_days).await?;
     Ok(Json(HashMap::from([("media_purged", n)])))

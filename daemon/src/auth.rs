@@ -286,9 +286,7 @@ mod tests {
     #[test]
     fn tokens_verify_and_forgeries_do_not() {
         let s = sessions();
-        let (token, claims) = s
-            .mint("alice", "c1", &[Role::Learner], None)
-            .expect("mint");
+        let (token, claims) = s.mint("alice", "c1", &[Role::Learner], None).expect("mint");
         assert_eq!(s.verify(&token).expect("valid"), claims);
         let other = Sessions::new(&[8u8; 32], Duration::from_secs(60), Duration::from_secs(60));
         assert!(other.verify(&token).is_err(), "another key must not verify");

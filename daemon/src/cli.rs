@@ -14,7 +14,11 @@ use crate::config::{Config, LogFormat};
 use crate::domain::Role;
 
 #[derive(Parser, Debug)]
-#[command(name = "viva", version, about = "Viva: grades spoken and video assignments")]
+#[command(
+    name = "viva",
+    version,
+    about = "Viva: grades spoken and video assignments"
+)]
 struct Cli {
     /// Configuration file (default: ./viva.toml when it exists).
     #[arg(long, global = true, env = "VIVA_CONFIG")]
@@ -238,9 +242,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("{}", serde_json::to_string_pretty(&v)?);
                 }
                 UserAction::Delete { user } => {
-                    let n = runtime()?.block_on(crate::retention::delete_user(
-                        &store, user, "cli",
-                    ))?;
+                    let n =
+                        runtime()?.block_on(crate::retention::delete_user(&store, user, "cli"))?;
                     println!("deleted user {user} and {n} submission(s) with their media");
                 }
             }
@@ -268,7 +271,8 @@ fn mint(
     }
     let store = crate::open_data_dir(config)?;
     let key = crate::auth::load_or_create_key(&config.data_dir)?;
-    let sessions = crate::auth::Sessions::new(&key, config.sessions.ttl, config.sessions.ticket_ttl);
+    let sessions =
+        crate::auth::Sessions::new(&key, config.sessions.ttl, config.sessions.ticket_ttl);
     let (token, _) = sessions.mint(user, context, roles, name.clone())?;
     let (u, c, r) = (user.to_owned(), context.to_owned(), roles.to_vec());
     runtime()?.block_on(store.write(move |tx| {
@@ -405,7 +409,12 @@ async fn submit(
     follow_submission(url, token, &id, tty).await
 }
 
-async fn follow_submission(url: &str, token: &str, id: &str, tty: bool) -> anyhow::Result<ExitCode> {
+async fn follow_submission(
+    url: &str,
+    token: &str,
+    id: &str,
+    tty: bool,
+) -> anyhow::Result<ExitCode> {
     let spinner = if tty {
         ProgressBar::new_spinner()
     } else {
@@ -469,7 +478,10 @@ fn describe(v: &serde_json::Value) -> String {
         s.push_str(&format!(" · position {p} of {n}"));
     }
     if let Some(eta) = v["eta_seconds"].as_f64() {
-        s.push_str(&format!(" · about {} left", humantime::format_duration(Duration::from_secs(eta.round() as u64))));
+        s.push_str(&format!(
+            " · about {} left",
+            humantime::format_duration(Duration::from_secs(eta.round() as u64))
+        ));
     }
     if let Some(b) = v["batch"].as_object() {
         s.push_str(&format!(

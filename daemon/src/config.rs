@@ -301,10 +301,12 @@ impl Config {
                 path: path.to_owned(),
                 source,
             })?;
-            table = text.parse::<toml::Table>().map_err(|e| ConfigError::Invalid {
-                origin: format!(" in {}", path.display()),
-                message: e.to_string(),
-            })?;
+            table = text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Invalid {
+                    origin: format!(" in {}", path.display()),
+                    message: e.to_string(),
+                })?;
         }
         for (key, value) in env {
             let Some(rest) = key.strip_prefix("VIVA_") else {
@@ -341,7 +343,10 @@ impl Config {
         };
         let s = &self.scheduler;
         if s.stt_batch_size == 0 || s.stt_concurrency == 0 || s.eval_batch_size == 0 {
-            return bad("scheduler.stt_batch_size, stt_concurrency and eval_batch_size must be at least 1".into());
+            return bad(
+                "scheduler.stt_batch_size, stt_concurrency and eval_batch_size must be at least 1"
+                    .into(),
+            );
         }
         if s.eval_concurrency == 0 {
             return bad("scheduler.eval_concurrency must be at least 1".into());

@@ -172,7 +172,10 @@ pub const DEFAULT_PLUGIN: &str = "weighted-criteria";
 impl AssignmentInput {
     pub fn validate(&self) -> Result<()> {
         if self.title.trim().is_empty() {
-            return Err(Error::bad_request("invalid_assignment", "title must not be empty"));
+            return Err(Error::bad_request(
+                "invalid_assignment",
+                "title must not be empty",
+            ));
         }
         if self.prompt.trim().is_empty() {
             return Err(Error::bad_request(
@@ -210,7 +213,9 @@ pub fn validate_id(id: &str, what: &str) -> Result<()> {
     } else {
         Err(Error::bad_request(
             "invalid_id",
-            format!("{what} {id:?} must be 1-128 characters of letters, digits, '-', '_', '.', ':'"),
+            format!(
+                "{what} {id:?} must be 1-128 characters of letters, digits, '-', '_', '.', ':'"
+            ),
         ))
     }
 }
@@ -345,9 +350,7 @@ pub fn delete_assignment(tx: &Transaction<'_>, id: &str) -> Result<()> {
     if n > 0 {
         return Err(Error::Conflict {
             code: "assignment_has_submissions",
-            message: format!(
-                "assignment {id} has {n} submission(s); delete or export them first"
-            ),
+            message: format!("assignment {id} has {n} submission(s); delete or export them first"),
         });
     }
     if tx.execute("DELETE FROM assignments WHERE id = ?1", [id])? == 0 {

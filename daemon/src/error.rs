@@ -122,7 +122,11 @@ mod tests {
             (Error::NotFound("submission"), 404, "not_found"),
             (Error::Unauthorized("x".into()), 401, "unauthorized"),
             (Error::Forbidden("x".into()), 403, "forbidden"),
-            (Error::bad_request("invalid_rubric", "x"), 400, "invalid_rubric"),
+            (
+                Error::bad_request("invalid_rubric", "x"),
+                400,
+                "invalid_rubric",
+            ),
             (Error::Unavailable("x".into()), 503, "unavailable"),
             (Error::Internal("secret detail".into()), 500, "internal"),
             (Error::Intake(IntakeError::Empty), 400, "empty_upload"),

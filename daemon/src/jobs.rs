@@ -419,7 +419,9 @@ pub fn fail_job(
     };
     let attempts = attempts + 1;
     if retryable && attempts < max_attempts {
-        let delay = backoff_ms.saturating_mul(1 << (attempts - 1).min(16)).min(300_000);
+        let delay = backoff_ms
+            .saturating_mul(1 << (attempts - 1).min(16))
+            .min(300_000);
         let at = now + delay;
         tx.execute(
             "UPDATE jobs SET state = 'queued', attempts = ?2, not_before = ?3, last_error = ?4,

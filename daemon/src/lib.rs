@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use api::{AppState, router};
 pub use config::Config;
 pub use error::{Error, Result};
-pub use scheduler::{Scorer, SchedulerHandle};
+pub use scheduler::{SchedulerHandle, Scorer};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -144,7 +144,11 @@ impl Daemon {
 
     /// Serves on `listener` until `shutdown` is cancelled, then stops intake,
     /// the scheduler and its workers, returning running jobs to the queue.
-    pub async fn serve(self, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> Result<()> {
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
         let Daemon {
             state,
             scheduler,
@@ -176,7 +180,11 @@ impl Daemon {
 }
 
 async fn retention_sweeper(state: AppState, shutdown: CancellationToken) {
-    let every = state.config.retention.sweep_interval.max(std::time::Duration::from_secs(1));
+    let every = state
+        .config
+        .retention
+        .sweep_interval
+        .max(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -194,9 +202,11 @@ async fn retention_sweeper(state: AppState, shutdown: CancellationToken) {
 pub async fn run(config: Config) -> Result<()> {
     let listen = config.listen;
     let daemon = Daemon::build(config, None).await?;
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(Error::io(format!(
-        "listening on {listen} (is another program using it? set --listen or VIVA_LISTEN)"
-    )))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(Error::io(format!(
+            "listening on {listen} (is another program using it? set --listen or VIVA_LISTEN)"
+        )))?;
     let shutdown = CancellationToken::new();
     let sd = shutdown.clone();
     tokio::spawn(async move {

@@ -211,7 +211,10 @@ impl Scheduler {
         let phases = Arc::new(std::sync::Mutex::new(VecDeque::new()));
         let mut slots = BTreeMap::new();
         if let Some(stt) = &config.workers.stt {
-            slots.insert("stt".to_owned(), Slot::new(WorkerKind::Stt, None, stt.clone()));
+            slots.insert(
+                "stt".to_owned(),
+                Slot::new(WorkerKind::Stt, None, stt.clone()),
+            );
         }
         for (role, w) in &config.workers.evaluators {
             slots.insert(
@@ -264,7 +267,10 @@ impl Scheduler {
             .write(move |tx| jobs::release_stale_leases(tx, &instance))
             .await?;
         if released > 0 {
-            tracing::info!(released, "returned jobs of a previous daemon run to the queue");
+            tracing::info!(
+                released,
+                "returned jobs of a previous daemon run to the queue"
+            );
         }
         self.seed_stats().await;
         let mut renew = tokio::time::interval(self.cfg.lease / 3);
@@ -344,7 +350,10 @@ impl Scheduler {
             .phase
             .with_label_values(&[self.phase.as_str()])
             .set(0);
-        self.metrics.phase.with_label_values(&[phase.as_str()]).set(1);
+        self.metrics
+            .phase
+            .with_label_values(&[phase.as_str()])
+            .set(1);
         tracing::info!(from = self.phase.as_str(), to = phase.as_str(), batch = ?self.batch.as_ref().map(|b| b.id), "phase switch");
         self.phase = phase;
         self.phase_since = Instant::now();
@@ -419,14 +428,18 @@ impl Scheduler {
                         }
                         let id = batch.id;
                         if size >= self.cfg.stt_batch_size {
-                            self.store.write(move |tx| jobs::close_batch(tx, id)).await?;
+                            self.store
+                                .write(move |tx| jobs::close_batch(tx, id))
+                                .await?;
                         }
                         return Ok(true);
                     }
                 }
                 if size >= self.cfg.stt_batch_size || window_over {
                     let id = batch.id;
-                    self.store.write(move |tx| jobs::close_batch(tx, id)).await?;
+                    self.store
+                        .write(move |tx| jobs::close_batch(tx, id))
+                        .await?;
                 } else {
                     self.wake_at(batch.opened_at + window_ms);
                 }
@@ -560,7 +573,8 @@ impl Scheduler {
                 continue;
             }
             if now < slot.next_start_ms {
-                earliest = Some(earliest.map_or(slot.next_start_ms, |e: i64| e.min(slot.next_start_ms)));
+                earliest =
+                    Some(earliest.map_or(slot.next_start_ms, |e: i64| e.min(slot.next_start_ms)));
                 continue;
             }
             slot.state = SlotState::Starting;
@@ -583,7 +597,11 @@ impl Scheduler {
         }
     }
 
-    fn ready_slot(&self, kind: WorkerKind, role: Option<&str>) -> Option<(String, WorkerHandle, usize)> {
+    fn ready_slot(
+        &self,
+        kind: WorkerKind,
+        role: Option<&str>,
+    ) -> Option<(String, WorkerHandle, usize)> {
         self.slots.iter().find_map(|(name, s)| match &s.state {
             SlotState::Ready(h) if s.spec_kind == kind && s.role.as_deref() == role => {
                 Some((name.clone(), h.clone(), s.in_flight))
@@ -666,7 +684,12 @@ impl Scheduler {
         }
         let mut order: Vec<(String, i64)> = by_role
             .iter()
-            .map(|(r, v)| (r.clone(), v.first().map(|j| j.submitted_at).unwrap_or(i64::MAX)))
+            .map(|(r, v)| {
+                (
+                    r.clone(),
+                    v.first().map(|j| j.submitted_at).unwrap_or(i64::MAX),
+                )
+            })
             .collect();
         order.sort_by_key(|(r, t)| (*t, r.clone()));
         for (role, _) in order {
@@ -683,7 +706,12 @@ impl Scheduler {
             }
             let ids: Vec<i64> = by_role
                 .get(&role)
-                .map(|v| v.iter().take(self.cfg.eval_batch_size).map(|j| j.id).collect())
+                .map(|v| {
+                    v.iter()
+                        .take(self.cfg.eval_batch_size)
+                        .map(|j| j.id)
+                        .collect()
+                })
                 .unwrap_or_default();
             let claimed = self.claim(ids).await?;
             if claimed.is_empty() {
@@ -752,7 +780,13 @@ impl Scheduler {
         Ok(())
     }
 
-    fn spawn_call(&self, slot: String, handle: WorkerHandle, jobs: Vec<Claimed>, payload: JobPayload) {
+    fn spawn_call(
+        &self,
+        slot: String,
+        handle: WorkerHandle,
+        jobs: Vec<Claimed>,
+        payload: JobPayload,
+    ) {
         let tx = self.events_tx.clone();
         let timeout = self.job_timeout;
         tokio::spawn(async move {
@@ -764,7 +798,10 @@ impl Scheduler {
                     let _ = handle.stop().await;
                     Err(WorkerError::Job {
                         code: "timeout".into(),
-                        message: format!("the worker did not answer within {}", humantime::format_duration(timeout)),
+                        message: format!(
+                            "the worker did not answer within {}",
+                            humantime::format_duration(timeout)
+                        ),
                         retryable: true,
                     })
                 }
@@ -868,8 +905,7 @@ impl Scheduler {
                         s.state = SlotState::Ready(h);
                         s.idle_since = Instant::now();
                         s.last_error = None;
-                        self.stats
-                            .observe_start(s.spec_kind.as_str(), seconds);
+                        self.stats.observe_start(s.spec_kind.as_str(), seconds);
                     }
                     Err(e) => {
                         s.failures += 1;
@@ -949,7 +985,9 @@ impl Scheduler {
                     .await?;
             }
             Ok(JobResult::Evaluations(resp)) => {
-                self.stats.eval_model(&role).observe(jobs.len() as f64, seconds);
+                self.stats
+                    .eval_model(&role)
+                    .observe(jobs.len() as f64, seconds);
                 self.metrics
                     .stage_seconds
                     .with_label_values(&["eval"])
@@ -1020,7 +1058,11 @@ impl Scheduler {
     }
 
     /// The evaluation must rate every rubric criterion with one of its levels.
-    async fn check_evaluation(&self, job: &Claimed, e: &Evaluation) -> std::result::Result<(), String> {
+    async fn check_evaluation(
+        &self,
+        job: &Claimed,
+        e: &Evaluation,
+    ) -> std::result::Result<(), String> {
         let id = job.assignment_id.clone();
         let a = self
             .store
@@ -1091,9 +1133,14 @@ impl Scheduler {
                     .map_err(|e| Error::Internal(format!("serialising a score: {e}")))?;
                 let instance = self.instance.clone();
                 self.store
-                    .write(move |tx| jobs::complete_score(tx, job.job_id, &instance, &report, release))
+                    .write(move |tx| {
+                        jobs::complete_score(tx, job.job_id, &instance, &report, release)
+                    })
                     .await?;
-                self.metrics.jobs.with_label_values(&["score", "done"]).inc();
+                self.metrics
+                    .jobs
+                    .with_label_values(&["score", "done"])
+                    .inc();
                 Ok(())
             }
             Err(msg) => self.fail(job, &msg, true).await,
@@ -1133,7 +1180,11 @@ impl Scheduler {
         let progress = match &batch {
             Some(b) => {
                 let id = b.id;
-                Some(self.store.read(move |c| jobs::batch_progress(c, id)).await?)
+                Some(
+                    self.store
+                        .read(move |c| jobs::batch_progress(c, id))
+                        .await?,
+                )
             }
             None => None,
         };
@@ -1160,9 +1211,18 @@ impl Scheduler {
         let entries = crate::status::entries(&inp, &self.stats);
         let count = |stage: Stage| pending.iter().filter(|j| j.stage == stage).count();
         let (stt_q, eval_q, score_q) = (count(Stage::Stt), count(Stage::Eval), count(Stage::Score));
-        self.metrics.queue_length.with_label_values(&["stt"]).set(stt_q as i64);
-        self.metrics.queue_length.with_label_values(&["eval"]).set(eval_q as i64);
-        self.metrics.queue_length.with_label_values(&["score"]).set(score_q as i64);
+        self.metrics
+            .queue_length
+            .with_label_values(&["stt"])
+            .set(stt_q as i64);
+        self.metrics
+            .queue_length
+            .with_label_values(&["eval"])
+            .set(eval_q as i64);
+        self.metrics
+            .queue_length
+            .with_label_values(&["score"])
+            .set(score_q as i64);
         self.version += 1;
         let snapshot = Snapshot {
             version: self.version,

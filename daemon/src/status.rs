@@ -66,11 +66,7 @@ impl LinearModel {
             let a = (my - b * mx).max(0.0);
             return (a, b);
         }
-        if mx > 0.0 {
-            (0.0, my / mx)
-        } else {
-            (my, 0.0)
-        }
+        if mx > 0.0 { (0.0, my / mx) } else { (my, 0.0) }
     }
 
     pub fn predict(&self, x: f64) -> f64 {
@@ -196,7 +192,10 @@ fn run_servers(start: f64, servers: usize, durations: &[f64]) -> Vec<f64> {
                 .iter()
                 .copied()
                 .enumerate()
-                .fold((0, f64::MAX), |acc, (i, t)| if t < acc.1 { (i, t) } else { acc });
+                .fold(
+                    (0, f64::MAX),
+                    |acc, (i, t)| if t < acc.1 { (i, t) } else { acc },
+                );
             free[i] = t + d;
             free[i]
         })
@@ -243,13 +242,19 @@ fn run_evals(
             }
         }
         let Some((role, ready)) = best else { break };
-        let (si, slot_t) = slot_free
-            .iter()
-            .copied()
-            .enumerate()
-            .fold((0, f64::MAX), |acc, (i, t)| if t < acc.1 { (i, t) } else { acc });
+        let (si, slot_t) =
+            slot_free
+                .iter()
+                .copied()
+                .enumerate()
+                .fold(
+                    (0, f64::MAX),
+                    |acc, (i, t)| if t < acc.1 { (i, t) } else { acc },
+                );
         let t0 = ready.max(slot_t);
-        let Some(q) = per_role.get_mut(role) else { break };
+        let Some(q) = per_role.get_mut(role) else {
+            break;
+        };
         let mut chunk = Vec::new();
         while chunk.len() < inp.eval_batch_size.max(1) {
             match q.front() {
@@ -534,10 +539,7 @@ impl StatsView {
 }
 
 /// Positions and ETAs for every unfinished submission.
-pub fn entries(
-    inp: &PlanInput<'_>,
-    stats: &ServiceStats,
-) -> BTreeMap<String, QueueEntry> {
+pub fn entries(inp: &PlanInput<'_>, stats: &ServiceStats) -> BTreeMap<String, QueueEntry> {
     let predictions = plan(inp, stats);
     let subs = group(inp.jobs);
     let now = inp.now_ms;
@@ -595,7 +597,14 @@ pub fn entries(
 mod tests {
     use super::*;
 
-    fn job(sub: &str, stage: Stage, role: &str, t: i64, dur: f64, batch: Option<i64>) -> PendingJob {
+    fn job(
+        sub: &str,
+        stage: Stage,
+        role: &str,
+        t: i64,
+        dur: f64,
+        batch: Option<i64>,
+    ) -> PendingJob {
         PendingJob {
             id: t,
             submission_id: sub.into(),

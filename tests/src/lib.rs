@@ -26,7 +26,11 @@ pub fn bin_dir() -> PathBuf {
 /// The test-double worker binary, built with this package.
 pub fn fake_worker() -> PathBuf {
     let p = bin_dir().join("fake-worker");
-    assert!(p.exists(), "{} is missing: build with `cargo test --workspace`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build with `cargo test --workspace`",
+        p.display()
+    );
     p
 }
 
@@ -42,9 +46,9 @@ pub fn viva_bin() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {cmd:?} (install ffmpeg and espeak-ng: scripts/test does)"))?;
+    let out = cmd.output().with_context(|| {
+        format!("running {cmd:?} (install ffmpeg and espeak-ng: scripts/test does)")
+    })?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -95,7 +99,8 @@ pub fn video(dir: &Path, name: &str, seconds: f64, with_audio: bool) -> PathBuf 
             .arg(format!("sine=frequency=300:duration={seconds}"))
             .args(["-c:a", "aac", "-shortest"]);
     }
-    cmd.args(["-c:v", "libx264", "-pix_fmt", "yuv420p"]).arg(&out);
+    cmd.args(["-c:v", "libx264", "-pix_fmt", "yuv420p"])
+        .arg(&out);
     run(&mut cmd).expect("ffmpeg video");
     out
 }
@@ -111,14 +116,24 @@ pub struct TestDaemon {
 }
 
 /// Fake worker settings shared by every worker of a test daemon.
-pub fn fake_worker_config(kind: &str, env: &[(&str, String)], log: &Path, db: &Path) -> WorkerConfig {
-    let mut e: std::collections::BTreeMap<String, String> =
-        env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+pub fn fake_worker_config(
+    kind: &str,
+    env: &[(&str, String)],
+    log: &Path,
+    db: &Path,
+) -> WorkerConfig {
+    let mut e: std::collections::BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
     e.insert("FAKE_LOG".into(), log.display().to_string());
     e.insert("FAKE_DB".into(), db.display().to_string());
     e.insert(
         "FAKE_MARKER_DIR".into(),
-        log.parent().unwrap_or(Path::new("/tmp")).display().to_string(),
+        log.parent()
+            .unwrap_or(Path::new("/tmp"))
+            .display()
+            .to_string(),
     );
     WorkerConfig {
         command: fake_worker(),
@@ -139,8 +154,10 @@ impl TestDaemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("var");
         let fake_log = dir.path().join("fake.log");
-        let mut config = Config::default();
-        config.data_dir = data.clone();
+        let mut config = Config {
+            data_dir: data.clone(),
+            ..Default::default()
+        };
         config.sandbox.enabled = true;
         config.intake.min_free_bytes = 64 * 1024 * 1024;
         config.scheduler.retry_backoff = Duration::from_millis(100);
@@ -149,10 +166,10 @@ impl TestDaemon {
         let db = data.join("viva.db");
         config.workers.stt = Some(fake_worker_config("stt", env, &fake_log, &db));
         for role in ["a", "b"] {
-            config
-                .workers
-                .evaluators
-                .insert(role.into(), fake_worker_config("evaluator", env, &fake_log, &db));
+            config.workers.evaluators.insert(
+                role.into(),
+                fake_worker_config("evaluator", env, &fake_log, &db),
+            );
         }
         customize(&mut config);
         let daemon = viva_daemon::Daemon::build(config, None)
@@ -184,14 +201,22 @@ impl TestDaemon {
     }
 
     /// Uploads a file as raw body; returns (status, JSON body).
-    pub async fn upload(&self, token: &str, assignment: &str, file: &Path) -> (u16, serde_json::Value) {
+    pub async fn upload(
+        &self,
+        token: &str,
+        assignment: &str,
+        file: &Path,
+    ) -> (u16, serde_json::Value) {
         let bytes = std::fs::read(file).expect("read media");
         let name = file
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let resp = reqwest::Client::new()
-            .post(format!("{}/api/v1/assignments/{assignment}/submissions", self.url))
+            .post(format!(
+                "{}/api/v1/assignments/{assignment}/submissions",
+                self.url
+            ))
             .query(&[("filename", name)])
             .bearer_auth(token)
             .body(bytes)

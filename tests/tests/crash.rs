@@ -104,10 +104,22 @@ fn session(config: &Path) -> String {
     let out = Command::new(viva_bin())
         .arg("--config")
         .arg(config)
-        .args(["session", "--role", "admin", "--user", "crash-admin", "--context", "sandbox"])
+        .args([
+            "session",
+            "--role",
+            "admin",
+            "--user",
+            "crash-admin",
+            "--context",
+            "sandbox",
+        ])
         .output()
         .expect("viva session");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -150,9 +162,15 @@ async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
     let http = reqwest::Client::new();
     let mut ids = Vec::new();
     for i in 0..20 {
-        let f = tone(dir.path(), &format!("student{i:02}.wav"), 0.5 + (i % 3) as f64 * 0.5);
+        let f = tone(
+            dir.path(),
+            &format!("student{i:02}.wav"),
+            0.5 + (i % 3) as f64 * 0.5,
+        );
         let r = http
-            .post(format!("{url}/api/v1/assignments/sandbox-oral-1/submissions"))
+            .post(format!(
+                "{url}/api/v1/assignments/sandbox-oral-1/submissions"
+            ))
             .bearer_auth(&token)
             .body(std::fs::read(&f).expect("read"))
             .send()
@@ -219,7 +237,10 @@ async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
         assert!(
             Instant::now() < deadline,
             "not all settled: {:?}",
-            states.iter().map(|v| v["state"].clone()).collect::<Vec<_>>()
+            states
+                .iter()
+                .map(|v| v["state"].clone())
+                .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -240,7 +261,11 @@ async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .expect("jobs");
-        assert_eq!((done, other), (3, 0), "{id}: one STT + two evaluations, all done");
+        assert_eq!(
+            (done, other),
+            (3, 0),
+            "{id}: one STT + two evaluations, all done"
+        );
     }
     let n: i64 = db
         .query_row("SELECT COUNT(*) FROM submissions", [], |r| r.get(0))

@@ -110,7 +110,11 @@ async fn a_batch_closes_by_window() {
     let second = upload_all(&d, &["w2.wav"], 0.5).await;
     let all: Vec<String> = first.iter().chain(&second).cloned().collect();
     d.wait_settled(&all, Duration::from_secs(90)).await;
-    assert_eq!(batch_sizes(&d).await, vec![1, 1], "the late upload waited for batch 2");
+    assert_eq!(
+        batch_sizes(&d).await,
+        vec![1, 1],
+        "the late upload waited for batch 2"
+    );
     d.stop().await;
 }
 
@@ -149,7 +153,10 @@ async fn concurrency_limits_hold_by_count() {
         .filter_map(|e| e["items"].as_u64())
         .collect();
     assert!(!items.is_empty());
-    assert!(items.iter().all(|&n| n <= 2), "eval_batch_size = 2: {items:?}");
+    assert!(
+        items.iter().all(|&n| n <= 2),
+        "eval_batch_size = 2: {items:?}"
+    );
     assert_eq!(items.iter().sum::<u64>(), 10, "5 submissions × 2 roles");
     d.stop().await;
 }
@@ -182,7 +189,10 @@ fn alive_profile(d: &TestDaemon) -> (usize, usize, bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_phase_never_runs_stt_and_evaluation_processes_together() {
     let d = TestDaemon::start(
-        &[("FAKE_STT_FIXED_MS", ms(400)), ("FAKE_EVAL_FIXED_MS", ms(200))],
+        &[
+            ("FAKE_STT_FIXED_MS", ms(400)),
+            ("FAKE_EVAL_FIXED_MS", ms(200)),
+        ],
         |c| {
             c.scheduler.stt_batch_size = 2;
         },
@@ -191,8 +201,14 @@ async fn two_phase_never_runs_stt_and_evaluation_processes_together() {
     let ids = upload_all(&d, &["p1.wav", "p2.wav", "p3.wav", "p4.wav"], 0.5).await;
     d.wait_settled(&ids, Duration::from_secs(90)).await;
     let (max_stt, max_eval, together) = alive_profile(&d);
-    assert!(max_stt >= 1 && max_eval >= 2, "both phases ran: {max_stt} {max_eval}");
-    assert!(!together, "an STT and an evaluator process were alive at the same time");
+    assert!(
+        max_stt >= 1 && max_eval >= 2,
+        "both phases ran: {max_stt} {max_eval}"
+    );
+    assert!(
+        !together,
+        "an STT and an evaluator process were alive at the same time"
+    );
     let switches = d
         .state
         .scheduler
@@ -230,7 +246,10 @@ async fn two_phase_never_runs_stt_and_evaluation_processes_together() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_policy_overlaps_stt_and_evaluation() {
     let d = TestDaemon::start(
-        &[("FAKE_STT_FIXED_MS", ms(600)), ("FAKE_EVAL_FIXED_MS", ms(100))],
+        &[
+            ("FAKE_STT_FIXED_MS", ms(600)),
+            ("FAKE_EVAL_FIXED_MS", ms(100)),
+        ],
         |c| {
             c.scheduler.policy = Policy::Pipelined;
         },
@@ -270,7 +289,10 @@ async fn a_failing_submission_fails_alone_with_its_reason() {
     assert_eq!(done[1]["failure_code"], "transcription_failed");
     let reason = done[1]["failure_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("2 times"), "{reason}");
-    assert!(reason.contains("fake"), "the worker's message is kept: {reason}");
+    assert!(
+        reason.contains("fake"),
+        "the worker's message is kept: {reason}"
+    );
     let attempts: i64 = {
         let id = ids[1].clone();
         d.state

@@ -19,8 +19,8 @@ pub mod protocol;
 pub mod rubric;
 
 pub use payload::{
-    CriterionRating, EvaluateItem, EvaluateRequest, EvaluateResponse, Evaluation, EvaluationOutcome,
-    JobPayload, JobResult, Segment, TranscribeRequest, Transcript,
+    CriterionRating, EvaluateItem, EvaluateRequest, EvaluateResponse, Evaluation,
+    EvaluationOutcome, JobPayload, JobResult, Segment, TranscribeRequest, Transcript,
 };
 pub use protocol::{DaemonMessage, PROTOCOL_VERSION, WorkerKind, WorkerMessage};
 pub use rubric::{Criterion, Level, Rubric};

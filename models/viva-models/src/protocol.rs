@@ -246,8 +246,9 @@ pub fn exit_with_parent() {
     unsafe {
         let parent = libc::getppid();
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-        // The parent may have died between our start and the prctl.
-        if libc::getppid() != parent || parent == 1 {
+        // The parent may have died between our start and the prctl (a
+        // daemon running as PID 1 in a container is fine: it is unchanged).
+        if libc::getppid() != parent {
             std::process::exit(1);
         }
     }
@@ -287,10 +288,9 @@ mod tests {
 
     #[test]
     fn hello_defaults_parallelism_to_one() {
-        let m: WorkerMessage = decode(
-            br#"{"type":"hello","protocol":1,"kind":"stt","worker":"w","pid":7}"#,
-        )
-        .expect("decode");
+        let m: WorkerMessage =
+            decode(br#"{"type":"hello","protocol":1,"kind":"stt","worker":"w","pid":7}"#)
+                .expect("decode");
         match m {
             WorkerMessage::Hello {
                 max_parallel_jobs, ..

@@ -42,15 +42,17 @@ impl Rubric {
     /// Checks what a grader relies on; the message says what to fix.
     pub fn validate(&self) -> Result<(), Error> {
         if self.criteria.is_empty() {
-            return Err(Error::Rubric("a rubric needs at least one criterion".into()));
+            return Err(Error::Rubric(
+                "a rubric needs at least one criterion".into(),
+            ));
         }
         let mut ids = HashSet::new();
         for c in &self.criteria {
             let valid_id = !c.id.is_empty()
                 && c.id.len() <= 64
-                && c.id
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+                && c.id.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
             if !valid_id {
                 return Err(Error::Rubric(format!(
                     "criterion id {:?} must be 1-64 characters of a-z, 0-9, '-' or '_'",
@@ -58,7 +60,10 @@ impl Rubric {
                 )));
             }
             if !ids.insert(c.id.as_str()) {
-                return Err(Error::Rubric(format!("criterion id {:?} appears twice", c.id)));
+                return Err(Error::Rubric(format!(
+                    "criterion id {:?} appears twice",
+                    c.id
+                )));
             }
             if c.title.trim().is_empty() {
                 return Err(Error::Rubric(format!("criterion {:?} needs a title", c.id)));

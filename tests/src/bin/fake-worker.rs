@@ -26,6 +26,13 @@
 //!   `fake_failure` (retryable); `crash-once` → abort mid-job unless
 //!   `<wav_path>.crashed` exists (which the crash creates); `crash-always` →
 //!   abort mid-job; `hang` → never answer.
+//! - `FAKE_DB=/path/viva.db`: the daemon stores every normalised WAV as
+//!   `<media>/<submission>/audio.wav`, so the upload's name is not in the
+//!   path. With `FAKE_DB` set, the worker looks up the submission's
+//!   `original_name` by `wav_path` (read-only) and matches the markers above
+//!   against it too; the transcript then reads "fake transcript of <original
+//!   name without extension>", so a transcript marker such as `EVAL_FAIL` can
+//!   be planted through an upload's file name.
 //! - Evaluator items whose transcript contains `EVAL_FAIL` get an outcome
 //!   with an error; `EVAL_CRASH_ONCE` aborts the worker unless
 //!   `$FAKE_MARKER_DIR/<submission_id>.crashed` exists (the crash creates it;
@@ -195,15 +202,19 @@ impl Worker {
         let duration = env_ms("FAKE_STT_FIXED_MS")
             + env_ms("FAKE_STT_MS_PER_AUDIO_SEC") * req.audio_seconds.max(0.0);
         let path = req.wav_path.as_str();
-        if path.contains("hang") {
+        let original = original_name(path);
+        let marked = |marker: &str| {
+            path.contains(marker) || original.as_deref().is_some_and(|o| o.contains(marker))
+        };
+        if marked("hang") {
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
         }
-        if path.contains("crash-always") {
+        if marked("crash-always") {
             crash_mid_job(duration, None);
         }
-        if path.contains("crash-once") {
+        if marked("crash-once") {
             let marker = PathBuf::from(format!("{path}.crashed"));
             if !marker.exists() {
                 crash_mid_job(duration, Some(&marker));
@@ -211,7 +222,7 @@ impl Worker {
         }
         self.progress(job_id, 0, 1);
         sleep_ms(duration);
-        if path.contains("fail-always") {
+        if marked("fail-always") {
             self.log("job_end", Some(job_id), None, Some(false));
             return WorkerMessage::Error {
                 job_id: Some(job_id.to_string()),
@@ -221,7 +232,7 @@ impl Worker {
             };
         }
         self.progress(job_id, 1, 1);
-        let stem = Path::new(path)
+        let stem = Path::new(original.as_deref().unwrap_or(path))
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -314,6 +325,30 @@ impl Worker {
             prompt_tokens: (item.transcript.len() + item.assignment_prompt.len()) as u64 / 4 + 200,
             generated_tokens,
             seconds: took.as_secs_f64(),
+        }
+    }
+}
+
+/// The upload's file name of the submission whose WAV this is, from the
+/// daemon's database at `$FAKE_DB` (unset, or not found: `None`).
+fn original_name(wav_path: &str) -> Option<String> {
+    let db = std::env::var_os("FAKE_DB").filter(|p| !p.is_empty())?;
+    let lookup = || -> rusqlite::Result<Option<String>> {
+        let conn =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let mut stmt = conn.prepare("SELECT original_name FROM submissions WHERE wav_path = ?1")?;
+        let mut rows = stmt.query([wav_path])?;
+        match rows.next()? {
+            Some(row) => row.get(0),
+            None => Ok(None),
+        }
+    };
+    match lookup() {
+        Ok(name) => name.filter(|n| !n.is_empty()),
+        Err(e) => {
+            eprintln!("fake-worker: cannot look up {wav_path} in FAKE_DB: {e}");
+            None
         }
     }
 }
