@@ -272,3 +272,42 @@ async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
         .expect("count");
     assert_eq!(n, 20, "no submission lost or duplicated");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viva_submit_follows_a_submission_to_its_result() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = write_config(dir.path(), port);
+    let mut daemon = start(&config, dir.path());
+    wait_healthy(&url).await;
+    let f = viva_tests::speech(
+        dir.path(),
+        "answer.wav",
+        "Photosynthesis turns light into chemical energy.",
+        "en-us",
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(viva_bin())
+            .arg("--config")
+            .arg(&config)
+            .arg("submit")
+            .arg(&f)
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("viva submit");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains("uploaded answer.wav"), "{stderr}");
+    assert!(stderr.contains("STT phase"), "progress is shown: {stderr}");
+    assert!(stdout.contains(": evaluated"), "{stdout}");
+    assert!(
+        stdout.contains("transcript: fake transcript of answer"),
+        "{stdout}"
+    );
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let _ = daemon.wait();
+}
