@@ -345,16 +345,16 @@ pub fn complete_stt(
     Ok(true)
 }
 
-/// Stores one evaluation. Returns `Some(true)` when it was the last one the
-/// submission needed, `Some(false)` when others are outstanding, `None` when
-/// the lease was lost.
+/// Stores one evaluation. Returns `Some(Some(submitted_at_ms))` when it was
+/// the last one the submission needed, `Some(None)` when others are
+/// outstanding, `None` when the lease was lost.
 pub fn complete_eval(
     tx: &Transaction<'_>,
     job_id: i64,
     instance: &str,
     evaluation: &Evaluation,
     queue_scoring: bool,
-) -> Result<Option<bool>> {
+) -> Result<Option<Option<i64>>> {
     let json = serde_json::to_string(evaluation)
         .map_err(|e| Error::Internal(format!("serialising evaluation: {e}")))?;
     let Some(sub) = finish_job(tx, job_id, instance, &json)? else {
@@ -366,7 +366,7 @@ pub fn complete_eval(
         |r| r.get(0),
     )?;
     if outstanding > 0 {
-        return Ok(Some(false));
+        return Ok(Some(None));
     }
     let now = now_ms();
     tx.execute(
@@ -380,7 +380,12 @@ pub fn complete_eval(
             params![sub, now],
         )?;
     }
-    Ok(Some(true))
+    let submitted_at: i64 = tx.query_row(
+        "SELECT created_at FROM submissions WHERE id = ?1",
+        [&sub],
+        |r| r.get(0),
+    )?;
+    Ok(Some(Some(submitted_at)))
 }
 
 /// What became of a failed job.

@@ -1020,11 +1020,20 @@ impl Scheduler {
                             self.metrics.jobs.with_label_values(&["eval", "done"]).inc();
                             let instance = self.instance.clone();
                             let score = self.scorer.is_some();
-                            self.store
+                            let all_done = self
+                                .store
                                 .write(move |tx| {
                                     jobs::complete_eval(tx, job.job_id, &instance, &e, score)
                                 })
-                                .await?;
+                                .await?
+                                .flatten();
+                            if let Some(submitted_at) = all_done {
+                                // End to end: upload accepted → both evaluations in.
+                                self.metrics
+                                    .stage_seconds
+                                    .with_label_values(&["total"])
+                                    .observe((now_ms() - submitted_at) as f64 / 1000.0);
+                            }
                         }
                         Err(msg) => self.fail(job, &msg, true).await?,
                     }

@@ -346,3 +346,126 @@ async fn sse_shows_position_falling_and_phases_in_order() {
     assert_eq!(last["state"], "evaluated");
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_export_and_deletion() {
+    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", "20".into())], |c| {
+        c.retention.retention_days = 30;
+    })
+    .await;
+    let erin = d.token(Role::Learner, "erin", "sandbox");
+    let frank = d.token(Role::Learner, "frank", "sandbox");
+    let admin = d.token(Role::Admin, "root", "sandbox");
+    let f = tone(d.dir.path(), "erin.wav", 0.5);
+    let (_, body) = d.upload(&erin, "sandbox-oral-1", &f).await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    d.wait_settled(std::slice::from_ref(&id), Duration::from_secs(60))
+        .await;
+
+    // Media plays with a single-use media ticket, never a token in the URL.
+    let http = reqwest::Client::new();
+    let t: serde_json::Value = http
+        .post(format!("{}/api/v1/tickets", d.url))
+        .bearer_auth(&erin)
+        .json(&serde_json::json!({"scope": format!("media:{id}")}))
+        .send()
+        .await
+        .expect("ticket")
+        .json()
+        .await
+        .expect("json");
+    let media_url = format!(
+        "{}/api/v1/submissions/{id}/media?ticket={}",
+        d.url,
+        t["ticket"].as_str().expect("ticket")
+    );
+    let r = reqwest::get(&media_url).await.expect("media");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.bytes().await.expect("bytes").len() as u64,
+        std::fs::metadata(&f).expect("meta").len()
+    );
+    assert_eq!(
+        reqwest::get(&media_url)
+            .await
+            .expect("again")
+            .status()
+            .as_u16(),
+        401
+    );
+    let denied = http
+        .post(format!("{}/api/v1/tickets", d.url))
+        .bearer_auth(&frank)
+        .json(&serde_json::json!({"scope": format!("media:{id}")}))
+        .send()
+        .await
+        .expect("ticket");
+    assert_eq!(
+        denied.status().as_u16(),
+        404,
+        "no media ticket for someone else's"
+    );
+
+    // Export: one's own data, not anyone else's.
+    let (status, export) = d.get(&erin, "/api/v1/users/erin/export").await;
+    assert_eq!(status, 200);
+    assert_eq!(export["submissions"].as_array().map(Vec::len), Some(1));
+    assert_eq!(d.get(&frank, "/api/v1/users/erin/export").await.0, 403);
+
+    // Retention: nothing is due yet; once settled 31 days ago, media goes.
+    let purge = |tok: String| {
+        let http = http.clone();
+        let url = format!("{}/api/v1/admin/purge", d.url);
+        async move {
+            let r = http.post(url).bearer_auth(tok).send().await.expect("purge");
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    assert_eq!(purge(erin.clone()).await.0, 403);
+    assert_eq!(purge(admin.clone()).await.1["media_purged"], 0);
+    let sid = id.clone();
+    d.state
+        .store
+        .write(move |tx| {
+            tx.execute(
+                "UPDATE submissions SET finished_at = ?2 WHERE id = ?1",
+                rusqlite::params![sid, viva_daemon::now_ms() - 31 * 86_400_000],
+            )?;
+            Ok(())
+        })
+        .await
+        .expect("age it");
+    assert_eq!(purge(admin.clone()).await.1["media_purged"], 1);
+    let (_, s) = d.get(&erin, &format!("/api/v1/submissions/{id}")).await;
+    assert_eq!(s["media_available"], false);
+    assert!(s["transcript"]["text"].is_string(), "transcripts stay");
+    let media_dir = d.dir.path().join("var/media").join(&id);
+    assert!(!media_dir.exists());
+
+    // Deletion: admins only; afterwards nothing of erin remains.
+    let del = |tok: String| {
+        let http = http.clone();
+        let url = format!("{}/api/v1/users/erin", d.url);
+        async move {
+            http.delete(url)
+                .bearer_auth(tok)
+                .send()
+                .await
+                .expect("delete")
+        }
+    };
+    assert_eq!(del(erin.clone()).await.status().as_u16(), 403);
+    let r = del(admin.clone()).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        d.get(&admin, &format!("/api/v1/submissions/{id}")).await.0,
+        404
+    );
+    let (_, export) = d.get(&admin, "/api/v1/users/erin/export").await;
+    assert_eq!(export["submissions"].as_array().map(Vec::len), Some(0));
+    assert!(export["profile"].is_null());
+    d.stop().await;
+}
