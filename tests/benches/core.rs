@@ -19,9 +19,10 @@
 //!    while uploads make status events flow, and the fan-out spread of each
 //!    event across subscribers.
 //!
-//! The separate daemon is `target/<profile>/viva` when it is at least as new
-//! as this benchmark, else this very executable re-run as `viva` (it links the
-//! same `viva_daemon::cli::main`); `BENCH_VIVA=/path/to/viva` forces a binary.
+//! The separate daemon is `target/<profile>/viva` when it exists and is newer
+//! than the daemon's sources (`cargo build --release -p viva-daemon`), else
+//! this very executable re-run as `viva` (it links the same
+//! `viva_daemon::cli::main`); `BENCH_VIVA=/path/to/viva` forces a binary.
 //! `BENCH_STRICT=1` exits with status 1 when a target is missed.
 
 use std::collections::HashMap;
@@ -72,7 +73,6 @@ fn main() -> ExitCode {
 #[derive(Clone, Copy)]
 enum Goal {
     AtMost(f64),
-    AtLeast(f64),
 }
 
 struct Row {
@@ -102,10 +102,7 @@ impl Row {
     }
 
     fn passed(&self) -> Option<bool> {
-        self.goal.map(|g| match g {
-            Goal::AtMost(t) => self.value <= t,
-            Goal::AtLeast(t) => self.value >= t,
-        })
+        self.goal.map(|Goal::AtMost(t)| self.value <= t)
     }
 }
 
@@ -140,16 +137,18 @@ fn print_section(s: &Section) {
         let (target, ratio, verdict) = match r.goal {
             None => ("-".to_owned(), "-".to_owned(), "info"),
             Some(g) => {
-                let (sym, t) = match g {
-                    Goal::AtMost(t) => ("<=", t),
-                    Goal::AtLeast(t) => (">=", t),
-                };
+                let Goal::AtMost(t) = g;
+                let sym = "<=";
                 let ratio = if t != 0.0 {
                     format!("{:.2}", r.value / t)
                 } else {
                     "-".to_owned()
                 };
-                let v = if r.passed() == Some(true) { "PASS" } else { "FAIL" };
+                let v = if r.passed() == Some(true) {
+                    "PASS"
+                } else {
+                    "FAIL"
+                };
                 (format!("{sym} {} {}", fmt_num(t), r.unit), ratio, v)
             }
         };
@@ -175,7 +174,8 @@ async fn run_all() -> anyhow::Result<ExitCode> {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
+    let wanted =
+        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     raise_fd_limit();
     let started = Instant::now();
 
@@ -298,7 +298,12 @@ fn free_disk_bytes(path: &Path) -> anyhow::Result<u64> {
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
     let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    ensure!(rc == 0, "statvfs {}: {}", path.display(), std::io::Error::last_os_error());
+    ensure!(
+        rc == 0,
+        "statvfs {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
@@ -328,7 +333,9 @@ async fn upload_bytes(
     name: &str,
 ) -> anyhow::Result<serde_json::Value> {
     let resp = client
-        .post(format!("{url}/api/v1/assignments/sandbox-oral-1/submissions"))
+        .post(format!(
+            "{url}/api/v1/assignments/sandbox-oral-1/submissions"
+        ))
         .query(&[("filename", name)])
         .bearer_auth(token)
         .body(body)
@@ -360,7 +367,8 @@ async fn upload_many(
             let mut ids = Vec::new();
             let mut last = None;
             while next.fetch_add(1, Ordering::Relaxed) < n {
-                let v = upload_bytes(&client, &url, &token, body.as_ref().clone(), "bench.wav").await?;
+                let v =
+                    upload_bytes(&client, &url, &token, body.as_ref().clone(), "bench.wav").await?;
                 last = Some(Instant::now());
                 ids.push(v["id"].as_str().unwrap_or_default().to_owned());
             }
@@ -380,7 +388,11 @@ async fn upload_many(
     Ok((ids, last.unwrap_or_else(Instant::now)))
 }
 
-async fn get_json(client: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<serde_json::Value> {
+async fn get_json(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+) -> anyhow::Result<serde_json::Value> {
     let resp = client.get(url).bearer_auth(token).send().await?;
     let status = resp.status();
     let text = resp.text().await?;
@@ -429,7 +441,8 @@ async fn states(d: &TestDaemon) -> anyhow::Result<Vec<(String, i64)>> {
     d.state
         .store
         .read(|c| {
-            let mut stmt = c.prepare("SELECT state, COUNT(*) FROM submissions GROUP BY state ORDER BY state")?;
+            let mut stmt =
+                c.prepare("SELECT state, COUNT(*) FROM submissions GROUP BY state ORDER BY state")?;
             let rows = stmt
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -443,9 +456,11 @@ async fn service_ms_total(d: &TestDaemon) -> anyhow::Result<i64> {
     d.state
         .store
         .read(|c| {
-            Ok(c.query_row("SELECT COALESCE(SUM(service_ms), 0) FROM jobs", [], |r| {
-                r.get::<_, i64>(0)
-            })?)
+            Ok(
+                c.query_row("SELECT COALESCE(SUM(service_ms), 0) FROM jobs", [], |r| {
+                    r.get::<_, i64>(0)
+                })?,
+            )
         })
         .await
         .context("summing service times")
@@ -475,7 +490,12 @@ async fn wait_drained(d: &TestDaemon, admin: &str, timeout: Duration) -> anyhow:
     }
 }
 
-async fn verify_all_evaluated(d: &TestDaemon, admin: &str, ids: &[String], n: usize) -> anyhow::Result<()> {
+async fn verify_all_evaluated(
+    d: &TestDaemon,
+    admin: &str,
+    ids: &[String],
+    n: usize,
+) -> anyhow::Result<()> {
     let st = states(d).await?;
     let evaluated = st
         .iter()
@@ -490,7 +510,12 @@ async fn verify_all_evaluated(d: &TestDaemon, admin: &str, ids: &[String], n: us
     let picks = [0, ids.len() / 2, ids.len().saturating_sub(1)];
     for i in picks {
         let Some(id) = ids.get(i) else { continue };
-        let v = get_json(&client, &format!("{}/api/v1/submissions/{id}", d.url), admin).await?;
+        let v = get_json(
+            &client,
+            &format!("{}/api/v1/submissions/{id}", d.url),
+            admin,
+        )
+        .await?;
         ensure!(
             v["state"] == "evaluated",
             "submission {id} is {} over the API",
@@ -498,6 +523,14 @@ async fn verify_all_evaluated(d: &TestDaemon, admin: &str, ids: &[String], n: us
         );
     }
     Ok(())
+}
+
+/// Fake worker processes the daemon started (from the fake workers' log).
+fn worker_starts(d: &TestDaemon) -> usize {
+    d.fake_events()
+        .iter()
+        .filter(|e| e["ev"] == "start")
+        .count()
 }
 
 async fn bench_scheduler(n: usize) -> anyhow::Result<Section> {
@@ -518,6 +551,7 @@ async fn bench_scheduler(n: usize) -> anyhow::Result<Section> {
     let done = wait_drained(&d, &admin, Duration::from_secs(180)).await?;
     verify_all_evaluated(&d, &admin, &ids, n).await?;
     let phases_a = d.state.scheduler.phase_history().len();
+    let starts_a = worker_starts(&d);
     d.stop().await;
     let intake_a = last_accept - t0;
     let total_a = done - t0;
@@ -552,6 +586,7 @@ async fn bench_scheduler(n: usize) -> anyhow::Result<Section> {
     verify_all_evaluated(&d2, &admin2, &ids_b, n).await?;
     let service = service_ms_total(&d2).await?;
     let phases_b = d2.state.scheduler.phase_history().len();
+    let starts_b = worker_starts(&d2);
     d2.stop().await;
     let drain_b = done_b - t2;
 
@@ -616,7 +651,8 @@ async fn bench_scheduler(n: usize) -> anyhow::Result<Section> {
          in pass B: {service} ms in total."
     ));
     notes.push(format!(
-        "phase changes recorded: pass A {phases_a}, pass B {phases_b} (each STT<->evaluation switch stops and \
+        "phase changes recorded: pass A {phases_a}, pass B {phases_b}; worker processes started: pass A \
+         {starts_a}, pass B {starts_b} (each STT<->evaluation switch stops and \
          starts worker processes); pass B includes daemon start-up and worker spawns."
     ));
     notes.push(
@@ -651,27 +687,34 @@ impl VivaCmd {
             };
         }
         let viva = bin_dir().join("viva");
-        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        match (mtime(&viva), mtime(&me)) {
-            (Some(v), Some(m)) if v >= m => VivaCmd {
-                describe: format!("{} (the real viva binary)", viva.display()),
-                exe: viva,
-                self_exec: false,
-            },
-            (v, _) => VivaCmd {
-                describe: format!(
-                    "this benchmark executable re-run as viva (same viva_daemon::cli::main): {} {}; \
-                     `cargo build --release -p viva-daemon` builds it",
-                    viva.display(),
-                    if v.is_some() {
-                        "is older than this benchmark"
-                    } else {
-                        "is missing"
-                    }
-                ),
-                exe: me,
-                self_exec: true,
-            },
+        let built = std::fs::metadata(&viva).and_then(|m| m.modified()).ok();
+        // Stale when a source it is built from changed after it was.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let sources = [
+            root.join("daemon"),
+            root.join("models/viva-models"),
+            root.join("Cargo.lock"),
+        ];
+        let newest_source = sources.iter().filter_map(|p| newest_mtime(p)).max();
+        let why = match (built, newest_source) {
+            (None, _) => "is missing",
+            (Some(b), Some(src)) if src > b => "is older than the daemon's sources",
+            _ => {
+                return VivaCmd {
+                    describe: format!("{} (the real viva binary)", viva.display()),
+                    exe: viva,
+                    self_exec: false,
+                };
+            }
+        };
+        VivaCmd {
+            describe: format!(
+                "this benchmark executable re-run as viva (it links the same viva_daemon::cli::main): \
+                 {} {why}; `cargo build --release -p viva-daemon` builds it",
+                viva.display(),
+            ),
+            exe: me,
+            self_exec: true,
         }
     }
 
@@ -689,6 +732,20 @@ impl VivaCmd {
         }
         cmd
     }
+}
+
+/// Latest modification time of a file, or of any file under a directory.
+fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_dir() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != "target")
+        .filter_map(|e| newest_mtime(&e.path()))
+        .max()
 }
 
 /// A `viva serve` child process; killed when dropped.
@@ -768,7 +825,15 @@ impl Served {
     async fn mint(&self, viva: &VivaCmd, role: &str, user: &str) -> anyhow::Result<String> {
         let out = viva
             .command(&self.config)
-            .args(["session", "--role", role, "--user", user, "--context", "sandbox"])
+            .args([
+                "session",
+                "--role",
+                role,
+                "--user",
+                user,
+                "--context",
+                "sandbox",
+            ])
             .stdin(Stdio::null())
             .output()
             .await?;
@@ -810,6 +875,21 @@ fn rss(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// CPU seconds (user + system) of a process, and of its reaped children.
+fn cpu_secs(pid: u32) -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3.
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap_or(0.0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let field = |n: usize| f.get(n - 3).copied().unwrap_or(0.0) / hz;
+    Some((field(14) + field(15), field(16) + field(17)))
+}
+
 // ---------------------------------------------------------------- 2. upload
 
 const RATE: u32 = 48_000;
@@ -848,7 +928,7 @@ fn pcm_chunk() -> Vec<u8> {
     period.repeat(CHUNK_PERIODS)
 }
 
-/// A streaming WAV body of `total` bytes (header included); records when the
+/// A streaming WAV body (44-byte header + `data_len` bytes of PCM); records when the
 /// last byte was handed to the HTTP client.
 fn wav_stream(
     data_len: u64,
@@ -856,30 +936,34 @@ fn wav_stream(
 ) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
     let chunk = Arc::new(pcm_chunk());
     let header = wav_header(data_len as u32);
-    futures::stream::unfold(
-        (Some(header), 0u64),
-        move |(header, sent)| {
-            let chunk = chunk.clone();
-            let finished = finished.clone();
-            async move {
-                if let Some(h) = header {
-                    return Some((Ok(h), (None, 0)));
-                }
-                if sent >= data_len {
-                    let _ = finished.set(Instant::now());
-                    return None;
-                }
-                let n = (chunk.len() as u64).min(data_len - sent) as usize;
-                let piece = chunk[..n].to_vec();
-                Some((Ok(piece), (None, sent + n as u64)))
+    futures::stream::unfold((Some(header), 0u64), move |(header, sent)| {
+        let chunk = chunk.clone();
+        let finished = finished.clone();
+        async move {
+            if let Some(h) = header {
+                return Some((Ok(h), (None, 0)));
             }
-        },
-    )
+            if sent >= data_len {
+                let _ = finished.set(Instant::now());
+                return None;
+            }
+            let n = (chunk.len() as u64).min(data_len - sent) as usize;
+            let piece = chunk[..n].to_vec();
+            if sent + n as u64 >= data_len {
+                // The HTTP client need not poll again once Content-Length is met.
+                let _ = finished.set(Instant::now());
+            }
+            Some((Ok(piece), (None, sent + n as u64)))
+        }
+    })
 }
 
 async fn bench_upload(viva: &VivaCmd, mib: u64) -> anyhow::Result<Section> {
     let total = mib * 1024 * 1024;
-    ensure!(total < 4 * 1024 * 1024 * 1024 - 64, "BENCH_UPLOAD_MIB must be under 4096 (one RIFF file)");
+    ensure!(
+        total < 4 * 1024 * 1024 * 1024 - 64,
+        "BENCH_UPLOAD_MIB must be under 4096 (one RIFF file)"
+    );
     let block = u64::from(CHANNELS) * 2;
     let data_len = (total - 44) / block * block;
     let body_len = data_len + 44;
@@ -942,9 +1026,13 @@ async fn upload_inner(
 
     let finished = Arc::new(OnceLock::new());
     let body = reqwest::Body::wrap_stream(wav_stream(data_len, finished.clone()));
+    let cpu0 = cpu_secs(served.pid).unwrap_or_default();
     let t0 = Instant::now();
     let resp = client
-        .post(format!("{}/api/v1/assignments/sandbox-oral-1/submissions", served.url))
+        .post(format!(
+            "{}/api/v1/assignments/sandbox-oral-1/submissions",
+            served.url
+        ))
         .query(&[("filename", "big.wav")])
         .bearer_auth(&token)
         .header(reqwest::header::CONTENT_TYPE, "audio/wav")
@@ -959,10 +1047,14 @@ async fn upload_inner(
     let resp = resp.context("big upload")?;
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
-    ensure!(status.as_u16() == 201, "big upload answered {status}: {text}");
+    ensure!(
+        status.as_u16() == 201,
+        "big upload answered {status}: {text}"
+    );
     let v: serde_json::Value = serde_json::from_str(&text)?;
     let got_secs = v["duration_seconds"].as_f64().unwrap_or(0.0);
     let (_, hwm) = rss(served.pid).context("reading the daemon's RSS")?;
+    let cpu1 = cpu_secs(served.pid).unwrap_or_default();
     let peak = peak.load(Ordering::Relaxed);
     let stream_end = finished.get().copied().unwrap_or(t201);
     let stream_s = (stream_end - t0).as_secs_f64();
@@ -973,8 +1065,16 @@ async fn upload_inner(
     let rows = vec![
         Row::info("upload size", body_len as f64 / MIB, "MiB"),
         Row::info("RSS at start (idle daemon)", start_rss as f64 / MIB, "MiB"),
-        Row::info("RSS before upload (after warm-up)", base_rss as f64 / MIB, "MiB"),
-        Row::info("RSS peak during upload (50 ms samples)", peak as f64 / MIB, "MiB"),
+        Row::info(
+            "RSS before upload (after warm-up)",
+            base_rss as f64 / MIB,
+            "MiB",
+        ),
+        Row::info(
+            "RSS peak during upload (50 ms samples)",
+            peak as f64 / MIB,
+            "MiB",
+        ),
         Row::target(
             "RSS growth during upload (sampled peak)",
             growth,
@@ -989,9 +1089,23 @@ async fn upload_inner(
         ),
         Row::info("body streamed in", stream_s, "s"),
         Row::info("upload stream throughput", mib as f64 / stream_s, "MiB/s"),
-        Row::info("request start to 201 (incl. probe + normalise)", total_s, "s"),
-        Row::info("after body end to 201 (probe + normalise)", total_s - stream_s, "s"),
-        Row::info("end-to-end throughput to 201", mib as f64 / total_s, "MiB/s"),
+        Row::info(
+            "request start to 201 (incl. probe + normalise)",
+            total_s,
+            "s",
+        ),
+        Row::info(
+            "after body end to 201 (probe + normalise)",
+            total_s - stream_s,
+            "s",
+        ),
+        Row::info(
+            "end-to-end throughput to 201",
+            mib as f64 / total_s,
+            "MiB/s",
+        ),
+        Row::info("daemon CPU during the request", cpu1.0 - cpu0.0, "s"),
+        Row::info("ffprobe/ffmpeg CPU (reaped children)", cpu1.1 - cpu0.1, "s"),
     ];
     let mut notes = vec![format!(
         "a {seconds:.0} s 48 kHz stereo s16 WAV generated by the client (Content-Length set); the daemon \
@@ -1000,7 +1114,9 @@ async fn upload_inner(
         samples.load(Ordering::Relaxed)
     )];
     if (got_secs - seconds).abs() > 2.0 {
-        notes.push(format!("duration mismatch: sent {seconds:.1} s, daemon says {got_secs:.1} s"));
+        notes.push(format!(
+            "duration mismatch: sent {seconds:.1} s, daemon says {got_secs:.1} s"
+        ));
     }
     notes.push(
         "\"body streamed\" ends when the client hands the last chunk to its HTTP stack; a few MiB may still \
@@ -1097,7 +1213,13 @@ async fn subscriber(
 
 /// GET /api/v1/status `n` times, one every `every`, each on its own task
 /// (open loop: a slow answer does not delay the next request); latencies in ms.
-async fn status_load(client: &reqwest::Client, url: &str, token: &str, n: usize, every: Duration) -> anyhow::Result<Vec<f64>> {
+async fn status_load(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    n: usize,
+    every: Duration,
+) -> anyhow::Result<Vec<f64>> {
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
@@ -1121,7 +1243,12 @@ async fn status_load(client: &reqwest::Client, url: &str, token: &str, n: usize,
     Ok(sorted(out))
 }
 
-async fn bench_sse(viva: &VivaCmd, fake: &Path, subs: usize, reqs: usize) -> anyhow::Result<Section> {
+async fn bench_sse(
+    viva: &VivaCmd,
+    fake: &Path,
+    subs: usize,
+    reqs: usize,
+) -> anyhow::Result<Section> {
     let limit = fd_limit();
     ensure!(
         limit as usize > subs + 200,
@@ -1147,7 +1274,13 @@ async fn bench_sse(viva: &VivaCmd, fake: &Path, subs: usize, reqs: usize) -> any
     result
 }
 
-async fn sse_inner(served: &Served, viva: &VivaCmd, root: &Path, subs: usize, reqs: usize) -> anyhow::Result<Section> {
+async fn sse_inner(
+    served: &Served,
+    viva: &VivaCmd,
+    root: &Path,
+    subs: usize,
+    reqs: usize,
+) -> anyhow::Result<Section> {
     let token = served.mint(viva, "learner", "bench").await?;
     let wav = std::fs::read(tone(root, "tone.wav", 1.0))?;
     let status_client = reqwest::Client::new();
@@ -1188,7 +1321,9 @@ async fn sse_inner(served: &Served, viva: &VivaCmd, root: &Path, subs: usize, re
         }
     }
     let connect_s = t_conn.elapsed().as_secs_f64();
-    let daemon_rss = rss(served.pid).map(|(r, _)| r as f64 / MIB).unwrap_or(f64::NAN);
+    let daemon_rss = rss(served.pid)
+        .map(|(r, _)| r as f64 / MIB)
+        .unwrap_or(f64::NAN);
     let quiet = status_load(&status_client, &served.url, &token, 100, every).await?;
 
     // Load: uploads make the status change while status requests run.
@@ -1200,7 +1335,8 @@ async fn sse_inner(served: &Served, viva: &VivaCmd, root: &Path, subs: usize, re
             let client = reqwest::Client::new();
             let mut ids = Vec::new();
             for i in 0..uploads {
-                let v = upload_bytes(&client, &url, &token, wav.clone(), &format!("u{i}.wav")).await?;
+                let v =
+                    upload_bytes(&client, &url, &token, wav.clone(), &format!("u{i}.wav")).await?;
                 ids.push(v["id"].as_str().unwrap_or_default().to_owned());
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -1217,7 +1353,12 @@ async fn sse_inner(served: &Served, viva: &VivaCmd, root: &Path, subs: usize, re
     loop {
         let mut all = true;
         for id in &ids {
-            let v = get_json(&status_client, &format!("{}/api/v1/submissions/{id}", served.url), &token).await?;
+            let v = get_json(
+                &status_client,
+                &format!("{}/api/v1/submissions/{id}", served.url),
+                &token,
+            )
+            .await?;
             if !SETTLED.contains(&v["state"].as_str().unwrap_or("")) {
                 all = false;
                 break;
@@ -1265,7 +1406,10 @@ async fn sse_inner(served: &Served, viva: &VivaCmd, root: &Path, subs: usize, re
         delays.extend(v.iter().map(|t| ms(*t - first)));
         coverage += v.len() as f64 / subs as f64;
     }
-    ensure!(!majority.is_empty(), "no status event reached half of the subscribers");
+    ensure!(
+        !majority.is_empty(),
+        "no status event reached half of the subscribers"
+    );
     let coverage = coverage / majority.len() as f64;
     let spreads = sorted(spreads);
     let delays = sorted(delays);
@@ -1273,18 +1417,42 @@ async fn sse_inner(served: &Served, viva: &VivaCmd, root: &Path, subs: usize, re
     let rows = vec![
         Row::info("status p50, idle (no subscribers)", pct(&idle, 0.5), "ms"),
         Row::info("status p99, idle (no subscribers)", pct(&idle, 0.99), "ms"),
-        Row::info(format!("status p99, {subs} subscribers, quiet"), pct(&quiet, 0.99), "ms"),
-        Row::info(format!("status p50, {subs} subs + events"), pct(&loaded, 0.5), "ms"),
-        Row::info(format!("status p95, {subs} subs + events"), pct(&loaded, 0.95), "ms"),
+        Row::info(
+            format!("status p99, {subs} subscribers, quiet"),
+            pct(&quiet, 0.99),
+            "ms",
+        ),
+        Row::info(
+            format!("status p50, {subs} subs + events"),
+            pct(&loaded, 0.5),
+            "ms",
+        ),
+        Row::info(
+            format!("status p95, {subs} subs + events"),
+            pct(&loaded, 0.95),
+            "ms",
+        ),
         Row::target(
             format!("status p99, {subs} subs + events"),
             pct(&loaded, 0.99),
             "ms",
             Goal::AtMost(100.0),
         ),
-        Row::info(format!("status max, {subs} subs + events"), pct(&loaded, 1.0), "ms"),
-        Row::info("fan-out: events reaching >= half the subs", majority.len() as f64, "events"),
-        Row::info("fan-out: mean share of subs per event", coverage * 100.0, "%"),
+        Row::info(
+            format!("status max, {subs} subs + events"),
+            pct(&loaded, 1.0),
+            "ms",
+        ),
+        Row::info(
+            "fan-out: events reaching >= half the subs",
+            majority.len() as f64,
+            "events",
+        ),
+        Row::info(
+            "fan-out: mean share of subs per event",
+            coverage * 100.0,
+            "%",
+        ),
         Row::info("fan-out spread (first->last) p50", pct(&spreads, 0.5), "ms"),
         Row::target(
             "fan-out spread (first->last) p99",
@@ -1292,8 +1460,16 @@ async fn sse_inner(served: &Served, viva: &VivaCmd, root: &Path, subs: usize, re
             "ms",
             Goal::AtMost(100.0),
         ),
-        Row::info("fan-out delay after first arrival p50", pct(&delays, 0.5), "ms"),
-        Row::info("fan-out delay after first arrival p99", pct(&delays, 0.99), "ms"),
+        Row::info(
+            "fan-out delay after first arrival p50",
+            pct(&delays, 0.5),
+            "ms",
+        ),
+        Row::info(
+            "fan-out delay after first arrival p99",
+            pct(&delays, 0.99),
+            "ms",
+        ),
         Row::info("daemon RSS with subscribers connected", daemon_rss, "MiB"),
     ];
     let notes = vec![
