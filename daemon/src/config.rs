@@ -312,8 +312,7 @@ impl Config {
             let Some(rest) = key.strip_prefix("VIVA_") else {
                 continue;
             };
-            // Variables the CLI reads itself, not configuration keys.
-            if matches!(rest, "CONFIG" | "TOKEN" | "URL" | "LOG") {
+            if RESERVED_ENV.contains(&rest) {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
@@ -412,6 +411,10 @@ impl Config {
     }
 }
 
+/// `VIVA_*` variables that are not configuration keys: the CLI and the
+/// scripts read them themselves.
+pub const RESERVED_ENV: &[&str] = &["CONFIG", "TOKEN", "URL", "LOG", "CACHE", "MODELS_DIR"];
+
 fn parse_env_value(raw: &str) -> toml::Value {
     // `key = <raw>` parses numbers, booleans, arrays and quoted strings;
     // anything else (paths, addresses) is a plain string.
@@ -485,6 +488,7 @@ mod tests {
                 ("VIVA_DATA_DIR", "/srv/viva"),
                 ("VIVA_SANDBOX__ENABLED", "true"),
                 ("VIVA_TOKEN", "ignored"),
+                ("VIVA_CACHE", "/root/.cache/viva"),
                 ("HOME", "/root"),
             ]),
             &[("listen".into(), toml::Value::String("0.0.0.0:7000".into()))],
