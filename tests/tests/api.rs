@@ -264,7 +264,18 @@ async fn collect_sse(resp: reqwest::Response) -> Vec<(String, serde_json::Value)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_shows_position_falling_and_phases_in_order() {
-    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", "700".into())], |_| {}).await;
+    // The STT worker stays "loading" until the gate file exists, so all four
+    // uploads queue up before any runs, however slow the machine.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let gate = tmp.path().join("gate");
+    let d = TestDaemon::start(
+        &[
+            ("FAKE_STT_FIXED_MS", "300".into()),
+            ("FAKE_LOAD_GATE", gate.display().to_string()),
+        ],
+        |_| {},
+    )
+    .await;
     let tok = d.token(Role::Learner, "dave", "sandbox");
     let mut ids = Vec::new();
     for i in 0..4 {
@@ -289,6 +300,7 @@ async fn sse_shows_position_falling_and_phases_in_order() {
     );
     let resp = reqwest::get(&url).await.expect("sse");
     assert_eq!(resp.status().as_u16(), 200);
+    std::fs::write(&gate, b"open").expect("open the gate");
     let events = tokio::time::timeout(Duration::from_secs(90), collect_sse(resp))
         .await
         .expect("stream finished");

@@ -89,11 +89,22 @@ async fn a_lone_upload_on_an_idle_daemon_starts_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_closes_by_size() {
-    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", ms(1500))], |c| {
-        c.scheduler.stt_batch_size = 3;
-    })
+    // The STT worker "loads" until the gate opens: every upload is in before
+    // any transcription ends, however slow the machine.
+    let gate = tempfile::tempdir().expect("tempdir");
+    let gate = gate.path().join("gate");
+    let d = TestDaemon::start(
+        &[
+            ("FAKE_STT_FIXED_MS", ms(100)),
+            ("FAKE_LOAD_GATE", gate.display().to_string()),
+        ],
+        |c| {
+            c.scheduler.stt_batch_size = 3;
+        },
+    )
     .await;
     let ids = upload_all(&d, &["s1.wav", "s2.wav", "s3.wav", "s4.wav", "s5.wav"], 0.5).await;
+    std::fs::write(&gate, b"open").expect("open the gate");
     d.wait_settled(&ids, Duration::from_secs(90)).await;
     assert_eq!(batch_sizes(&d).await, vec![3, 2]);
     d.stop().await;
@@ -101,13 +112,24 @@ async fn a_batch_closes_by_size() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_closes_by_window() {
-    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", ms(3000))], |c| {
-        c.scheduler.batch_window = Duration::from_millis(800);
-    })
+    let gate = tempfile::tempdir().expect("tempdir");
+    let gate = gate.path().join("gate");
+    let d = TestDaemon::start(
+        &[
+            ("FAKE_STT_FIXED_MS", ms(100)),
+            ("FAKE_LOAD_GATE", gate.display().to_string()),
+        ],
+        |c| {
+            c.scheduler.batch_window = Duration::from_millis(500);
+        },
+    )
     .await;
     let first = upload_all(&d, &["w1.wav"], 0.5).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Batch 1 is open (its STT cannot finish: the worker is held loading);
+    // its window passes before the second upload.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     let second = upload_all(&d, &["w2.wav"], 0.5).await;
+    std::fs::write(&gate, b"open").expect("open the gate");
     let all: Vec<String> = first.iter().chain(&second).cloned().collect();
     d.wait_settled(&all, Duration::from_secs(90)).await;
     assert_eq!(

@@ -16,7 +16,8 @@
 //!   `items` (batch size of an evaluator job) are null where they do not
 //!   apply; `t_ms` is Unix time in milliseconds. `job_end` also has
 //!   `"ok": true|false`.
-//! - `FAKE_LOAD_MS`: time to "load the model". `FAKE_LOAD_FAIL`: when set
+//! - `FAKE_LOAD_MS`: time to "load the model"; `FAKE_LOAD_GATE=/path`: keep
+//!   loading until that file exists. `FAKE_LOAD_FAIL`: when set
 //!   and not empty, loading fails with an `Error` frame and the worker exits 1.
 //! - `FAKE_STT_FIXED_MS` + `FAKE_STT_MS_PER_AUDIO_SEC` × audio seconds: the
 //!   duration of a transcription. `FAKE_EVAL_FIXED_MS` +
@@ -445,6 +446,13 @@ fn run() -> anyhow::Result<()> {
     };
     let started = Instant::now();
     sleep_ms(env_ms("FAKE_LOAD_MS"));
+    // FAKE_LOAD_GATE: hold "loading" until the test creates this file, so a
+    // test can line uploads up before any of them runs.
+    if let Some(gate) = std::env::var_os("FAKE_LOAD_GATE") {
+        while !Path::new(&gate).exists() {
+            sleep_ms(20.0);
+        }
+    }
     if std::env::var_os("FAKE_LOAD_FAIL").is_some_and(|v| !v.is_empty()) {
         worker.send(&WorkerMessage::Error {
             job_id: None,
