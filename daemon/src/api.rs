@@ -39,6 +39,8 @@ pub struct AppState {
     pub sessions: Sessions,
     pub scheduler: SchedulerHandle,
     pub metrics: Metrics,
+    pub plugins: Arc<crate::plugins::PluginRegistry>,
+    pub lti: crate::platforms::Lti,
     pub shutting_down: Arc<AtomicBool>,
 }
 
@@ -79,6 +81,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/users/{id}/export", get(export_user))
         .route("/api/v1/users/{id}", axum::routing::delete(delete_user))
         .route("/api/v1/admin/purge", post(purge))
+        .merge(crate::plugins::routes())
+        .merge(crate::lti_routes::routes())
         .with_state(state)
 }
 
@@ -293,6 +297,7 @@ async fn create_assignment(
     let ctx = context_for(&c, q.context.as_deref());
     require_manage(&c, &ctx)?;
     input.validate()?;
+    crate::plugins::check_assignment(&st, &ctx, &input).await?;
     let id = input.id.clone().unwrap_or_else(|| new_id("asg"));
     let actor = c.actor();
     let a = st
@@ -328,6 +333,7 @@ async fn update_assignment(
             "the body's id differs from the URL's",
         ));
     }
+    crate::plugins::check_assignment(&st, &existing.context_id, &input).await?;
     let actor = c.actor();
     let ctx = existing.context_id.clone();
     Ok(Json(

@@ -34,6 +34,9 @@ pub struct Claims {
     pub roles: Vec<Role>,
     #[serde(default)]
     pub name: Option<String>,
+    /// Where an LTI launch came from (absent for `viva session` tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lti: Option<LtiScope>,
     pub iat: u64,
     pub exp: u64,
     pub iss: String,
@@ -65,6 +68,25 @@ impl Claims {
     pub fn actor(&self) -> String {
         format!("{}@{}", self.sub, self.ctx)
     }
+}
+
+/// The LTI launch a session came from: platform, deployment, resource link.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct LtiScope {
+    /// The platform's issuer.
+    pub platform: String,
+    pub client_id: String,
+    pub deployment: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_link: Option<String>,
+    /// The daemon's id of the resource link (`lti_links.id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignment: Option<String>,
+    /// Handle of a pending deep-linking request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deep_link: Option<String>,
 }
 
 /// Signs and verifies session tokens; keeps single-use tickets.
@@ -163,6 +185,18 @@ impl Sessions {
         roles: &[Role],
         name: Option<String>,
     ) -> Result<(String, Claims)> {
+        self.mint_scoped(user, context, roles, name, None)
+    }
+
+    /// Mints a session token for an LTI launch.
+    pub fn mint_scoped(
+        &self,
+        user: &str,
+        context: &str,
+        roles: &[Role],
+        name: Option<String>,
+        lti: Option<LtiScope>,
+    ) -> Result<(String, Claims)> {
         let now = crate::now_ms() as u64 / 1000;
         let mut roles = roles.to_vec();
         roles.sort();
@@ -172,6 +206,7 @@ impl Sessions {
             ctx: context.to_owned(),
             roles,
             name,
+            lti,
             iat: now,
             exp: now + self.ttl.as_secs().max(1),
             iss: ISSUER.into(),

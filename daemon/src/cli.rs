@@ -13,6 +13,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::{Config, LogFormat};
 use crate::domain::Role;
 
+mod models;
+mod platform;
+mod plugin;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "viva",
@@ -90,6 +94,21 @@ enum Command {
     User {
         #[command(subcommand)]
         action: UserAction,
+    },
+    /// Fetch, verify, list or convert model files.
+    Models {
+        #[command(subcommand)]
+        action: models::ModelsAction,
+    },
+    /// Run a rubric plugin locally on a request file (the plugin author's test bench).
+    Plugin {
+        #[command(subcommand)]
+        action: plugin::PluginAction,
+    },
+    /// Add, list or remove LTI platform registrations.
+    Platform {
+        #[command(subcommand)]
+        action: platform::PlatformAction,
     },
 }
 
@@ -231,6 +250,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 config.retention.retention_days
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugin { action } => {
+            plugin::run(action, || Ok(load_config(&cli, vec![])?.plugins))
+        }
+        Command::Platform { action } => platform::run(action, &load_config(&cli, vec![])?),
+        Command::Models { action } => {
+            models::run(action, || Ok(load_config(&cli, vec![])?.data_dir))
         }
         Command::User { action } => {
             let config = load_config(&cli, vec![])?;

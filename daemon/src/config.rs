@@ -44,6 +44,8 @@ pub struct Config {
     pub sessions: SessionConfig,
     pub sandbox: SandboxConfig,
     pub retention: RetentionConfig,
+    pub plugins: crate::plugins::PluginsConfig,
+    pub lti: crate::platforms::LtiConfig,
 }
 
 impl Default for Config {
@@ -59,6 +61,8 @@ impl Default for Config {
             sessions: SessionConfig::default(),
             sandbox: SandboxConfig::default(),
             retention: RetentionConfig::default(),
+            plugins: Default::default(),
+            lti: Default::default(),
         }
     }
 }
@@ -411,9 +415,26 @@ impl Config {
     }
 }
 
-/// `VIVA_*` variables that are not configuration keys: the CLI and the
-/// scripts read them themselves.
-pub const RESERVED_ENV: &[&str] = &["CONFIG", "TOKEN", "URL", "LOG", "CACHE", "MODELS_DIR"];
+/// `VIVA_*` variables that are not configuration keys: the CLI, the scripts
+/// and the test harness read them themselves (scripts/lib.sh exports several
+/// before the tests run, so each must be listed here or `viva` rejects it as
+/// an unknown key).
+pub const RESERVED_ENV: &[&str] = &[
+    "CONFIG",
+    "TOKEN",
+    "URL",
+    "LOG",
+    "CACHE",
+    "MODELS_DIR",
+    "ROOT",
+    "PYTHON",
+    "LTI_PYTHON",
+    "LLAMA_LOG",
+    "AXE_JS",
+    "REQUIRE_LTI_PLATFORM",
+    "REQUIRE_BROWSER",
+    "REQUIRE_MODELS",
+];
 
 fn parse_env_value(raw: &str) -> toml::Value {
     // `key = <raw>` parses numbers, booleans, arrays and quoted strings;

@@ -32,6 +32,10 @@ pub enum Error {
     Intake(#[from] IntakeError),
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    #[error(transparent)]
+    Plugin(#[from] viva_plugins::Error),
+    #[error(transparent)]
+    Lti(#[from] viva_lti::LtiError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -70,6 +74,8 @@ impl Error {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Error::Intake(e) => (e.status(), e.code()),
+            Error::Plugin(e) => crate::plugins::status_and_code(e),
+            Error::Lti(e) => crate::platforms::status_and_code(e),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
@@ -130,6 +136,26 @@ mod tests {
             (Error::Unavailable("x".into()), 503, "unavailable"),
             (Error::Internal("secret detail".into()), 500, "internal"),
             (Error::Intake(IntakeError::Empty), 400, "empty_upload"),
+            (
+                Error::Plugin(viva_plugins::Error::NotAComponent("x".into())),
+                400,
+                "not_a_component",
+            ),
+            (
+                Error::Plugin(viva_plugins::Error::TooLarge { size: 2, limit: 1 }),
+                413,
+                "plugin_too_large",
+            ),
+            (
+                Error::Lti(viva_lti::LtiError::BadSignature),
+                401,
+                "bad_signature",
+            ),
+            (
+                Error::Lti(viva_lti::LtiError::MissingParam("iss")),
+                400,
+                "missing_param",
+            ),
         ];
         for (e, status, code) in cases {
             let (s, c) = e.status_and_code();

@@ -2,7 +2,8 @@
 //! worker supervision. The `viva` binary (`main.rs`) only calls [`cli::main`].
 //!
 //! Start at [`run`]: it opens the [`store`], starts the [`scheduler`] (which
-//! supervises model [`workers`]) and serves the [`api`] until shutdown.
+//! supervises model [`workers`] and scores with rubric [`plugins`]) and
+//! serves the [`api`] until shutdown.
 
 pub mod api;
 pub mod auth;
@@ -12,7 +13,11 @@ pub mod domain;
 pub mod error;
 pub mod intake;
 pub mod jobs;
+pub mod lti_routes;
 pub mod metrics;
+pub mod passback;
+pub mod platforms;
+pub mod plugins;
 pub mod retention;
 pub mod scheduler;
 pub mod status;
@@ -94,14 +99,46 @@ pub struct Daemon {
     _lock: DataDirLock,
 }
 
+/// Who scores evaluated submissions.
+pub enum Scoring {
+    /// Nobody: submissions rest in `evaluated` (tests of the pipeline).
+    Off,
+    /// The assignment's rubric plugin ([`plugins::PluginScorer`]); uploads
+    /// compile with this compiler.
+    Plugins(viva_plugins::Compiler),
+    /// A scorer given by the caller.
+    Custom(Arc<dyn Scorer>),
+}
+
 impl Daemon {
+    /// A daemon with `scorer` (or none: submissions rest in `evaluated`).
+    /// Plugin management and validation work either way.
     pub async fn build(config: Config, scorer: Option<Arc<dyn Scorer>>) -> Result<Daemon> {
-        std::fs::create_dir_all(&config.data_dir).map_err(Error::io(format!(
-            "creating {} (set --data-dir or VIVA_DATA_DIR to a writable place)",
-            config.data_dir.display()
-        )))?;
-        let lock = DataDirLock::acquire(&config.data_dir)?;
-        let store = open_data_dir(&config)?;
+        let scoring = match scorer {
+            Some(s) => Scoring::Custom(s),
+            None => Scoring::Off,
+        };
+        Daemon::build_with(config, scoring).await
+    }
+
+    /// A daemon with the given scoring: `viva serve` uses
+    /// [`Scoring::Plugins`], tests of the pipeline [`Scoring::Off`].
+    pub async fn build_with(config: Config, scoring: Scoring) -> Result<Daemon> {
+        // Directory creation, file locking, migrations and key I/O are blocking: keep them off
+        // the async threads.
+        let cfg = config.clone();
+        let (lock, store, key) = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&cfg.data_dir).map_err(Error::io(format!(
+                "creating {} (set --data-dir or VIVA_DATA_DIR to a writable place)",
+                cfg.data_dir.display()
+            )))?;
+            let lock = DataDirLock::acquire(&cfg.data_dir)?;
+            let store = open_data_dir(&cfg)?;
+            let key = auth::load_or_create_key(&cfg.data_dir)?;
+            Ok::<_, Error>((lock, store, key))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("start-up task failed: {e}")))??;
         let cleaned = intake::clear_staging(&config.staging_dir())
             .await
             .unwrap_or(0);
@@ -115,10 +152,30 @@ impl Daemon {
             Ok(v) => tracing::info!(ffmpeg = %v, "media tools found"),
             Err(e) => tracing::error!(error = %e, "uploads will fail until this is fixed"),
         }
-        let key = auth::load_or_create_key(&config.data_dir)?;
         let sessions = auth::Sessions::new(&key, config.sessions.ttl, config.sessions.ticket_ttl);
         let metrics = metrics::Metrics::new()
             .map_err(|e| Error::Internal(format!("metrics registry: {e}")))?;
+        let compiler = match &scoring {
+            Scoring::Plugins(c) => c.clone(),
+            _ => viva_plugins::Compiler::InProcess,
+        };
+        let lti = platforms::Lti::open(&config).await?;
+        let plugins = Arc::new(plugins::PluginRegistry::new(
+            &config,
+            store.clone(),
+            compiler,
+        )?);
+        let scorer: Option<Arc<dyn Scorer>> = match scoring {
+            Scoring::Off => None,
+            Scoring::Plugins(_) => {
+                // Compile (or load from the cache) the built-in plugins now,
+                // off the async threads, so the first score does not wait.
+                let registry = plugins.clone();
+                tokio::task::spawn_blocking(move || registry.warm_up());
+                Some(Arc::new(plugins::PluginScorer::new(plugins.clone())))
+            }
+            Scoring::Custom(s) => Some(s),
+        };
         let instance = domain::new_id("daemon");
         let (scheduler, handle) = scheduler::Scheduler::new(
             &config,
@@ -135,6 +192,8 @@ impl Daemon {
                 sessions,
                 scheduler: handle,
                 metrics,
+                plugins,
+                lti,
                 shutting_down: Arc::new(AtomicBool::new(false)),
             },
             scheduler,
@@ -157,6 +216,7 @@ impl Daemon {
         let sched_stop = CancellationToken::new();
         let sched = tokio::spawn(scheduler.run(sched_stop.clone()));
         let sweeper = tokio::spawn(retention_sweeper(state.clone(), shutdown.clone()));
+        let passback = tokio::spawn(passback::run(state.clone(), shutdown.clone()));
         let app = router(state.clone());
         let flag = state.shutting_down.clone();
         let sd = shutdown.clone();
@@ -175,6 +235,7 @@ impl Daemon {
             Err(e) => tracing::error!(error = %e, "scheduler task panicked"),
         }
         sweeper.abort();
+        passback.abort();
         served.map_err(Error::io("serving HTTP"))
     }
 }
@@ -201,7 +262,16 @@ async fn retention_sweeper(state: AppState, shutdown: CancellationToken) {
 /// Runs the daemon until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> Result<()> {
     let listen = config.listen;
-    let daemon = Daemon::build(config, None).await?;
+    // Uploaded plugins compile in a child `viva plugin compile-child` with
+    // its own time and memory limits.
+    let compiler = match std::env::current_exe() {
+        Ok(program) => viva_plugins::Compiler::Subprocess {
+            program,
+            args: vec!["plugin".into(), "compile-child".into()],
+        },
+        Err(_) => viva_plugins::Compiler::InProcess,
+    };
+    let daemon = Daemon::build_with(config, Scoring::Plugins(compiler)).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(Error::io(format!(

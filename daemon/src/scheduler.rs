@@ -40,11 +40,39 @@ use crate::status::{PlanInput, ServiceStats, Snapshot, StatsView};
 use crate::store::Store;
 use crate::workers::{Supervisor, WorkerError, WorkerExit, WorkerHandle, WorkerSpec};
 
-/// What the rubric plugin host implements (the plugins issue); until one is
-/// configured, submissions rest in state `evaluated`.
+/// Scores an evaluated submission: [`crate::plugins::PluginScorer`] runs the
+/// assignment's rubric plugin. Without a scorer (tests of the pipeline),
+/// submissions rest in state `evaluated`.
 pub trait Scorer: Send + Sync + 'static {
     /// Scores one submission. Runs on a blocking thread.
-    fn score(&self, input: &ScoreInput) -> std::result::Result<ScoreOutcome, String>;
+    fn score(&self, input: &ScoreInput) -> std::result::Result<ScoreOutcome, ScoreError>;
+}
+
+/// Why scoring failed. `message` is shown to the student and instructor as
+/// the failure reason, so it is plain words without plugin logs (those go to
+/// the daemon log and the admin view). Deterministic failures (a trap, out of
+/// fuel, invalid output) fail the submission at once: a retry would only
+/// repeat them. Transient ones (deadline under load, I/O) are retried.
+#[derive(Debug, Clone)]
+pub struct ScoreError {
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl ScoreError {
+    pub fn transient(message: impl Into<String>) -> ScoreError {
+        ScoreError {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> ScoreError {
+        ScoreError {
+            message: message.into(),
+            retryable: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -161,7 +189,7 @@ enum Event {
     },
     ScoreDone {
         job: Claimed,
-        result: std::result::Result<(ScoreOutcome, ReleasePolicy), String>,
+        result: std::result::Result<(ScoreOutcome, ReleasePolicy), ScoreError>,
     },
 }
 
@@ -852,12 +880,12 @@ impl Scheduler {
                     })
                     .await;
                 let result = match input {
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(ScoreError::transient(e.to_string())),
                     Ok(input) => {
                         let policy = input.assignment.release_policy;
                         tokio::task::spawn_blocking(move || scorer.score(&input))
                             .await
-                            .map_err(|e| format!("the scorer panicked: {e}"))
+                            .map_err(|e| ScoreError::permanent(format!("the scorer panicked: {e}")))
                             .and_then(|r| r)
                             .map(|o| (o, policy))
                     }
@@ -1129,7 +1157,7 @@ impl Scheduler {
     async fn finish_score(
         &mut self,
         job: Claimed,
-        result: std::result::Result<(ScoreOutcome, ReleasePolicy), String>,
+        result: std::result::Result<(ScoreOutcome, ReleasePolicy), ScoreError>,
     ) -> Result<()> {
         match result {
             Ok((outcome, policy)) => {
@@ -1152,7 +1180,7 @@ impl Scheduler {
                     .inc();
                 Ok(())
             }
-            Err(msg) => self.fail(job, &msg, true).await,
+            Err(e) => self.fail(job, &e.message, e.retryable).await,
         }
     }
 

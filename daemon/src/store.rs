@@ -133,6 +133,72 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX audit_by_subject ON audit_log(subject);
     "#,
+    // 4: uploaded rubric plugins (the .wasm lives in <data>/plugins/<sha256>.wasm).
+    r#"
+    CREATE TABLE plugins (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL,
+        version         TEXT NOT NULL,
+        description     TEXT NOT NULL DEFAULT '',
+        sha256          TEXT NOT NULL,
+        size_bytes      INTEGER NOT NULL,
+        context_id      TEXT REFERENCES contexts(id) ON DELETE CASCADE,
+        interface       TEXT NOT NULL,
+        config_schema   TEXT NOT NULL,
+        default_config  TEXT NOT NULL,
+        enabled         INTEGER NOT NULL DEFAULT 1 CHECK (enabled IN (0, 1)),
+        uploaded_by     TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL
+    );
+    CREATE INDEX plugins_by_name ON plugins(name, context_id);
+    "#,
+    // 5: LTI platform registrations, LTI users and resource links.
+    r#"
+    CREATE TABLE lti_registrations (
+        issuer      TEXT NOT NULL,
+        client_id   TEXT NOT NULL,
+        config      TEXT NOT NULL,
+        source      TEXT NOT NULL DEFAULT 'manual' CHECK (source IN ('manual', 'dynamic')),
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        PRIMARY KEY (issuer, client_id)
+    );
+    CREATE TABLE lti_users (
+        issuer   TEXT NOT NULL,
+        sub      TEXT NOT NULL,
+        user_id  TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        PRIMARY KEY (issuer, sub)
+    );
+    CREATE INDEX lti_users_by_user ON lti_users(user_id);
+    CREATE TABLE lti_links (
+        id                TEXT PRIMARY KEY,
+        issuer            TEXT NOT NULL,
+        client_id         TEXT NOT NULL,
+        deployment_id     TEXT NOT NULL,
+        resource_link_id  TEXT NOT NULL,
+        context_id        TEXT NOT NULL REFERENCES contexts(id) ON DELETE CASCADE,
+        assignment_id     TEXT REFERENCES assignments(id) ON DELETE SET NULL,
+        title             TEXT,
+        lineitem_url      TEXT,
+        lineitems_url     TEXT,
+        ags_scopes        TEXT NOT NULL DEFAULT '',
+        nrps_url          TEXT,
+        created_at        INTEGER NOT NULL,
+        updated_at        INTEGER NOT NULL,
+        UNIQUE (issuer, client_id, deployment_id, resource_link_id)
+    );
+    CREATE INDEX lti_links_by_assignment ON lti_links(assignment_id);
+    CREATE INDEX lti_links_by_context ON lti_links(context_id);
+    CREATE TABLE lti_link_members (
+        link_id         TEXT NOT NULL REFERENCES lti_links(id) ON DELETE CASCADE,
+        user_id         TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        sub             TEXT NOT NULL,
+        last_launch_at  INTEGER NOT NULL,
+        PRIMARY KEY (link_id, user_id)
+    );
+    CREATE INDEX lti_link_members_by_user ON lti_link_members(user_id);
+    "#,
 ];
 
 /// The schema version this build understands.
@@ -385,6 +451,83 @@ mod tests {
             [],
         );
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn migration_4_adds_plugins_scoped_to_a_course_or_the_site() {
+        let (_d, conn, _) = db_at(4);
+        assert!(tables(&conn).contains(&"plugins".to_string()));
+        conn.execute("INSERT INTO contexts VALUES ('c', 'C', 0)", [])
+            .expect("context");
+        let insert = |id: &str, ctx: Option<&str>, enabled: i64| {
+            conn.execute(
+                "INSERT INTO plugins (id, name, version, sha256, size_bytes, context_id, interface,
+                     config_schema, default_config, enabled, uploaded_by, created_at, updated_at)
+                 VALUES (?1, 'p', '1', 'h', 1, ?2, 'viva:rubric@0.1.0', '{}', '{}', ?3, 'a', 0, 0)",
+                rusqlite::params![id, ctx, enabled],
+            )
+        };
+        insert("site", None, 1).expect("site-wide");
+        insert("course", Some("c"), 1).expect("course");
+        assert!(
+            insert("orphan", Some("nope"), 1).is_err(),
+            "course must exist"
+        );
+        assert!(insert("bad", None, 2).is_err(), "enabled is a boolean");
+    }
+
+    #[test]
+    fn migration_5_adds_lti_registrations_links_and_users() {
+        let (_d, conn, _) = db_at(5);
+        let t = tables(&conn);
+        for name in [
+            "lti_registrations",
+            "lti_users",
+            "lti_links",
+            "lti_link_members",
+        ] {
+            assert!(t.contains(&name.to_string()), "{name} missing: {t:?}");
+        }
+        conn.execute_batch(
+            "INSERT INTO contexts VALUES ('c', 'C', 0);
+             INSERT INTO users (id, created_at) VALUES ('u', 0);
+             INSERT INTO lti_registrations (issuer, client_id, config, created_at, updated_at)
+                 VALUES ('https://p', '1', '{}', 0, 0);
+             INSERT INTO lti_links (id, issuer, client_id, deployment_id, resource_link_id,
+                 context_id, created_at, updated_at) VALUES ('l', 'https://p', '1', 'd', 'r', 'c', 0, 0);
+             INSERT INTO lti_users VALUES ('https://p', 'sub', 'u');
+             INSERT INTO lti_link_members VALUES ('l', 'u', 'sub', 0);",
+        )
+        .expect("rows");
+        let dup = conn.execute(
+            "INSERT INTO lti_registrations (issuer, client_id, config, created_at, updated_at)
+             VALUES ('https://p', '1', '{}', 0, 0)",
+            [],
+        );
+        assert!(dup.is_err(), "one registration per (issuer, client_id)");
+        let dup_link = conn.execute(
+            "INSERT INTO lti_links (id, issuer, client_id, deployment_id, resource_link_id,
+                 context_id, created_at, updated_at) VALUES ('l2', 'https://p', '1', 'd', 'r', 'c', 0, 0)",
+            [],
+        );
+        assert!(dup_link.is_err(), "one link per platform resource link");
+        let bad_source = conn.execute(
+            "INSERT INTO lti_registrations (issuer, client_id, config, source, created_at, updated_at)
+             VALUES ('https://q', '1', '{}', 'guessed', 0, 0)",
+            [],
+        );
+        assert!(bad_source.is_err());
+        // Deleting a user (data deletion) takes their LTI identity and launches along.
+        conn.execute("DELETE FROM users WHERE id = 'u'", [])
+            .expect("delete user");
+        let n: i64 = conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM lti_users) + (SELECT COUNT(*) FROM lti_link_members)",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(n, 0);
     }
 
     #[test]

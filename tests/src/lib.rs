@@ -149,8 +149,26 @@ pub fn fake_worker_config(
 impl TestDaemon {
     /// Starts a daemon with the sandbox course, one fake STT worker and two
     /// fake evaluators ("a", "b"); `env` configures the fake workers and
-    /// `customize` anything else.
+    /// `customize` anything else. No scorer: submissions rest in `evaluated`.
     pub async fn start(env: &[(&str, String)], customize: impl FnOnce(&mut Config)) -> TestDaemon {
+        TestDaemon::start_with(env, customize, viva_daemon::Scoring::Off).await
+    }
+
+    /// Like [`TestDaemon::start`], but evaluated submissions are scored by
+    /// the assignment's real rubric plugin (WebAssembly, in-process compiles).
+    pub async fn start_scoring(
+        env: &[(&str, String)],
+        customize: impl FnOnce(&mut Config),
+    ) -> TestDaemon {
+        let scoring = viva_daemon::Scoring::Plugins(viva_plugins::Compiler::InProcess);
+        TestDaemon::start_with(env, customize, scoring).await
+    }
+
+    pub async fn start_with(
+        env: &[(&str, String)],
+        customize: impl FnOnce(&mut Config),
+        scoring: viva_daemon::Scoring,
+    ) -> TestDaemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("var");
         let fake_log = dir.path().join("fake.log");
@@ -172,7 +190,7 @@ impl TestDaemon {
             );
         }
         customize(&mut config);
-        let daemon = viva_daemon::Daemon::build(config, None)
+        let daemon = viva_daemon::Daemon::build_with(config, scoring)
             .await
             .expect("daemon builds");
         let state = daemon.state.clone();
@@ -240,6 +258,23 @@ impl TestDaemon {
 
     /// Waits until every submission has left processing (or `timeout`).
     pub async fn wait_settled(&self, ids: &[String], timeout: Duration) -> Vec<serde_json::Value> {
+        let states = ["evaluated", "awaiting_review", "released", "failed"];
+        self.wait_states(ids, timeout, &states).await
+    }
+
+    /// Waits until every submission is scored or failed (daemons with a scorer).
+    pub async fn wait_scored(&self, ids: &[String], timeout: Duration) -> Vec<serde_json::Value> {
+        let states = ["awaiting_review", "released", "failed"];
+        self.wait_states(ids, timeout, &states).await
+    }
+
+    /// Waits until every submission is in one of `states` (or `timeout`).
+    pub async fn wait_states(
+        &self,
+        ids: &[String],
+        timeout: Duration,
+        states: &[&str],
+    ) -> Vec<serde_json::Value> {
         let admin = self.token(Role::Admin, "test-admin", "sandbox");
         let deadline = Instant::now() + timeout;
         loop {
@@ -248,12 +283,9 @@ impl TestDaemon {
                 let (_, v) = self.get(&admin, &format!("/api/v1/submissions/{id}")).await;
                 all.push(v);
             }
-            let settled = all.iter().all(|v| {
-                matches!(
-                    v["state"].as_str(),
-                    Some("evaluated" | "awaiting_review" | "released" | "failed")
-                )
-            });
+            let settled = all
+                .iter()
+                .all(|v| v["state"].as_str().is_some_and(|s| states.contains(&s)));
             if settled {
                 return all;
             }

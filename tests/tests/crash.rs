@@ -253,7 +253,9 @@ async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
             let v: serde_json::Value = r.json().await.expect("json");
             states.push(v);
         }
-        if states.iter().all(|v| v["state"] == "evaluated") {
+        // `viva serve` scores with the default rubric plugin; the sandbox
+        // releases manually, so every submission ends awaiting review.
+        if states.iter().all(|v| v["state"] == "awaiting_review") {
             break states;
         }
         assert!(
@@ -271,11 +273,14 @@ async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
     let status = daemon.wait().expect("wait");
     assert!(status.success(), "SIGTERM → clean exit, got {status}");
 
-    // Exactly one result per stage: one transcript, one evaluation per role.
+    // Exactly one result per stage: one transcript, one evaluation per role,
+    // one score.
     let db = rusqlite::Connection::open(dir.path().join("var/viva.db")).expect("db");
     for (v, id) in finals.iter().zip(&ids) {
         assert!(v["transcript"]["text"].as_str().is_some(), "{id}");
         assert_eq!(v["evaluations"].as_array().map(Vec::len), Some(2), "{id}");
+        assert_eq!(v["score"]["total"], 8.0, "{id}: {v}");
+        assert_eq!(v["score"]["report"]["plugin"]["name"], "weighted-criteria");
         let (done, other): (i64, i64) = db
             .query_row(
                 "SELECT SUM(state = 'done'), SUM(state != 'done') FROM jobs WHERE submission_id = ?1",
@@ -285,8 +290,8 @@ async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
             .expect("jobs");
         assert_eq!(
             (done, other),
-            (3, 0),
-            "{id}: one STT + two evaluations, all done"
+            (4, 0),
+            "{id}: one STT + two evaluations + one score, all done"
         );
     }
     let n: i64 = db
@@ -325,7 +330,7 @@ async fn viva_submit_follows_a_submission_to_its_result() {
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stderr.contains("uploaded answer.wav"), "{stderr}");
     assert!(stderr.contains("STT phase"), "progress is shown: {stderr}");
-    assert!(stdout.contains(": evaluated"), "{stdout}");
+    assert!(stdout.contains(": awaiting_review"), "{stdout}");
     assert!(
         stdout.contains("transcript: fake transcript of"),
         "{stdout}"

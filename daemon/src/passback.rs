@@ -1,0 +1,464 @@
+//! Grade release and passback.
+//!
+//! Scoring writes a `grade_outbox` row: `pending` when the grade waits for an
+//! instructor (→ AGS `PendingManual`), `released` when it is out (→
+//! `FullyGraded` with the score and feedback). `POST
+//! /api/v1/submissions/{id}/release` moves an `awaiting_review` submission to
+//! `released` and writes the `released` row. The worker here delivers rows to
+//! every platform link the student launched the assignment from, with
+//! retries and backoff; each score carries the time of the state change it
+//! reports (the row's creation), so a retried or late POST never regresses
+//! what the platform shows. A `pending` row is skipped once a `released` row
+//! exists. Platform refusals (Moodle's 400 for users who cannot be graded,
+//! for instance) are recorded on the row and shown to instructors at
+//! `GET /api/v1/submissions/{id}/passback`.
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use viva_lti::LtiError;
+use viva_lti::services::{ActivityProgress, GradingProgress, LineItem, Score, rfc3339_ms, scopes};
+
+use crate::api::AppState;
+use crate::auth::Session;
+use crate::domain::{self, SubmissionState};
+use crate::error::{Error, Result};
+use crate::now_ms;
+use crate::platforms::{self, Link};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/submissions/{id}/release", post(release))
+        .route("/api/v1/submissions/{id}/passback", get(passback_status))
+}
+
+#[derive(Serialize)]
+struct Released {
+    id: String,
+    state: SubmissionState,
+    released_at: i64,
+}
+
+async fn release(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Path(id): Path<String>,
+) -> Result<Json<Released>> {
+    let sid = id.clone();
+    let sub = st
+        .store
+        .read(move |conn| domain::get_submission(conn, &sid))
+        .await?
+        .ok_or(Error::NotFound("submission"))?;
+    if !c.can_read(&sub) {
+        return Err(Error::NotFound("submission"));
+    }
+    if !c.can_manage(&sub.context_id) {
+        return Err(Error::Forbidden(
+            "only the course's instructors can release grades".into(),
+        ));
+    }
+    let actor = c.actor();
+    let now = now_ms();
+    let sid = id.clone();
+    st.store
+        .write(move |tx| {
+            let n = tx.execute(
+                "UPDATE submissions SET state = 'released', updated_at = ?2
+                 WHERE id = ?1 AND state = 'awaiting_review'",
+                params![sid, now],
+            )?;
+            if n == 0 {
+                let state: String = tx.query_row(
+                    "SELECT state FROM submissions WHERE id = ?1",
+                    [&sid],
+                    |r| r.get(0),
+                )?;
+                return Err(Error::Conflict {
+                    code: "not_awaiting_review",
+                    message: format!(
+                        "submission {sid} is {state}; only a grade awaiting review can be released"
+                    ),
+                });
+            }
+            let score: Option<String> = tx.query_row(
+                "SELECT score FROM submissions WHERE id = ?1",
+                [&sid],
+                |r| r.get(0),
+            )?;
+            tx.execute(
+                "INSERT INTO grade_outbox (submission_id, kind, payload, next_attempt_at, created_at)
+                 VALUES (?1, 'released', ?2, ?3, ?3) ON CONFLICT DO NOTHING",
+                params![sid, score.unwrap_or_else(|| "{}".into()), now],
+            )?;
+            domain::audit(tx, &actor, "submission.release", &sid, serde_json::json!({}))
+        })
+        .await?;
+    st.lti.passback_wake.notify_one();
+    st.scheduler.poke();
+    Ok(Json(Released {
+        id,
+        state: SubmissionState::Released,
+        released_at: now,
+    }))
+}
+
+/// One outbox row as instructors see it.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct OutboxView {
+    pub kind: String,
+    pub state: String,
+    pub attempts: i64,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub next_attempt_at: i64,
+    pub delivered_at: Option<i64>,
+}
+
+async fn passback_status(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<OutboxView>>> {
+    let sid = id.clone();
+    let sub = st
+        .store
+        .read(move |conn| domain::get_submission(conn, &sid))
+        .await?
+        .ok_or(Error::NotFound("submission"))?;
+    if !c.can_manage(&sub.context_id) {
+        return Err(Error::NotFound("submission"));
+    }
+    Ok(Json(
+        st.store.read(move |conn| outbox_rows(conn, &id)).await?,
+    ))
+}
+
+pub fn outbox_rows(conn: &rusqlite::Connection, submission: &str) -> Result<Vec<OutboxView>> {
+    let mut stmt = conn.prepare(
+        "SELECT kind, state, attempts, last_error, created_at, next_attempt_at, delivered_at
+         FROM grade_outbox WHERE submission_id = ?1 ORDER BY created_at, id",
+    )?;
+    let rows = stmt
+        .query_map([submission], |r| {
+            Ok(OutboxView {
+                kind: r.get(0)?,
+                state: r.get(1)?,
+                attempts: r.get(2)?,
+                last_error: r.get(3)?,
+                created_at: r.get(4)?,
+                next_attempt_at: r.get(5)?,
+                delivered_at: r.get(6)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+// ---- the worker -------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Row {
+    id: i64,
+    submission_id: String,
+    kind: String,
+    payload: serde_json::Value,
+    attempts: i64,
+    created_at: i64,
+}
+
+/// How a delivery ended.
+enum Outcome {
+    Delivered(Option<String>),
+    Failed(LtiError),
+}
+
+/// Delivers due outbox rows until `shutdown`; also runs tool key rotation.
+pub async fn run(st: AppState, shutdown: CancellationToken) {
+    let mut next_key_check = std::time::Instant::now();
+    loop {
+        if std::time::Instant::now() >= next_key_check {
+            st.lti.maintain_keys().await;
+            next_key_check = std::time::Instant::now() + Duration::from_secs(3600);
+        }
+        if let Err(e) = deliver_due(&st).await {
+            tracing::warn!(error = %e, "grade passback round failed");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = st.lti.passback_wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Delivers every due row once; returns how many rows were handled.
+pub async fn deliver_due(st: &AppState) -> Result<usize> {
+    let now = now_ms();
+    let rows: Vec<Row> = st
+        .store
+        .read(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, submission_id, kind, payload, attempts, created_at FROM grade_outbox
+                 WHERE state = 'pending' AND next_attempt_at <= ?1
+                 ORDER BY created_at, id LIMIT 20",
+            )?;
+            let rows = stmt
+                .query_map([now], |r| {
+                    let payload: String = r.get(3)?;
+                    Ok(Row {
+                        id: r.get(0)?,
+                        submission_id: r.get(1)?,
+                        kind: r.get(2)?,
+                        payload: serde_json::from_str(&payload).unwrap_or_default(),
+                        attempts: r.get(4)?,
+                        created_at: r.get(5)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await?;
+    let n = rows.len();
+    for row in rows {
+        let outcome = deliver(st, &row).await;
+        record(st, &row, outcome).await?;
+    }
+    Ok(n)
+}
+
+async fn record(st: &AppState, row: &Row, outcome: Outcome) -> Result<()> {
+    let now = now_ms();
+    let id = row.id;
+    match outcome {
+        Outcome::Delivered(note) => {
+            st.store
+                .write(move |tx| {
+                    tx.execute(
+                        "UPDATE grade_outbox SET state = 'delivered', delivered_at = ?2,
+                         last_error = ?3 WHERE id = ?1",
+                        params![id, now, note],
+                    )?;
+                    Ok(())
+                })
+                .await
+        }
+        Outcome::Failed(e) => {
+            let attempts = row.attempts + 1;
+            let max = i64::from(st.lti.config.passback_max_attempts.max(1));
+            let dead = !e.is_transient() || attempts >= max;
+            let base = st.lti.config.passback_retry_backoff.as_millis() as i64;
+            let delay = base
+                .saturating_mul(1i64 << (attempts - 1).clamp(0, 20))
+                .min(3_600_000);
+            let msg = e.to_string();
+            if dead {
+                tracing::warn!(submission = %row.submission_id, kind = %row.kind, code = e.code(), error = %msg, "grade passback gave up");
+            } else {
+                tracing::info!(submission = %row.submission_id, kind = %row.kind, code = e.code(), error = %msg, attempts, "grade passback will retry");
+            }
+            st.store
+                .write(move |tx| {
+                    tx.execute(
+                        "UPDATE grade_outbox SET state = ?2, attempts = ?3, last_error = ?4,
+                         next_attempt_at = ?5 WHERE id = ?1",
+                        params![
+                            id,
+                            if dead { "dead" } else { "pending" },
+                            attempts,
+                            msg,
+                            now + delay
+                        ],
+                    )?;
+                    Ok(())
+                })
+                .await
+        }
+    }
+}
+
+/// The feedback text sent as the score's comment.
+fn feedback(payload: &serde_json::Value) -> Option<String> {
+    let report = &payload["report"];
+    let text = report["feedback"]
+        .as_str()
+        .or_else(|| report["summary"].as_str())
+        .map(str::to_owned)
+        .or_else(|| {
+            let reasons: Vec<&str> = payload["reasons"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|r| r.as_str()).collect())
+                .unwrap_or_default();
+            (!reasons.is_empty()).then(|| reasons.join("\n"))
+        })?;
+    Some(text.chars().take(10_000).collect())
+}
+
+async fn deliver(st: &AppState, row: &Row) -> Outcome {
+    let sid = row.submission_id.clone();
+    let kind = row.kind.clone();
+    let lookup = st
+        .store
+        .read(move |conn| {
+            let superseded = kind == "pending"
+                && conn
+                    .query_row(
+                        "SELECT 1 FROM grade_outbox WHERE submission_id = ?1 AND kind = 'released'",
+                        [&sid],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some();
+            let targets = platforms::passback_targets(conn, &sid)?;
+            let mut out = Vec::new();
+            for (link, sub) in targets {
+                let reg = platforms::get_registration(conn, &link.issuer, &link.client_id)?;
+                let assignment = match &link.assignment_id {
+                    Some(a) => domain::get_assignment(conn, a)?,
+                    None => None,
+                };
+                out.push((link, sub, reg, assignment));
+            }
+            Ok((superseded, out))
+        })
+        .await;
+    let (superseded, targets) = match lookup {
+        Ok(v) => v,
+        Err(e) => {
+            return Outcome::Failed(LtiError::Http {
+                url: String::new(),
+                reason: format!("reading the outbox: {e}"),
+            });
+        }
+    };
+    if superseded {
+        return Outcome::Delivered(Some("superseded by the release".into()));
+    }
+    if targets.is_empty() {
+        return Outcome::Delivered(Some("not launched from a platform: nothing to send".into()));
+    }
+    let released = row.kind == "released";
+    let now = viva_lti::now_secs();
+    for (link, sub, reg, assignment) in targets {
+        let Some(reg) = reg else {
+            return Outcome::Failed(LtiError::UnknownRegistration {
+                issuer: link.issuer.clone(),
+                client_id: Some(link.client_id.clone()),
+            });
+        };
+        let max = row.payload["max"]
+            .as_f64()
+            .filter(|m| *m > 0.0)
+            .or_else(|| assignment.as_ref().map(|a| a.rubric.max_points()))
+            .unwrap_or(0.0);
+        let lineitem = match line_item(st, &reg, &link, assignment.as_ref(), max, now).await {
+            Ok(li) => li,
+            Err(e) => return Outcome::Failed(e),
+        };
+        let score = Score {
+            user_id: sub,
+            score_given: released.then(|| row.payload["total"].as_f64().unwrap_or(0.0)),
+            score_maximum: released.then_some(max),
+            comment: if released {
+                feedback(&row.payload)
+            } else {
+                None
+            },
+            timestamp: rfc3339_ms(row.created_at),
+            activity_progress: if released {
+                ActivityProgress::Completed
+            } else {
+                ActivityProgress::Submitted
+            },
+            grading_progress: if released {
+                GradingProgress::FullyGraded
+            } else {
+                GradingProgress::PendingManual
+            },
+        };
+        if let Err(e) = st
+            .lti
+            .services
+            .publish_score(&reg, &lineitem, &score, now)
+            .await
+        {
+            return Outcome::Failed(e);
+        }
+        tracing::info!(submission = %row.submission_id, link = %link.id, kind = %row.kind, "grade sent to the platform");
+    }
+    Outcome::Delivered(None)
+}
+
+/// The link's line item: from the signed launch claim, else found or created
+/// in the platform's line item container (and remembered).
+async fn line_item(
+    st: &AppState,
+    reg: &viva_lti::Registration,
+    link: &Link,
+    assignment: Option<&domain::Assignment>,
+    max: f64,
+    now: u64,
+) -> std::result::Result<String, LtiError> {
+    if let Some(li) = &link.lineitem_url {
+        return Ok(li.clone());
+    }
+    let Some(container) = &link.lineitems_url else {
+        return Err(LtiError::InvalidClaim {
+            claim: "ags endpoint",
+            reason: "the platform gave this link neither a line item nor a line item service"
+                .into(),
+        });
+    };
+    if !link.ags_scopes.is_empty() && !link.ags_scopes.iter().any(|s| s == scopes::LINEITEM) {
+        return Err(LtiError::InvalidClaim {
+            claim: "ags scope",
+            reason: "the platform did not allow this tool to create line items".into(),
+        });
+    }
+    let label = assignment
+        .map(|a| a.title.clone())
+        .or(link.title.clone())
+        .unwrap_or_else(|| "Viva".into());
+    let spec = LineItem {
+        id: None,
+        score_maximum: if max > 0.0 { max } else { 100.0 },
+        label,
+        resource_id: link.assignment_id.clone(),
+        resource_link_id: Some(link.resource_link_id.clone()),
+        tag: Some("viva".into()),
+    };
+    let li = st
+        .lti
+        .services
+        .find_or_create_line_item(reg, container, &spec, now)
+        .await?;
+    let url = li.id.unwrap_or_default();
+    let (link_id, u) = (link.id.clone(), url.clone());
+    st.store
+        .write(move |tx| platforms::set_link_lineitem(tx, &link_id, &u))
+        .await
+        .map_err(|e| LtiError::Http {
+            url: String::new(),
+            reason: format!("remembering the line item: {e}"),
+        })?;
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feedback_prefers_the_report() {
+        let p = serde_json::json!({"total": 3, "max": 4, "reasons": ["a", "b"], "report": {"feedback": "Well done."}});
+        assert_eq!(feedback(&p).as_deref(), Some("Well done."));
+        let p = serde_json::json!({"reasons": ["a", "b"], "report": {}});
+        assert_eq!(feedback(&p).as_deref(), Some("a\nb"));
+        assert_eq!(feedback(&serde_json::json!({})), None);
+    }
+}

@@ -1,0 +1,567 @@
+//! LTI platforms as the daemon keeps them: the `[lti]` configuration, the
+//! runtime (tool keys, platform key cache, login states, service client),
+//! and the SQL for registrations, LTI users and resource links.
+//!
+//! LTI identities map onto the daemon's own: a user is
+//! `lti-<hash(issuer, sub)>`, a course is
+//! `lti-<hash(issuer, client_id, deployment, context id)>`, so two platforms
+//! (or two tenants of one hosted Canvas) can never share a course or a user.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use viva_lti::launch::DeepLinkingSettings;
+use viva_lti::{
+    HttpClient, JwksCache, LtiError, MemoryStateStore, Registration, ServiceClient, ToolKeys,
+    ToolUrls, UrlPolicy,
+};
+
+use crate::config::Config;
+use crate::domain::Role;
+use crate::error::{Error, Result};
+use crate::now_ms;
+use crate::store::Store;
+
+/// `[lti]`: LTI 1.3 settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LtiConfig {
+    /// Permit http and loopback/private platform URLs (development and tests
+    /// only). Off, registration and service calls refuse them (SSRF protection).
+    pub allow_insecure_platforms: bool,
+    /// Accept LTI Dynamic Registration at `/lti/register` (Moodle "add tool
+    /// by URL", Canvas `/api/lti/registrations`).
+    pub dynamic_registration: bool,
+    /// Rotate the tool's signing key this often (0 = never automatically).
+    #[serde(with = "humantime_serde")]
+    pub key_rotation: Duration,
+    /// A new key is published this long before it signs.
+    #[serde(with = "humantime_serde")]
+    pub key_publish_lead: Duration,
+    /// At most one refetch of a platform's key set per this interval when a
+    /// launch names an unknown key id.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refetch_interval: Duration,
+    /// First delay before retrying a failed grade passback; doubles per
+    /// attempt, capped at an hour.
+    #[serde(with = "humantime_serde")]
+    pub passback_retry_backoff: Duration,
+    /// Attempts before a grade passback is given up (`dead`).
+    pub passback_max_attempts: u32,
+}
+
+impl Default for LtiConfig {
+    fn default() -> Self {
+        LtiConfig {
+            allow_insecure_platforms: false,
+            dynamic_registration: true,
+            key_rotation: Duration::from_secs(90 * 86_400),
+            key_publish_lead: Duration::from_secs(86_400),
+            jwks_refetch_interval: Duration::from_secs(60),
+            passback_retry_backoff: Duration::from_secs(10),
+            passback_max_attempts: 10,
+        }
+    }
+}
+
+impl LtiConfig {
+    pub fn policy(&self) -> UrlPolicy {
+        UrlPolicy {
+            allow_insecure: self.allow_insecure_platforms,
+        }
+    }
+}
+
+/// A deep-linking request waiting for the instructor's choice.
+#[derive(Debug, Clone)]
+pub struct DeepLinkContext {
+    pub issuer: String,
+    pub client_id: String,
+    pub deployment_id: String,
+    pub context_id: String,
+    pub settings: DeepLinkingSettings,
+    pub expires_at: u64,
+}
+
+/// The LTI runtime shared by routes and the passback worker.
+#[derive(Clone)]
+pub struct Lti {
+    inner: Arc<LtiInner>,
+}
+
+pub struct LtiInner {
+    pub config: LtiConfig,
+    pub tool: ToolUrls,
+    pub keys: Arc<ToolKeys>,
+    pub jwks: JwksCache,
+    pub states: MemoryStateStore,
+    pub services: ServiceClient,
+    pub http: HttpClient,
+    pub deep_links: Mutex<HashMap<String, DeepLinkContext>>,
+    /// Wakes the passback worker (a release, a new outbox row).
+    pub passback_wake: tokio::sync::Notify,
+}
+
+impl std::ops::Deref for Lti {
+    type Target = LtiInner;
+    fn deref(&self) -> &LtiInner {
+        &self.inner
+    }
+}
+
+/// Where the tool's keys live.
+pub fn keys_dir(config: &Config) -> std::path::PathBuf {
+    config.data_dir.join("keys").join("lti")
+}
+
+impl Lti {
+    /// Opens (creating on first use) the tool keys and builds the clients.
+    pub async fn open(config: &Config) -> Result<Lti> {
+        let lti = config.lti.clone();
+        let tool = ToolUrls::new(&config.public_url())?;
+        let dir = keys_dir(config);
+        let keys = tokio::task::spawn_blocking(move || ToolKeys::open(&dir, viva_lti::now_secs()))
+            .await
+            .map_err(|e| Error::Internal(format!("opening LTI keys: {e}")))??;
+        let keys = Arc::new(keys);
+        let http = HttpClient::new(lti.policy(), viva_lti::USER_AGENT)?;
+        let mut jwks = JwksCache::new(http.clone());
+        jwks.min_refetch = lti.jwks_refetch_interval;
+        Ok(Lti {
+            inner: Arc::new(LtiInner {
+                services: ServiceClient::new(http.clone(), keys.clone()),
+                config: lti,
+                tool,
+                keys,
+                jwks,
+                states: MemoryStateStore::default(),
+                http,
+                deep_links: Mutex::new(HashMap::new()),
+                passback_wake: tokio::sync::Notify::new(),
+            }),
+        })
+    }
+
+    /// Remembers a deep-linking request for an hour; returns its handle.
+    pub fn save_deep_link(&self, ctx: DeepLinkContext) -> String {
+        let handle = viva_lti::login::random_token(16);
+        if let Ok(mut map) = self.deep_links.lock() {
+            let now = viva_lti::now_secs();
+            map.retain(|_, v| v.expires_at > now);
+            if map.len() < 10_000 {
+                map.insert(handle.clone(), ctx);
+            }
+        }
+        handle
+    }
+
+    pub fn deep_link(&self, handle: &str) -> Option<DeepLinkContext> {
+        let now = viva_lti::now_secs();
+        self.deep_links
+            .lock()
+            .ok()?
+            .get(handle)
+            .filter(|c| c.expires_at > now)
+            .cloned()
+    }
+
+    /// Runs key rotation when due (called periodically).
+    pub async fn maintain_keys(&self) {
+        let keys = self.keys.clone();
+        let every = self.config.key_rotation.as_secs();
+        let lead = self.config.key_publish_lead.as_secs();
+        // Keep a retired key a day past the longest token it signed (5 min).
+        let retire_after = lead.max(86_400);
+        let r = tokio::task::spawn_blocking(move || {
+            keys.maintain(viva_lti::now_secs(), every, lead, retire_after)
+        })
+        .await;
+        match r {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "LTI key rotation failed"),
+            Err(e) => tracing::error!(error = %e, "LTI key rotation task failed"),
+        }
+    }
+}
+
+/// HTTP status and code of an LTI error.
+pub fn status_and_code(e: &LtiError) -> (axum::http::StatusCode, &'static str) {
+    use axum::http::StatusCode;
+    let status = match e {
+        LtiError::UnknownRegistration { .. } => StatusCode::NOT_FOUND,
+        LtiError::UnknownState
+        | LtiError::StateExpired
+        | LtiError::StateNotBound
+        | LtiError::NonceMismatch
+        | LtiError::BadSignature
+        | LtiError::UnknownKid { .. }
+        | LtiError::WeakKey { .. }
+        | LtiError::DisallowedAlgorithm(_)
+        | LtiError::MissingKid
+        | LtiError::IssuerMismatch { .. }
+        | LtiError::AudienceMismatch
+        | LtiError::AzpMismatch
+        | LtiError::Expired
+        | LtiError::NotYetValid
+        | LtiError::TooOld => StatusCode::UNAUTHORIZED,
+        LtiError::Http { .. } | LtiError::Platform { .. } | LtiError::BadResponse { .. } => {
+            StatusCode::BAD_GATEWAY
+        }
+        LtiError::Registration(_) => StatusCode::BAD_GATEWAY,
+        LtiError::Keys(_) | LtiError::Io { .. } | LtiError::Signing(_) => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        _ => StatusCode::BAD_REQUEST,
+    };
+    (status, e.code())
+}
+
+// ---- identities ---------------------------------------------------------------
+
+fn digest(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// The daemon user id of an LTI user.
+pub fn user_id(issuer: &str, sub: &str) -> String {
+    format!("lti-{}", digest(&["user", issuer, sub]))
+}
+
+/// The daemon context id of an LTI context.
+pub fn context_id(issuer: &str, client_id: &str, deployment: &str, context: &str) -> String {
+    format!(
+        "lti-{}",
+        digest(&["context", issuer, client_id, deployment, context])
+    )
+}
+
+/// LTI access levels as daemon roles.
+pub fn daemon_roles(access: &[viva_lti::Access]) -> Vec<Role> {
+    access
+        .iter()
+        .map(|a| match a {
+            viva_lti::Access::Learner => Role::Learner,
+            viva_lti::Access::Instructor => Role::Instructor,
+            viva_lti::Access::Admin => Role::Admin,
+        })
+        .collect()
+}
+
+// ---- registrations --------------------------------------------------------------
+
+/// A stored registration.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredRegistration {
+    #[serde(flatten)]
+    pub registration: Registration,
+    pub source: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+pub fn list_registrations(conn: &Connection) -> Result<Vec<StoredRegistration>> {
+    let mut stmt = conn.prepare(
+        "SELECT config, source, created_at, updated_at FROM lti_registrations
+         ORDER BY issuer, client_id",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter()
+        .map(|(cfg, source, created_at, updated_at)| {
+            Ok(StoredRegistration {
+                registration: serde_json::from_str(&cfg).map_err(|e| {
+                    Error::Internal(format!("a stored registration is invalid: {e}"))
+                })?,
+                source,
+                created_at,
+                updated_at,
+            })
+        })
+        .collect()
+}
+
+/// Registrations of one issuer.
+pub fn registrations_for(conn: &Connection, issuer: &str) -> Result<Vec<Registration>> {
+    let mut stmt = conn.prepare("SELECT config FROM lti_registrations WHERE issuer = ?1")?;
+    let rows = stmt
+        .query_map([issuer], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter()
+        .map(|c| {
+            serde_json::from_str(&c)
+                .map_err(|e| Error::Internal(format!("a stored registration is invalid: {e}")))
+        })
+        .collect()
+}
+
+pub fn get_registration(
+    conn: &Connection,
+    issuer: &str,
+    client_id: &str,
+) -> Result<Option<Registration>> {
+    let cfg: Option<String> = conn
+        .query_row(
+            "SELECT config FROM lti_registrations WHERE issuer = ?1 AND client_id = ?2",
+            [issuer, client_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    cfg.map(|c| {
+        serde_json::from_str(&c)
+            .map_err(|e| Error::Internal(format!("a stored registration is invalid: {e}")))
+    })
+    .transpose()
+}
+
+/// Inserts a registration; with `replace`, overwrites an existing one.
+pub fn save_registration(
+    tx: &Transaction<'_>,
+    r: &Registration,
+    source: &str,
+    replace: bool,
+) -> Result<()> {
+    let cfg = serde_json::to_string(r).map_err(|e| Error::Internal(e.to_string()))?;
+    let now = now_ms();
+    let exists = get_registration(tx, &r.issuer, &r.client_id)?.is_some();
+    if exists && !replace {
+        return Err(Error::Conflict {
+            code: "registration_exists",
+            message: format!(
+                "a registration for {} with client id {} exists; remove it first or replace it",
+                r.issuer, r.client_id
+            ),
+        });
+    }
+    tx.execute(
+        "INSERT INTO lti_registrations (issuer, client_id, config, source, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+         ON CONFLICT(issuer, client_id) DO UPDATE SET config = ?3, source = ?4, updated_at = ?5",
+        params![r.issuer, r.client_id, cfg, source, now],
+    )?;
+    Ok(())
+}
+
+pub fn remove_registration(tx: &Transaction<'_>, issuer: &str, client_id: &str) -> Result<bool> {
+    Ok(tx.execute(
+        "DELETE FROM lti_registrations WHERE issuer = ?1 AND client_id = ?2",
+        [issuer, client_id],
+    )? > 0)
+}
+
+// ---- resource links -------------------------------------------------------------
+
+/// A resource link placed in a platform course.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Link {
+    pub id: String,
+    pub issuer: String,
+    pub client_id: String,
+    pub deployment_id: String,
+    pub resource_link_id: String,
+    pub context_id: String,
+    pub assignment_id: Option<String>,
+    pub title: Option<String>,
+    pub lineitem_url: Option<String>,
+    pub lineitems_url: Option<String>,
+    pub ags_scopes: Vec<String>,
+    pub nrps_url: Option<String>,
+}
+
+fn link_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Link> {
+    let scopes: String = r.get("ags_scopes")?;
+    Ok(Link {
+        id: r.get("id")?,
+        issuer: r.get("issuer")?,
+        client_id: r.get("client_id")?,
+        deployment_id: r.get("deployment_id")?,
+        resource_link_id: r.get("resource_link_id")?,
+        context_id: r.get("context_id")?,
+        assignment_id: r.get("assignment_id")?,
+        title: r.get("title")?,
+        lineitem_url: r.get("lineitem_url")?,
+        lineitems_url: r.get("lineitems_url")?,
+        ags_scopes: scopes.split_whitespace().map(str::to_owned).collect(),
+        nrps_url: r.get("nrps_url")?,
+    })
+}
+
+pub fn get_link(conn: &Connection, id: &str) -> Result<Option<Link>> {
+    Ok(conn
+        .query_row("SELECT * FROM lti_links WHERE id = ?1", [id], link_from_row)
+        .optional()?)
+}
+
+/// Creates or refreshes a link from a launch. Service URLs come only from
+/// signed launch claims; a launch without a service claim (platforms may
+/// leave NRPS out of learners' launches) keeps the last one seen.
+pub fn upsert_link(tx: &Transaction<'_>, l: &Link) -> Result<Link> {
+    let now = now_ms();
+    let existing: Option<String> = tx
+        .query_row(
+            "SELECT id FROM lti_links WHERE issuer = ?1 AND client_id = ?2 AND deployment_id = ?3
+             AND resource_link_id = ?4",
+            params![l.issuer, l.client_id, l.deployment_id, l.resource_link_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let id = existing.unwrap_or_else(|| l.id.clone());
+    tx.execute(
+        "INSERT INTO lti_links (id, issuer, client_id, deployment_id, resource_link_id, context_id,
+             assignment_id, title, lineitem_url, lineitems_url, ags_scopes, nrps_url, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13)
+         ON CONFLICT(id) DO UPDATE SET context_id = ?6,
+             assignment_id = COALESCE(lti_links.assignment_id, ?7), title = COALESCE(?8, title),
+             lineitem_url = COALESCE(?9, lineitem_url), lineitems_url = COALESCE(?10, lineitems_url),
+             ags_scopes = CASE WHEN ?11 = '' THEN ags_scopes ELSE ?11 END,
+             nrps_url = COALESCE(?12, nrps_url), updated_at = ?13",
+        params![
+            id,
+            l.issuer,
+            l.client_id,
+            l.deployment_id,
+            l.resource_link_id,
+            l.context_id,
+            l.assignment_id,
+            l.title,
+            l.lineitem_url,
+            l.lineitems_url,
+            l.ags_scopes.join(" "),
+            l.nrps_url,
+            now
+        ],
+    )?;
+    get_link(tx, &id)?.ok_or(Error::NotFound("link"))
+}
+
+pub fn set_link_assignment(tx: &Transaction<'_>, link: &str, assignment: &str) -> Result<()> {
+    tx.execute(
+        "UPDATE lti_links SET assignment_id = ?2, updated_at = ?3 WHERE id = ?1",
+        params![link, assignment, now_ms()],
+    )?;
+    Ok(())
+}
+
+pub fn set_link_lineitem(tx: &Transaction<'_>, link: &str, lineitem: &str) -> Result<()> {
+    tx.execute(
+        "UPDATE lti_links SET lineitem_url = ?2, updated_at = ?3 WHERE id = ?1",
+        params![link, lineitem, now_ms()],
+    )?;
+    Ok(())
+}
+
+/// Records that `user` (LTI `sub`) launched `link`.
+pub fn record_launch(
+    tx: &Transaction<'_>,
+    link: &str,
+    user: &str,
+    issuer: &str,
+    sub: &str,
+) -> Result<()> {
+    let now = now_ms();
+    tx.execute(
+        "INSERT INTO lti_users (issuer, sub, user_id) VALUES (?1, ?2, ?3)
+         ON CONFLICT(issuer, sub) DO NOTHING",
+        params![issuer, sub, user],
+    )?;
+    tx.execute(
+        "INSERT INTO lti_link_members (link_id, user_id, sub, last_launch_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(link_id, user_id) DO UPDATE SET sub = ?3, last_launch_at = ?4",
+        params![link, user, sub, now],
+    )?;
+    Ok(())
+}
+
+/// Where a submission's grade goes: each link of its assignment that its
+/// author launched, with the author's LTI `sub` there.
+pub fn passback_targets(conn: &Connection, submission: &str) -> Result<Vec<(Link, String)>> {
+    let mut stmt = conn.prepare(
+        "SELECT l.*, m.sub AS member_sub FROM submissions s
+         JOIN lti_link_members m ON m.user_id = s.user_id
+         JOIN lti_links l ON l.id = m.link_id AND l.assignment_id = s.assignment_id
+         WHERE s.id = ?1 ORDER BY l.id",
+    )?;
+    let rows = stmt
+        .query_map([submission], |r| {
+            Ok((link_from_row(r)?, r.get::<_, String>("member_sub")?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
+/// Whether `context` holds a link of the registration (issuer, client_id).
+pub fn context_of_registration(
+    conn: &Connection,
+    context: &str,
+    issuer: &str,
+    client_id: &str,
+) -> Result<bool> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM lti_links WHERE context_id = ?1 AND issuer = ?2 AND client_id = ?3 LIMIT 1",
+            [context, issuer, client_id],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// Opens the store for CLI use and returns it with the configuration.
+pub fn open_store(config: &Config) -> Result<Store> {
+    crate::open_data_dir(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_are_scoped_and_valid_ids() {
+        let a = user_id("https://canvas.instructure.com", "u1");
+        let b = user_id("https://moodle.example.edu", "u1");
+        assert_ne!(a, b, "the same sub on two platforms is two users");
+        crate::domain::validate_id(&a, "user").expect("valid id");
+        let c1 = context_id("https://canvas.instructure.com", "100", "d", "c");
+        let c2 = context_id("https://canvas.instructure.com", "200", "d", "c");
+        assert_ne!(c1, c2, "two tenants sharing an issuer never share a course");
+        crate::domain::validate_id(&c1, "context").expect("valid id");
+    }
+
+    #[test]
+    fn lti_errors_map_to_statuses() {
+        use axum::http::StatusCode;
+        assert_eq!(
+            status_and_code(&LtiError::BadSignature),
+            (StatusCode::UNAUTHORIZED, "bad_signature")
+        );
+        assert_eq!(
+            status_and_code(&LtiError::MissingParam("iss")).0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status_and_code(&LtiError::Platform {
+                url: String::new(),
+                status: 500,
+                body: String::new()
+            })
+            .0,
+            StatusCode::BAD_GATEWAY
+        );
+    }
+}

@@ -1,0 +1,907 @@
+//! Rubric plugins in the daemon: the registry, the scorer and the
+//! management API.
+//!
+//! - Built-in plugins (`weighted-criteria`, the default, and
+//!   `holistic-band`) are embedded in the binary, so a fresh install scores
+//!   without any upload.
+//! - Uploaded plugins are stored by sha256 in `<data>/plugins/<sha>.wasm`
+//!   with their metadata in the `plugins` table: site-wide (admins) or for
+//!   one course (instructors, when `plugins.instructor_upload` is on). An
+//!   upload is checked and compiled (in a child process with its own time
+//!   and memory limits) before it is stored.
+//! - An assignment names a plugin; the name resolves to the course's newest
+//!   enabled upload, then the site's, then the built-in. Its configuration is
+//!   validated against the plugin's schema and its `validate-config` when
+//!   the assignment is saved.
+//! - [`PluginScorer`] implements the scheduler's [`Scorer`]: it runs the
+//!   assignment's plugin on each evaluated submission. Compiled artifacts
+//!   are cached in `<data>/plugins/cache`, and loaded plugins stay in
+//!   memory, pre-instantiated.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde::{Deserialize, Serialize};
+use viva_plugins::{
+    CompileLimits, Compiler, HostOptions, Limits, Plugin, PluginHost, ScoreRequest,
+    SubmissionFacts, builtin,
+};
+
+use crate::api::AppState;
+use crate::auth::{Claims, Session};
+use crate::config::Config;
+use crate::domain::{AssignmentInput, DEFAULT_PLUGIN, new_id};
+use crate::error::{Error, Result};
+use crate::now_ms;
+use crate::scheduler::{ScoreError, ScoreInput, ScoreOutcome, Scorer};
+use crate::store::Store;
+
+/// `[plugins]`: who may upload, and the sandbox's limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Instructors may upload plugins for their own course (admins always may, site-wide).
+    pub instructor_upload: bool,
+    /// Largest plugin file accepted.
+    pub max_upload_bytes: u64,
+    /// Instruction budget of one plugin call (0: unmetered, deadline only).
+    pub fuel: u64,
+    /// Wall-clock limit of one plugin call.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Memory a plugin may use during one call.
+    pub memory_bytes: u64,
+    /// Largest scoring request (transcript, segments, evaluations, config).
+    pub max_input_bytes: u64,
+    /// Largest report a plugin may return.
+    pub max_output_bytes: u64,
+    /// Log, stdout and stderr kept per call (each).
+    pub max_log_bytes: u64,
+    /// Limits for compiling an uploaded plugin.
+    #[serde(with = "humantime_serde")]
+    pub compile_timeout: Duration,
+    pub compile_memory_bytes: u64,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        let l = Limits::default();
+        let c = CompileLimits::default();
+        PluginsConfig {
+            instructor_upload: false,
+            max_upload_bytes: HostOptions::default().max_component_bytes,
+            fuel: l.fuel.unwrap_or(0),
+            deadline: l.deadline,
+            memory_bytes: l.memory_bytes,
+            max_input_bytes: l.max_input_bytes,
+            max_output_bytes: l.max_output_bytes,
+            max_log_bytes: l.max_log_bytes,
+            compile_timeout: c.timeout,
+            compile_memory_bytes: c.memory_bytes,
+        }
+    }
+}
+
+impl PluginsConfig {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            fuel: (self.fuel > 0).then_some(self.fuel),
+            deadline: self.deadline,
+            memory_bytes: self.memory_bytes,
+            max_input_bytes: self.max_input_bytes,
+            max_output_bytes: self.max_output_bytes,
+            max_log_bytes: self.max_log_bytes,
+            ..Limits::default()
+        }
+    }
+}
+
+/// A plugin as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PluginRecord {
+    /// `builtin:<name>` for embedded plugins, `plg_…` for uploads.
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub sha256: String,
+    pub size_bytes: u64,
+    /// The course an upload belongs to; `None`: site-wide (or built in).
+    pub context_id: Option<String>,
+    pub builtin: bool,
+    pub enabled: bool,
+    pub interface: String,
+    pub config_schema: serde_json::Value,
+    pub default_config: serde_json::Value,
+    pub uploaded_by: Option<String>,
+    pub created_at: i64,
+}
+
+const BUILTIN_PREFIX: &str = "builtin:";
+
+/// Built-in and uploaded plugins, loaded on first use and kept
+/// pre-instantiated.
+pub struct PluginRegistry {
+    host: PluginHost,
+    store: Store,
+    dir: PathBuf,
+    /// Loaded plugins by sha256.
+    loaded: Mutex<HashMap<String, Arc<Plugin>>>,
+    /// Serialises compilation, so concurrent first uses compile once.
+    compiling: Mutex<()>,
+}
+
+impl PluginRegistry {
+    /// Opens `<data>/plugins` (and its compile cache). Compiles nothing yet.
+    pub fn new(config: &Config, store: Store, compiler: Compiler) -> Result<PluginRegistry> {
+        let dir = config.data_dir.join("plugins");
+        std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        let p = &config.plugins;
+        let host = PluginHost::new(HostOptions {
+            limits: p.limits(),
+            max_component_bytes: p.max_upload_bytes,
+            cache_dir: Some(dir.join("cache")),
+            compiler,
+            compile_limits: CompileLimits {
+                timeout: p.compile_timeout,
+                memory_bytes: p.compile_memory_bytes,
+            },
+        })?;
+        Ok(PluginRegistry {
+            host,
+            store,
+            dir,
+            loaded: Mutex::new(HashMap::new()),
+            compiling: Mutex::new(()),
+        })
+    }
+
+    pub fn host(&self) -> &PluginHost {
+        &self.host
+    }
+
+    fn cached(&self, sha256: &str) -> Option<Arc<Plugin>> {
+        self.loaded.lock().ok()?.get(sha256).cloned()
+    }
+
+    /// Loads (compiling or from the cache) and remembers a component.
+    /// Blocking: call from a blocking thread.
+    fn load_bytes(&self, bytes: &[u8]) -> Result<Arc<Plugin>> {
+        let sha = viva_sha256(bytes);
+        if let Some(p) = self.cached(&sha) {
+            return Ok(p);
+        }
+        let _guard = self.compiling.lock();
+        if let Some(p) = self.cached(&sha) {
+            return Ok(p);
+        }
+        let plugin = Arc::new(self.host.load(bytes)?);
+        tracing::info!(
+            plugin = %plugin.info().name,
+            version = %plugin.info().version,
+            from_cache = plugin.load_stats().from_cache,
+            compile_ms = plugin.load_stats().compile_us / 1000,
+            "plugin loaded"
+        );
+        if let Ok(mut m) = self.loaded.lock() {
+            m.insert(sha, plugin.clone());
+        }
+        Ok(plugin)
+    }
+
+    fn builtin(&self, name: &str) -> Result<Option<Arc<Plugin>>> {
+        match builtin::all().iter().find(|(n, _)| *n == name) {
+            Some((_, bytes)) => self.load_bytes(bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn load_row(&self, row: &Stored) -> Result<Arc<Plugin>> {
+        if let Some(p) = self.cached(&row.sha256) {
+            return Ok(p);
+        }
+        let path = self.dir.join(format!("{}.wasm", row.sha256));
+        let bytes = std::fs::read(&path).map_err(Error::io(format!(
+            "reading plugin {} ({})",
+            row.name,
+            path.display()
+        )))?;
+        self.load_bytes(&bytes)
+    }
+
+    /// The plugin an assignment in `context_id` means by `name`: the
+    /// course's newest enabled upload, else the site's, else the built-in.
+    /// Blocking.
+    pub fn resolve(&self, context_id: &str, name: &str) -> Result<Arc<Plugin>> {
+        let (ctx, nm) = (context_id.to_owned(), name.to_owned());
+        let row = self.store.read_blocking(move |c| {
+            Ok(c.query_row(
+                &format!(
+                    "SELECT {COLUMNS} FROM plugins WHERE name = ?1 AND enabled = 1
+                       AND (context_id = ?2 OR context_id IS NULL)
+                     ORDER BY context_id IS NULL, created_at DESC LIMIT 1"
+                ),
+                params![nm, ctx],
+                stored,
+            )
+            .optional()?)
+        })?;
+        if let Some(row) = row {
+            return self.load_row(&row);
+        }
+        self.builtin(name)?.ok_or_else(|| {
+            Error::bad_request(
+                "unknown_plugin",
+                format!(
+                    "no plugin named {name:?} is available in this course (built in: {}; uploads: see GET /api/v1/plugins)",
+                    builtin::all().map(|(n, _)| n).join(", ")
+                ),
+            )
+        })
+    }
+
+    fn builtin_record(&self, name: &str) -> Result<Option<PluginRecord>> {
+        Ok(self.builtin(name)?.map(|p| PluginRecord {
+            id: format!("{BUILTIN_PREFIX}{name}"),
+            name: p.info().name.clone(),
+            version: p.info().version.clone(),
+            description: p.info().description.clone(),
+            sha256: p.sha256().to_owned(),
+            size_bytes: p.size_bytes(),
+            context_id: None,
+            builtin: true,
+            enabled: true,
+            interface: p.info().interface.clone(),
+            config_schema: p.info().config_schema.clone(),
+            default_config: p.info().default_config.clone(),
+            uploaded_by: None,
+            created_at: 0,
+        }))
+    }
+
+    /// Loads the built-in plugins (from the cache after the first run).
+    /// Blocking.
+    pub fn warm_up(&self) {
+        for (name, _) in builtin::all() {
+            if let Err(e) = self.builtin(name) {
+                tracing::error!(plugin = name, error = %e, "a built-in plugin does not load");
+            }
+        }
+    }
+
+    /// Built-ins, then uploads visible in `context` (all of them for `None`).
+    /// Blocking.
+    pub fn list(&self, context: Option<&str>) -> Result<Vec<PluginRecord>> {
+        let mut out = Vec::new();
+        for (name, _) in builtin::all() {
+            out.extend(self.builtin_record(name)?);
+        }
+        let ctx = context.map(str::to_owned);
+        let rows = self.store.read_blocking(move |c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {COLUMNS} FROM plugins
+                 WHERE ?1 IS NULL OR context_id IS NULL OR context_id = ?1
+                 ORDER BY name, created_at"
+            ))?;
+            let rows = stmt
+                .query_map(params![ctx], stored)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        out.extend(rows.into_iter().map(Stored::record));
+        Ok(out)
+    }
+
+    /// One plugin by id. Blocking.
+    pub fn get(&self, id: &str) -> Result<Option<PluginRecord>> {
+        if let Some(name) = id.strip_prefix(BUILTIN_PREFIX) {
+            return self.builtin_record(name);
+        }
+        Ok(get_stored(&self.store, id)?.map(Stored::record))
+    }
+
+    /// The loaded plugin behind an id. Blocking.
+    fn plugin_by_id(&self, id: &str) -> Result<Arc<Plugin>> {
+        if let Some(name) = id.strip_prefix(BUILTIN_PREFIX) {
+            return self.builtin(name)?.ok_or(Error::NotFound("plugin"));
+        }
+        let row = get_stored(&self.store, id)?.ok_or(Error::NotFound("plugin"))?;
+        self.load_row(&row)
+    }
+
+    /// Checks an upload (component, world, version, size, compilation,
+    /// `info`), stores the file by sha256 and returns the record. The same
+    /// file uploaded again to the same scope returns the existing record
+    /// (enabled again). Blocking.
+    pub fn upload(
+        &self,
+        bytes: &[u8],
+        context_id: Option<String>,
+        actor: &str,
+    ) -> Result<(PluginRecord, bool)> {
+        let plugin = self.load_bytes(bytes)?;
+        let sha = plugin.sha256().to_owned();
+        let path = self.dir.join(format!("{sha}.wasm"));
+        if !path.exists() {
+            let tmp = self.dir.join(format!(".{sha}.{}.tmp", std::process::id()));
+            std::fs::write(&tmp, bytes)
+                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(Error::io(format!("storing plugin {}", path.display())))?;
+        }
+        let info = plugin.info().clone();
+        let size = bytes.len() as u64;
+        let actor = actor.to_owned();
+        let id = new_id("plg");
+        let (stored, created) = self.store_blocking_write(move |tx| {
+            if let Some(ctx) = &context_id {
+                crate::domain::ensure_context(tx, ctx, ctx)?;
+            }
+            let existing: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM plugins WHERE sha256 = ?1 AND context_id IS ?2",
+                    params![sha, context_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let now = now_ms();
+            let (id, created) = match existing {
+                Some(existing) => {
+                    tx.execute(
+                        "UPDATE plugins SET enabled = 1, updated_at = ?2 WHERE id = ?1",
+                        params![existing, now],
+                    )?;
+                    (existing, false)
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO plugins (id, name, version, description, sha256, size_bytes,
+                             context_id, interface, config_schema, default_config, enabled,
+                             uploaded_by, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 1, ?11, ?12, ?12)",
+                        params![
+                            id,
+                            info.name,
+                            info.version,
+                            info.description,
+                            sha,
+                            size,
+                            context_id,
+                            info.interface,
+                            info.config_schema.to_string(),
+                            info.default_config.to_string(),
+                            actor,
+                            now
+                        ],
+                    )?;
+                    (id, true)
+                }
+            };
+            crate::domain::audit(
+                tx,
+                &actor,
+                "plugin.upload",
+                &id,
+                serde_json::json!({"name": info.name, "version": info.version, "sha256": sha}),
+            )?;
+            let row = get_stored_tx(tx, &id)?.ok_or(Error::NotFound("plugin"))?;
+            Ok((row, created))
+        })?;
+        Ok((stored.record(), created))
+    }
+
+    fn store_blocking_write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        tokio::runtime::Handle::current().block_on(self.store.write(f))
+    }
+
+    /// Checks that `name` is usable in `context_id` with `config`.
+    /// Blocking.
+    pub fn validate(&self, context_id: &str, name: &str, config: &serde_json::Value) -> Result<()> {
+        let plugin = self.resolve(context_id, name)?;
+        plugin.validate_config(config).map_err(Error::Plugin)
+    }
+}
+
+fn viva_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+const COLUMNS: &str = "id, name, version, description, sha256, size_bytes, context_id, interface,
+    config_schema, default_config, enabled, uploaded_by, created_at";
+
+/// A `plugins` row.
+#[derive(Debug, Clone)]
+struct Stored {
+    id: String,
+    name: String,
+    version: String,
+    description: String,
+    sha256: String,
+    size_bytes: u64,
+    context_id: Option<String>,
+    interface: String,
+    config_schema: String,
+    default_config: String,
+    enabled: bool,
+    uploaded_by: String,
+    created_at: i64,
+}
+
+fn stored(r: &Row<'_>) -> rusqlite::Result<Stored> {
+    Ok(Stored {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        version: r.get(2)?,
+        description: r.get(3)?,
+        sha256: r.get(4)?,
+        size_bytes: r.get(5)?,
+        context_id: r.get(6)?,
+        interface: r.get(7)?,
+        config_schema: r.get(8)?,
+        default_config: r.get(9)?,
+        enabled: r.get(10)?,
+        uploaded_by: r.get(11)?,
+        created_at: r.get(12)?,
+    })
+}
+
+impl Stored {
+    fn record(self) -> PluginRecord {
+        PluginRecord {
+            id: self.id,
+            name: self.name,
+            version: self.version,
+            description: self.description,
+            sha256: self.sha256,
+            size_bytes: self.size_bytes,
+            context_id: self.context_id,
+            builtin: false,
+            enabled: self.enabled,
+            interface: self.interface,
+            config_schema: serde_json::from_str(&self.config_schema).unwrap_or_default(),
+            default_config: serde_json::from_str(&self.default_config).unwrap_or_default(),
+            uploaded_by: Some(self.uploaded_by),
+            created_at: self.created_at,
+        }
+    }
+}
+
+fn get_stored_tx(c: &Connection, id: &str) -> Result<Option<Stored>> {
+    Ok(c.query_row(
+        &format!("SELECT {COLUMNS} FROM plugins WHERE id = ?1"),
+        [id],
+        stored,
+    )
+    .optional()?)
+}
+
+fn get_stored(store: &Store, id: &str) -> Result<Option<Stored>> {
+    let id = id.to_owned();
+    store.read_blocking(move |c| get_stored_tx(c, &id))
+}
+
+/// Scores evaluated submissions with the assignment's plugin.
+pub struct PluginScorer {
+    registry: Arc<PluginRegistry>,
+}
+
+impl PluginScorer {
+    pub fn new(registry: Arc<PluginRegistry>) -> PluginScorer {
+        PluginScorer { registry }
+    }
+}
+
+impl Scorer for PluginScorer {
+    fn score(&self, input: &ScoreInput) -> std::result::Result<ScoreOutcome, ScoreError> {
+        let a = &input.assignment;
+        let plugin = self
+            .registry
+            .resolve(&a.context_id, &a.plugin)
+            .map_err(|e| ScoreError::transient(e.to_string()))?;
+        let request = ScoreRequest {
+            rubric: a.rubric.clone(),
+            submission: SubmissionFacts::from_transcript(
+                &input.submission_id,
+                input.duration_seconds,
+                &input.transcript,
+            ),
+            evaluations: input.evaluations.clone(),
+            config: a.plugin_config.clone(),
+        };
+        let scored = plugin.score(&request).map_err(|e| {
+            if let Some(log) = e.call_log()
+                && !log.is_empty()
+            {
+                tracing::warn!(submission = %input.submission_id, plugin = %a.plugin, log = %log.text(), "plugin call failed");
+            }
+            score_error(&a.plugin, &e)
+        })?;
+        let info = plugin.info();
+        let r = &scored.report;
+        let report = serde_json::json!({
+            "plugin": {
+                "name": info.name,
+                "version": info.version,
+                "sha256": plugin.sha256(),
+                "interface": info.interface,
+            },
+            "criteria": r.criteria,
+            "total": r.total,
+            "max": r.max,
+            "feedback": r.feedback,
+            "needs_review": r.needs_review,
+            "review_reasons": r.review_reasons,
+            "usage": scored.usage,
+            "log": scored.log,
+        });
+        Ok(ScoreOutcome {
+            total: r.total,
+            max: r.max,
+            needs_review: r.needs_review,
+            reasons: r.review_reasons.clone(),
+            report,
+        })
+    }
+}
+
+/// The failure reason recorded for a submission whose scoring failed: plain
+/// words without the plugin's log (the log goes to the daemon log, where the
+/// admin sees it), and whether a retry could help.
+pub fn score_error(plugin: &str, e: &viva_plugins::Error) -> ScoreError {
+    use viva_plugins::{Error as E, Failure as F};
+    match e {
+        E::Call { failure, .. } => {
+            let what = clip(&failure.to_string(), 240);
+            let message = format!(
+                "the rubric plugin {plugin} could not grade this submission ({what}); your instructor has been told and can grade it by hand"
+            );
+            match failure {
+                // Wall-clock limits and instantiation can fail under load.
+                F::Deadline { .. } | F::Instantiate { .. } => ScoreError::transient(message),
+                _ => ScoreError::permanent(message),
+            }
+        }
+        E::InvalidConfig { .. } | E::InputTooLarge { .. } => ScoreError::permanent(format!(
+            "the rubric plugin {plugin} could not grade this submission ({e}); your instructor has been told and can grade it by hand"
+        )),
+        _ => ScoreError::transient(format!("the rubric plugin {plugin} is unavailable: {e}")),
+    }
+}
+
+/// At most `max` characters of `s`, with an ellipsis when cut.
+fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(max).collect();
+    out.push('…');
+    out
+}
+
+/// HTTP status and code of a plugin error.
+pub fn status_and_code(e: &viva_plugins::Error) -> (StatusCode, &'static str) {
+    use viva_plugins::Error as E;
+    match e {
+        E::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "plugin_too_large"),
+        E::NotAComponent(_) => (StatusCode::BAD_REQUEST, "not_a_component"),
+        E::UnsupportedVersion { .. } => (StatusCode::BAD_REQUEST, "unsupported_plugin_version"),
+        E::WrongWorld(_) => (StatusCode::BAD_REQUEST, "not_a_rubric_plugin"),
+        E::UnknownImport { .. } => (StatusCode::BAD_REQUEST, "plugin_import_denied"),
+        E::Compile(_) | E::CompileTimeout(_) | E::CompileMemory { .. } => {
+            (StatusCode::BAD_REQUEST, "plugin_compile_failed")
+        }
+        E::InvalidInfo(_) => (StatusCode::BAD_REQUEST, "invalid_plugin_info"),
+        E::InvalidConfig { .. } => (StatusCode::BAD_REQUEST, "invalid_plugin_config"),
+        E::InputTooLarge { .. } | E::Call { .. } => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "plugin_failed")
+        }
+        E::Io { .. } | E::Engine(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    }
+}
+
+/// Runs blocking registry work off the async threads.
+async fn blocking<T: Send + 'static>(
+    st: &AppState,
+    f: impl FnOnce(&PluginRegistry) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let registry = st.plugins.clone();
+    tokio::task::spawn_blocking(move || f(&registry))
+        .await
+        .map_err(|e| Error::Internal(format!("plugin task failed: {e}")))?
+}
+
+/// Validates an assignment's plugin choice and configuration before it is
+/// saved (`POST`/`PUT /api/v1/assignments`).
+pub async fn check_assignment(
+    st: &AppState,
+    context_id: &str,
+    input: &AssignmentInput,
+) -> Result<()> {
+    let name = input
+        .plugin
+        .clone()
+        .unwrap_or_else(|| DEFAULT_PLUGIN.to_owned());
+    let config = input
+        .plugin_config
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({}));
+    let ctx = context_id.to_owned();
+    blocking(st, move |r| r.validate(&ctx, &name, &config)).await
+}
+
+/// `/api/v1/plugins` routes.
+pub fn routes() -> axum::Router<AppState> {
+    axum::Router::new()
+        .route(
+            "/api/v1/plugins",
+            get(list_plugins)
+                .post(upload_plugin)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/api/v1/plugins/{id}", get(get_plugin))
+        .route("/api/v1/plugins/{id}/disable", post(disable_plugin))
+        .route("/api/v1/plugins/{id}/enable", post(enable_plugin))
+        .route(
+            "/api/v1/plugins/{id}/validate-config",
+            post(validate_plugin_config),
+        )
+}
+
+#[derive(Deserialize)]
+struct ContextQuery {
+    context: Option<String>,
+}
+
+fn visible(c: &Claims, r: &PluginRecord) -> bool {
+    c.is_admin() || r.context_id.is_none() || r.context_id.as_deref() == Some(c.ctx.as_str())
+}
+
+async fn list_plugins(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Query(q): Query<ContextQuery>,
+) -> Result<Json<Vec<PluginRecord>>> {
+    let ctx = match q.context {
+        Some(ctx) if c.is_admin() => Some(ctx),
+        None if c.is_admin() => None,
+        _ => Some(c.ctx.clone()),
+    };
+    Ok(Json(blocking(&st, move |r| r.list(ctx.as_deref())).await?))
+}
+
+async fn get_plugin(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Path(id): Path<String>,
+) -> Result<Json<PluginRecord>> {
+    let record = blocking(&st, move |r| r.get(&id))
+        .await?
+        .filter(|r| visible(&c, r))
+        .ok_or(Error::NotFound("plugin"))?;
+    Ok(Json(record))
+}
+
+async fn upload_plugin(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Query(q): Query<ContextQuery>,
+    body: Body,
+) -> Result<(StatusCode, Json<PluginRecord>)> {
+    let scope = if c.is_admin() {
+        q.context
+    } else if c.can_manage(&c.ctx) && st.config.plugins.instructor_upload {
+        Some(c.ctx.clone())
+    } else if c.can_manage(&c.ctx) {
+        return Err(Error::Forbidden(
+            "instructors may upload plugins only when the administrator enables plugins.instructor_upload".into(),
+        ));
+    } else {
+        return Err(Error::Forbidden(
+            "only administrators (and, where enabled, instructors) upload plugins".into(),
+        ));
+    };
+    let limit = st.config.plugins.max_upload_bytes;
+    let bytes = axum::body::to_bytes(
+        body,
+        usize::try_from(limit)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1),
+    )
+    .await
+    .map_err(|_| {
+        Error::Plugin(viva_plugins::Error::TooLarge {
+            size: limit.saturating_add(1),
+            limit,
+        })
+    })?;
+    if bytes.is_empty() {
+        return Err(Error::bad_request(
+            "not_a_component",
+            "the upload is empty: send the plugin's .wasm file as the request body",
+        ));
+    }
+    let actor = c.actor();
+    let (record, created) = blocking(&st, move |r| r.upload(&bytes, scope, &actor)).await?;
+    tracing::info!(plugin = %record.name, version = %record.version, id = %record.id, "plugin uploaded");
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(record)))
+}
+
+async fn set_enabled(
+    st: AppState,
+    c: Claims,
+    id: String,
+    enabled: bool,
+) -> Result<Json<PluginRecord>> {
+    if id.starts_with(BUILTIN_PREFIX) {
+        return Err(Error::bad_request(
+            "builtin_plugin",
+            "built-in plugins cannot be disabled; choose another plugin for the assignment instead",
+        ));
+    }
+    let lookup = id.clone();
+    let record = blocking(&st, move |r| r.get(&lookup))
+        .await?
+        .filter(|r| visible(&c, r))
+        .ok_or(Error::NotFound("plugin"))?;
+    let allowed = c.is_admin()
+        || record
+            .context_id
+            .as_deref()
+            .is_some_and(|ctx| c.can_manage(ctx));
+    if !allowed {
+        return Err(Error::Forbidden(
+            "only administrators, or the course's instructors for course plugins, change plugins"
+                .into(),
+        ));
+    }
+    let actor = c.actor();
+    st.store
+        .write(move |tx| {
+            tx.execute(
+                "UPDATE plugins SET enabled = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, enabled, now_ms()],
+            )?;
+            let action = if enabled {
+                "plugin.enable"
+            } else {
+                "plugin.disable"
+            };
+            crate::domain::audit(tx, &actor, action, &id, serde_json::json!({}))
+        })
+        .await?;
+    let id = record.id.clone();
+    let record = blocking(&st, move |r| r.get(&id))
+        .await?
+        .ok_or(Error::NotFound("plugin"))?;
+    Ok(Json(record))
+}
+
+async fn disable_plugin(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Path(id): Path<String>,
+) -> Result<Json<PluginRecord>> {
+    set_enabled(st, c, id, false).await
+}
+
+async fn enable_plugin(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Path(id): Path<String>,
+) -> Result<Json<PluginRecord>> {
+    set_enabled(st, c, id, true).await
+}
+
+/// Checks a configuration without saving anything (for configuration forms).
+async fn validate_plugin_config(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Path(id): Path<String>,
+    Json(config): Json<serde_json::Value>,
+) -> Result<Json<serde_json::Value>> {
+    let lookup = id.clone();
+    blocking(&st, move |r| r.get(&lookup))
+        .await?
+        .filter(|r| visible(&c, r))
+        .ok_or(Error::NotFound("plugin"))?;
+    blocking(&st, move |r| {
+        r.plugin_by_id(&id)?
+            .validate_config(&config)
+            .map_err(Error::Plugin)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({ "valid": true })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_follow_the_configuration() {
+        let mut c = PluginsConfig::default();
+        assert_eq!(c.limits(), Limits::default());
+        c.fuel = 0;
+        c.deadline = Duration::from_millis(250);
+        let l = c.limits();
+        assert_eq!(l.fuel, None, "0 turns metering off");
+        assert_eq!(l.deadline, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn the_plugins_section_is_configurable_by_file_and_environment() {
+        let c = Config::load(
+            None,
+            vec![
+                (
+                    "VIVA_PLUGINS__INSTRUCTOR_UPLOAD".to_owned(),
+                    "true".to_owned(),
+                ),
+                ("VIVA_PLUGINS__DEADLINE".to_owned(), "500ms".to_owned()),
+            ],
+            &[],
+        )
+        .expect("config");
+        assert!(c.plugins.instructor_upload);
+        assert_eq!(c.plugins.deadline, Duration::from_millis(500));
+        let e = Config::load(
+            None,
+            vec![("VIVA_PLUGINS__FEUL".to_owned(), "1".to_owned())],
+            &[],
+        )
+        .expect_err("typo");
+        assert!(e.to_string().contains("feul"), "{e}");
+    }
+
+    #[test]
+    fn plugin_errors_map_to_stable_codes() {
+        use viva_plugins::Error as E;
+        let cases = [
+            (
+                E::UnsupportedVersion { found: "x".into() },
+                400,
+                "unsupported_plugin_version",
+            ),
+            (
+                E::UnknownImport { name: "x".into() },
+                400,
+                "plugin_import_denied",
+            ),
+            (
+                E::InvalidConfig {
+                    plugin: "p".into(),
+                    message: "m".into(),
+                },
+                400,
+                "invalid_plugin_config",
+            ),
+            (
+                E::CompileTimeout(Duration::from_secs(1)),
+                400,
+                "plugin_compile_failed",
+            ),
+            (E::Engine("x".into()), 500, "internal"),
+        ];
+        for (e, status, code) in cases {
+            let (s, c) = status_and_code(&e);
+            assert_eq!((s.as_u16(), c), (status, code), "{e}");
+        }
+    }
+}

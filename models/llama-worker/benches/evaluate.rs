@@ -1,0 +1,300 @@
+//! Evaluator benchmarks on the real test models (printed tables, not timed
+//! tests): `cargo bench -p viva-llama-worker --bench evaluate`.
+//!
+//! 1. Prompt and generation tokens/s, one submission at a time against
+//!    batches of 2, 4 and 8 decoded together, and the throughput ratio.
+//! 2. Grammar sampling: the whole vocabulary every step ("naive") against
+//!    the unconstrained-argmax-first fast path, with the outputs compared.
+//! 3. Worker start-to-ready (spawn → `Loaded`) and stop-to-exit (`Shutdown`
+//!    → reaped): the cost of a phase switch.
+//!
+//! Environment: `VIVA_MODELS_DIR` (default `~/.cache/viva/models`),
+//! `BENCH_MODELS` (default `smollm2,gemma`), `BENCH_THREADS` (default 2),
+//! `BENCH_ITEMS` (submissions per table row, default 8).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use viva_llama_worker::engine::{CallStats, Engine};
+use viva_models::protocol::{FrameReader, ModelSpec, encode};
+use viva_models::{DaemonMessage, EvaluateItem, PROTOCOL_VERSION, Rubric, WorkerMessage};
+
+fn models_dir() -> PathBuf {
+    match std::env::var_os("VIVA_MODELS_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/viva/models")
+        }
+    }
+}
+
+fn rubric() -> Rubric {
+    serde_json::from_value(serde_json::json!({"criteria": [
+        {"id": "content", "title": "Content", "weight": 2,
+         "description": "Answers the question with correct, relevant ideas.",
+         "levels": [
+            {"label": "missing", "points": 0, "descriptor": "Does not address the question."},
+            {"label": "partial", "points": 2, "descriptor": "Addresses part of the question."},
+            {"label": "complete", "points": 4, "descriptor": "Answers fully and correctly."}]},
+        {"id": "organisation", "title": "Organisation",
+         "levels": [
+            {"label": "unclear", "points": 0}, {"label": "mostly-clear", "points": 2},
+            {"label": "clear", "points": 4}]},
+        {"id": "language", "title": "Language",
+         "levels": [
+            {"label": "limited", "points": 0}, {"label": "adequate", "points": 2},
+            {"label": "precise", "points": 4}]}
+    ]}))
+    .unwrap_or(Rubric { criteria: vec![] })
+}
+
+const TRANSCRIPTS: [&str; 8] = [
+    "Plants use sunlight, water and carbon dioxide to make glucose and oxygen in the chloroplasts.",
+    "Photosynthesis is when plants eat soil. It happens in the roots at night.",
+    "Light energy becomes chemical energy. Inputs: water, carbon dioxide. Outputs: glucose, oxygen.",
+    "Chlorophyll in the leaves absorbs light; the Calvin cycle then fixes carbon into sugar.",
+    "I am not sure. Plants need light to grow, and they make oxygen, I think.",
+    "First the light reactions split water and release oxygen, then the Calvin cycle makes glucose.",
+    "Plants breathe in oxygen and breathe out carbon dioxide, like us, and that is photosynthesis.",
+    "In the chloroplast, light, water and carbon dioxide produce glucose and oxygen. In conclusion, \
+     leaves feed the plant.",
+];
+
+fn items(n: usize) -> Vec<EvaluateItem> {
+    (0..n)
+        .map(|i| EvaluateItem {
+            submission_id: format!("s{i}"),
+            assignment_prompt: "Explain how plants turn sunlight into food: inputs, outputs, \
+                                and where it happens."
+                .into(),
+            rubric: rubric(),
+            transcript: TRANSCRIPTS[i % TRANSCRIPTS.len()].into(),
+        })
+        .collect()
+}
+
+fn run(engine: &Engine, items: &[EvaluateItem]) -> (Vec<String>, CallStats, f64) {
+    let started = Instant::now();
+    let (outcomes, stats) =
+        match engine.evaluate(items, "bench", &AtomicBool::new(false), &mut |_, _| {}) {
+            Ok(r) => r,
+            Err(e) => panic!("evaluation failed: {e}"),
+        };
+    let wall = started.elapsed().as_secs_f64();
+    let answers = outcomes
+        .iter()
+        .map(|o| match &o.evaluation {
+            Some(e) => serde_json::to_string(&e.ratings).unwrap_or_default(),
+            None => format!("error: {:?}", o.error),
+        })
+        .collect();
+    (answers, stats, wall)
+}
+
+fn bench_items() -> usize {
+    std::env::var("BENCH_ITEMS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(8)
+}
+
+fn bench_batches(name: &str, engine: &mut Engine) {
+    let n = bench_items();
+    println!(
+        "\n## {name}: batched decoding (threads {})",
+        engine.options().threads.unwrap_or(0)
+    );
+    println!(
+        "| batch | items | prompt tok | prompt tok/s | gen tok | gen tok/s | steps | wall s | items/s | gen ratio | items/s ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let base_options = engine.options().clone();
+    // One at a time: n items, each decoded alone.
+    let mut options = base_options.clone();
+    options.parallel = 1;
+    engine.set_options(options);
+    let (_, single, wall1) = run(engine, &items(n));
+    let single_gen = single.generation_tokens_per_second();
+    let single_items = n as f64 / wall1;
+    print_row(1, &single, wall1, single_gen, single_items);
+    for batch in [2usize, 4, 8] {
+        let mut options = base_options.clone();
+        options.parallel = batch as u32;
+        engine.set_options(options);
+        let (_, stats, wall) = run(engine, &items(n));
+        print_row(batch, &stats, wall, single_gen, single_items);
+    }
+    engine.set_options(base_options);
+}
+
+fn print_row(batch: usize, s: &CallStats, wall: f64, single_gen: f64, single_items: f64) {
+    let items_s = s.items as f64 / wall;
+    println!(
+        "| {batch} | {} | {} | {:.0} | {} | {:.1} | {} | {:.2} | {:.2} | {:.2}× | {:.2}× |",
+        s.items,
+        s.prompt_tokens,
+        s.prompt_tokens_per_second(),
+        s.generated_tokens,
+        s.generation_tokens_per_second(),
+        s.steps,
+        wall,
+        items_s,
+        s.generation_tokens_per_second() / single_gen.max(1e-9),
+        items_s / single_items.max(1e-9),
+    );
+}
+
+fn bench_grammar(name: &str, engine: &mut Engine) {
+    let n = bench_items().min(4);
+    println!("\n## {name}: grammar sampling, one item at a time ({n} items)");
+    println!("| path | gen tok | gen tok/s | full-vocabulary passes | fast accepts | wall s |");
+    println!("|---|---|---|---|---|---|");
+    let base = engine.options().clone();
+    let mut results = Vec::new();
+    for fast in [false, true] {
+        let mut options = base.clone();
+        options.parallel = 1;
+        options.grammar_fast_path = fast;
+        engine.set_options(options);
+        let (answers, s, wall) = run(engine, &items(n));
+        println!(
+            "| {} | {} | {:.1} | {} | {} | {:.2} |",
+            if fast {
+                "fast (argmax first)"
+            } else {
+                "naive (whole vocabulary)"
+            },
+            s.generated_tokens,
+            s.generation_tokens_per_second(),
+            s.full_passes,
+            s.fast_accepts,
+            wall
+        );
+        results.push((answers, s));
+    }
+    engine.set_options(base);
+    let speedup = results[1].1.generation_tokens_per_second()
+        / results[0].1.generation_tokens_per_second().max(1e-9);
+    println!(
+        "\nfast path speed-up: {speedup:.2}×; identical output: {}",
+        results[0].0 == results[1].0
+    );
+}
+
+fn bench_lifecycle(name: &str, path: &std::path::Path, threads: u32) {
+    println!("\n## {name}: worker start-to-ready and stop-to-exit (3 runs)");
+    println!("| run | spawn → Loaded ms | load_ms (worker) | Shutdown → exit ms |");
+    println!("|---|---|---|---|");
+    for run in 1..=3 {
+        match lifecycle(path, threads) {
+            Ok((ready, load_ms, stop)) => println!(
+                "| {run} | {:.0} | {load_ms} | {:.0} |",
+                ready.as_secs_f64() * 1000.0,
+                stop.as_secs_f64() * 1000.0
+            ),
+            Err(e) => println!("| {run} | failed: {e} | | |"),
+        }
+    }
+}
+
+fn lifecycle(path: &std::path::Path, threads: u32) -> Result<(Duration, u64, Duration), String> {
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_viva-llama-worker"))
+        .args(["--role", "bench"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err("no pipes".into());
+    };
+    let mut reader = FrameReader::new(stdout);
+    let mut send = |m: &DaemonMessage| -> Result<(), String> {
+        let buf = encode(m).map_err(|e| e.to_string())?;
+        stdin.write_all(&buf).map_err(|e| e.to_string())
+    };
+    let mut next = || -> Result<WorkerMessage, String> {
+        reader
+            .read::<WorkerMessage>()
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "worker closed stdout".to_string())
+    };
+    next()?; // Hello
+    send(&DaemonMessage::Hello {
+        protocol: PROTOCOL_VERSION,
+        daemon_version: "bench".into(),
+    })?;
+    send(&DaemonMessage::Load {
+        model: ModelSpec {
+            name: "bench".into(),
+            path: path.display().to_string(),
+            options: serde_json::json!({"threads": threads}),
+        },
+    })?;
+    let load_ms = match next()? {
+        WorkerMessage::Loaded { load_ms, .. } => load_ms,
+        other => return Err(format!("expected Loaded, got {other:?}")),
+    };
+    let ready = started.elapsed();
+    let stopping = Instant::now();
+    send(&DaemonMessage::Shutdown)?;
+    child.wait().map_err(|e| e.to_string())?;
+    Ok((ready, load_ms, stopping.elapsed()))
+}
+
+fn main() {
+    let threads: u32 = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
+    let wanted = std::env::var("BENCH_MODELS").unwrap_or_else(|_| "smollm2,gemma".into());
+    let models = [
+        ("smollm2", "smollm2-135m-instruct-q4_1.gguf"),
+        ("gemma", "gemma-3-270m-q4_k_m.gguf"),
+    ];
+    // llama.cpp's load chatter would bury the tables.
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
+    println!("# viva-llama-worker benchmarks (threads {threads})");
+    for (name, file) in models {
+        if !wanted.split(',').any(|w| w.trim() == name) {
+            continue;
+        }
+        let path = models_dir().join(file);
+        if !path.is_file() {
+            println!(
+                "\n{} is missing: run `viva models fetch` (or set VIVA_MODELS_DIR)",
+                path.display()
+            );
+            continue;
+        }
+        let spec = ModelSpec {
+            name: name.into(),
+            path: path.display().to_string(),
+            options: serde_json::json!({
+                "threads": threads, "evidence_chars": 80, "rationale_chars": 80
+            }),
+        };
+        let mut engine = match Engine::load(&spec) {
+            Ok(e) => e,
+            Err(e) => {
+                println!("\n{name}: cannot load: {e}");
+                continue;
+            }
+        };
+        println!(
+            "\n# {name} ({}), chat template: {}",
+            path.display(),
+            engine.template_source()
+        );
+        // Warm the page cache and the allocator.
+        let _ = run(&engine, &items(1));
+        bench_batches(name, &mut engine);
+        bench_grammar(name, &mut engine);
+        bench_lifecycle(name, &path, threads);
+    }
+}

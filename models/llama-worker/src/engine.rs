@@ -1,0 +1,871 @@
+//! The loaded model and batched, grammar-constrained evaluation.
+//!
+//! One call evaluates up to `parallel` submissions together: each gets a
+//! sequence id (and its own KV-cache stream) in one context, each prompt is
+//! decoded in `llama_batch`es of up to `batch_size` tokens, and every
+//! generation step decodes one batch holding the next token of every
+//! unfinished sequence. Larger calls run in chunks of `parallel`. Greedy
+//! output is the same whether a submission is decoded alone or in a batch
+//! (see [`Engine::evaluate`] and the context's settings).
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use serde::Deserialize;
+use viva_models::grammar::{
+    GrammarLimits, MAX_FIELD_CHARS, OutputGrammar, output_grammar, parse_ratings,
+};
+use viva_models::prompt::{EvaluationPrompt, PromptOptions, TRANSCRIPT_SLOT, build_prompt};
+use viva_models::protocol::ModelSpec;
+use viva_models::{EvaluateItem, Evaluation, EvaluationOutcome, injection};
+
+use crate::Error;
+
+/// Backend options of an evaluator (`options` of the worker's model spec,
+/// `[workers.evaluators.<role>] options = { … }` in the daemon's config).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineOptions {
+    /// CPU threads for decoding; default: the available cores.
+    pub threads: Option<u32>,
+    /// Layers offloaded to the GPU (needs the `cuda` build); 0 = CPU only.
+    pub gpu_layers: u32,
+    /// Most tokens of one submission: prompt plus answer. Longer prompts
+    /// fail that item with a clear error.
+    pub ctx_size: u32,
+    /// Most generated tokens per submission; default: the longest answer the
+    /// grammar admits (so no answer is ever cut short).
+    pub max_tokens: Option<u32>,
+    /// 0 (default): greedy decoding, deterministic.
+    pub temperature: f32,
+    /// Seed of the sampler when `temperature` > 0.
+    pub seed: u32,
+    /// Built-in llama.cpp chat template used when the GGUF has none (or one
+    /// llama.cpp cannot apply): "chatml", "gemma", "llama3", "mistral-v7", …
+    pub template: String,
+    /// Most submissions decoded together in one context.
+    pub parallel: u32,
+    /// Most prompt tokens per decode call.
+    pub batch_size: u32,
+    /// Bounds of the answer's free-text fields (characters).
+    pub evidence_chars: usize,
+    pub rationale_chars: usize,
+    /// Longer transcripts are cut (and the evaluation flagged).
+    pub max_transcript_chars: usize,
+    /// Check the unconstrained best token against the grammar before
+    /// filtering the whole vocabulary (same output, faster). Off only to
+    /// measure the difference.
+    pub grammar_fast_path: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        let limits = GrammarLimits::default();
+        Self {
+            threads: None,
+            gpu_layers: 0,
+            ctx_size: 4096,
+            max_tokens: None,
+            temperature: 0.0,
+            seed: 0,
+            template: "chatml".into(),
+            parallel: 8,
+            batch_size: 512,
+            evidence_chars: limits.evidence_chars,
+            rationale_chars: limits.rationale_chars,
+            max_transcript_chars: PromptOptions::default().max_transcript_chars,
+            grammar_fast_path: true,
+        }
+    }
+}
+
+impl EngineOptions {
+    /// Reads the options object of a model spec (`null` = all defaults).
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, Error> {
+        let options: EngineOptions = if value.is_null() {
+            EngineOptions::default()
+        } else {
+            serde_json::from_value(value.clone()).map_err(|e| Error::Options(e.to_string()))?
+        };
+        if options.parallel == 0 || options.batch_size == 0 || options.ctx_size < 64 {
+            return Err(Error::Options(
+                "parallel and batch_size must be at least 1, ctx_size at least 64".into(),
+            ));
+        }
+        if options.evidence_chars > MAX_FIELD_CHARS || options.rationale_chars > MAX_FIELD_CHARS {
+            return Err(Error::Options(format!(
+                "evidence_chars and rationale_chars must be at most {MAX_FIELD_CHARS}"
+            )));
+        }
+        if options.threads == Some(0) {
+            return Err(Error::Options("threads must be at least 1".into()));
+        }
+        if !options.temperature.is_finite() || options.temperature < 0.0 {
+            return Err(Error::Options("temperature must be 0 or more".into()));
+        }
+        Ok(options)
+    }
+
+    fn limits(&self) -> GrammarLimits {
+        GrammarLimits {
+            evidence_chars: self.evidence_chars,
+            rationale_chars: self.rationale_chars,
+        }
+    }
+
+    fn threads(&self) -> i32 {
+        let n = self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| u32::try_from(n.get()).unwrap_or(1))
+                .unwrap_or(1)
+        });
+        i32::try_from(n).unwrap_or(1)
+    }
+}
+
+/// Measurements of one call, for logs and benchmarks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallStats {
+    pub items: usize,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    /// Context creation (KV cache allocation).
+    pub setup_seconds: f64,
+    pub prompt_seconds: f64,
+    pub generation_seconds: f64,
+    /// Decode calls of the generation phase.
+    pub steps: u64,
+    /// Tokens whose unconstrained choice the grammar allowed.
+    pub fast_accepts: u64,
+    /// Tokens that needed the grammar over the whole vocabulary.
+    pub full_passes: u64,
+}
+
+impl CallStats {
+    pub fn prompt_tokens_per_second(&self) -> f64 {
+        per_second(self.prompt_tokens, self.prompt_seconds)
+    }
+
+    pub fn generation_tokens_per_second(&self) -> f64 {
+        per_second(self.generated_tokens, self.generation_seconds)
+    }
+
+    fn add(&mut self, other: &CallStats) {
+        self.items += other.items;
+        self.prompt_tokens += other.prompt_tokens;
+        self.generated_tokens += other.generated_tokens;
+        self.setup_seconds += other.setup_seconds;
+        self.prompt_seconds += other.prompt_seconds;
+        self.generation_seconds += other.generation_seconds;
+        self.steps += other.steps;
+        self.fast_accepts += other.fast_accepts;
+        self.full_passes += other.full_passes;
+    }
+
+    /// One log line: tokens and tokens per second of both phases.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} item(s): prompt {} tok in {:.2} s ({:.0} tok/s), generated {} tok in {:.2} s \
+             ({:.1} tok/s, {} steps), grammar fast path {}/{}",
+            self.items,
+            self.prompt_tokens,
+            self.prompt_seconds,
+            self.prompt_tokens_per_second(),
+            self.generated_tokens,
+            self.generation_seconds,
+            self.generation_tokens_per_second(),
+            self.steps,
+            self.fast_accepts,
+            self.fast_accepts + self.full_passes,
+        )
+    }
+}
+
+fn per_second(n: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        n as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+/// llama.cpp's backend may be initialised once per process.
+fn backend() -> Result<&'static LlamaBackend, Error> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| LlamaBackend::init().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| Error::Backend(format!("cannot initialise the backend: {e}")))
+}
+
+/// Checks that `path` is a readable GGUF file before llama.cpp sees it, so
+/// the common mistakes get a message that names the file and the fix.
+pub fn check_model_file(path: &Path) -> Result<(), Error> {
+    use std::io::Read;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::ModelMissing {
+                path: path.to_owned(),
+            });
+        }
+        Err(e) => {
+            return Err(Error::ModelCorrupt {
+                path: path.to_owned(),
+                reason: format!("cannot read it: {e}"),
+            });
+        }
+    };
+    let corrupt = |reason: String| Error::ModelCorrupt {
+        path: path.to_owned(),
+        reason,
+    };
+    if !meta.is_file() {
+        return Err(corrupt("not a regular file".into()));
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(|e| corrupt(format!("cannot read its header: {e}")))?;
+    if &magic != b"GGUF" {
+        return Err(corrupt(format!(
+            "it starts with {magic:02x?}, not the GGUF magic \"GGUF\""
+        )));
+    }
+    Ok(())
+}
+
+/// A loaded model, ready to evaluate.
+pub struct Engine {
+    model: LlamaModel,
+    template: LlamaChatTemplate,
+    /// "gguf" or "built-in <name>".
+    template_source: String,
+    /// Whether the rendered template already starts with the BOS text.
+    bos_text: Option<String>,
+    options: EngineOptions,
+    name: String,
+    path: PathBuf,
+}
+
+/// One submission in flight.
+struct Sequence<'a> {
+    item: usize,
+    seq_id: i32,
+    tokens: Vec<LlamaToken>,
+    grammar: LlamaSampler,
+    /// Sampling chain when temperature > 0.
+    chain: Option<LlamaSampler>,
+    rubric: &'a viva_models::Rubric,
+    output: Vec<u8>,
+    generated: u32,
+    max_tokens: u32,
+    /// Next position in the sequence.
+    pos: i32,
+    /// Last sampled token, to decode next.
+    next: LlamaToken,
+    /// Logits of the prompt's last token, kept until the first sampling.
+    first_logits: Option<Vec<f32>>,
+    batch_index: i32,
+    done: Option<Result<(), String>>,
+    seconds: f64,
+}
+
+impl Engine {
+    /// Loads the model of `spec`.
+    pub fn load(spec: &ModelSpec) -> Result<Engine, Error> {
+        let options = EngineOptions::from_json(&spec.options)?;
+        let path = PathBuf::from(&spec.path);
+        check_model_file(&path)?;
+        let backend = backend()?;
+        let params = LlamaModelParams::default().with_n_gpu_layers(options.gpu_layers);
+        let model = LlamaModel::load_from_file(backend, &path, &params).map_err(|e| {
+            Error::ModelCorrupt {
+                path: path.clone(),
+                reason: format!("llama.cpp cannot load it: {e}; its log above says why"),
+            }
+        })?;
+        let (template, template_source) = Self::choose_template(&model, &options.template)?;
+        let bos = model.vocab().bos();
+        let bos_text = (bos.0 >= 0)
+            .then(|| {
+                String::from_utf8_lossy(&model.vocab().token_to_piece(bos, true, None)).into_owned()
+            })
+            .filter(|t| !t.is_empty());
+        Ok(Engine {
+            model,
+            template,
+            template_source,
+            bos_text,
+            options,
+            name: spec.name.clone(),
+            path,
+        })
+    }
+
+    /// The GGUF's template when llama.cpp can apply it, else the named one.
+    fn choose_template(
+        model: &LlamaModel,
+        fallback: &str,
+    ) -> Result<(LlamaChatTemplate, String), Error> {
+        let probe = |t: &LlamaChatTemplate| -> bool {
+            let msgs = [
+                LlamaChatMessage::new("system".into(), "s".into()),
+                LlamaChatMessage::new("user".into(), "u".into()),
+            ];
+            match msgs {
+                [Ok(a), Ok(b)] => model
+                    .apply_chat_template(t, &[a, b], true)
+                    .is_ok_and(|s| !s.is_empty()),
+                _ => false,
+            }
+        };
+        if let Ok(t) = model.chat_template(None)
+            && probe(&t)
+        {
+            return Ok((t, "gguf".into()));
+        }
+        let t = LlamaChatTemplate::new(fallback)
+            .map_err(|e| Error::Options(format!("template {fallback:?}: {e}")))?;
+        if !probe(&t) {
+            return Err(Error::Options(format!(
+                "the model has no usable chat template and {fallback:?} is not a built-in \
+                 llama.cpp template (try \"chatml\", \"gemma\", \"llama3\" or \"mistral-v7\")"
+            )));
+        }
+        Ok((t, format!("built-in {fallback}")))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
+    }
+
+    /// Where the chat template comes from: "gguf" or "built-in <name>".
+    pub fn template_source(&self) -> &str {
+        &self.template_source
+    }
+
+    /// Bytes of the model's tensors.
+    pub fn memory_bytes(&self) -> u64 {
+        self.model.size()
+    }
+
+    /// Replaces the options (threads, parallel, fast path …) of a loaded
+    /// model; `gpu_layers` only applies at load.
+    pub fn set_options(&mut self, options: EngineOptions) {
+        self.options = options;
+    }
+
+    /// The prompt of `item` as tokens: the chat template applied to the
+    /// messages, with the transcript tokenised as plain text (control-token
+    /// spellings in it stay text).
+    pub fn prompt_tokens(&self, prompt: &EvaluationPrompt) -> Result<Vec<LlamaToken>, String> {
+        let msgs = [
+            LlamaChatMessage::new("system".into(), prompt.system.clone()),
+            LlamaChatMessage::new("user".into(), prompt.user.clone()),
+        ];
+        let [Ok(system), Ok(user)] = msgs else {
+            return Err("the prompt contains a NUL character".into());
+        };
+        let text = self
+            .model
+            .apply_chat_template(&self.template, &[system, user], true)
+            .map_err(|e| format!("cannot apply the chat template: {e}"))?;
+        let (head, tail) = text
+            .split_once(TRANSCRIPT_SLOT)
+            .ok_or("the chat template dropped the transcript")?;
+        let vocab = self.model.vocab();
+        let add_bos = !self
+            .bos_text
+            .as_deref()
+            .is_some_and(|bos| head.starts_with(bos));
+        let mut tokens = vocab.tokenize(head.as_bytes(), add_bos, true);
+        tokens.extend(vocab.tokenize(prompt.transcript.as_bytes(), false, false));
+        tokens.extend(vocab.tokenize(tail.as_bytes(), false, true));
+        Ok(tokens)
+    }
+
+    /// Evaluates `items`, `parallel` at a time, one sequence each. Items
+    /// that cannot be evaluated (invalid rubric, prompt too long) get an
+    /// outcome with an error; a failure of llama.cpp fails the call.
+    /// `on_item` is called as items finish (done, total); `cancel` stops the
+    /// call between decoding steps.
+    pub fn evaluate(
+        &self,
+        items: &[EvaluateItem],
+        role: &str,
+        cancel: &AtomicBool,
+        on_item: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Vec<EvaluationOutcome>, CallStats), Error> {
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut stats = CallStats::default();
+        let chunk = self.options.parallel as usize;
+        for (n, part) in items.chunks(chunk.max(1)).enumerate() {
+            let done_before = n * chunk;
+            let (o, s) = self.evaluate_chunk(part, role, cancel, &mut |d| {
+                on_item(done_before + d, items.len())
+            })?;
+            outcomes.extend(o);
+            stats.add(&s);
+        }
+        Ok((outcomes, stats))
+    }
+
+    fn evaluate_chunk(
+        &self,
+        items: &[EvaluateItem],
+        role: &str,
+        cancel: &AtomicBool,
+        on_item: &mut dyn FnMut(usize),
+    ) -> Result<(Vec<EvaluationOutcome>, CallStats), Error> {
+        let started = Instant::now();
+        let mut stats = CallStats {
+            items: items.len(),
+            ..CallStats::default()
+        };
+        let prompt_options = PromptOptions {
+            max_transcript_chars: self.options.max_transcript_chars,
+            limits: self.options.limits(),
+        };
+        let mut errors: Vec<Option<String>> = vec![None; items.len()];
+        let mut flags: Vec<Vec<String>> = vec![Vec::new(); items.len()];
+        let mut seqs: Vec<Sequence<'_>> = Vec::new();
+        // Items of one call usually share a rubric: parse its grammar once.
+        let mut grammars: Vec<(String, LlamaSampler)> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Err(e) = item.rubric.validate() {
+                errors[i] = Some(e.to_string());
+                continue;
+            }
+            let prompt = build_prompt(item, &prompt_options);
+            if let Some(flag) = injection::flag(&item.transcript) {
+                flags[i].push(flag);
+            }
+            if prompt.truncated {
+                flags[i].push(format!(
+                    "the transcript was cut to {} characters for evaluation",
+                    self.options.max_transcript_chars
+                ));
+            }
+            let tokens = match self.prompt_tokens(&prompt) {
+                Ok(t) => t,
+                Err(e) => {
+                    errors[i] = Some(e);
+                    continue;
+                }
+            };
+            let OutputGrammar {
+                gbnf,
+                max_output_chars,
+            } = output_grammar(&item.rubric, self.options.limits());
+            let bound = u32::try_from(max_output_chars).unwrap_or(u32::MAX);
+            let max_tokens = self.options.max_tokens.unwrap_or(bound);
+            let need = tokens.len() as u64 + u64::from(max_tokens.min(bound));
+            if need > u64::from(self.options.ctx_size) {
+                errors[i] = Some(format!(
+                    "the prompt has {} tokens and the answer may need {}, more than ctx_size {}: \
+                     shorten the transcript or raise ctx_size",
+                    tokens.len(),
+                    max_tokens.min(bound),
+                    self.options.ctx_size
+                ));
+                continue;
+            }
+            let grammar = match grammars.iter().find(|(g, _)| *g == gbnf) {
+                Some((_, s)) => s.clone(),
+                None => {
+                    let s = LlamaSampler::grammar(&self.model, &gbnf, "root").map_err(|e| {
+                        Error::Backend(format!("the generated grammar was refused: {e}"))
+                    })?;
+                    grammars.push((gbnf, s.clone()));
+                    s
+                }
+            };
+            let chain = (self.options.temperature > 0.0).then(|| {
+                LlamaSampler::chain_simple([
+                    LlamaSampler::temp(self.options.temperature),
+                    LlamaSampler::dist(self.options.seed.wrapping_add(i as u32)),
+                ])
+            });
+            seqs.push(Sequence {
+                item: i,
+                seq_id: seqs.len() as i32,
+                pos: tokens.len() as i32,
+                tokens,
+                grammar,
+                chain,
+                rubric: &item.rubric,
+                output: Vec::new(),
+                generated: 0,
+                max_tokens: max_tokens.min(bound),
+                next: LlamaToken(0),
+                first_logits: None,
+                batch_index: -1,
+                done: None,
+                seconds: 0.0,
+            });
+        }
+
+        if !seqs.is_empty() {
+            self.decode_all(&mut seqs, cancel, &mut stats, started, on_item)?;
+        }
+
+        let mut outcomes: Vec<EvaluationOutcome> = items
+            .iter()
+            .zip(errors)
+            .map(|(item, error)| EvaluationOutcome {
+                submission_id: item.submission_id.clone(),
+                evaluation: None,
+                error,
+            })
+            .collect();
+        for s in seqs {
+            let text = String::from_utf8_lossy(&s.output).into_owned();
+            let result = match s.done {
+                Some(Ok(())) => parse_ratings(&text, s.rubric).map_err(|e| e.to_string()),
+                Some(Err(e)) => Err(e),
+                None => Err("the evaluation did not finish".into()),
+            };
+            let outcome = &mut outcomes[s.item];
+            match result {
+                Ok(ratings) => {
+                    outcome.evaluation = Some(Evaluation {
+                        role: role.to_owned(),
+                        model: self.name.clone(),
+                        ratings,
+                        flags: std::mem::take(&mut flags[s.item]),
+                        prompt_tokens: s.tokens.len() as u64,
+                        generated_tokens: u64::from(s.generated),
+                        seconds: s.seconds,
+                    })
+                }
+                Err(e) => outcome.error = Some(e),
+            }
+        }
+        Ok((outcomes, stats))
+    }
+
+    /// A context with one KV-cache stream per sequence (`kv_unified` off)
+    /// and flash attention off: then a sequence's attention sees exactly the
+    /// cell layout it would see alone (other streams are not in its sums, and
+    /// the padding cells add exact zeros), and greedy output does not depend
+    /// on which submissions share the call. (llama.cpp's CPU flash attention
+    /// takes a different kernel for a lone query row than for several, and a
+    /// unified cache interleaves the sequences' cells, which regroups the
+    /// floating-point sums: both changed levels in tests.)
+    ///
+    /// One source of batch dependence remains: ggml repacks Q4_0, Q4_K and
+    /// IQ4_NL weights for its CPU kernels, and a product with 4 or more rows
+    /// then takes a GEMM kernel whose sums are grouped differently from the
+    /// 1-row GEMV. Q4_1 and Q8_0 models (SmolLM2 here) are unaffected; a
+    /// Q4_K_M model (the Gemma test model) can flip a near-tie. Building
+    /// with `GGML_CPU_REPACK=OFF` in the environment removes it, at some
+    /// speed (`use_extra_bufts`, the run-time switch, is not exposed by
+    /// llama-cpp-2 0.1.160, and a CPU buffer override still repacks).
+    fn context(&self, seqs: &[Sequence<'_>]) -> Result<LlamaContext<'_>, Error> {
+        let per_seq = seqs
+            .iter()
+            .map(|s| s.tokens.len() as u64 + u64::from(s.max_tokens) + 1)
+            .max()
+            .unwrap_or(1)
+            .div_ceil(256)
+            * 256;
+        let n_ctx = u32::try_from(per_seq * seqs.len() as u64)
+            .map_err(|_| Error::Backend("the call needs a context larger than 2^32".into()))?;
+        let threads = self.options.threads();
+        let n_batch = self.options.batch_size.max(seqs.len() as u32);
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(n_batch)
+            .with_n_ubatch(n_batch)
+            .with_n_seq_max(seqs.len() as u32)
+            .with_kv_unified(false)
+            // LLAMA_FLASH_ATTN_TYPE_DISABLED
+            .with_flash_attention_policy(0)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        self.model
+            .new_context(backend()?, params)
+            .map_err(|e| Error::Backend(format!("cannot create a context of {n_ctx} tokens: {e}")))
+    }
+
+    fn decode_all(
+        &self,
+        seqs: &mut [Sequence<'_>],
+        cancel: &AtomicBool,
+        stats: &mut CallStats,
+        started: Instant,
+        on_item: &mut dyn FnMut(usize),
+    ) -> Result<(), Error> {
+        let t0 = Instant::now();
+        let mut ctx = self.context(seqs)?;
+        stats.setup_seconds = t0.elapsed().as_secs_f64();
+        let decode_error = |e| Error::Backend(format!("decoding failed: {e}"));
+        let batch_error = |e| Error::Backend(format!("batch overflow: {e}"));
+
+        // Prompts: each sequence's prompt in its own decode calls (chunks of
+        // up to n_batch tokens), exactly as when it is evaluated alone. Mixing
+        // sequences in a prompt batch changes the floating-point grouping of
+        // the computation, and greedy decoding must not depend on which
+        // submissions happen to share a call. Prompts are matrix work anyway:
+        // batching them together gains little.
+        let t1 = Instant::now();
+        let n_batch = ctx.n_batch() as usize;
+        let mut batch = LlamaBatch::new(n_batch.max(seqs.len()), 1);
+        for s in seqs.iter_mut() {
+            let len = s.tokens.len();
+            for (c, chunk) in s.tokens.chunks(n_batch).enumerate() {
+                batch.clear();
+                for (k, &tok) in chunk.iter().enumerate() {
+                    let p = c * n_batch + k;
+                    batch
+                        .add(tok, p as i32, &[s.seq_id], p + 1 == len)
+                        .map_err(batch_error)?;
+                }
+                self.check_cancel(cancel)?;
+                ctx.decode(&mut batch).map_err(decode_error)?;
+            }
+            s.first_logits = Some(ctx.get_logits_ith(batch.n_tokens() - 1).to_vec());
+            stats.prompt_tokens += len as u64;
+        }
+        stats.prompt_seconds = t1.elapsed().as_secs_f64();
+
+        // Generation: one token of every unfinished sequence per step.
+        let t2 = Instant::now();
+        let mut scratch: Vec<LlamaTokenData> = Vec::new();
+        let mut finished = 0usize;
+        for s in seqs.iter_mut() {
+            let logits = s.first_logits.take().unwrap_or_default();
+            self.step(s, &logits, &mut scratch, stats)?;
+            if s.done.is_some() {
+                s.seconds = started.elapsed().as_secs_f64();
+                finished += 1;
+                on_item(finished);
+            }
+        }
+        loop {
+            batch.clear();
+            for s in seqs.iter_mut().filter(|s| s.done.is_none()) {
+                s.batch_index = batch.n_tokens();
+                batch
+                    .add(s.next, s.pos, &[s.seq_id], true)
+                    .map_err(batch_error)?;
+                s.pos += 1;
+            }
+            if batch.n_tokens() == 0 {
+                break;
+            }
+            self.check_cancel(cancel)?;
+            ctx.decode(&mut batch).map_err(decode_error)?;
+            stats.steps += 1;
+            for s in seqs.iter_mut().filter(|s| s.done.is_none()) {
+                let logits = ctx.get_logits_ith(s.batch_index);
+                self.step(s, logits, &mut scratch, stats)?;
+                if s.done.is_some() {
+                    s.seconds = started.elapsed().as_secs_f64();
+                    finished += 1;
+                    on_item(finished);
+                }
+            }
+        }
+        stats.generation_seconds = t2.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn check_cancel(&self, cancel: &AtomicBool) -> Result<(), Error> {
+        if cancel.load(Ordering::Relaxed) {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Picks the next token of `s` from `logits`, records it, and decides
+    /// whether the sequence is done.
+    fn step(
+        &self,
+        s: &mut Sequence<'_>,
+        logits: &[f32],
+        scratch: &mut Vec<LlamaTokenData>,
+        stats: &mut CallStats,
+    ) -> Result<(), Error> {
+        if logits.is_empty() {
+            s.done = Some(Err("no logits for the prompt".into()));
+            return Ok(());
+        }
+        let token = self.pick(s, logits, scratch, stats)?;
+        let vocab = self.model.vocab();
+        if vocab.is_eog(token) {
+            // The grammar only allows the end once the answer is complete.
+            s.done = Some(Ok(()));
+            return Ok(());
+        }
+        s.grammar.accept(token);
+        if let Some(chain) = &mut s.chain {
+            chain.accept(token);
+        }
+        s.output
+            .extend_from_slice(&vocab.token_to_piece(token, false, None));
+        s.generated += 1;
+        stats.generated_tokens += 1;
+        s.next = token;
+        if s.output.ends_with(b"]}")
+            && serde_json::from_slice::<serde_json::Value>(&s.output).is_ok()
+        {
+            // Complete: skip the decoding step that would only yield the end.
+            s.done = Some(Ok(()));
+        } else if s.generated >= s.max_tokens {
+            s.done = Some(Err(format!(
+                "the answer was cut at max_tokens ({}); raise max_tokens or leave it unset",
+                s.max_tokens
+            )));
+        }
+        Ok(())
+    }
+
+    fn pick(
+        &self,
+        s: &mut Sequence<'_>,
+        logits: &[f32],
+        scratch: &mut Vec<LlamaTokenData>,
+        stats: &mut CallStats,
+    ) -> Result<LlamaToken, Error> {
+        // The unconstrained choice: the best token, or a sample.
+        let free = match &mut s.chain {
+            None => argmax(logits),
+            Some(chain) => {
+                let mut all = full_array(logits, std::mem::take(scratch));
+                all.apply_sampler(chain);
+                let t = all.selected_token();
+                *scratch = all.data;
+                t
+            }
+        };
+        if self.options.grammar_fast_path
+            && let Some(t) = free
+        {
+            let logit = logits.get(t.0 as usize).copied().unwrap_or(0.0);
+            let mut one = LlamaTokenDataArray::new(vec![LlamaTokenData::new(t, logit, 0.0)], false);
+            one.apply_sampler(&mut s.grammar);
+            if one
+                .data
+                .first()
+                .is_some_and(|d| d.logit() > f32::NEG_INFINITY)
+            {
+                stats.fast_accepts += 1;
+                return Ok(t);
+            }
+        }
+        // The grammar over the whole vocabulary, then the choice among what
+        // it allows.
+        stats.full_passes += 1;
+        let mut all = full_array(logits, std::mem::take(scratch));
+        all.apply_sampler(&mut s.grammar);
+        let picked = match &mut s.chain {
+            None => all
+                .data
+                .iter()
+                .filter(|d| d.logit() > f32::NEG_INFINITY)
+                .fold(None::<LlamaTokenData>, |best, d| match best {
+                    Some(b) if b.logit() >= d.logit() => Some(b),
+                    _ => Some(*d),
+                })
+                .map(|d| d.id()),
+            Some(chain) => {
+                all.apply_sampler(chain);
+                all.selected_token()
+            }
+        };
+        *scratch = all.data;
+        picked.ok_or_else(|| Error::Backend("the grammar allows no token".into()))
+    }
+}
+
+/// Index of the largest logit (the first of equals, like llama.cpp's greedy).
+fn argmax(logits: &[f32]) -> Option<LlamaToken> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if best.is_none_or(|(_, b)| l > b) {
+            best = Some((i, l));
+        }
+    }
+    best.and_then(|(i, _)| i32::try_from(i).ok())
+        .map(LlamaToken)
+}
+
+fn full_array(logits: &[f32], mut buf: Vec<LlamaTokenData>) -> LlamaTokenDataArray {
+    buf.clear();
+    buf.extend(
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
+    );
+    LlamaTokenDataArray::new(buf, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_default_and_reject_unknown_keys() {
+        let o = EngineOptions::from_json(&serde_json::Value::Null).expect("defaults");
+        assert_eq!(o, EngineOptions::default());
+        assert_eq!(o.temperature, 0.0);
+        let o = EngineOptions::from_json(&serde_json::json!({"threads": 2, "temperature": 0}))
+            .expect("ints");
+        assert_eq!(o.threads, Some(2));
+        let e = EngineOptions::from_json(&serde_json::json!({"thread": 2}));
+        assert!(matches!(e, Err(Error::Options(m)) if m.contains("unknown field")));
+        assert!(EngineOptions::from_json(&serde_json::json!({"parallel": 0})).is_err());
+    }
+
+    #[test]
+    fn argmax_takes_the_first_best() {
+        assert_eq!(argmax(&[0.0, 2.0, 2.0, 1.0]), Some(LlamaToken(1)));
+        assert_eq!(argmax(&[]), None);
+    }
+
+    #[test]
+    fn missing_and_corrupt_files_name_the_file_and_the_fix() {
+        let dir = std::env::temp_dir().join(format!("viva-llama-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let missing = dir.join("nope.gguf");
+        let e = check_model_file(&missing).expect_err("missing");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("nope.gguf") && msg.contains("viva models fetch"),
+            "{msg}"
+        );
+        let junk = dir.join("junk.gguf");
+        std::fs::write(&junk, b"<html>not a model</html>").expect("write");
+        let msg = check_model_file(&junk).expect_err("junk").to_string();
+        assert!(
+            msg.contains("junk.gguf") && msg.contains("viva models fetch"),
+            "{msg}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

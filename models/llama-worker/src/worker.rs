@@ -1,0 +1,327 @@
+//! The worker process: the protocol of [`viva_models::protocol`] around an
+//! [`Engine`].
+//!
+//! A reader thread owns stdin and forwards frames to the main thread, which
+//! runs one job at a time (`max_parallel_jobs` 1: a call already decodes its
+//! items together). A `Shutdown` frame or the end of stdin also raises a
+//! cancel flag, so a running job stops at its next decoding step and the
+//! process exits promptly instead of finishing a long batch nobody waits for.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use viva_models::protocol::{FrameReader, FrameWriter, exit_with_parent, take_stdio};
+use viva_models::{
+    DaemonMessage, EvaluateResponse, JobPayload, JobResult, PROTOCOL_VERSION, WorkerKind,
+    WorkerMessage,
+};
+
+use crate::Error;
+use crate::engine::Engine;
+
+const PROGRAM: &str = concat!("viva-llama-worker ", env!("CARGO_PKG_VERSION"));
+
+/// Command-line arguments: `--role NAME` (the daemon adds it; default
+/// "evaluator").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    pub role: String,
+}
+
+impl Args {
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
+        let mut role = "evaluator".to_owned();
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            match arg.split_once('=') {
+                Some(("--role", v)) => role = v.to_owned(),
+                _ if arg == "--role" => role = args.next().ok_or("--role needs a value")?,
+                _ if arg == "--help" || arg == "-h" => {
+                    return Err(format!(
+                        "{PROGRAM}: Viva evaluator worker (llama.cpp). Started by the daemon; \
+                         speaks JSON lines on stdin/stdout.\nusage: viva-llama-worker [--role NAME]"
+                    ));
+                }
+                _ => return Err(format!("unknown argument {arg:?}; usage: --role NAME")),
+            }
+        }
+        Ok(Args { role })
+    }
+}
+
+enum Incoming {
+    Frame(DaemonMessage),
+    Bad(String),
+    Closed,
+}
+
+struct Out {
+    writer: FrameWriter<File>,
+}
+
+impl Out {
+    fn send(&mut self, msg: &WorkerMessage) {
+        if let Err(e) = self.writer.send(msg) {
+            // The daemon is gone: nobody to answer to.
+            eprintln!("viva-llama-worker: cannot write to the daemon: {e}");
+            std::process::exit(1);
+        }
+    }
+
+    fn fail(&mut self, job_id: Option<String>, code: &str, message: String, retryable: bool) {
+        self.send(&WorkerMessage::Error {
+            job_id,
+            code: code.into(),
+            message,
+            retryable,
+        });
+    }
+}
+
+fn spawn_reader(
+    mut reader: FrameReader<File>,
+    cancel: Arc<AtomicBool>,
+) -> mpsc::Receiver<Incoming> {
+    let (tx, rx) = mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("protocol-reader".into())
+        .spawn(move || {
+            loop {
+                let incoming = match reader.read::<DaemonMessage>() {
+                    Ok(Some(msg)) => {
+                        if msg == DaemonMessage::Shutdown {
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                        Incoming::Frame(msg)
+                    }
+                    Ok(None) | Err(viva_models::Error::Io(_)) => {
+                        cancel.store(true, Ordering::Relaxed);
+                        let _ = tx.send(Incoming::Closed);
+                        return;
+                    }
+                    Err(e) => Incoming::Bad(e.to_string()),
+                };
+                if tx.send(incoming).is_err() {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("viva-llama-worker: cannot start the reader thread: {e}");
+        std::process::exit(1);
+    }
+    rx
+}
+
+/// Runs the worker until `Shutdown` or the end of stdin; returns the exit
+/// code.
+pub fn main() -> i32 {
+    exit_with_parent();
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
+    init_logs();
+    let (reader, writer) = match take_stdio() {
+        Ok(io) => io,
+        Err(e) => {
+            eprintln!("viva-llama-worker: cannot take stdio: {e}");
+            return 1;
+        }
+    };
+    let mut out = Out { writer };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let rx = spawn_reader(reader, cancel.clone());
+    out.send(&WorkerMessage::Hello {
+        protocol: PROTOCOL_VERSION,
+        kind: WorkerKind::Evaluator,
+        worker: PROGRAM.into(),
+        pid: std::process::id(),
+        max_parallel_jobs: 1,
+    });
+
+    match rx.recv() {
+        Ok(Incoming::Frame(DaemonMessage::Hello { protocol, .. }))
+            if protocol == PROTOCOL_VERSION => {}
+        Ok(Incoming::Frame(DaemonMessage::Hello { protocol, .. })) => {
+            out.fail(
+                None,
+                "protocol_mismatch",
+                format!(
+                    "the daemon speaks protocol {protocol}, this worker speaks {PROTOCOL_VERSION}"
+                ),
+                false,
+            );
+            return 1;
+        }
+        Ok(Incoming::Frame(DaemonMessage::Shutdown)) => return bye(&mut out),
+        Ok(Incoming::Closed) | Err(_) => return 0,
+        Ok(Incoming::Frame(other)) => {
+            eprintln!("viva-llama-worker: expected hello from the daemon, got {other:?}");
+            return 1;
+        }
+        Ok(Incoming::Bad(e)) => {
+            eprintln!("viva-llama-worker: bad frame from the daemon: {e}");
+            return 1;
+        }
+    }
+
+    let spec = match rx.recv() {
+        Ok(Incoming::Frame(DaemonMessage::Load { model })) => model,
+        Ok(Incoming::Frame(DaemonMessage::Shutdown)) => return bye(&mut out),
+        Ok(Incoming::Closed) | Err(_) => return 0,
+        Ok(Incoming::Frame(other)) => {
+            eprintln!("viva-llama-worker: expected load from the daemon, got {other:?}");
+            return 1;
+        }
+        Ok(Incoming::Bad(e)) => {
+            eprintln!("viva-llama-worker: bad frame from the daemon: {e}");
+            return 1;
+        }
+    };
+    let started = Instant::now();
+    let engine = match Engine::load(&spec) {
+        Ok(e) => e,
+        Err(e) => {
+            let code = match e {
+                Error::ModelMissing { .. } => "model_missing",
+                Error::ModelCorrupt { .. } => "model_corrupt",
+                Error::Options(_) => "bad_options",
+                _ => "load_failed",
+            };
+            eprintln!("viva-llama-worker: {e}");
+            out.fail(None, code, e.to_string(), false);
+            return 1;
+        }
+    };
+    let load_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    eprintln!(
+        "viva-llama-worker: loaded {} ({}) in {load_ms} ms, chat template: {}, role {}",
+        engine.name(),
+        engine.path().display(),
+        engine.template_source(),
+        args.role
+    );
+    out.send(&WorkerMessage::Loaded {
+        model: engine.name().to_owned(),
+        load_ms,
+        memory_bytes: Some(engine.memory_bytes()),
+    });
+
+    loop {
+        match rx.recv() {
+            Ok(Incoming::Frame(DaemonMessage::Job { job_id, payload })) => {
+                if cancel.load(Ordering::Relaxed) {
+                    // A Shutdown is queued behind this job: leave it.
+                    continue;
+                }
+                run_job(&engine, &args.role, &job_id, payload, &cancel, &mut out);
+            }
+            Ok(Incoming::Frame(DaemonMessage::Shutdown)) => return bye(&mut out),
+            Ok(Incoming::Frame(other)) => out.fail(
+                None,
+                "unexpected_message",
+                format!("unexpected message from the daemon: {other:?}"),
+                false,
+            ),
+            Ok(Incoming::Bad(e)) => out.fail(None, "bad_frame", e, false),
+            Ok(Incoming::Closed) | Err(_) => return 0,
+        }
+    }
+}
+
+fn run_job(
+    engine: &Engine,
+    role: &str,
+    job_id: &str,
+    payload: JobPayload,
+    cancel: &AtomicBool,
+    out: &mut Out,
+) {
+    let req = match payload {
+        JobPayload::Evaluate(req) => req,
+        JobPayload::Transcribe(_) => {
+            out.fail(
+                Some(job_id.into()),
+                "wrong_kind",
+                "this is an evaluator worker; it cannot transcribe".into(),
+                false,
+            );
+            return;
+        }
+    };
+    let total = req.items.len();
+    let mut progress = |done: usize, total: usize| {
+        out.send(&WorkerMessage::Progress {
+            job_id: job_id.to_owned(),
+            done: done as u64,
+            total: total as u64,
+            message: None,
+        })
+    };
+    progress(0, total);
+    let result = engine.evaluate(&req.items, role, cancel, &mut progress);
+    match result {
+        Ok((outcomes, stats)) => {
+            eprintln!("viva-llama-worker: job {job_id}: {}", stats.summary());
+            out.send(&WorkerMessage::Result {
+                job_id: job_id.to_owned(),
+                result: JobResult::Evaluations(EvaluateResponse { outcomes }),
+            });
+        }
+        Err(Error::Cancelled) => {
+            eprintln!("viva-llama-worker: job {job_id} cancelled: shutting down");
+        }
+        Err(e) => {
+            eprintln!("viva-llama-worker: job {job_id} failed: {e}");
+            out.fail(
+                Some(job_id.to_owned()),
+                "evaluation_failed",
+                e.to_string(),
+                true,
+            );
+        }
+    }
+}
+
+fn bye(out: &mut Out) -> i32 {
+    out.send(&WorkerMessage::Bye);
+    0
+}
+
+/// llama.cpp's log goes through `tracing` to stderr (the worker's log, which
+/// the daemon captures), at `VIVA_LLAMA_LOG` level (default `warn`: its
+/// load-time chatter stays out, its warnings and errors stay in).
+fn init_logs() {
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VIVA_LLAMA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(false)
+        .without_time()
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_take_a_role() {
+        let p = |v: &[&str]| Args::parse(v.iter().map(|s| s.to_string()));
+        assert_eq!(p(&[]).map(|a| a.role), Ok("evaluator".into()));
+        assert_eq!(p(&["--role", "a"]).map(|a| a.role), Ok("a".into()));
+        assert_eq!(p(&["--role=b"]).map(|a| a.role), Ok("b".into()));
+        assert!(p(&["--role"]).is_err());
+        assert!(p(&["--kind", "stt"]).is_err());
+    }
+}
