@@ -13,6 +13,8 @@ use viva_daemon::Config;
 use viva_daemon::config::WorkerConfig;
 use viva_daemon::domain::Role;
 
+pub mod real;
+
 /// The directory holding this build's binaries (target/<profile>).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
