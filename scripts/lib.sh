@@ -54,6 +54,26 @@ ensure_lti_platform() {
   export VIVA_REQUIRE_LTI_PLATFORM=1 VIVA_REQUIRE_BROWSER=1
 }
 
+# axe-core (the accessibility checker the widget tests run in Chromium),
+# straight from the npm registry's tarball: no node needed. Pinned and
+# checked by sha256; idempotent. Exports VIVA_AXE_JS.
+AXE_VERSION=4.10.3
+AXE_SHA256=0f2b4d7dcdf7d1219df8d1959ad68e565f51d14c3f0d88bb71cd59abeb956292
+ensure_axe() {
+  local dir="$VIVA_CACHE/axe-core-$AXE_VERSION"
+  if [ ! -s "$dir/axe.min.js" ]; then
+    step "fetching axe-core $AXE_VERSION (npm tarball)"
+    local tgz="$VIVA_CACHE/axe-core-$AXE_VERSION.tgz"
+    curl -fsSL -o "$tgz.part" "https://registry.npmjs.org/axe-core/-/axe-core-$AXE_VERSION.tgz" \
+      || die "cannot download axe-core from registry.npmjs.org"
+    echo "$AXE_SHA256  $tgz.part" | sha256sum -c --quiet - || { rm -f "$tgz.part"; die "axe-core tarball checksum mismatch"; }
+    mv "$tgz.part" "$tgz"
+    mkdir -p "$dir"
+    tar -xzf "$tgz" -C "$dir" --strip-components=1 package/axe.min.js package/LICENSE
+  fi
+  export VIVA_AXE_JS="$dir/axe.min.js"
+}
+
 ensure_rust() {
   command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs), then run this again"
   # Rubric plugins are WebAssembly components built by the normal build

@@ -83,6 +83,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/admin/purge", post(purge))
         .merge(crate::plugins::routes())
         .merge(crate::lti_routes::routes())
+        .merge(crate::review::routes())
+        .merge(crate::widget::routes())
         .with_state(state)
 }
 

@@ -19,9 +19,11 @@ pub mod passback;
 pub mod platforms;
 pub mod plugins;
 pub mod retention;
+pub mod review;
 pub mod scheduler;
 pub mod status;
 pub mod store;
+pub mod widget;
 pub mod workers;
 
 use std::os::fd::AsRawFd;

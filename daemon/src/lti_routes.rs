@@ -12,9 +12,9 @@
 //! storage) before redirecting. At the launch the binding comes from the
 //! cookie, else from platform storage (`lti.get_data`, then one more POST
 //! with the binding), else the browser is offered "open in a new window";
-//! the state check is never skipped. A valid launch answers with a page that
-//! carries the session token in its body (never in a URL) and calls
-//! `/api/v1/me` with it.
+//! the state check is never skipped. A valid launch answers with the web
+//! widget's page (`crate::widget::shell`), which carries the session token in
+//! its body (never in a URL) and calls `/api/v1/me` with it.
 
 use std::collections::BTreeMap;
 
@@ -647,15 +647,6 @@ fn resolve_assignment(
     Ok(Some(id))
 }
 
-const LAUNCH_JS: &str = r#"(function(){
-var s=JSON.parse(document.getElementById('viva-data').textContent);window.vivaSession=s;
-var out=document.getElementById('me');
-fetch(s.base+'/api/v1/me',{headers:{Authorization:'Bearer '+s.token}})
-.then(function(r){if(!r.ok)throw new Error('HTTP '+r.status);return r.json();})
-.then(function(me){out.textContent='Signed in as '+(me.name||me.user_id)+' ('+me.roles.join(', ')+') in '+(me.context_title||me.context_id)+'.';document.body.setAttribute('data-ready','1');})
-.catch(function(e){out.textContent='Could not reach Viva: '+e.message;document.body.setAttribute('data-ready','error');});
-})();"#;
-
 const DEEP_LINK_JS: &str = r#"(function(){
 var s=JSON.parse(document.getElementById('viva-data').textContent);window.vivaSession=s;
 var status=document.getElementById('status');
@@ -772,38 +763,26 @@ async fn complete_launch(st: &AppState, reg: &Registration, launch: Launch) -> R
                 launch.name.clone(),
                 Some(scope),
             )?;
-            let heading = match &p.assignment {
-                Some(a) => esc(&a.title),
-                None => "Viva".into(),
-            };
-            let note = match (&p.assignment, is_instructor) {
-                (Some(a), _) => format!("<p id=\"prompt\">{}</p>", esc(&a.prompt)),
-                (None, true) => {
-                    "<p id=\"prompt\">This link has no Viva assignment yet: edit it in your \
-                                 course and choose one with the Viva selection dialog.</p>"
-                        .into()
-                }
-                (None, false) => {
-                    "<p id=\"prompt\">Your instructor has not set this assignment up yet.</p>"
-                        .into()
-                }
-            };
-            let body = format!(
-                "<h1>{heading}</h1>{note}<p id=\"me\" aria-live=\"polite\">Connecting…</p>\
-                 <div id=\"viva-app\"></div>"
-            );
-            let mut page = Page::new("Viva", body);
-            page.data = Some(serde_json::json!({
-                "token": token,
-                "expires_at": claims.exp,
-                "base": st.lti.tool.base(),
-                "assignment": p.assignment.as_ref().map(|a| a.id.clone()),
-                "link": p.link.as_ref().map(|l| l.id.clone()),
-                "roles": p.roles,
-            }));
-            page.script = Some(LAUNCH_JS);
-            page.frame_ancestors = Some(frame);
-            Ok(page.render())
+            // The web widget (crate::widget) with the token in the page body.
+            let title = p
+                .assignment
+                .as_ref()
+                .map(|a| a.title.clone())
+                .unwrap_or_else(|| "Viva".into());
+            Ok(crate::widget::shell(
+                &title,
+                serde_json::json!({
+                    "token": token,
+                    "expires_at": claims.exp,
+                    "base": st.lti.tool.base(),
+                    "assignment": p.assignment.as_ref().map(|a| a.id.clone()),
+                    "link": p.link.as_ref().map(|l| l.id.clone()),
+                    "roles": p.roles,
+                    "instructor": is_instructor,
+                    "limits": crate::widget::limits(st),
+                }),
+                Some(&frame),
+            ))
         }
     }
 }

@@ -1,0 +1,137 @@
+// Administrator view: health, models and workers (which model in which
+// role, loaded or not, memory, phase history), LTI registrations with the
+// dynamic registration instructions, rubric plugins (upload, validate,
+// enable/disable, recent failures) and the audit log.
+import S from './strings.en.js';
+import { h, clear, announce, notice, tabs, table, fmtBytes, fmtDate, errorText, field } from './ui.js';
+
+const enc = encodeURIComponent;
+
+export function mount(panel, ctx) {
+  const { api } = ctx;
+  const t = tabs(S.views.admin, [
+    { id: 'health', label: S.adminTabs.health, render: (p) => poller(p, health) },
+    { id: 'models', label: S.adminTabs.models, render: (p) => poller(p, models) },
+    { id: 'platforms', label: S.adminTabs.platforms, render: (p) => platforms(p) },
+    { id: 'plugins', label: S.adminTabs.plugins, render: (p) => pluginsView(p) },
+    { id: 'audit', label: S.adminTabs.audit, render: (p) => audit(p) },
+  ]);
+  panel.append(t);
+
+  // Renders fn(system) now and every 5 s while the tab is open.
+  function poller(p, fn) {
+    const out = h('div', {});
+    p.append(out);
+    let stop = false;
+    const tick = async () => {
+      try {
+        const sys = await api.get('/api/v1/admin/system');
+        if (!stop) clear(out, ...fn(sys));
+      } catch (e) { if (!stop) clear(out, notice('error', S.loadFailed(errorText(e)))); }
+    };
+    tick();
+    const timer = setInterval(tick, 5000);
+    return () => { stop = true; clearInterval(timer); };
+  }
+
+  function health(sys) {
+    return [
+      h('h2', { text: S.adminTabs.health }),
+      h('p', { 'data-testid': 'health' }, h('span', { class: `badge ${sys.ready ? 'ok' : 'warn'}`, text: sys.ready ? S.ready : S.notReady })),
+      sys.problems.length ? h('div', { class: 'notice warn' }, h('h3', { text: S.problems }), h('ul', {}, sys.problems.map((x) => h('li', { text: x })))) : null,
+      h('dl', { class: 'facts' },
+        h('dt', { text: S.version }), h('dd', { text: sys.version }),
+        h('dt', { text: S.policy }), h('dd', { text: sys.policy }),
+        h('dt', { text: S.phaseNow }), h('dd', { text: S.systemPhase[sys.phase] || sys.phase }),
+        h('dt', { text: S.freeSpace }), h('dd', { text: sys.free_bytes == null ? S.unknown : fmtBytes(sys.free_bytes) })),
+      h('p', { text: S.queues(sys.queues) }),
+    ];
+  }
+
+  function models(sys) {
+    const proc = (p) => (p ? S.processInfo({ ...p, rss: p.rss_bytes ? fmtBytes(p.rss_bytes) : '?', peak: p.peak_rss_bytes ? fmtBytes(p.peak_rss_bytes) : '?' }) : S.notRunning);
+    const rows = sys.models.map((m) => [
+      m.kind === 'stt' ? S.stt : S.evaluatorRole(m.role), m.model, m.model_file, `${m.memory_mb} MiB`,
+      h('span', { class: `badge ${m.loaded ? 'ok' : ''}`, text: m.loaded ? S.yes : S.no }), proc(m.process),
+    ]);
+    const phases = sys.phase_history.slice().reverse().slice(0, 30).map((x) => [fmtDate(x.at_ms), S.systemPhase[x.phase] || x.phase, x.batch_id == null ? '—' : String(x.batch_id)]);
+    const procs = sys.process_history.slice().reverse().slice(0, 30).map((x) => [fmtDate(x.at_unix_ms), x.slot, `${x.event} (pid ${x.pid})`, x.detail]);
+    return [
+      h('h2', { text: S.adminTabs.models }),
+      h('p', { text: `${S.phaseNow}: ${S.systemPhase[sys.phase] || sys.phase}. ${S.queues(sys.queues)}` }),
+      table(S.adminTabs.models, [S.role, S.model, S.file, S.memory, S.loaded, S.processCol], rows, { 'data-testid': 'models' }),
+      table(S.phaseHistory, [S.when, S.phase, S.batch], phases),
+      table(S.processHistory, [S.when, S.role, S.event, S.detail], procs),
+    ];
+  }
+
+  async function platforms(p) {
+    const out = h('div', {});
+    const msg = h('div', { 'aria-live': 'polite' });
+    p.append(h('h2', { text: S.platformsTitle }), msg, out);
+    const base = (ctx.data.base || location.origin).replace(/\/$/, '');
+    const regUrl = `${base}/lti/register`;
+    const render = async () => {
+      let list;
+      try { list = await api.get('/api/v1/admin/platforms'); } catch (e) { clear(out, notice('error', S.loadFailed(errorText(e)))); return; }
+      const rows = list.map((r) => [r.name || r.issuer, r.issuer, r.client_id, (r.deployments || []).join(', '), r.source,
+        h('button', { type: 'button', class: 'danger', text: S.remove, 'aria-label': `${S.remove}: ${r.issuer} ${r.client_id}`, on: { click: async () => {
+          try { await api.del(`/api/v1/admin/platforms?issuer=${enc(r.issuer)}&client_id=${enc(r.client_id)}`); announce(S.removed); render(); }
+          catch (e) { clear(msg, notice('error', errorText(e))); }
+        } } })]);
+      clear(out,
+        list.length ? table(S.platformsTitle, [S.name, S.issuer, S.clientId, S.deployments, S.source, S.actions], rows, { 'data-testid': 'platforms' }) : h('p', { text: S.noPlatforms }),
+        h('section', { 'data-testid': 'dynreg' }, h('h3', { text: S.dynregTitle }), h('p', { text: S.dynregHelp(regUrl) }),
+          h('p', {}, h('code', { text: regUrl })), h('p', { text: S.canvasUrl(`${base}/lti/canvas.json`) }),
+          h('p', {}, h('a', { href: '/lti/register', target: '_blank', rel: 'noopener', text: S.allValues }))));
+    };
+    render();
+  }
+
+  async function pluginsView(p) {
+    const out = h('div', {});
+    const msg = h('div', { 'aria-live': 'polite', 'data-testid': 'plugin-message' });
+    const file = h('input', { type: 'file', accept: '.wasm,application/wasm', 'data-testid': 'plugin-file' });
+    const up = h('button', { type: 'button', class: 'primary', text: S.uploadPluginButton, on: { click: async () => {
+      const f = file.files[0];
+      if (!f) return;
+      try {
+        const r = await api.req('POST', '/api/v1/plugins', f, { 'Content-Type': 'application/wasm' });
+        clear(msg, notice('ok', S.pluginUploaded(r.name, r.version)));
+        announce(S.pluginUploaded(r.name, r.version));
+        render();
+      } catch (e) { clear(msg, notice('error', errorText(e))); announce(errorText(e), true); }
+    } } });
+    p.append(h('h2', { text: S.pluginsTitle }), msg, out,
+      h('section', {}, h('h3', { text: S.uploadPlugin }), field(S.uploadPlugin, file), h('div', { class: 'buttons' }, up)));
+    const render = async () => {
+      let list, failures;
+      try {
+        [list, failures] = await Promise.all([api.get('/api/v1/plugins'), api.get('/api/v1/admin/plugin-failures')]);
+      } catch (e) { clear(out, notice('error', S.loadFailed(errorText(e)))); return; }
+      const rows = list.map((x) => [x.name, x.version, x.builtin ? S.builtin : x.context_id ? S.course(x.context_id) : S.site, x.enabled ? S.yes : S.no,
+        x.builtin ? '—' : h('button', { type: 'button', text: x.enabled ? S.disable : S.enable, 'aria-label': `${x.enabled ? S.disable : S.enable}: ${x.name} ${x.version}`, on: { click: async () => {
+          try { await api.post(`/api/v1/plugins/${enc(x.id)}/${x.enabled ? 'disable' : 'enable'}`); render(); }
+          catch (e) { clear(msg, notice('error', errorText(e))); }
+        } } })]);
+      const fails = failures.map((f) => [fmtDate(f.at), f.plugin, f.submission_id, String(f.attempts), f.error]);
+      clear(out,
+        table(S.pluginsTitle, [S.name, S.version, S.scope, S.enabled, S.actions], rows, { 'data-testid': 'plugins' }),
+        h('h3', { text: S.pluginFailures }),
+        fails.length ? table(S.pluginFailures, [S.when, S.plugin, S.submission, S.attempts, S.error], fails) : h('p', { text: S.noFailures }));
+    };
+    render();
+  }
+
+  async function audit(p) {
+    const out = h('div', {});
+    p.append(h('h2', { text: S.adminTabs.audit }), out);
+    try {
+      const list = await api.get('/api/v1/admin/audit?limit=200');
+      clear(out, list.length ? table(S.adminTabs.audit, [S.when, S.actor, S.action, S.subject, S.detail],
+        list.map((e) => [fmtDate(e.at), e.actor, e.action, e.subject, JSON.stringify(e.details)])) : h('p', { text: S.auditEmpty }));
+    } catch (e) { clear(out, notice('error', S.loadFailed(errorText(e)))); }
+  }
+
+  return () => t.dispose();
+}
