@@ -102,6 +102,8 @@ class State:
         self.seen_jti = set()
         self.fail_scores = []
         self.ungradable = set()
+        self.stall_seconds = 0.0
+        self.stall_count = 0
         self.line_items = {}
         self.next_line_item = 1
         self.log = {
@@ -380,6 +382,9 @@ class Handler(BaseHTTPRequestHandler):
                 with STATE.lock:
                     STATE.fail_scores = list(spec.get("statuses", []))
                     STATE.ungradable = set(spec.get("ungradable", []))
+                    # Chaos: the next `stall_count` score posts hang this long first.
+                    STATE.stall_seconds = float(spec.get("stall_seconds", 0))
+                    STATE.stall_count = int(spec.get("stall_count", 0))
                 return self.send(200, {"ok": True})
             if r == "/control/rotate-key":
                 with STATE.lock:
@@ -612,6 +617,13 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Content-Type") != SCORE_TYPE:
             return self.send(415, {"error": "score content type"})
         body = json.loads(self.body())
+        stall = 0.0
+        with s.lock:
+            if s.stall_count > 0:
+                s.stall_count -= 1
+                stall = s.stall_seconds
+        if stall:
+            time.sleep(stall)
         with s.lock:
             if s.fail_scores:
                 status = s.fail_scores.pop(0)

@@ -1,0 +1,1895 @@
+//! `viva lab`: the design log's lab day, made real and measured.
+//!
+//! Generates N student recordings (espeak-ng, ffmpeg), then, on this
+//! machine and the same small real models:
+//!
+//! 1. runs the baselines through the worker binaries directly
+//!    ([`baseline`]: traditional sequential with load/unload per
+//!    submission, and sequential with the models kept loaded);
+//! 2. runs the real daemon (`viva serve`, a child process) once per policy,
+//!    with the real workers, behind the independent LTI platform of the
+//!    tests (`tests/lti-platform/lti_platform.py`): dynamic registration,
+//!    an instructor's deep link, one launch per student, uploads arriving
+//!    on the chosen pattern, instructor release, grades in the platform;
+//! 3. checks the platform's final state (one line item, one current score
+//!    per student equal to the released grade, bad files failed with a
+//!    reason), reports ETA honesty, memory and the lower bound, and writes
+//!    `report.json` and `chart.png`.
+//!
+//! `--chaos` kills the daemon (SIGKILL) and workers at random moments,
+//! makes the platform's score endpoint fail and stall, and checks that
+//! nothing is lost or duplicated.
+
+mod baseline;
+mod chart;
+mod media;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::config::WorkerConfig;
+use crate::now_ms;
+
+const REGISTRATION_TOKEN: &str = "reg-token-3f9c2a";
+const ROLE: &str = "http://purl.imsglobal.org/vocab/lis/v2/membership#";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct LabArgs {
+    /// Number of students.
+    #[arg(long, default_value_t = 30)]
+    students: usize,
+    /// Directory for report.json, chart.png, the recordings and logs.
+    #[arg(long)]
+    report: PathBuf,
+    /// Shortest recording, seconds.
+    #[arg(long, default_value_t = 20.0)]
+    min_seconds: f64,
+    /// Longest recording, seconds.
+    #[arg(long, default_value_t = 180.0)]
+    max_seconds: f64,
+    /// Arrival pattern: `all` (everyone uploads at once) or `spread:SECONDS`
+    /// (uploads evenly spread over that many seconds).
+    #[arg(long, default_value = "spread:120")]
+    arrival: String,
+    /// Seed for voices, speeds, lengths and texts (same seed, same lab).
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Viva policies to run, comma-separated: two-phase, pipelined, auto.
+    #[arg(long, default_value = "two-phase,pipelined")]
+    policies: String,
+    /// Skip the baselines (traditional and kept-loaded sequential).
+    #[arg(long)]
+    no_baselines: bool,
+    /// Kill the daemon and workers at random moments, fail and stall the
+    /// platform's score endpoint (one Viva run, no baselines).
+    #[arg(long)]
+    chaos: bool,
+    /// How many times `--chaos` kills the daemon.
+    #[arg(long, default_value_t = 10)]
+    chaos_kills: usize,
+    /// Model files (default: $VIVA_MODELS_DIR, else ~/.cache/viva/models).
+    #[arg(long, env = "VIVA_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
+    /// Directory of viva-whisper-worker and viva-llama-worker (default: next to viva).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Python with lti1p3platform (default: $VIVA_LTI_PYTHON, else
+    /// $VIVA_CACHE/lti-venv/bin/python as scripts/lib.sh makes it).
+    #[arg(long, env = "VIVA_LTI_PYTHON")]
+    python: Option<PathBuf>,
+    /// The platform harness script (default: tests/lti-platform/lti_platform.py of this source tree).
+    #[arg(long)]
+    platform_script: Option<PathBuf>,
+    /// Use this already running platform harness instead of starting one.
+    #[arg(long)]
+    platform_url: Option<String>,
+    /// Threads per worker process.
+    #[arg(long, default_value_t = 1)]
+    threads: u32,
+    #[arg(long, default_value_t = 10)]
+    stt_batch_size: usize,
+    #[arg(long, default_value = "20s")]
+    batch_window: humantime::Duration,
+    #[arg(long, default_value_t = 4)]
+    eval_batch_size: usize,
+    /// Give up on a Viva run after this long.
+    #[arg(long, default_value = "3h")]
+    timeout: humantime::Duration,
+}
+
+fn say(s: &str) {
+    eprintln!("{s}");
+}
+
+// ---------------------------------------------------------------------------
+// Memory: the sum of RSS of a process tree, sampled from /proc.
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// (pid, ppid, comm) of every process.
+fn processes() -> Vec<(u32, u32, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_owned();
+        let ppid = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        out.push((pid, ppid, comm));
+    }
+    out
+}
+
+fn descendants(root: u32) -> Vec<(u32, String)> {
+    let all = processes();
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        for (pid, ppid, comm) in &all {
+            if *ppid == p {
+                out.push((*pid, comm.clone()));
+                todo.push(*pid);
+            }
+        }
+    }
+    out
+}
+
+fn tree_rss_bytes(root: u32, skip: &[u32]) -> u64 {
+    let mut kb = rss_kb(root);
+    for (pid, _) in descendants(root) {
+        if !skip.contains(&pid) {
+            kb += rss_kb(pid);
+        }
+    }
+    kb * 1024
+}
+
+/// Samples the RSS of a process tree every 200 ms; the root may change
+/// (a restarted daemon).
+struct MemSampler {
+    root: Arc<AtomicU32>,
+    peak: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    skip: Arc<Mutex<Vec<u32>>>,
+}
+
+impl MemSampler {
+    fn start(root: u32) -> MemSampler {
+        let s = MemSampler {
+            root: Arc::new(AtomicU32::new(root)),
+            peak: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+            skip: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (r, p, st, sk) = (
+            s.root.clone(),
+            s.peak.clone(),
+            s.stop.clone(),
+            s.skip.clone(),
+        );
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let skip = sk.lock().map(|v| v.clone()).unwrap_or_default();
+                let v = tree_rss_bytes(r.load(Ordering::Relaxed), &skip);
+                p.fetch_max(v, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        s
+    }
+    fn finish(&self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The platform harness and the daemon as child processes.
+
+struct PlatformProc {
+    base: String,
+    child: Option<Child>,
+}
+
+impl Drop for PlatformProc {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_platform(python: &Path, script: &Path, log: &Path) -> anyhow::Result<PlatformProc> {
+    let err = std::fs::File::create(log)?;
+    let mut child = Command::new(python)
+        .arg(script)
+        .stdout(Stdio::piped())
+        .stderr(err)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "starting the LTI platform {} with {} (make the venv with scripts/lib.sh ensure_lti_platform, or pass --python)",
+                script.display(),
+                python.display()
+            )
+        })?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("the platform has no stdout"))?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let hello: Value = serde_json::from_str(&line).with_context(|| {
+        format!(
+            "the platform did not announce itself (see {}): {line:?}",
+            log.display()
+        )
+    })?;
+    let base = hello["base"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the platform's hello has no base"))?
+        .to_owned();
+    Ok(PlatformProc {
+        base,
+        child: Some(child),
+    })
+}
+
+struct DaemonProc {
+    exe: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    url: String,
+}
+
+impl DaemonProc {
+    fn spawn(&mut self) -> anyhow::Result<u32> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let err = out.try_clone()?;
+        let child = Command::new(&self.exe)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("serve")
+            .env_remove("VIVA_DATA_DIR")
+            .env_remove("VIVA_LISTEN")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {} serve", self.exe.display()))?;
+        let pid = child.id();
+        self.child = Some(child);
+        Ok(pid)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    async fn wait_ready(&mut self, http: &reqwest::Client) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = http.get(format!("{}/healthz", self.url)).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if let Some(c) = &mut self.child
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                bail!(
+                    "the daemon exited ({status}) while starting; see {}",
+                    self.log.display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the daemon did not answer /healthz within 2 minutes; see {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// LTI: the launch dance, as a browser does it (mirrors tests/tests/lti.rs).
+
+fn unescape(s: &str) -> String {
+    s.replace("&quot;", "\"")
+        .replace("&#x27;", "'")
+        .replace("&#39;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
+}
+
+fn parse_form(html: &str) -> (String, Vec<(String, String)>) {
+    let action = html
+        .split("action=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .map(unescape)
+        .unwrap_or_default();
+    let mut fields = Vec::new();
+    for part in html.split("name=\"").skip(1) {
+        let name = part.split('"').next().unwrap_or_default().to_owned();
+        let value = part
+            .split("value=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .map(unescape)
+            .unwrap_or_default();
+        fields.push((name, value));
+    }
+    (action, fields)
+}
+
+fn page_data(html: &str) -> Option<Value> {
+    let start = html.find("id=\"viva-data\">")?;
+    let rest = &html[start..];
+    let json = rest.split_once('>')?.1.split("</script>").next()?;
+    serde_json::from_str(json).ok()
+}
+
+struct Lti {
+    http: reqwest::Client,
+    platform: String,
+    tool: String,
+}
+
+impl Lti {
+    async fn post_json(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.platform))
+            .json(&body)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("platform {path}: {}", r.status());
+        }
+        Ok(r.json().await?)
+    }
+
+    async fn log(&self) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}/control/log", self.platform))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    async fn register(&self) -> anyhow::Result<()> {
+        let r = self
+            .http
+            .get(format!("{}/lti/register", self.tool))
+            .query(&[
+                (
+                    "openid_configuration",
+                    format!("{}/.well-known/openid-configuration", self.platform),
+                ),
+                ("registration_token", REGISTRATION_TOKEN.to_owned()),
+            ])
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            let code = r
+                .headers()
+                .get("x-viva-error")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            bail!("dynamic registration failed: {} {code}", r.status());
+        }
+        Ok(())
+    }
+
+    /// login → platform auth → launch; returns the launched page's data.
+    async fn launch(&self, spec: Value) -> anyhow::Result<Value> {
+        let prepared = self.post_json("/control/launch", spec).await?;
+        let params: Vec<(String, String)> = prepared["params"]
+            .as_object()
+            .ok_or_else(|| anyhow!("the platform prepared no launch"))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+            .collect();
+        let resp = self
+            .http
+            .post(format!("{}/lti/login", self.tool))
+            .form(&params)
+            .send()
+            .await?;
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let cookie = resp
+            .headers()
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|c| c.starts_with("viva_lti_"))
+            .and_then(|c| c.split(';').next())
+            .map(str::to_owned);
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let auth_url = match location {
+            Some(l) => l,
+            None => page_data(&body)
+                .and_then(|d| d["next"].as_str().map(str::to_owned))
+                .ok_or_else(|| anyhow!("login answered {status} and went nowhere"))?,
+        };
+        let auth = self.http.get(&auth_url).send().await?;
+        let auth_status = auth.status();
+        let auth_body = auth.text().await?;
+        if !auth_status.is_success() {
+            bail!("the platform refused the auth request: {auth_body}");
+        }
+        let (launch_url, form) = parse_form(&auth_body);
+        let mut req = self.http.post(&launch_url).form(&form);
+        if let Some(c) = cookie {
+            req = req.header(reqwest::header::COOKIE, c);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let code = resp
+            .headers()
+            .get("x-viva-error")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!("launch refused: {status} {code}");
+        }
+        page_data(&body).ok_or_else(|| anyhow!("the launch page carries no session"))
+    }
+}
+
+fn token_of(data: &Value) -> anyhow::Result<String> {
+    data["token"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no session token in the launch"))
+}
+
+// ---------------------------------------------------------------------------
+// One Viva run.
+
+#[derive(Debug, Clone, Serialize, Default)]
+struct StudentRun {
+    user: String,
+    kind: String,
+    audio_seconds: f64,
+    arrival_seconds: f64,
+    submission: Option<String>,
+    rejected: Option<Value>,
+    upload_attempts: u32,
+    eta_read_seconds: Option<f64>,
+    eta_seconds: Option<f64>,
+    batch: Option<i64>,
+    waited_seconds: Option<f64>,
+    stt_seconds: Option<f64>,
+    eval_seconds: Option<f64>,
+    scored_seconds: Option<f64>,
+    latency_seconds: Option<f64>,
+    released_seconds: Option<f64>,
+    state: String,
+    failure_reason: Option<String>,
+    score: Option<f64>,
+    max: Option<f64>,
+    needs_review: Option<bool>,
+    eta_error_seconds: Option<f64>,
+    eta_error_relative: Option<f64>,
+    stt_span: Option<(f64, f64)>,
+    eval_span: Option<(f64, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+struct FinalState {
+    line_items: usize,
+    good_students: usize,
+    graded_correctly: usize,
+    lost: Vec<String>,
+    duplicated: Vec<String>,
+    wrong: Vec<String>,
+    regressed: Vec<String>,
+    bad_files: usize,
+    bad_failed_with_reason: usize,
+    bad_unclear: Vec<String>,
+    pending_manual_seen: usize,
+    scores_refused_by_platform: usize,
+    ok: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+struct VivaRun {
+    policy: String,
+    wall_seconds: f64,
+    peak_rss_bytes: u64,
+    students: Vec<StudentRun>,
+    phases: Vec<(f64, String)>,
+    batches: Vec<Value>,
+    final_state: FinalState,
+    chaos: Option<Value>,
+}
+
+struct Setup {
+    exe: PathBuf,
+    workers: baseline::Workers,
+    python: Option<PathBuf>,
+    script: PathBuf,
+    rubric: viva_models::Rubric,
+}
+
+fn worker(
+    bin: &Path,
+    name: &str,
+    args: &[&str],
+    model: &str,
+    file: PathBuf,
+    threads: u32,
+    memory_mb: u64,
+) -> WorkerConfig {
+    let mut options = toml::Table::new();
+    options.insert("threads".into(), toml::Value::Integer(threads as i64));
+    if name.starts_with("viva-llama") {
+        options.insert("evidence_chars".into(), toml::Value::Integer(120));
+        options.insert("rationale_chars".into(), toml::Value::Integer(160));
+        if model.starts_with("gemma") {
+            // The base Gemma GGUF has no chat template of its own.
+            options.insert("template".into(), toml::Value::String("chatml".into()));
+        }
+    }
+    WorkerConfig {
+        command: bin.join(name),
+        args: args.iter().map(|s| (*s).to_owned()).collect(),
+        env: Default::default(),
+        model: model.to_owned(),
+        model_path: file,
+        options,
+        memory_mb,
+    }
+}
+
+fn daemon_config(
+    args: &LabArgs,
+    setup: &Setup,
+    policy: &str,
+    data: &Path,
+    port: u16,
+) -> anyhow::Result<String> {
+    let mut evaluators = toml::Table::new();
+    for (role, w) in &setup.workers.evaluators {
+        evaluators.insert(role.clone(), toml::Value::try_from(w)?);
+    }
+    let mut workers = toml::Table::new();
+    workers.insert("load_timeout".into(), "10m".into());
+    workers.insert("handshake_timeout".into(), "60s".into());
+    workers.insert("stop_grace".into(), "3s".into());
+    workers.insert("stt".into(), toml::Value::try_from(&setup.workers.stt)?);
+    workers.insert("evaluators".into(), toml::Value::Table(evaluators));
+    let cfg = json!({
+        "listen": format!("127.0.0.1:{port}"),
+        "public_url": format!("http://127.0.0.1:{port}"),
+        "data_dir": data.display().to_string(),
+        "intake": {"min_free_bytes": 64 * 1024 * 1024},
+        "sessions": {"ttl": "24h"},
+        "scheduler": {
+            "policy": policy,
+            "stt_batch_size": args.stt_batch_size,
+            "batch_window": args.batch_window.to_string(),
+            "eval_batch_size": args.eval_batch_size,
+            "retry_backoff": "1s",
+            "lease": "20s",
+        },
+        "lti": {
+            "allow_insecure_platforms": true,
+            "passback_retry_backoff": "1s",
+            "passback_max_attempts": 1000,
+        },
+    });
+    let mut table: toml::Table = toml::Value::try_from(cfg)?
+        .as_table()
+        .cloned()
+        .ok_or_else(|| anyhow!("config is not a table"))?;
+    table.insert("workers".into(), toml::Value::Table(workers));
+    Ok(toml::to_string(&table)?)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+async fn viva_run(
+    args: &LabArgs,
+    setup: &Setup,
+    students: &[media::Student],
+    policy: &str,
+    chaos: bool,
+) -> anyhow::Result<VivaRun> {
+    let work = args.report.join("work");
+    let data = work.join(format!(
+        "viva-{policy}{}",
+        if chaos { "-chaos" } else { "" }
+    ));
+    if data.exists() {
+        std::fs::remove_dir_all(&data).with_context(|| format!("clearing {}", data.display()))?;
+    }
+    std::fs::create_dir_all(&data)?;
+    // The platform: one fresh process per run (its state is in memory).
+    let _platform;
+    let platform_base = match &args.platform_url {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => {
+            let python = setup.python.clone().ok_or_else(|| {
+                anyhow!("no Python with lti1p3platform: run scripts/test once (it makes $VIVA_CACHE/lti-venv), or pass --python or --platform-url")
+            })?;
+            let p = start_platform(&python, &setup.script, &data.join("platform.log"))?;
+            let b = p.base.clone();
+            _platform = p;
+            b
+        }
+    };
+    let port = free_port()?;
+    let cfg_path = data.join("viva.toml");
+    std::fs::write(
+        &cfg_path,
+        daemon_config(args, setup, policy, &data.join("var"), port)?,
+    )?;
+    let mut daemon = DaemonProc {
+        exe: setup.exe.clone(),
+        config: cfg_path,
+        log: data.join("daemon.log"),
+        child: None,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let pid = daemon.spawn()?;
+    daemon.wait_ready(&http).await?;
+    say(&format!(
+        "▶ Viva ({policy}{}): daemon pid {pid} on {}; platform {platform_base}",
+        if chaos { ", chaos" } else { "" },
+        daemon.url
+    ));
+    let lti = Arc::new(Lti {
+        http: http.clone(),
+        platform: platform_base.clone(),
+        tool: daemon.url.clone(),
+    });
+    lti.register().await?;
+    // The instructor places the assignment with deep linking.
+    let teacher = json!({"user": "teacher-1", "roles": [format!("{ROLE}Instructor")],
+                         "name": "Tia Teacher", "kind": "deeplink", "context": "course-1"});
+    let dl = token_of(&lti.launch(teacher).await?)?;
+    let placed: Value = http
+        .post(format!("{}/lti/deep-link", daemon.url))
+        .bearer_auth(&dl)
+        .json(&json!({"assignment": {"title": "Lab day: photosynthesis", "prompt": media::PROMPT, "rubric": setup.rubric}}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let ret = placed["return_url"]
+        .as_str()
+        .ok_or_else(|| anyhow!("deep linking answered no return URL: {placed}"))?;
+    let answer: Value = http
+        .post(ret)
+        .form(&[("JWT", placed["jwt"].as_str().unwrap_or_default())])
+        .send()
+        .await?
+        .json()
+        .await?;
+    let assignment = answer["items"][0]["custom"]["viva_assignment"]
+        .as_str()
+        .ok_or_else(|| anyhow!("the platform did not accept the deep link: {answer}"))?
+        .to_owned();
+    let link = format!("rl-lab-{policy}");
+    let spec_for = |user: &str, roles: &str| {
+        json!({"user": user, "roles": [format!("{ROLE}{roles}")], "name": format!("Lab {user}"),
+               "context": "course-1", "resource_link": link,
+               "custom": {"viva_assignment": assignment}, "ags": {"lineitems": true}})
+    };
+    let instructor = token_of(&lti.launch(spec_for("teacher-1", "Instructor")).await?)?;
+
+    let t0 = now_ms();
+    let secs = move |ms: i64| (ms - t0) as f64 / 1000.0;
+    let mem = MemSampler::start(pid);
+    let results: Arc<Mutex<Vec<StudentRun>>> = Arc::new(Mutex::new(Vec::new()));
+    let daemon_up = Arc::new(AtomicBool::new(true));
+    let mut tasks = Vec::new();
+    for s in students {
+        let (lti, results, s, assignment, spec) = (
+            lti.clone(),
+            results.clone(),
+            s.clone(),
+            assignment.clone(),
+            spec_for(&s.user, "Learner"),
+        );
+        tasks.push(tokio::spawn(async move {
+            let wait = s.arrival_seconds - (now_ms() - t0) as f64 / 1000.0;
+            if wait > 0.0 {
+                tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            }
+            let mut r = StudentRun {
+                user: s.user.clone(),
+                kind: format!("{:?}", s.kind),
+                audio_seconds: s.audio_seconds,
+                arrival_seconds: secs(now_ms()),
+                ..Default::default()
+            };
+            let bytes = tokio::fs::read(&s.file).await.unwrap_or_default();
+            let name = s
+                .file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // Retry while the daemon is down (chaos): launch, then upload.
+            let deadline = Instant::now() + Duration::from_secs(600);
+            loop {
+                r.upload_attempts += 1;
+                let attempt: anyhow::Result<()> = async {
+                    let token = token_of(&lti.launch(spec.clone()).await?)?;
+                    let resp = lti
+                        .http
+                        .post(format!("{}/api/v1/assignments/{assignment}/submissions", lti.tool))
+                        .query(&[("filename", &name)])
+                        .bearer_auth(&token)
+                        .body(bytes.clone())
+                        .send()
+                        .await?;
+                    let status = resp.status();
+                    let body: Value = resp.json().await.unwrap_or_default();
+                    if status.as_u16() == 201 {
+                        let id = body["id"].as_str().unwrap_or_default().to_owned();
+                        r.submission = Some(id.clone());
+                        // The ETA the student sees right after the upload.
+                        for _ in 0..40 {
+                            let v: Value = lti
+                                .http
+                                .get(format!("{}/api/v1/submissions/{id}", lti.tool))
+                                .bearer_auth(&token)
+                                .send()
+                                .await?
+                                .json()
+                                .await?;
+                            if let Some(eta) = v["queue"]["eta_seconds"].as_f64() {
+                                r.eta_read_seconds = Some(secs(now_ms()));
+                                r.eta_seconds = Some(eta);
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Ok(())
+                    } else if status.is_client_error() && body["error"]["code"].is_string() {
+                        r.rejected = Some(json!({"status": status.as_u16(), "code": body["error"]["code"], "message": body["error"]["message"]}));
+                        Ok(())
+                    } else {
+                        bail!("upload answered {status}: {body}")
+                    }
+                }
+                .await;
+                match attempt {
+                    Ok(()) => break,
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::debug!(error = %e, user = %s.user, "retrying the upload");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(e) => {
+                        r.failure_reason = Some(format!("could not upload: {e:#}"));
+                        break;
+                    }
+                }
+            }
+            if let Ok(mut v) = results.lock() {
+                v.push(r);
+            }
+        }));
+    }
+
+    // Chaos: kills of the daemon and its workers, a failing and stalling platform.
+    let chaos_log: Arc<Mutex<Value>> = Arc::new(Mutex::new(
+        json!({"daemon_kills": 0, "worker_kills": 0, "score_failures_injected": 0, "score_stalls_injected": 0}),
+    ));
+    let daemon = Arc::new(tokio::sync::Mutex::new(daemon));
+    let chaos_task = if chaos {
+        let (daemon, log, lti, up, http, mem_root) = (
+            daemon.clone(),
+            chaos_log.clone(),
+            lti.clone(),
+            daemon_up.clone(),
+            http.clone(),
+            mem.root.clone(),
+        );
+        let kills = args.chaos_kills;
+        let seed = args.seed;
+        Some(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xC4A05);
+            let statuses: Vec<u16> = (0..8).map(|i| if i % 2 == 0 { 500 } else { 503 }).collect();
+            if lti
+                .post_json(
+                    "/control/fail-scores",
+                    json!({"statuses": statuses, "stall_seconds": 20, "stall_count": 3}),
+                )
+                .await
+                .is_ok()
+                && let Ok(mut l) = log.lock()
+            {
+                l["score_failures_injected"] = json!(8);
+                l["score_stalls_injected"] = json!(3);
+            }
+            let mut done = 0;
+            while done < kills {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(3000..15000))).await;
+                let mut d = daemon.lock().await;
+                // Now and then a worker instead (mid-job when one is busy).
+                if rng.random_range(0..3) == 0 {
+                    let workers: Vec<(u32, String)> = descendants(d.pid())
+                        .into_iter()
+                        .filter(|(_, c)| {
+                            c.starts_with("viva-whisper") || c.starts_with("viva-llama")
+                        })
+                        .collect();
+                    if let Some((wpid, comm)) = workers.first() {
+                        // SAFETY: SIGKILL to a worker process of our daemon.
+                        unsafe {
+                            libc::kill(*wpid as i32, libc::SIGKILL);
+                        }
+                        say(&format!("  chaos: kill -9 worker {comm} (pid {wpid})"));
+                        if let Ok(mut l) = log.lock() {
+                            let n = l["worker_kills"].as_u64().unwrap_or(0) + 1;
+                            l["worker_kills"] = json!(n);
+                        }
+                        continue;
+                    }
+                }
+                up.store(false, Ordering::Relaxed);
+                d.kill9();
+                done += 1;
+                say(&format!(
+                    "  chaos: kill -9 daemon ({done}/{kills}); restarting on the same data directory"
+                ));
+                if let Ok(mut l) = log.lock() {
+                    l["daemon_kills"] = json!(done);
+                }
+                match d.spawn() {
+                    Ok(p) => {
+                        mem_root.store(p, Ordering::Relaxed);
+                        if let Err(e) = d.wait_ready(&http).await {
+                            say(&format!("  chaos: restart failed: {e:#}"));
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        say(&format!("  chaos: restart failed: {e:#}"));
+                        return;
+                    }
+                }
+                up.store(true, Ordering::Relaxed);
+            }
+        }))
+    } else {
+        None
+    };
+
+    // Watch phases and submissions, release what awaits review, until every
+    // good submission's grade is in the platform.
+    let deadline = Instant::now() + *args.timeout;
+    let mut phases: Vec<(f64, String)> = Vec::new();
+    let mut states: HashMap<String, String> = HashMap::new();
+    let mut released: HashMap<String, f64> = HashMap::new();
+    let mut last_print = Instant::now();
+    loop {
+        let uploads_done = tasks.iter().all(|t| t.is_finished());
+        if let Ok(r) = http
+            .get(format!("{}/api/v1/status", lti.tool))
+            .bearer_auth(&instructor)
+            .send()
+            .await
+            && let Ok(v) = r.json::<Value>().await
+        {
+            let phase = v["phase"].as_str().unwrap_or("?").to_owned();
+            let batch = v["batch"]["id"].as_i64();
+            let label = match batch {
+                Some(b) if phase != "idle" => format!("{phase}#{b}"),
+                _ => phase,
+            };
+            if phases.last().map(|p| &p.1) != Some(&label) {
+                say(&format!("  {:>7.1} s  phase {label}", secs(now_ms())));
+                phases.push((secs(now_ms()), label));
+            }
+        }
+        let ids: Vec<String> = results
+            .lock()
+            .map(|v| v.iter().filter_map(|s| s.submission.clone()).collect())
+            .unwrap_or_default();
+        for id in &ids {
+            let st = states.get(id).cloned().unwrap_or_default();
+            if st == "failed" || released.contains_key(id) {
+                continue;
+            }
+            let Ok(resp) = http
+                .get(format!("{}/api/v1/submissions/{id}", lti.tool))
+                .bearer_auth(&instructor)
+                .send()
+                .await
+            else {
+                continue;
+            };
+            let Ok(v) = resp.json::<Value>().await else {
+                continue;
+            };
+            let state = v["state"].as_str().unwrap_or("?").to_owned();
+            if state != st {
+                states.insert(id.clone(), state.clone());
+            }
+            if state == "awaiting_review" {
+                let ok = http
+                    .post(format!("{}/api/v1/submissions/{id}/release", lti.tool))
+                    .bearer_auth(&instructor)
+                    .send()
+                    .await
+                    .map(|r| r.status().is_success())
+                    .unwrap_or(false);
+                if ok {
+                    released.insert(id.clone(), secs(now_ms()));
+                }
+            } else if state == "released" {
+                released.insert(id.clone(), secs(now_ms()));
+            }
+        }
+        let settled = ids
+            .iter()
+            .all(|id| released.contains_key(id) || states.get(id).is_some_and(|s| s == "failed"));
+        let chaos_done = chaos_task.as_ref().is_none_or(|t| t.is_finished());
+        if uploads_done && settled && chaos_done {
+            // Every release is a FullyGraded score in the platform?
+            if let Ok(log) = lti.log().await {
+                let full = log["scores"]
+                    .as_array()
+                    .map(|s| {
+                        s.iter()
+                            .filter(|e| {
+                                e.get("refused").is_none()
+                                    && e["body"]["gradingProgress"] == "FullyGraded"
+                            })
+                            .filter_map(|e| e["body"]["userId"].as_str().map(str::to_owned))
+                            .collect::<std::collections::HashSet<_>>()
+                            .len()
+                    })
+                    .unwrap_or(0);
+                if full >= released.len() {
+                    break;
+                }
+            }
+        }
+        if last_print.elapsed() > Duration::from_secs(15) {
+            last_print = Instant::now();
+            say(&format!(
+                "  {:>7.1} s  {} uploaded, {} released, {} failed",
+                secs(now_ms()),
+                ids.len(),
+                released.len(),
+                states.values().filter(|s| *s == "failed").count()
+            ));
+        }
+        if Instant::now() > deadline {
+            say("  timed out waiting for the lab to finish; reporting what there is");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let peak = mem.finish();
+    if let Some(t) = chaos_task {
+        t.abort();
+    }
+    for t in tasks {
+        t.abort();
+    }
+    let platform_log = lti.log().await.unwrap_or_default();
+    let mut d = daemon.lock().await;
+    d.terminate();
+    drop(d);
+
+    // Timings from the daemon's database (the truth), read-only.
+    let db = data.join("var/viva.db");
+    let conn =
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("opening {}", db.display()))?;
+    let mut students_out: Vec<StudentRun> = results.lock().map(|v| v.clone()).unwrap_or_default();
+    students_out.sort_by(|a, b| a.user.cmp(&b.user));
+    for s in &mut students_out {
+        let Some(id) = s.submission.clone() else {
+            continue;
+        };
+        let (state, score, reason, created, batch): (String, Option<String>, Option<String>, i64, Option<i64>) = conn.query_row(
+            "SELECT state, score, failure_reason, created_at, batch_id FROM submissions WHERE id = ?1",
+            [&id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )?;
+        s.state = state;
+        s.failure_reason = reason;
+        s.batch = batch;
+        if let Some(sc) = score.and_then(|j| serde_json::from_str::<Value>(&j).ok()) {
+            s.score = sc["total"].as_f64();
+            s.max = sc["max"].as_f64();
+            s.needs_review = sc["needs_review"].as_bool();
+        }
+        let mut stmt = conn
+            .prepare("SELECT stage, started_at, finished_at FROM jobs WHERE submission_id = ?1")?;
+        let jobs: Vec<(String, Option<i64>, Option<i64>)> = stmt
+            .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        let span = |stage: &str| {
+            let st = jobs
+                .iter()
+                .filter(|j| j.0 == stage)
+                .filter_map(|j| j.1)
+                .min();
+            let en = jobs
+                .iter()
+                .filter(|j| j.0 == stage)
+                .filter_map(|j| j.2)
+                .max();
+            st.zip(en).map(|(a, b)| (secs(a), secs(b)))
+        };
+        s.stt_span = span("stt");
+        s.eval_span = span("eval");
+        let scored = span("score").map(|x| x.1);
+        s.waited_seconds = s.stt_span.map(|x| x.0 - secs(created));
+        s.stt_seconds = s.stt_span.map(|x| x.1 - x.0);
+        s.eval_seconds = s.eval_span.map(|x| x.1 - x.0);
+        s.scored_seconds = scored;
+        s.latency_seconds = scored.map(|x| x - s.arrival_seconds);
+        s.released_seconds = released.get(&id).copied();
+        if let (Some(read), Some(eta), Some(done)) = (s.eta_read_seconds, s.eta_seconds, scored) {
+            let actual = done - read;
+            s.eta_error_seconds = Some((read + eta - done).abs());
+            s.eta_error_relative = Some((read + eta - done).abs() / actual.max(1.0));
+        }
+    }
+    let mut batches = Vec::new();
+    {
+        let mut stmt =
+            conn.prepare("SELECT id, opened_at, closed_at, stt_done_at FROM batches ORDER BY id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, o, c, d) = row?;
+            batches.push(json!({"id": id, "opened": secs(o), "closed": c.map(secs), "stt_done": d.map(secs)}));
+        }
+    }
+    let wall = students_out
+        .iter()
+        .filter_map(|s| s.scored_seconds)
+        .fold(0.0, f64::max);
+    let final_state = final_state(&students_out, students, &platform_log, &link);
+    let chaos_value = if chaos {
+        chaos_log.lock().ok().map(|v| v.clone())
+    } else {
+        None
+    };
+    Ok(VivaRun {
+        policy: policy.to_owned(),
+        wall_seconds: wall,
+        peak_rss_bytes: peak,
+        students: students_out,
+        phases,
+        batches,
+        final_state,
+        chaos: chaos_value,
+    })
+}
+
+/// The platform's final state against what Viva released.
+fn final_state(
+    runs: &[StudentRun],
+    students: &[media::Student],
+    log: &Value,
+    link: &str,
+) -> FinalState {
+    let mut f = FinalState::default();
+    let items: Vec<&Value> = log["line_items"]
+        .as_array()
+        .map(|v| v.iter().filter(|i| i["resourceLinkId"] == link).collect())
+        .unwrap_or_default();
+    f.line_items = items.len();
+    let item_numbers: Vec<u64> = items
+        .iter()
+        .filter_map(|i| {
+            i["id"]
+                .as_str()?
+                .split("/lineitems/")
+                .nth(1)?
+                .split('/')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let scores: Vec<&Value> = log["scores"]
+        .as_array()
+        .map(|v| v.iter().collect())
+        .unwrap_or_default();
+    f.scores_refused_by_platform = scores.iter().filter(|s| s.get("refused").is_some()).count();
+    let accepted: Vec<&&Value> = scores
+        .iter()
+        .filter(|s| s.get("refused").is_none())
+        .filter(|s| {
+            s["lineitem"]
+                .as_u64()
+                .is_some_and(|n| item_numbers.contains(&n))
+        })
+        .collect();
+    f.pending_manual_seen = accepted
+        .iter()
+        .filter(|s| s["body"]["gradingProgress"] == "PendingManual")
+        .count();
+    for st in students {
+        let run = runs.iter().find(|r| r.user == st.user);
+        if st.kind.is_bad() {
+            f.bad_files += 1;
+            let reason = run.and_then(|r| {
+                r.rejected
+                    .as_ref()
+                    .and_then(|v| v["message"].as_str().map(str::to_owned))
+                    .or_else(|| {
+                        (r.state == "failed")
+                            .then(|| r.failure_reason.clone())
+                            .flatten()
+                    })
+            });
+            match reason {
+                Some(m) if !m.trim().is_empty() => f.bad_failed_with_reason += 1,
+                _ => f.bad_unclear.push(st.user.clone()),
+            }
+            continue;
+        }
+        f.good_students += 1;
+        let Some(r) = run else {
+            f.lost.push(st.user.clone());
+            continue;
+        };
+        let mine: Vec<&&&Value> = accepted
+            .iter()
+            .filter(|s| s["body"]["userId"] == st.user.as_str())
+            .collect();
+        let lines: std::collections::HashSet<u64> =
+            mine.iter().filter_map(|s| s["lineitem"].as_u64()).collect();
+        if lines.len() > 1 {
+            f.duplicated.push(st.user.clone());
+        }
+        // The current score: the latest timestamp wins, as AGS says.
+        let current = mine.iter().max_by(|a, b| {
+            a["body"]["timestamp"]
+                .as_str()
+                .cmp(&b["body"]["timestamp"].as_str())
+        });
+        let last_received = mine.last();
+        match current {
+            None => f.lost.push(st.user.clone()),
+            Some(c) => {
+                let full = c["body"]["gradingProgress"] == "FullyGraded";
+                let given = c["body"]["scoreGiven"].as_f64();
+                let same = matches!((given, r.score), (Some(g), Some(s)) if (g - s).abs() < 1e-6);
+                if !full || !same || r.released_seconds.is_none() {
+                    f.wrong.push(format!(
+                        "{}: platform {} {:?}, Viva {:?} ({})",
+                        st.user, c["body"]["gradingProgress"], given, r.score, r.state
+                    ));
+                } else {
+                    f.graded_correctly += 1;
+                }
+                if let Some(l) = last_received
+                    && l["body"]["gradingProgress"] != "FullyGraded"
+                    && l["body"]["timestamp"].as_str() > c["body"]["timestamp"].as_str()
+                {
+                    f.regressed.push(st.user.clone());
+                }
+            }
+        }
+    }
+    f.ok = f.line_items == 1
+        && f.lost.is_empty()
+        && f.duplicated.is_empty()
+        && f.wrong.is_empty()
+        && f.regressed.is_empty()
+        && f.bad_unclear.is_empty()
+        && f.graded_correctly == f.good_students;
+    f
+}
+
+// ---------------------------------------------------------------------------
+// Statistics and the report.
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let i = ((p / 100.0) * (s.len() - 1) as f64).round() as usize;
+    s[i.min(s.len() - 1)]
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Summary {
+    method: String,
+    wall_seconds: f64,
+    latency_median: f64,
+    latency_p95: f64,
+    latency_max: f64,
+    throughput_per_minute: f64,
+    peak_rss_mib: f64,
+    graded: usize,
+}
+
+fn summary(method: &str, wall: f64, lat: &[f64], peak: u64) -> Summary {
+    Summary {
+        method: method.to_owned(),
+        wall_seconds: wall,
+        latency_median: percentile(lat, 50.0),
+        latency_p95: percentile(lat, 95.0),
+        latency_max: lat.iter().copied().fold(0.0, f64::max),
+        throughput_per_minute: if wall > 0.0 {
+            lat.len() as f64 * 60.0 / wall
+        } else {
+            0.0
+        },
+        peak_rss_mib: peak as f64 / (1024.0 * 1024.0),
+        graded: lat.len(),
+    }
+}
+
+fn default_python() -> Option<PathBuf> {
+    let cache = std::env::var_os("VIVA_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/viva")
+        });
+    let p = cache.join("lti-venv/bin/python");
+    p.exists().then_some(p)
+}
+
+fn check_tool(name: &str, arg: &str) -> anyhow::Result<()> {
+    match Command::new(name).arg(arg).output() {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => bail!("`{name}` is needed by viva lab: install it (apt-get install ffmpeg espeak-ng)"),
+    }
+}
+
+pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: LabArgs) -> anyhow::Result<ExitCode> {
+    check_tool("ffmpeg", "-version")?;
+    check_tool("espeak-ng", "--version")?;
+    let exe = std::env::current_exe().context("locating the viva executable")?;
+    let bin = args
+        .bin_dir
+        .clone()
+        .or_else(|| exe.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    for w in ["viva-whisper-worker", "viva-llama-worker"] {
+        if !bin.join(w).exists() {
+            bail!(
+                "{} is missing: build it (cargo build -p {w}) or pass --bin-dir",
+                bin.join(w).display()
+            );
+        }
+    }
+    let models = args.models_dir.clone().unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/viva/models")
+    });
+    let model = |f: &str| -> anyhow::Result<PathBuf> {
+        let p = models.join(f);
+        if !p.is_file() {
+            bail!(
+                "model {} is missing: run `viva models fetch --dir {}`",
+                p.display(),
+                models.display()
+            );
+        }
+        Ok(p)
+    };
+    let t = args.threads;
+    let workers = baseline::Workers {
+        stt: worker(
+            &bin,
+            "viva-whisper-worker",
+            &["--parallel-states", "1"],
+            "whisper-tiny.en",
+            model("whisper-tiny.en-f16.bin")?,
+            t,
+            320,
+        ),
+        evaluators: vec![
+            (
+                "a".into(),
+                worker(
+                    &bin,
+                    "viva-llama-worker",
+                    &["--role", "a"],
+                    "smollm2-135m-instruct",
+                    model("smollm2-135m-instruct-q4_1.gguf")?,
+                    t,
+                    300,
+                ),
+            ),
+            (
+                "b".into(),
+                worker(
+                    &bin,
+                    "viva-llama-worker",
+                    &["--role", "b"],
+                    "gemma-3-270m",
+                    model("gemma-3-270m-q4_k_m.gguf")?,
+                    t,
+                    450,
+                ),
+            ),
+        ],
+    };
+    let script = args.platform_script.clone().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/lti-platform/lti_platform.py")
+    });
+    let setup = Setup {
+        exe,
+        workers,
+        python: args.python.clone().or_else(default_python),
+        script,
+        rubric: crate::domain::sandbox_assignment().rubric,
+    };
+    std::fs::create_dir_all(&args.report)
+        .with_context(|| format!("creating the report directory {}", args.report.display()))?;
+    let spread = match args.arrival.as_str() {
+        "all" => 0.0,
+        s => s
+            .strip_prefix("spread:")
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("--arrival must be `all` or `spread:SECONDS`, not {s:?}"))?,
+    };
+    say(&format!(
+        "▶ generating {} student recordings ({}–{} s, seed {})",
+        args.students, args.min_seconds, args.max_seconds, args.seed
+    ));
+    let plan = media::Plan {
+        students: args.students,
+        min_seconds: args.min_seconds,
+        max_seconds: args.max_seconds,
+        seed: args.seed,
+        spread_seconds: spread,
+    };
+    let dir = args.report.join("media");
+    let students = tokio::task::spawn_blocking(move || media::generate(&plan, &dir)).await??;
+    let audio: f64 = students.iter().map(|s| s.audio_seconds).sum();
+    say(&format!(
+        "  {} files, {:.0} s of audio; {} bad ({} corrupt/truncated), {} silent, {} off-topic",
+        students.len(),
+        audio,
+        students.iter().filter(|s| s.kind.is_bad()).count(),
+        students.iter().filter(|s| s.kind.is_bad()).count(),
+        students
+            .iter()
+            .filter(|s| s.kind == media::Kind::Silent)
+            .count(),
+        students
+            .iter()
+            .filter(|s| s.kind == media::Kind::OffTopic)
+            .count(),
+    ));
+
+    let mut baselines = Vec::new();
+    if !args.no_baselines && !args.chaos {
+        for (name, keep) in [
+            ("traditional-sequential", false),
+            ("sequential-kept-loaded", true),
+        ] {
+            say(&format!("▶ baseline {name}"));
+            let mem = MemSampler::start(std::process::id());
+            let r = baseline::run(
+                name,
+                keep,
+                &setup.workers,
+                &students,
+                &setup.rubric,
+                &args.report.join("work"),
+                args.eval_batch_size,
+                &say,
+            )
+            .await?;
+            let mut r = r;
+            r.peak_rss_bytes = mem.finish();
+            say(&format!("  {name}: {:.1} s", r.wall_seconds));
+            baselines.push(r);
+        }
+    }
+    let policies: Vec<String> = if args.chaos {
+        vec![
+            args.policies
+                .split(',')
+                .next()
+                .unwrap_or("two-phase")
+                .trim()
+                .to_owned(),
+        ]
+    } else {
+        args.policies
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    let mut runs = Vec::new();
+    for p in &policies {
+        runs.push(viva_run(&args, &setup, &students, p, args.chaos).await?);
+    }
+    report(&args, &students, &baselines, &runs)
+}
+
+fn report(
+    args: &LabArgs,
+    students: &[media::Student],
+    baselines: &[baseline::BaselineRun],
+    runs: &[VivaRun],
+) -> anyhow::Result<ExitCode> {
+    let mut summaries = Vec::new();
+    for b in baselines {
+        let lat: Vec<f64> = b
+            .students
+            .iter()
+            .filter(|s| s.failed.is_none())
+            .map(|s| s.latency_seconds)
+            .collect();
+        let wall = b
+            .students
+            .iter()
+            .filter(|s| s.failed.is_none())
+            .map(|s| s.done_seconds)
+            .fold(0.0, f64::max);
+        summaries.push(summary(&b.name, wall, &lat, b.peak_rss_bytes));
+    }
+    for r in runs {
+        let lat: Vec<f64> = r
+            .students
+            .iter()
+            .filter_map(|s| s.latency_seconds)
+            .collect();
+        summaries.push(summary(
+            &format!("viva-{}", r.policy),
+            r.wall_seconds,
+            &lat,
+            r.peak_rss_bytes,
+        ));
+    }
+    // Lower bound from pure compute at the best batching (kept-loaded run):
+    // one STT server, evaluators side by side, `cores` cores shared, and no
+    // earlier than the last arrival plus that student's own compute.
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
+    let lower_bound = baselines.iter().find(|b| b.name == "sequential-kept-loaded").map(|b| {
+        let n = b.stt_compute.len() as f64;
+        let stt: f64 = b.stt_compute.iter().sum();
+        let norm: f64 = b.normalize_seconds.iter().sum();
+        let per_item = |role: &str| -> f64 {
+            let single = b.eval_compute.get(role).map(|v| v.iter().sum::<f64>() / v.len().max(1) as f64).unwrap_or(0.0);
+            match b.eval_batched.get(role) {
+                Some((k, s)) if *k > 0 => single.min(s / *k as f64),
+                _ => single,
+            }
+        };
+        let roles: Vec<f64> = b.eval_compute.keys().map(|r| per_item(r) * n).collect();
+        let eval_max = roles.iter().copied().fold(0.0, f64::max);
+        let eval_sum: f64 = roles.iter().sum();
+        let compute = stt.max(eval_max).max((stt + eval_sum + norm) / cores);
+        let last = students.iter().filter(|s| !s.kind.is_bad()).map(|s| s.arrival_seconds).fold(0.0, f64::max);
+        let tail = b.stt_compute.last().copied().unwrap_or(0.0) + b.eval_compute.keys().map(|r| per_item(r)).fold(0.0, f64::max);
+        json!({
+            "seconds": compute.max(last + tail),
+            "stt_compute_seconds": stt,
+            "eval_compute_seconds_per_role_best_batching": b.eval_compute.keys().zip(roles.iter()).map(|(k, v)| (k.clone(), *v)).collect::<BTreeMap<_, _>>(),
+            "normalize_seconds": norm,
+            "cores": cores,
+            "method": "max(ΣSTT on one server, max over roles of n × best per-item evaluation time, (ΣSTT + Σevaluations + Σnormalisation) / cores, last arrival + its own STT and evaluation); per-item evaluation time is the smaller of single-item and one batch of eval_batch_size, all measured with the models loaded",
+        })
+    });
+    let trad = summaries
+        .iter()
+        .find(|s| s.method == "traditional-sequential")
+        .map(|s| s.wall_seconds);
+    let lb = lower_bound.as_ref().and_then(|l| l["seconds"].as_f64());
+
+    // ---- print ----
+    println!();
+    for r in runs {
+        println!("== Viva {} — timeline ==", r.policy);
+        for (t, p) in &r.phases {
+            println!("  {t:>8.1} s  {p}");
+        }
+        for b in &r.batches {
+            println!(
+                "  batch {}: opened {:.1} s, closed {}, STT done {}",
+                b["id"],
+                b["opened"].as_f64().unwrap_or(0.0),
+                b["closed"]
+                    .as_f64()
+                    .map(|v| format!("{v:.1} s"))
+                    .unwrap_or("-".into()),
+                b["stt_done"]
+                    .as_f64()
+                    .map(|v| format!("{v:.1} s"))
+                    .unwrap_or("-".into())
+            );
+        }
+        println!();
+        println!(
+            "  {:<11} {:<10} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>6} {:<6} state",
+            "student",
+            "kind",
+            "audio",
+            "waited",
+            "STT",
+            "eval",
+            "total",
+            "ETA",
+            "ETA err",
+            "score",
+            "review",
+        );
+        for s in &r.students {
+            let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or("-".into());
+            println!(
+                "  {:<11} {:<10} {:>6.1} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>6} {:<6} {}",
+                s.user,
+                s.kind,
+                s.audio_seconds,
+                f(s.waited_seconds),
+                f(s.stt_seconds),
+                f(s.eval_seconds),
+                f(s.latency_seconds),
+                f(s.eta_seconds),
+                f(s.eta_error_seconds),
+                f(s.score),
+                s.needs_review
+                    .map(|b| if b { "yes" } else { "no" })
+                    .unwrap_or("-"),
+                match (&s.rejected, &s.failure_reason) {
+                    (Some(rj), _) => format!(
+                        "rejected {}: {}",
+                        rj["code"].as_str().unwrap_or("?"),
+                        rj["message"].as_str().unwrap_or("")
+                    ),
+                    (None, Some(fr)) => format!("{}: {fr}", s.state),
+                    _ => s.state.clone(),
+                }
+            );
+        }
+        println!();
+    }
+    println!("== Summary ==");
+    println!(
+        "  {:<24} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8}",
+        "method",
+        "wall s",
+        "lat p50",
+        "lat p95",
+        "lat max",
+        "per min",
+        "peak MiB",
+        "÷ trad",
+        "÷ bound"
+    );
+    for s in &summaries {
+        println!(
+            "  {:<24} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.2} {:>9.0} {:>9} {:>8}",
+            s.method,
+            s.wall_seconds,
+            s.latency_median,
+            s.latency_p95,
+            s.latency_max,
+            s.throughput_per_minute,
+            s.peak_rss_mib,
+            trad.map(|t| format!("{:.2}", s.wall_seconds / t))
+                .unwrap_or("-".into()),
+            lb.map(|t| format!("{:.2}", s.wall_seconds / t))
+                .unwrap_or("-".into()),
+        );
+    }
+    if let Some(l) = &lower_bound {
+        println!(
+            "  lower bound {:.1} s: {}",
+            l["seconds"].as_f64().unwrap_or(0.0),
+            l["method"].as_str().unwrap_or("")
+        );
+    }
+    for b in baselines {
+        for (m, v) in &b.load_ms {
+            let avg = v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
+            println!(
+                "  load {m:<24} {:>4} loads, mean {avg:.0} ms ({})",
+                v.len(),
+                b.name
+            );
+        }
+    }
+    // ETA honesty.
+    let mut eta = Vec::new();
+    for r in runs {
+        let first_batch_done = r
+            .students
+            .iter()
+            .filter(|s| s.batch == r.students.iter().filter_map(|s| s.batch).min())
+            .filter_map(|s| s.scored_seconds)
+            .fold(0.0, f64::max);
+        let all: Vec<f64> = r
+            .students
+            .iter()
+            .filter_map(|s| s.eta_error_seconds)
+            .collect();
+        let rel_after: Vec<f64> = r
+            .students
+            .iter()
+            .filter(|s| s.eta_read_seconds.is_some_and(|t| t >= first_batch_done))
+            .filter_map(|s| s.eta_error_relative)
+            .collect();
+        let rel_all: Vec<f64> = r
+            .students
+            .iter()
+            .filter_map(|s| s.eta_error_relative)
+            .collect();
+        let e = json!({
+            "policy": r.policy,
+            "n": all.len(),
+            "mae_seconds": all.iter().sum::<f64>() / all.len().max(1) as f64,
+            "p90_seconds": percentile(&all, 90.0),
+            "p90_relative": percentile(&rel_all, 90.0),
+            "after_first_batch_n": rel_after.len(),
+            "after_first_batch_p90_relative": percentile(&rel_after, 90.0),
+            "first_batch_done_seconds": first_batch_done,
+        });
+        println!(
+            "  ETA ({}): n {}, MAE {:.1} s, p90 {:.1} s, p90 relative {:.0}%; after the first batch ({:.0} s): n {}, p90 relative {:.0}%",
+            r.policy,
+            all.len(),
+            e["mae_seconds"].as_f64().unwrap_or(f64::NAN),
+            e["p90_seconds"].as_f64().unwrap_or(f64::NAN),
+            100.0 * e["p90_relative"].as_f64().unwrap_or(f64::NAN),
+            first_batch_done,
+            rel_after.len(),
+            100.0
+                * e["after_first_batch_p90_relative"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+        );
+        eta.push(e);
+    }
+    let mut ok = true;
+    for r in runs {
+        let f = &r.final_state;
+        ok &= f.ok;
+        println!(
+            "  platform ({}): {} line item(s); {}/{} good submissions graded correctly; lost {}, duplicated {}, wrong {}, regressed {}; bad files {} ({} failed with a reason); {} PendingManual seen; {} score posts refused by the platform{}",
+            r.policy,
+            f.line_items,
+            f.graded_correctly,
+            f.good_students,
+            f.lost.len(),
+            f.duplicated.len(),
+            f.wrong.len(),
+            f.regressed.len(),
+            f.bad_files,
+            f.bad_failed_with_reason,
+            f.pending_manual_seen,
+            f.scores_refused_by_platform,
+            if f.ok { "" } else { "  ✗ FINAL STATE WRONG" }
+        );
+        for w in f.wrong.iter().chain(&f.lost).chain(&f.duplicated) {
+            println!("    ✗ {w}");
+        }
+        if let Some(c) = &r.chaos {
+            println!("  chaos: {c}");
+        }
+    }
+
+    let report = json!({
+        "generated_at_ms": now_ms(),
+        "args": format!("{args:?}"),
+        "machine": {"cores": cores},
+        "students": students,
+        "baselines": baselines,
+        "viva": runs,
+        "summary": summaries,
+        "lower_bound": lower_bound,
+        "eta": eta,
+        "ok": ok,
+    });
+    let path = args.report.join("report.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    // Chart: the first Viva run's Gantt and every method's wall time.
+    if let Some(r) = runs.first() {
+        let mut phases = Vec::new();
+        for (i, (t, p)) in r.phases.iter().enumerate() {
+            let end = r
+                .phases
+                .get(i + 1)
+                .map(|x| x.0)
+                .unwrap_or(r.wall_seconds.max(*t));
+            phases.push((*t, end, p.split('#').next().unwrap_or("").to_owned()));
+        }
+        let rows = r
+            .students
+            .iter()
+            .map(|s| {
+                let mut spans = Vec::new();
+                let end = s
+                    .scored_seconds
+                    .or(s.released_seconds)
+                    .unwrap_or(s.arrival_seconds + 0.5);
+                if s.rejected.is_some() || s.state == "failed" {
+                    spans.push(chart::Span {
+                        start: s.arrival_seconds,
+                        end: s.arrival_seconds + 1.0,
+                        color: chart::FAILED,
+                    });
+                }
+                if let Some((a, b)) = s.stt_span {
+                    spans.push(chart::Span {
+                        start: s.arrival_seconds,
+                        end: a,
+                        color: chart::WAIT,
+                    });
+                    spans.push(chart::Span {
+                        start: a,
+                        end: b,
+                        color: chart::STT,
+                    });
+                }
+                if let Some((a, b)) = s.eval_span {
+                    if let Some((_, e)) = s.stt_span {
+                        spans.push(chart::Span {
+                            start: e,
+                            end: a,
+                            color: chart::WAIT,
+                        });
+                    }
+                    spans.push(chart::Span {
+                        start: a,
+                        end: b,
+                        color: chart::EVAL,
+                    });
+                    spans.push(chart::Span {
+                        start: b,
+                        end: s.released_seconds.unwrap_or(end).max(b),
+                        color: chart::SCORE,
+                    });
+                }
+                chart::Row {
+                    label: s.user.clone(),
+                    spans,
+                    marker: s.eta_read_seconds.zip(s.eta_seconds).map(|(a, b)| a + b),
+                }
+            })
+            .collect();
+        let mut bars: Vec<(String, f64)> = summaries
+            .iter()
+            .map(|s| (s.method.clone(), s.wall_seconds))
+            .collect();
+        if let Some(l) = lb {
+            bars.push(("lower bound".into(), l));
+        }
+        let c = chart::Chart {
+            title: format!(
+                "Viva lab: {} students, {} policy, per-student latency and phases",
+                students.len(),
+                r.policy
+            ),
+            phases,
+            rows,
+            bars,
+        };
+        chart::draw(&c, &args.report.join("chart.png"))?;
+    }
+    println!(
+        "  report: {}  chart: {}",
+        path.display(),
+        args.report.join("chart.png").display()
+    );
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
