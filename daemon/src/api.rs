@@ -695,7 +695,7 @@ async fn ticket(
 }
 
 /// Bearer header, or else a single-use ticket for `scope`.
-fn claims_from(
+pub(crate) fn claims_from(
     st: &AppState,
     headers: &HeaderMap,
     ticket: Option<&str>,

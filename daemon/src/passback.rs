@@ -68,35 +68,19 @@ async fn release(
     let sid = id.clone();
     st.store
         .write(move |tx| {
-            let n = tx.execute(
-                "UPDATE submissions SET state = 'released', updated_at = ?2
-                 WHERE id = ?1 AND state = 'awaiting_review'",
-                params![sid, now],
-            )?;
-            if n == 0 {
-                let state: String = tx.query_row(
-                    "SELECT state FROM submissions WHERE id = ?1",
-                    [&sid],
-                    |r| r.get(0),
-                )?;
-                return Err(Error::Conflict {
-                    code: "not_awaiting_review",
-                    message: format!(
-                        "submission {sid} is {state}; only a grade awaiting review can be released"
-                    ),
-                });
+            if release_in_tx(tx, &sid, &actor, now, "release")? {
+                return Ok(());
             }
-            let score: Option<String> = tx.query_row(
-                "SELECT score FROM submissions WHERE id = ?1",
-                [&sid],
-                |r| r.get(0),
-            )?;
-            tx.execute(
-                "INSERT INTO grade_outbox (submission_id, kind, payload, next_attempt_at, created_at)
-                 VALUES (?1, 'released', ?2, ?3, ?3) ON CONFLICT DO NOTHING",
-                params![sid, score.unwrap_or_else(|| "{}".into()), now],
-            )?;
-            domain::audit(tx, &actor, "submission.release", &sid, serde_json::json!({}))
+            let state: String =
+                tx.query_row("SELECT state FROM submissions WHERE id = ?1", [&sid], |r| {
+                    r.get(0)
+                })?;
+            Err(Error::Conflict {
+                code: "not_awaiting_review",
+                message: format!(
+                    "submission {sid} is {state}; only a grade awaiting review can be released"
+                ),
+            })
         })
         .await?;
     st.lti.passback_wake.notify_one();
@@ -106,6 +90,44 @@ async fn release(
         state: SubmissionState::Released,
         released_at: now,
     }))
+}
+
+/// Releases one grade awaiting review inside `tx`: the submission becomes
+/// `released`, the `released` outbox row (FullyGraded) is queued and the
+/// release is audited with `via` (the route that did it). Returns false,
+/// changing nothing, when the submission was not awaiting review.
+pub fn release_in_tx(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    actor: &str,
+    now: i64,
+    via: &str,
+) -> Result<bool> {
+    let n = tx.execute(
+        "UPDATE submissions SET state = 'released', updated_at = ?2
+         WHERE id = ?1 AND state = 'awaiting_review'",
+        params![id, now],
+    )?;
+    if n == 0 {
+        return Ok(false);
+    }
+    let score: Option<String> =
+        tx.query_row("SELECT score FROM submissions WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })?;
+    tx.execute(
+        "INSERT INTO grade_outbox (submission_id, kind, payload, next_attempt_at, created_at)
+         VALUES (?1, 'released', ?2, ?3, ?3) ON CONFLICT DO NOTHING",
+        params![id, score.unwrap_or_else(|| "{}".into()), now],
+    )?;
+    domain::audit(
+        tx,
+        actor,
+        "submission.release",
+        id,
+        serde_json::json!({ "via": via }),
+    )?;
+    Ok(true)
 }
 
 /// One outbox row as instructors see it.

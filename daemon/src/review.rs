@@ -460,37 +460,6 @@ async fn retry(
 
 // ---- release all -------------------------------------------------------------------
 
-/// Releases one grade awaiting review (the same transaction as
-/// `POST /api/v1/submissions/{id}/release`). Returns false when it was not
-/// awaiting review.
-fn release_in_tx(tx: &Transaction<'_>, id: &str, actor: &str, now: i64) -> Result<bool> {
-    let n = tx.execute(
-        "UPDATE submissions SET state = 'released', updated_at = ?2
-         WHERE id = ?1 AND state = 'awaiting_review'",
-        params![id, now],
-    )?;
-    if n == 0 {
-        return Ok(false);
-    }
-    let score: Option<String> =
-        tx.query_row("SELECT score FROM submissions WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })?;
-    tx.execute(
-        "INSERT INTO grade_outbox (submission_id, kind, payload, next_attempt_at, created_at)
-         VALUES (?1, 'released', ?2, ?3, ?3) ON CONFLICT DO NOTHING",
-        params![id, score.unwrap_or_else(|| "{}".into()), now],
-    )?;
-    domain::audit(
-        tx,
-        actor,
-        "submission.release",
-        id,
-        serde_json::json!({ "via": "release_all" }),
-    )?;
-    Ok(true)
-}
-
 #[derive(Serialize)]
 struct ReleaseAll {
     released: Vec<String>,
@@ -517,7 +486,7 @@ async fn release_all(
             let now = now_ms();
             let mut out = Vec::new();
             for id in ids {
-                if release_in_tx(tx, &id, &actor, now)? {
+                if crate::passback::release_in_tx(tx, &id, &actor, now, "release_all")? {
                     out.push(id);
                 }
             }
@@ -967,30 +936,6 @@ struct TicketQuery {
     ticket: Option<String>,
 }
 
-/// Bearer header, else a single-use `media:<id>` ticket.
-fn media_claims(
-    st: &AppState,
-    headers: &HeaderMap,
-    ticket: Option<&str>,
-    id: &str,
-) -> Result<Claims> {
-    if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let v = v
-            .to_str()
-            .map_err(|_| Error::Unauthorized("malformed Authorization header".into()))?;
-        let token = v
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| Error::Unauthorized("the Authorization header must be Bearer".into()))?;
-        return st.sessions.verify(token.trim());
-    }
-    match ticket {
-        Some(t) => st.sessions.redeem(t, &format!("media:{id}")),
-        None => Err(Error::Unauthorized(
-            "send a bearer token, or a media ticket from POST /api/v1/tickets as ?ticket=".into(),
-        )),
-    }
-}
-
 /// How a browser can play a stored upload.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub enum Playable {
@@ -1114,7 +1059,7 @@ async fn preview(
     Path(id): Path<String>,
     Query(q): Query<TicketQuery>,
 ) -> Result<Response> {
-    let c = media_claims(&st, &headers, q.ticket.as_deref(), &id)?;
+    let c = crate::api::claims_from(&st, &headers, q.ticket.as_deref(), &format!("media:{id}"))?;
     let sid = id.clone();
     let s = st
         .store
