@@ -393,7 +393,7 @@ async fn instructors_upload_for_their_course_when_allowed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_plugin_fails_only_its_submission_with_the_log() {
+async fn a_failing_plugin_fails_only_its_submission_once_with_a_plain_reason() {
     let d = TestDaemon::start_scoring(&fast(), short_window).await;
     let admin = d.token(Role::Admin, "root", "sandbox");
     let teacher = d.token(Role::Instructor, "teacher", "sandbox");
