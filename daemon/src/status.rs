@@ -306,14 +306,28 @@ pub fn plan(inp: &PlanInput<'_>, stats: &ServiceStats) -> HashMap<String, Predic
     } else {
         stats.start_seconds("evaluator")
     };
-    let running_eval: HashMap<String, f64> = subs
+    // A role's running call holds the items of that role now running (one
+    // worker per role, one call at a time): its remaining time is the model's
+    // time for that many items, not for a full `eval_batch_size` call.
+    let mut running_items: HashMap<&str, (usize, Option<i64>)> = HashMap::new();
+    for (role, _, started) in subs
         .iter()
         .flat_map(|s| s.evals.iter())
         .filter(|(_, running, _)| *running)
-        .map(|(role, _, started)| {
-            let full = stats.eval_seconds(role, inp.eval_batch_size);
+    {
+        let e = running_items.entry(role.as_str()).or_insert((0, *started));
+        e.0 += 1;
+        e.1 = match (e.1, *started) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    let running_eval: HashMap<String, f64> = running_items
+        .into_iter()
+        .map(|(role, (items, started))| {
+            let full = stats.eval_seconds(role, items.min(inp.eval_batch_size.max(1)));
             let elapsed = started.map(|t| now - t as f64 / 1000.0).unwrap_or(0.0);
-            (role.clone(), (full - elapsed).max(0.5))
+            (role.to_owned(), (full - elapsed).max(0.5))
         })
         .collect();
     let queued_evals = |indices: &[usize], avail: &HashMap<usize, f64>, floor: f64| {
@@ -665,6 +679,32 @@ mod tests {
         same.observe(10.0, 5.0);
         same.observe(10.0, 7.0);
         assert!((same.predict(20.0) - 12.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_running_call_lasts_as_long_as_its_own_items() {
+        // One submission's evaluations run (one item per role, started at
+        // t = 0); a new upload's STT waits for them. Measured: 2 s + 1 s per
+        // item, so the running calls end at 3 s, not at the 6 s of a full
+        // 4-item call (the lab saw ETAs 30 s too long from this).
+        let roles = vec!["a".to_string(), "b".to_string()];
+        let mut jobs = Vec::new();
+        for r in ["a", "b"] {
+            let mut j = job("s1", Stage::Eval, r, 1, 10.0, None);
+            j.running = true;
+            j.started_at = Some(0);
+            jobs.push(j);
+        }
+        jobs.push(job("s2", Stage::Stt, "", 3, 10.0, None));
+        let mut inp = input(&jobs, &roles, Policy::Pipelined);
+        inp.eval_ready = true;
+        let p = plan(&inp, &stats());
+        let near = |ms: i64, want: i64| (ms - want).abs() <= 1;
+        assert!(near(p["s1"].done_ms, 3000), "{:?}", p["s1"]);
+        // Pipelined: s2's STT (2 s) overlaps; its evaluations start when the
+        // running calls free the evaluators (3 s) and take 3 s.
+        assert!(near(p["s2"].stt_done_ms, 2000), "{:?}", p["s2"]);
+        assert!(near(p["s2"].done_ms, 6000), "{:?}", p["s2"]);
     }
 
     #[test]
