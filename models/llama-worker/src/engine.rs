@@ -575,14 +575,15 @@ impl Engine {
     /// unified cache interleaves the sequences' cells, which regroups the
     /// floating-point sums: both changed levels in tests.)
     ///
-    /// One source of batch dependence remains: ggml repacks Q4_0, Q4_K and
-    /// IQ4_NL weights for its CPU kernels, and a product with 4 or more rows
-    /// then takes a GEMM kernel whose sums are grouped differently from the
-    /// 1-row GEMV. Q4_1 and Q8_0 models (SmolLM2 here) are unaffected; a
-    /// Q4_K_M model (the Gemma test model) can flip a near-tie. Building
-    /// with `GGML_CPU_REPACK=OFF` in the environment removes it, at some
-    /// speed (`use_extra_bufts`, the run-time switch, is not exposed by
-    /// llama-cpp-2 0.1.160, and a CPU buffer override still repacks).
+    /// One more source of batch dependence is removed at build time: ggml
+    /// repacks Q4_0, Q4_K and IQ4_NL weights for its CPU kernels, and a
+    /// product with 4 or more rows then takes a GEMM kernel whose sums are
+    /// grouped differently from the 1-row GEMV, so a Q4_K_M model (the Gemma
+    /// test model) could flip a near-tie. The workspace's
+    /// `.cargo/config.toml` builds with `GGML_CPU_REPACK=OFF`, at some speed
+    /// (`use_extra_bufts`, the run-time switch, is not exposed by
+    /// llama-cpp-2 0.1.160, and a CPU buffer override still repacks). Whoever
+    /// builds the worker another way must keep that variable.
     fn context(&self, seqs: &[Sequence<'_>]) -> Result<LlamaContext<'_>, Error> {
         let per_seq = seqs
             .iter()

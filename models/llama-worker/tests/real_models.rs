@@ -177,9 +177,10 @@ fn levels(response: &EvaluateResponse) -> Vec<Vec<String>> {
 }
 
 /// Both rubrics and the injection flag; with `compare_single`, batched
-/// decoding must give the levels of one-at-a-time decoding. (Not asked of
-/// the Gemma Q4_K_M model: ggml's repacked Q4_K kernels group sums
-/// differently for 4-row and 1-row products, see `Engine::evaluate`.)
+/// decoding must give the levels of one-at-a-time decoding. (That needs
+/// ggml's weight repacking off — `.cargo/config.toml` sets
+/// `GGML_CPU_REPACK=OFF` — because the repacked Q4_K kernels group sums
+/// differently for 4-row and 1-row products.)
 async fn exercise(file: &str, role: &str, compare_single: bool) {
     let sup = supervisor();
     let worker = sup
@@ -242,7 +243,7 @@ async fn smollm2_evaluates_rubrics_in_batches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemma_base_evaluates_rubrics_in_batches() {
-    exercise(GEMMA, "b", false).await;
+    exercise(GEMMA, "b", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
