@@ -32,6 +32,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 
 RESULT = {"screenshots": [], "axe": {}, "console": []}
 
@@ -85,8 +86,15 @@ def q(driver, css):
 
 
 def text(driver, css):
-    els = driver.find_elements(By.CSS_SELECTOR, css)
-    return els[0].text if els else ""
+    # Live regions are re-rendered by status events: an element found a
+    # moment ago may be gone when its text is read. Read it again.
+    for _ in range(20):
+        try:
+            els = driver.find_elements(By.CSS_SELECTOR, css)
+            return els[0].text if els else ""
+        except StaleElementReferenceException:
+            time.sleep(0.05)
+    raise AssertionError(f"{css} kept being replaced while it was read")
 
 
 def shot(driver, args, name):
@@ -166,6 +174,18 @@ def tab_to(driver, testid, limit=60):
 # ---- scenarios -------------------------------------------------------------------------
 
 
+def student_status_step(driver, args, seen, shots):
+    """Reads the live status once into `seen`; returns (phase, position)."""
+    cur = driver.execute_script(
+        "const a = document.querySelector('[data-testid=phases] [aria-current=step]'); return a ? a.getAttribute('data-phase') : null")
+    pos = text(driver, "[data-testid=position]")
+    for key, val in (("phases", cur), ("positions", pos), ("system", text(driver, "[data-testid=system-phase]")),
+                     ("batch", text(driver, "[data-testid=batch-progress]")), ("eta", text(driver, "[data-testid=eta]"))):
+        if val and (not seen[key] or seen[key][-1] != val):
+            seen[key].append(val)
+    return cur, pos
+
+
 def student_upload(driver, args):
     open_app(driver, args, args.token, "&assignment=sandbox-oral-1")
     wait(driver, lambda: q(driver, "[data-testid=mode-upload]"), what="the answer form")
@@ -196,13 +216,12 @@ def student_upload(driver, args):
                 api(args, "POST", f"/api/v1/submissions/{args.submission_hint()}/release", args.instructor_token)
             released = True
         if driver.find_elements(By.CSS_SELECTOR, "[data-testid=phases]"):
-            cur = driver.execute_script(
-                "const a = document.querySelector('[data-testid=phases] [aria-current=step]'); return a ? a.getAttribute('data-phase') : null")
-            pos = text(driver, "[data-testid=position]")
-            for key, val in (("phases", cur), ("positions", pos), ("system", text(driver, "[data-testid=system-phase]")),
-                             ("batch", text(driver, "[data-testid=batch-progress]")), ("eta", text(driver, "[data-testid=eta]"))):
-                if val and (not seen[key] or seen[key][-1] != val):
-                    seen[key].append(val)
+            try:
+                cur, pos = student_status_step(driver, args, seen, shots)
+            except StaleElementReferenceException:
+                # The status re-rendered mid-read: poll again.
+                time.sleep(0.05)
+                continue
             if shots == 0 and "Position" in pos:
                 shot(driver, args, "2-queued")
                 axe(driver, args, "student-status")
