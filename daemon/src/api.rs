@@ -93,6 +93,22 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(st): State<AppState>) -> Response {
+    let problems = readiness_problems(&st).await;
+    let status = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({ "ready": problems.is_empty(), "problems": problems })),
+    )
+        .into_response()
+}
+
+/// Why the daemon cannot take work now, in words (empty when ready): shared
+/// by `/readyz` and the admin view.
+pub(crate) async fn readiness_problems(st: &AppState) -> Vec<String> {
     let snap = st.scheduler.snapshot();
     let mut problems = Vec::new();
     if st.shutting_down.load(Ordering::Relaxed) {
@@ -115,16 +131,7 @@ async fn readyz(State(st): State<AppState>) -> Response {
     if !db_ok {
         problems.push("the database cannot be read".into());
     }
-    let status = if problems.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(serde_json::json!({ "ready": problems.is_empty(), "problems": problems })),
-    )
-        .into_response()
+    problems
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {

@@ -157,24 +157,8 @@ impl Page {
              connect-src 'self'; img-src 'self' data:; form-action {form_action}; \
              frame-ancestors {ancestors}; base-uri 'none'"
         );
-        let mut resp = (self.status, html).into_response();
+        let mut resp = crate::widget::html_page(self.status, html, &csp);
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/html; charset=utf-8"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        h.insert(
-            header::REFERRER_POLICY,
-            HeaderValue::from_static("no-referrer"),
-        );
-        h.insert(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        );
-        if let Ok(v) = HeaderValue::from_str(&csp) {
-            h.insert(header::CONTENT_SECURITY_POLICY, v);
-        }
         for (name, value) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&value) {
                 h.append(name, v);

@@ -821,24 +821,7 @@ async fn admin_system(State(st): State<AppState>, Session(c): Session) -> Result
             process,
         });
     }
-    let mut problems = Vec::new();
-    if cfg.workers.stt.is_none() {
-        problems.push("no STT worker is configured ([workers.stt])".to_owned());
-    }
-    if cfg.workers.evaluators.is_empty() {
-        problems.push("no evaluator is configured ([workers.evaluators.<role>])".to_owned());
-    }
-    for (slot, err) in &snap.worker_errors {
-        problems.push(format!("worker {slot}: {err}"));
-    }
-    let db_ok = st
-        .store
-        .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
-        .await
-        .is_ok();
-    if !db_ok {
-        problems.push("the database cannot be read".into());
-    }
+    let mut problems = crate::api::readiness_problems(&st).await;
     let data_dir = cfg.data_dir.clone();
     let free_bytes = tokio::task::spawn_blocking(move || crate::intake::free_bytes(&data_dir).ok())
         .await

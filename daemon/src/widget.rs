@@ -186,7 +186,24 @@ pub fn shell(title: &str, data: serde_json::Value, frame_ancestors: Option<&[Str
          connect-src 'self'; img-src 'self' data: blob:; media-src 'self' blob: mediastream:; \
          form-action 'none'; frame-ancestors {ancestors}; base-uri 'none'"
     );
-    let mut resp = (StatusCode::OK, html).into_response();
+    html_page(StatusCode::OK, html, &csp)
+}
+
+/// The standalone widget: the token comes from `#token=…` (never sent to
+/// the server); `viva session` mints one.
+async fn app(State(st): State<AppState>) -> Response {
+    shell(
+        "Viva",
+        serde_json::json!({ "standalone": true, "limits": limits(&st) }),
+        None,
+    )
+}
+
+/// An HTML page that is never cached, sends no referrer, is not sniffed and
+/// carries `csp`: the headers every page of the daemon (widget shell, LTI
+/// pages) shares.
+pub(crate) fn html_page(status: StatusCode, html: String, csp: &str) -> Response {
+    let mut resp = (status, html).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -201,20 +218,10 @@ pub fn shell(title: &str, data: serde_json::Value, frame_ancestors: Option<&[Str
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    if let Ok(v) = HeaderValue::from_str(&csp) {
+    if let Ok(v) = HeaderValue::from_str(csp) {
         h.insert(header::CONTENT_SECURITY_POLICY, v);
     }
     resp
-}
-
-/// The standalone widget: the token comes from `#token=…` (never sent to
-/// the server); `viva session` mints one.
-async fn app(State(st): State<AppState>) -> Response {
-    shell(
-        "Viva",
-        serde_json::json!({ "standalone": true, "limits": limits(&st) }),
-        None,
-    )
 }
 
 #[cfg(test)]
