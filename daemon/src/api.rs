@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
+use rusqlite::OptionalExtension;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Claims, HasSessions, Session, Sessions};
@@ -409,6 +410,15 @@ async fn upload_inner(
         ));
     }
     let assignment = load_assignment(st, c, assignment_id).await?;
+    let upload_key = upload_key(req.headers())?;
+    // A retry of an upload that already landed: that submission, not a
+    // second one (the body is not read again).
+    if let Some(key) = upload_key.clone()
+        && let Some(sub) = submission_by_key(st, &assignment.id, &c.sub, key).await?
+    {
+        tracing::info!(submission = %sub.id, "upload retried with a known idempotency key");
+        return Ok((StatusCode::OK, Json(view(st, c, sub, None))));
+    }
     let limits = st.config.intake.limits();
     let staging = st.config.staging_dir();
     let content_type = req
@@ -469,9 +479,24 @@ async fn upload_inner(
     let a_id = assignment.id.clone();
     let sub_id2 = sub_id.clone();
     let ctx = assignment.context_id.clone();
+    let key2 = upload_key.clone();
     let insert = st
         .store
         .write(move |tx| {
+            // Two concurrent tries with one key: the first to commit wins.
+            if let Some(key) = &key2 {
+                let existing: Option<String> = tx
+                    .query_row(
+                        "SELECT id FROM submissions
+                         WHERE assignment_id = ?1 AND user_id = ?2 AND upload_key = ?3",
+                        rusqlite::params![a_id, c2.sub, key],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if existing.is_some() {
+                    return Ok(existing);
+                }
+            }
             domain::ensure_member(tx, &ctx, &c2.sub, c2.name.as_deref(), &c2.roles)?;
             let attempt: i64 = tx.query_row(
                 "SELECT COALESCE(MAX(attempt), 0) + 1 FROM submissions
@@ -483,8 +508,8 @@ async fn upload_inner(
             tx.execute(
                 "INSERT INTO submissions (id, assignment_id, user_id, attempt, state, original_name,
                      media_dir, original_path, wav_path, sha256, size_bytes, duration_seconds,
-                     media_info, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13)",
+                     media_info, created_at, updated_at, upload_key)
+                 VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14)",
                 rusqlite::params![
                     sub_id2,
                     a_id,
@@ -498,23 +523,30 @@ async fn upload_inner(
                     size_bytes as i64,
                     info.duration_seconds,
                     media_json,
-                    now
+                    now,
+                    key2
                 ],
             )?;
             tx.execute(
                 "INSERT INTO jobs (submission_id, stage, state, created_at) VALUES (?1, 'stt', 'queued', ?2)",
                 rusqlite::params![sub_id2, now],
             )?;
-            Ok(())
+            Ok(None)
         })
         .await;
-    if let Err(e) = insert {
-        // Nothing half-written: the files go if the row did not land.
-        let _ = tokio::fs::remove_dir_all(&final_dir).await;
-        return Err(e);
-    }
+    let (id, status) = match insert {
+        Ok(None) => (sub_id.clone(), StatusCode::CREATED),
+        Ok(Some(existing)) => {
+            let _ = tokio::fs::remove_dir_all(&final_dir).await;
+            (existing, StatusCode::OK)
+        }
+        Err(e) => {
+            // Nothing half-written: the files go if the row did not land.
+            let _ = tokio::fs::remove_dir_all(&final_dir).await;
+            return Err(e);
+        }
+    };
     st.scheduler.poke();
-    let id = sub_id.clone();
     let sub = st
         .store
         .read(move |conn| domain::get_submission(conn, &id))
@@ -522,7 +554,53 @@ async fn upload_inner(
         .ok_or(Error::NotFound("submission"))?;
     tracing::info!(submission = %sub.id, user = %sub.user_id, assignment = %sub.assignment_id,
         bytes = sub.size_bytes, seconds = sub.duration_seconds, "accepted upload");
-    Ok((StatusCode::CREATED, Json(view(st, c, sub, None))))
+    Ok((status, Json(view(st, c, sub, None))))
+}
+
+/// The optional `Idempotency-Key` header of an upload: 8 to 128 letters,
+/// digits, `-`, `_`, `.` or `:`, chosen by the client per recording and sent
+/// again with every retry of it.
+fn upload_key(headers: &HeaderMap) -> Result<Option<String>> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v.to_str().unwrap_or_default();
+    let ok = (8..=128).contains(&key.len())
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if !ok {
+        return Err(Error::bad_request(
+            "bad_idempotency_key",
+            "the Idempotency-Key header must be 8 to 128 letters, digits, '-', '_', '.' or ':' (one random key per recording, sent again with each retry)",
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+async fn submission_by_key(
+    st: &AppState,
+    assignment_id: &str,
+    user_id: &str,
+    key: String,
+) -> Result<Option<Submission>> {
+    let (a, u) = (assignment_id.to_owned(), user_id.to_owned());
+    st.store
+        .read(move |conn| {
+            let id: Option<String> = conn
+                .query_row(
+                    "SELECT id FROM submissions
+                     WHERE assignment_id = ?1 AND user_id = ?2 AND upload_key = ?3",
+                    rusqlite::params![a, u, key],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match id {
+                Some(id) => domain::get_submission(conn, &id),
+                None => Ok(None),
+            }
+        })
+        .await
 }
 
 /// A submission with its live queue position, as clients see it.

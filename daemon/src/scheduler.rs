@@ -1013,9 +1013,10 @@ impl Scheduler {
                     .await?;
             }
             Ok(JobResult::Evaluations(resp)) => {
+                let audio: f64 = jobs.iter().map(|j| j.duration_seconds).sum();
                 self.stats
                     .eval_model(&role)
-                    .observe(jobs.len() as f64, seconds);
+                    .observe(jobs.len() as f64, audio, seconds);
                 self.metrics
                     .stage_seconds
                     .with_label_values(&["eval"])

@@ -7,8 +7,9 @@
 //! The prediction replays the scheduler's own policy forward in time
 //! ([`plan`]) with service times measured on this machine
 //! ([`ServiceStats`]): STT time as a linear function of audio duration,
-//! evaluator call time as a linear function of the items in the call, and
-//! worker start-up time per kind. It is a simulation of the phase plan, not a
+//! evaluator call time as a linear function of the items in the call and of
+//! their total audio duration (a stand-in for transcript length, known before
+//! the transcript exists), and worker start-up time per kind. It is a simulation of the phase plan, not a
 //! constant per position.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -75,13 +76,151 @@ impl LinearModel {
     }
 }
 
+/// Online fit of an evaluator call's time,
+/// `seconds = a + b * items + c * audio_seconds`, over recent calls.
+///
+/// Prompt processing grows with the transcripts in the call (audio duration
+/// stands in for their length), generation with the number of items. The fit
+/// is non-negative least squares over the subsets of the three terms (the
+/// best-fitting subset whose coefficients are all ≥ 0); until it has as many
+/// calls as terms it scales the prior to the calls seen.
+#[derive(Debug, Clone)]
+pub struct EvalModel {
+    samples: VecDeque<([f64; 3], f64)>,
+    cap: usize,
+    prior: [f64; 3],
+}
+
+impl EvalModel {
+    pub fn new(prior: [f64; 3]) -> Self {
+        Self {
+            samples: VecDeque::new(),
+            cap: 64,
+            prior,
+        }
+    }
+
+    pub fn observe(&mut self, items: f64, audio_seconds: f64, seconds: f64) {
+        if ![items, audio_seconds, seconds]
+            .iter()
+            .all(|v| v.is_finite())
+            || seconds < 0.0
+            || items <= 0.0
+            || audio_seconds < 0.0
+        {
+            return;
+        }
+        if self.samples.len() == self.cap {
+            self.samples.pop_front();
+        }
+        self.samples
+            .push_back(([1.0, items, audio_seconds], seconds));
+    }
+
+    pub fn samples(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// (a, b, c).
+    pub fn coefficients(&self) -> [f64; 3] {
+        if self.samples.is_empty() {
+            return self.prior;
+        }
+        let mut best: Option<([f64; 3], f64)> = None;
+        for mask in 1u8..8 {
+            let terms: Vec<usize> = (0..3).filter(|i| mask & (1 << i) != 0).collect();
+            if self.samples.len() < terms.len() + 1 {
+                continue;
+            }
+            let Some(theta) = self.solve(&terms) else {
+                continue;
+            };
+            if theta.iter().any(|v| *v < 0.0) {
+                continue;
+            }
+            let sse: f64 = self
+                .samples
+                .iter()
+                .map(|(x, y)| (y - dot(&theta, x)).powi(2))
+                .sum();
+            // Prefer fewer terms unless more terms fit clearly better.
+            let penalty = 1.0 + 0.02 * terms.len() as f64;
+            if best.is_none_or(|(_, b)| sse * penalty < b) {
+                best = Some((theta, sse * penalty));
+            }
+        }
+        if let Some((theta, _)) = best {
+            return theta;
+        }
+        let predicted: f64 = self.samples.iter().map(|(x, _)| dot(&self.prior, x)).sum();
+        let seen: f64 = self.samples.iter().map(|(_, y)| y).sum();
+        let k = if predicted > 0.0 {
+            seen / predicted
+        } else {
+            1.0
+        };
+        self.prior.map(|v| v * k)
+    }
+
+    /// Least squares on the chosen terms (others 0), by the normal
+    /// equations; `None` when they are singular.
+    fn solve(&self, terms: &[usize]) -> Option<[f64; 3]> {
+        let k = terms.len();
+        let mut m = [[0.0f64; 4]; 3];
+        for (x, y) in &self.samples {
+            for (r, &i) in terms.iter().enumerate() {
+                for (c, &j) in terms.iter().enumerate() {
+                    m[r][c] += x[i] * x[j];
+                }
+                m[r][k] += x[i] * y;
+            }
+        }
+        // Gaussian elimination with partial pivoting.
+        for col in 0..k {
+            let pivot = (col..k).max_by(|&a, &b| m[a][col].abs().total_cmp(&m[b][col].abs()))?;
+            let scale = (0..k).map(|r| m[r][r].abs()).fold(0.0, f64::max).max(1.0);
+            if m[pivot][col].abs() < 1e-9 * scale {
+                return None;
+            }
+            m.swap(col, pivot);
+            for r in 0..k {
+                if r != col {
+                    let f = m[r][col] / m[col][col];
+                    let pivot_row = m[col];
+                    for (v, p) in m[r].iter_mut().zip(pivot_row).skip(col).take(k + 1 - col) {
+                        *v -= f * p;
+                    }
+                }
+            }
+        }
+        let mut theta = [0.0; 3];
+        for (r, &i) in terms.iter().enumerate() {
+            theta[i] = m[r][k] / m[r][r];
+        }
+        Some(theta)
+    }
+
+    pub fn predict(&self, items: f64, audio_seconds: f64) -> f64 {
+        dot(&self.coefficients(), &[1.0, items, audio_seconds]).max(0.0)
+    }
+}
+
+fn dot(a: &[f64; 3], b: &[f64; 3]) -> f64 {
+    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+
+/// Until measured: a small LLM call takes seconds, plus a little per
+/// second of speech it reads.
+const EVAL_PRIOR: [f64; 3] = [5.0, 5.0, 0.02];
+
 /// Measured service times.
 #[derive(Debug, Clone)]
 pub struct ServiceStats {
     /// STT seconds as a function of audio seconds.
     pub stt: LinearModel,
-    /// Evaluator call seconds as a function of items in the call, per role.
-    pub eval: BTreeMap<String, LinearModel>,
+    /// Evaluator call seconds as a function of the items in the call and
+    /// their audio seconds, per role.
+    pub eval: BTreeMap<String, EvalModel>,
     /// Worker start-up (spawn to loaded) seconds per kind: "stt", "evaluator".
     pub start: HashMap<&'static str, f64>,
 }
@@ -99,17 +238,17 @@ impl Default for ServiceStats {
 }
 
 impl ServiceStats {
-    pub fn eval_model(&mut self, role: &str) -> &mut LinearModel {
+    pub fn eval_model(&mut self, role: &str) -> &mut EvalModel {
         self.eval
             .entry(role.to_owned())
-            .or_insert_with(|| LinearModel::new(5.0, 5.0))
+            .or_insert_with(|| EvalModel::new(EVAL_PRIOR))
     }
 
-    fn eval_seconds(&self, role: &str, items: usize) -> f64 {
+    fn eval_seconds(&self, role: &str, items: usize, audio_seconds: f64) -> f64 {
         self.eval
             .get(role)
-            .map(|m| m.predict(items as f64))
-            .unwrap_or(5.0 + 5.0 * items as f64)
+            .map(|m| m.predict(items as f64, audio_seconds))
+            .unwrap_or_else(|| dot(&EVAL_PRIOR, &[1.0, items as f64, audio_seconds]))
     }
 
     pub fn observe_start(&mut self, kind: &'static str, seconds: f64) {
@@ -202,13 +341,13 @@ fn run_servers(start: f64, servers: usize, durations: &[f64]) -> Vec<f64> {
         .collect()
 }
 
-/// Simulates evaluator calls. `avail[i]` is when item i may start; items are
-/// (submission index, role). Returns per-submission completion.
+/// Simulates evaluator calls. Items are (submission index, role, when it may
+/// start, its audio seconds). Returns when the last call ends.
 fn run_evals(
     inp: &PlanInput<'_>,
     stats: &ServiceStats,
     start: f64,
-    items: &[(usize, String, f64)],
+    items: &[(usize, String, f64, f64)],
     running_remaining: &HashMap<String, f64>,
     done: &mut HashMap<usize, f64>,
 ) -> f64 {
@@ -223,18 +362,18 @@ fn run_evals(
             *s = start + rem;
         }
     }
-    let mut per_role: BTreeMap<&str, VecDeque<(usize, f64)>> = BTreeMap::new();
-    for (sub, role, avail) in items {
+    let mut per_role: BTreeMap<&str, VecDeque<(usize, f64, f64)>> = BTreeMap::new();
+    for (sub, role, avail, audio) in items {
         per_role
             .entry(role.as_str())
             .or_default()
-            .push_back((*sub, *avail));
+            .push_back((*sub, *avail, *audio));
     }
     loop {
         // The role whose next chunk can start earliest goes next.
         let mut best: Option<(&str, f64)> = None;
         for (role, q) in &per_role {
-            if let Some(&(_, avail)) = q.front() {
+            if let Some(&(_, avail, _)) = q.front() {
                 let t = avail.max(*role_free.get(role).unwrap_or(&start));
                 if best.is_none_or(|(_, bt)| t < bt) {
                     best = Some((role, t));
@@ -256,10 +395,12 @@ fn run_evals(
             break;
         };
         let mut chunk = Vec::new();
+        let mut audio = 0.0;
         while chunk.len() < inp.eval_batch_size.max(1) {
             match q.front() {
-                Some(&(sub, avail)) if avail <= t0 + 1e-9 => {
+                Some(&(sub, avail, a)) if avail <= t0 + 1e-9 => {
                     chunk.push(sub);
+                    audio += a;
                     q.pop_front();
                 }
                 _ => break,
@@ -268,7 +409,7 @@ fn run_evals(
         if chunk.is_empty() {
             continue;
         }
-        let t1 = t0 + stats.eval_seconds(role, chunk.len());
+        let t1 = t0 + stats.eval_seconds(role, chunk.len(), audio);
         slot_free[si] = t1;
         role_free.insert(role, t1);
         end = end.max(t1);
@@ -308,24 +449,27 @@ pub fn plan(inp: &PlanInput<'_>, stats: &ServiceStats) -> HashMap<String, Predic
     };
     // A role's running call holds the items of that role now running (one
     // worker per role, one call at a time): its remaining time is the model's
-    // time for that many items, not for a full `eval_batch_size` call.
-    let mut running_items: HashMap<&str, (usize, Option<i64>)> = HashMap::new();
-    for (role, _, started) in subs
+    // time for those items, not for a full `eval_batch_size` call.
+    let mut running_items: HashMap<&str, (usize, f64, Option<i64>)> = HashMap::new();
+    for (duration, (role, _, started)) in subs
         .iter()
-        .flat_map(|s| s.evals.iter())
-        .filter(|(_, running, _)| *running)
+        .flat_map(|s| s.evals.iter().map(move |e| (s.duration, e)))
+        .filter(|(_, (_, running, _))| *running)
     {
-        let e = running_items.entry(role.as_str()).or_insert((0, *started));
+        let e = running_items
+            .entry(role.as_str())
+            .or_insert((0, 0.0, *started));
         e.0 += 1;
-        e.1 = match (e.1, *started) {
+        e.1 += duration;
+        e.2 = match (e.2, *started) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
     }
     let running_eval: HashMap<String, f64> = running_items
         .into_iter()
-        .map(|(role, (items, started))| {
-            let full = stats.eval_seconds(role, items.min(inp.eval_batch_size.max(1)));
+        .map(|(role, (items, audio, started))| {
+            let full = stats.eval_seconds(role, items, audio);
             let elapsed = started.map(|t| now - t as f64 / 1000.0).unwrap_or(0.0);
             (role.to_owned(), (full - elapsed).max(0.5))
         })
@@ -337,12 +481,12 @@ pub fn plan(inp: &PlanInput<'_>, stats: &ServiceStats) -> HashMap<String, Predic
             let a = avail.get(&i).copied().unwrap_or(floor).max(floor);
             if s.stt.is_some() {
                 for role in inp.roles {
-                    items.push((i, role.clone(), a));
+                    items.push((i, role.clone(), a, s.duration));
                 }
             } else {
                 for (role, running, _) in &s.evals {
                     if !running {
-                        items.push((i, role.clone(), a));
+                        items.push((i, role.clone(), a, s.duration));
                     }
                 }
             }
@@ -524,7 +668,8 @@ pub struct StatsView {
     pub stt_fixed_seconds: f64,
     pub stt_real_time_factor: f64,
     pub stt_samples: usize,
-    pub eval: BTreeMap<String, (f64, f64, usize)>,
+    /// Per role: (seconds per call, per item, per audio second, calls seen).
+    pub eval: BTreeMap<String, (f64, f64, f64, usize)>,
     pub worker_start_seconds: BTreeMap<String, f64>,
 }
 
@@ -539,8 +684,8 @@ impl StatsView {
                 .eval
                 .iter()
                 .map(|(r, m)| {
-                    let (a, b) = m.coefficients();
-                    (r.clone(), (a, b, m.samples()))
+                    let [a, b, c] = m.coefficients();
+                    (r.clone(), (a, b, c, m.samples()))
                 })
                 .collect(),
             worker_start_seconds: stats
@@ -641,7 +786,7 @@ mod tests {
         }
         for r in ["a", "b"] {
             for k in [1.0, 2.0, 4.0] {
-                s.eval_model(r).observe(k, 2.0 + 1.0 * k);
+                s.eval_model(r).observe(k, 10.0 * k, 2.0 + 1.0 * k);
             }
         }
         s.observe_start("stt", 0.5);
@@ -679,6 +824,42 @@ mod tests {
         same.observe(10.0, 5.0);
         same.observe(10.0, 7.0);
         assert!((same.predict(20.0) - 12.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn eval_model_separates_items_from_transcript_length() {
+        let mut m = EvalModel::new([5.0, 5.0, 0.0]);
+        // Before enough calls: the prior, scaled to what was seen.
+        m.observe(2.0, 60.0, 7.5);
+        assert!((m.predict(2.0, 60.0) - 7.5).abs() < 1e-9);
+        // True model: 1 s + 2 s per item + 0.1 s per audio second.
+        let truth = |n: f64, a: f64| 1.0 + 2.0 * n + 0.1 * a;
+        let mut m = EvalModel::new([5.0, 5.0, 0.0]);
+        for (n, a) in [
+            (1.0, 20.0),
+            (1.0, 180.0),
+            (4.0, 100.0),
+            (4.0, 600.0),
+            (2.0, 30.0),
+        ] {
+            m.observe(n, a, truth(n, a));
+        }
+        let [a, b, c] = m.coefficients();
+        assert!((a - 1.0).abs() < 1e-6 && (b - 2.0).abs() < 1e-6 && (c - 0.1).abs() < 1e-6);
+        // A 3-minute answer costs more than a 20-second one.
+        assert!(m.predict(1.0, 180.0) > m.predict(1.0, 20.0) + 15.0);
+        // Coefficients never go negative: time falling with items is
+        // explained without a negative per-item cost.
+        let mut odd = EvalModel::new([5.0, 5.0, 0.0]);
+        for (n, a, y) in [
+            (1.0, 10.0, 9.0),
+            (2.0, 20.0, 8.0),
+            (3.0, 30.0, 7.0),
+            (4.0, 40.0, 6.0),
+        ] {
+            odd.observe(n, a, y);
+        }
+        assert!(odd.coefficients().iter().all(|v| *v >= 0.0));
     }
 
     #[test]

@@ -199,6 +199,13 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX lti_link_members_by_user ON lti_link_members(user_id);
     "#,
+    // 6: upload idempotency keys (a retried upload whose first try landed
+    // returns that submission instead of making a second one).
+    r#"
+    ALTER TABLE submissions ADD COLUMN upload_key TEXT;
+    CREATE UNIQUE INDEX submissions_by_upload_key
+        ON submissions(assignment_id, user_id, upload_key) WHERE upload_key IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build understands.

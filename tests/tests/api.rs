@@ -235,6 +235,59 @@ async fn intake_accepts_real_media_and_rejects_bad_input_cleanly() {
     d.stop().await;
 }
 
+/// A retried upload (same Idempotency-Key) returns the submission its first
+/// try made, for that student only; a new key makes a new attempt; a
+/// malformed key is refused before anything is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_upload_with_its_key_makes_one_submission() {
+    let d = TestDaemon::start(&[], |c| {
+        c.workers.stt = None;
+        c.workers.evaluators.clear();
+    })
+    .await;
+    let carol = d.token(Role::Learner, "carol", "sandbox");
+    let dave = d.token(Role::Learner, "dave", "sandbox");
+    let f = speech(d.dir.path(), "a.wav", "Plants make glucose.", "en-us");
+    let bytes = std::fs::read(&f).expect("read");
+    let send = |token: &str, key: &str| {
+        reqwest::Client::new()
+            .post(format!(
+                "{}/api/v1/assignments/sandbox-oral-1/submissions",
+                d.url
+            ))
+            .query(&[("filename", "a.wav")])
+            .bearer_auth(token)
+            .header("Idempotency-Key", key)
+            .body(bytes.clone())
+            .send()
+    };
+    let first = send(&carol, "rec-0001-aaaa").await.expect("upload");
+    assert_eq!(first.status().as_u16(), 201);
+    let first: serde_json::Value = first.json().await.expect("json");
+    let again = send(&carol, "rec-0001-aaaa").await.expect("retry");
+    assert_eq!(again.status().as_u16(), 200, "a retry is not a new upload");
+    let again: serde_json::Value = again.json().await.expect("json");
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["attempt"], 1);
+    assert_eq!(submission_count(&d).await, 1);
+    // Another student's key space is their own; a new key is a new attempt.
+    let other = send(&dave, "rec-0001-aaaa").await.expect("upload");
+    assert_eq!(other.status().as_u16(), 201);
+    let next = send(&carol, "rec-0002-bbbb").await.expect("upload");
+    assert_eq!(next.status().as_u16(), 201);
+    let next: serde_json::Value = next.json().await.expect("json");
+    assert_eq!(next["attempt"], 2);
+    assert_ne!(next["id"], first["id"]);
+    // A malformed key: a clear 400, nothing stored.
+    let bad = send(&carol, "short").await.expect("upload");
+    assert_eq!(bad.status().as_u16(), 400);
+    let bad: serde_json::Value = bad.json().await.expect("json");
+    assert_eq!(bad["error"]["code"], "bad_idempotency_key");
+    assert_eq!(submission_count(&d).await, 3);
+    assert_eq!(dir_entries(&d.dir.path().join("var/media")), 3);
+    d.stop().await;
+}
+
 /// Reads SSE frames `(event, data)` until a "done" event.
 async fn collect_sse(resp: reqwest::Response) -> Vec<(String, serde_json::Value)> {
     let mut out = Vec::new();

@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
@@ -66,16 +66,62 @@ fn start_platform(python: &PathBuf) -> Platform {
 
 #[test]
 fn a_short_lab_ends_with_one_line_item_and_one_released_score_per_student() {
+    let Some(platform) = platform() else { return };
+    let dir = tempfile::tempdir().expect("tmp");
+    let report_dir = dir.path().join("lab");
+    let (report, stdout, stderr) = lab(&platform, &report_dir, &[]);
+    // The long command prints its progress, the table and the summary.
+    assert!(stderr.contains("phase stt#1"), "{stderr}");
+    assert!(stdout.contains("== Summary =="), "{stdout}");
+    let png = std::fs::read(report_dir.join("chart.png")).expect("chart.png");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "chart is a PNG");
+    check_final_state(&platform, &report, &report_dir.join("work/viva-two-phase"));
+}
+
+/// The same lab under `--chaos`: the daemon killed with SIGKILL four times
+/// and restarted on its data directory, workers killed during jobs, score
+/// posts answered 500/503 and three stalled longer than Viva's AGS timeout.
+/// The platform must end in the same state as without chaos.
+#[test]
+fn a_lab_under_chaos_loses_and_duplicates_no_grade() {
+    let Some(platform) = platform() else { return };
+    let dir = tempfile::tempdir().expect("tmp");
+    let report_dir = dir.path().join("lab");
+    let (report, stdout, _) = lab(
+        &platform,
+        &report_dir,
+        &["--chaos", "--chaos-kills", "4", "--chaos-stall", "35s"],
+    );
+    let chaos = &report["viva"][0]["chaos"];
+    assert_eq!(chaos["daemon_kills"], 4, "{chaos}");
+    assert_eq!(chaos["score_failures_injected"], 8, "{chaos}");
+    assert_eq!(chaos["score_stalls_injected"], 3, "{chaos}");
+    assert!(stdout.contains("daemon kill -9s"), "{stdout}");
+    let f = &report["viva"][0]["final_state"];
+    for k in ["lost", "duplicated", "wrong", "regressed"] {
+        assert_eq!(f[k].as_array().map(Vec::len), Some(0), "{k}: {f}");
+    }
+    check_final_state(
+        &platform,
+        &report,
+        &report_dir.join("work/viva-two-phase-chaos"),
+    );
+}
+
+fn platform() -> Option<Platform> {
     let Some(py) = python() else {
         if std::env::var("VIVA_REQUIRE_LTI_PLATFORM").is_ok() {
             panic!("no Python with lti1p3platform: run scripts/test, or set VIVA_LTI_PYTHON");
         }
         eprintln!("SKIPPED: no LTI platform harness (run scripts/test to create it)");
-        return;
+        return None;
     };
-    let platform = start_platform(&py);
-    let dir = tempfile::tempdir().expect("tmp");
-    let report_dir = dir.path().join("lab");
+    Some(start_platform(&py))
+}
+
+/// Runs a 6-student two-phase lab (2–4 s clips, everyone at once) against
+/// `platform`; returns the report, stdout and stderr.
+fn lab(platform: &Platform, report_dir: &Path, extra: &[&str]) -> (Value, String, String) {
     let out = Command::new(viva_bin())
         .args([
             "lab",
@@ -98,28 +144,32 @@ fn a_short_lab_ends_with_one_line_item_and_one_released_score_per_student() {
             &platform.base,
             "--report",
         ])
-        .arg(&report_dir)
+        .arg(report_dir)
+        .args(extra)
         .env("VIVA_MODELS_DIR", models_dir())
         .output()
         .expect("run viva lab");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         out.status.success(),
         "viva lab failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
-    // The long command prints its progress, the table and the summary.
-    assert!(stderr.contains("phase stt#1"), "{stderr}");
-    assert!(stdout.contains("== Summary =="), "{stdout}");
     let report: Value = serde_json::from_str(
         &std::fs::read_to_string(report_dir.join("report.json")).expect("report.json"),
     )
     .expect("report JSON");
     assert_eq!(report["ok"], true);
-    let png = std::fs::read(report_dir.join("chart.png")).expect("chart.png");
-    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "chart is a PNG");
+    (report, stdout, stderr)
+}
 
+/// The platform's own record of line items and scores and the daemon's
+/// database (in `run_dir`) against the definition of done: one line item,
+/// one current FullyGraded score per good student equal to the released
+/// grade, earlier scores only PendingManual, the bad file refused with a
+/// reason.
+fn check_final_state(platform: &Platform, report: &Value, run_dir: &Path) {
     // Which students sent good files, which bad ones (the lab's plan).
     let students = report["students"].as_array().expect("students");
     assert_eq!(students.len(), 6);
@@ -167,7 +217,7 @@ fn a_short_lab_ends_with_one_line_item_and_one_released_score_per_student() {
         .expect("line item number");
 
     // The daemon's database: what was released, with which grade.
-    let db = report_dir.join("work/viva-two-phase/var/viva.db");
+    let db = run_dir.join("var/viva.db");
     let conn =
         rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .expect("daemon database");

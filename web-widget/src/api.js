@@ -58,13 +58,17 @@ export class Api {
   // has no upload progress). Resolves with the submission; rejects with an
   // ApiError whose code is 'network' when the connection dropped (the caller
   // keeps the blob and offers a retry).
-  upload(assignmentId, blob, filename, onProgress) {
+  // `key` (the Idempotency-Key) is one random value per recording, sent
+  // again with every retry: a retry of an upload that did land returns that
+  // submission instead of making a second one.
+  upload(assignmentId, blob, filename, onProgress, key) {
     return new Promise((resolve, reject) => {
       const xhr = new XMLHttpRequest();
       const url = `/api/v1/assignments/${encodeURIComponent(assignmentId)}/submissions?filename=${encodeURIComponent(filename)}`;
       xhr.open('POST', url);
       xhr.setRequestHeader('Authorization', `Bearer ${this.token}`);
       xhr.setRequestHeader('Content-Type', blob.type || 'application/octet-stream');
+      if (key) xhr.setRequestHeader('Idempotency-Key', key);
       xhr.responseType = 'json';
       xhr.upload.onprogress = (e) => { if (e.lengthComputable) onProgress(e.loaded, e.total); };
       xhr.onerror = () => reject(new ApiError(S.uploadInterrupted, 0, 'network'));

@@ -151,7 +151,7 @@ export function mount(panel, ctx) {
     clear(body, prompt(), failedBox, h('h2', { text: S.yourAnswer }), modes, area, progress);
     choose();
 
-    async function send(blob, filename) {
+    async function send(blob, filename, key = uploadKey()) {
       const bar = h('progress', { max: '100', value: '0', 'aria-label': S.uploadProgress, 'data-testid': 'upload-progress' });
       const label = h('p', { 'aria-live': 'polite', text: S.uploading(0) });
       clear(progress, label, bar);
@@ -164,14 +164,14 @@ export function mount(panel, ctx) {
           bar.value = pct;
           if (pct !== lastPct && pct % 10 === 0) label.textContent = S.uploading(pct);
           lastPct = pct;
-        });
+        }, key);
         bar.value = 100;
         announce(S.uploadedOk);
         showSubmission(sub, true);
       } catch (e) {
         area.querySelectorAll('button').forEach((b) => { b.disabled = false; });
         if (e.code === 'network') {
-          const retry = h('button', { type: 'button', class: 'primary', 'data-testid': 'upload-retry', text: S.retryUpload, on: { click: () => send(blob, filename) } });
+          const retry = h('button', { type: 'button', class: 'primary', 'data-testid': 'upload-retry', text: S.retryUpload, on: { click: () => send(blob, filename, key) } });
           clear(progress, notice('error', S.uploadInterrupted), retry);
           retry.focus();
         } else {
@@ -180,6 +180,14 @@ export function mount(panel, ctx) {
         announce(e.message, true);
       }
     }
+  }
+
+  // One random key per recording (crypto.getRandomValues works on plain
+  // http too, unlike randomUUID).
+  function uploadKey() {
+    const b = new Uint8Array(16);
+    crypto.getRandomValues(b);
+    return Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
   }
 
   function uploader(send) {

@@ -77,6 +77,10 @@ pub struct LabArgs {
     /// How many times `--chaos` kills the daemon.
     #[arg(long, default_value_t = 10)]
     chaos_kills: usize,
+    /// How long each of the three stalled score posts hangs in the platform
+    /// under `--chaos` (Viva's AGS client gives up after 30 s and retries).
+    #[arg(long, default_value = "2m")]
+    chaos_stall: humantime::Duration,
     /// Model files (default: $VIVA_MODELS_DIR, else ~/.cache/viva/models).
     #[arg(long, env = "VIVA_MODELS_DIR")]
     models_dir: Option<PathBuf>,
@@ -644,7 +648,17 @@ fn daemon_config(
     workers.insert("load_timeout".into(), "10m".into());
     workers.insert("handshake_timeout".into(), "60s".into());
     workers.insert("stop_grace".into(), "3s".into());
-    workers.insert("stt".into(), toml::Value::try_from(&setup.workers.stt)?);
+    // Two-phase: nothing else runs during the STT phase, so the STT worker
+    // gets the whole machine as parallel transcriptions of `threads` threads
+    // each. Pipelined: STT shares the machine with the evaluators.
+    let stt_parallel = if policy == "pipelined" {
+        1
+    } else {
+        (cores() / args.threads.max(1) as usize).max(1)
+    };
+    let mut stt = setup.workers.stt.clone();
+    stt.args = vec!["--parallel-states".into(), stt_parallel.to_string()];
+    workers.insert("stt".into(), toml::Value::try_from(&stt)?);
     workers.insert("evaluators".into(), toml::Value::Table(evaluators));
     let cfg = json!({
         "listen": format!("127.0.0.1:{port}"),
@@ -655,6 +669,7 @@ fn daemon_config(
         "scheduler": {
             "policy": policy,
             "stt_batch_size": args.stt_batch_size,
+            "stt_concurrency": stt_parallel,
             "batch_window": args.batch_window.to_string(),
             "eval_batch_size": args.eval_batch_size,
             "retry_backoff": "1s",
@@ -672,6 +687,43 @@ fn daemon_config(
         .ok_or_else(|| anyhow!("config is not a table"))?;
     table.insert("workers".into(), toml::Value::Table(workers));
     Ok(toml::to_string(&table)?)
+}
+
+/// Waits up to `wait` for a job to be running and returns its phase
+/// ("stt" or "evaluation").
+async fn running_phase(
+    http: &reqwest::Client,
+    tool: &str,
+    token: &str,
+    wait: Duration,
+) -> Option<String> {
+    let until = Instant::now() + wait;
+    while Instant::now() < until {
+        if let Ok(r) = http
+            .get(format!("{tool}/api/v1/status"))
+            .bearer_auth(token)
+            .send()
+            .await
+            && let Ok(v) = r.json::<Value>().await
+            && let Some(entries) = v["entries"].as_array()
+            && let Some(phase) = entries.iter().find_map(|e| {
+                (e["running"] == true)
+                    .then(|| e["phase"].as_str().map(str::to_owned))
+                    .flatten()
+                    .filter(|p| p == "stt" || p == "evaluation")
+            })
+        {
+            return Some(phase);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    None
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -805,7 +857,10 @@ async fn viva_run(
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            // Retry while the daemon is down (chaos): launch, then upload.
+            // Retry while the daemon is down (chaos): launch, then upload,
+            // with one idempotency key for every try of this recording (a
+            // try that landed before the daemon died is not made twice).
+            let key = format!("lab-{}-{:016x}", r.user, rand::random::<u64>());
             let deadline = Instant::now() + Duration::from_secs(600);
             loop {
                 r.upload_attempts += 1;
@@ -816,12 +871,13 @@ async fn viva_run(
                         .post(format!("{}/api/v1/assignments/{assignment}/submissions", lti.tool))
                         .query(&[("filename", &name)])
                         .bearer_auth(&token)
+                        .header("Idempotency-Key", &key)
                         .body(bytes.clone())
                         .send()
                         .await?;
                     let status = resp.status();
                     let body: Value = resp.json().await.unwrap_or_default();
-                    if status.as_u16() == 201 {
+                    if status.as_u16() == 201 || status.as_u16() == 200 {
                         let id = body["id"].as_str().unwrap_or_default().to_owned();
                         r.submission = Some(id.clone());
                         // The ETA the student sees right after the upload.
@@ -870,19 +926,21 @@ async fn viva_run(
 
     // Chaos: kills of the daemon and its workers, a failing and stalling platform.
     let chaos_log: Arc<Mutex<Value>> = Arc::new(Mutex::new(
-        json!({"daemon_kills": 0, "worker_kills": 0, "score_failures_injected": 0, "score_stalls_injected": 0}),
+        json!({"daemon_kills": 0, "worker_kills": 0, "worker_kills_mid_job": 0, "score_failures_injected": 0, "score_stalls_injected": 0, "score_stall_seconds": 0}),
     ));
     let daemon = Arc::new(tokio::sync::Mutex::new(daemon));
     let chaos_task = if chaos {
-        let (daemon, log, lti, up, http, mem_root) = (
+        let (daemon, log, lti, up, http, mem_root, instructor) = (
             daemon.clone(),
             chaos_log.clone(),
             lti.clone(),
             daemon_up.clone(),
             http.clone(),
             mem.root.clone(),
+            instructor.clone(),
         );
         let kills = args.chaos_kills;
+        let stall = args.chaos_stall.as_secs_f64();
         let seed = args.seed;
         Some(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xC4A05);
@@ -890,7 +948,7 @@ async fn viva_run(
             if lti
                 .post_json(
                     "/control/fail-scores",
-                    json!({"statuses": statuses, "stall_seconds": 20, "stall_count": 3}),
+                    json!({"statuses": statuses, "stall_seconds": stall, "stall_count": 3}),
                 )
                 .await
                 .is_ok()
@@ -898,28 +956,43 @@ async fn viva_run(
             {
                 l["score_failures_injected"] = json!(8);
                 l["score_stalls_injected"] = json!(3);
+                l["score_stall_seconds"] = json!(stall);
             }
             let mut done = 0;
             while done < kills {
                 tokio::time::sleep(Duration::from_millis(rng.random_range(3000..15000))).await;
+                // Now and then a worker instead, while it has a job: wait
+                // (up to 20 s) for a running job and kill a worker of that
+                // phase.
+                let busy = if rng.random_range(0..3) == 0 {
+                    running_phase(&http, &lti.tool, &instructor, Duration::from_secs(20)).await
+                } else {
+                    None
+                };
                 let mut d = daemon.lock().await;
-                // Now and then a worker instead (mid-job when one is busy).
-                if rng.random_range(0..3) == 0 {
+                if let Some(phase) = busy {
+                    let prefix = if phase == "stt" {
+                        "viva-whisper"
+                    } else {
+                        "viva-llama"
+                    };
                     let workers: Vec<(u32, String)> = descendants(d.pid())
                         .into_iter()
-                        .filter(|(_, c)| {
-                            c.starts_with("viva-whisper") || c.starts_with("viva-llama")
-                        })
+                        .filter(|(_, c)| c.starts_with(prefix))
                         .collect();
                     if let Some((wpid, comm)) = workers.first() {
                         // SAFETY: SIGKILL to a worker process of our daemon.
                         unsafe {
                             libc::kill(*wpid as i32, libc::SIGKILL);
                         }
-                        say(&format!("  chaos: kill -9 worker {comm} (pid {wpid})"));
+                        say(&format!(
+                            "  chaos: kill -9 worker {comm} (pid {wpid}) during a {phase} job"
+                        ));
                         if let Ok(mut l) = log.lock() {
                             let n = l["worker_kills"].as_u64().unwrap_or(0) + 1;
                             l["worker_kills"] = json!(n);
+                            let n = l["worker_kills_mid_job"].as_u64().unwrap_or(0) + 1;
+                            l["worker_kills_mid_job"] = json!(n);
                         }
                         continue;
                     }
@@ -1555,11 +1628,11 @@ fn report(
         ));
     }
     // Lower bound from pure compute at the best batching (kept-loaded run):
-    // one STT server, evaluators side by side, `cores` cores shared, and no
-    // earlier than the last arrival plus that student's own compute.
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1) as f64;
+    // `cores ÷ threads` parallel transcriptions, one worker per evaluator
+    // role, `cores` cores shared, and no earlier than the last arrival plus
+    // that student's own compute.
+    let stt_servers = (cores() / args.threads.max(1) as usize).max(1) as f64;
+    let cores = cores() as f64;
     let lower_bound = baselines.iter().find(|b| b.name == "sequential-kept-loaded").map(|b| {
         let n = b.stt_compute.len() as f64;
         let stt: f64 = b.stt_compute.iter().sum();
@@ -1574,7 +1647,7 @@ fn report(
         let roles: Vec<f64> = b.eval_compute.keys().map(|r| per_item(r) * n).collect();
         let eval_max = roles.iter().copied().fold(0.0, f64::max);
         let eval_sum: f64 = roles.iter().sum();
-        let compute = stt.max(eval_max).max((stt + eval_sum + norm) / cores);
+        let compute = (stt / stt_servers).max(eval_max).max((stt + eval_sum + norm) / cores);
         let last = students.iter().filter(|s| !s.kind.is_bad()).map(|s| s.arrival_seconds).fold(0.0, f64::max);
         let tail = b.stt_compute.last().copied().unwrap_or(0.0) + b.eval_compute.keys().map(|r| per_item(r)).fold(0.0, f64::max);
         json!({
@@ -1583,7 +1656,8 @@ fn report(
             "eval_compute_seconds_per_role_best_batching": b.eval_compute.keys().zip(roles.iter()).map(|(k, v)| (k.clone(), *v)).collect::<BTreeMap<_, _>>(),
             "normalize_seconds": norm,
             "cores": cores,
-            "method": "max(ΣSTT on one server, max over roles of n × best per-item evaluation time, (ΣSTT + Σevaluations + Σnormalisation) / cores, last arrival + its own STT and evaluation); per-item evaluation time is the smaller of single-item and one batch of eval_batch_size, all measured with the models loaded",
+            "stt_servers": stt_servers,
+            "method": "max(ΣSTT / parallel transcriptions (cores ÷ threads), max over roles of n × best per-item evaluation time, (ΣSTT + Σevaluations + Σnormalisation) / cores, last arrival + its own STT and evaluation); per-item evaluation time is the smaller of single-item and one batch of eval_batch_size, all measured with the models loaded",
         })
     });
     let trad = summaries
@@ -1780,7 +1854,22 @@ fn report(
             println!("    ✗ {w}");
         }
         if let Some(c) = &r.chaos {
-            println!("  chaos: {c}");
+            let n = |k: &str| c[k].as_u64().unwrap_or(0);
+            let attempts: u32 = r.students.iter().map(|s| s.upload_attempts).sum();
+            let retried = r.students.iter().filter(|s| s.upload_attempts > 1).count();
+            println!(
+                "  chaos: {} daemon kill -9s, {} worker kill -9s ({} during a job), {} score posts failed (500/503), {} stalled {:.0} s",
+                n("daemon_kills"),
+                n("worker_kills"),
+                n("worker_kills_mid_job"),
+                n("score_failures_injected"),
+                n("score_stalls_injected"),
+                c["score_stall_seconds"].as_f64().unwrap_or(0.0),
+            );
+            println!(
+                "  chaos: {attempts} upload attempts for {} students ({retried} retried after a refused or dropped upload)",
+                r.students.len()
+            );
         }
     }
 
