@@ -61,6 +61,12 @@ const DETAIL_MAX_CHARS: usize = 300;
 /// [`TRUNCATION_MIN_MISSING_SECS`] short) means the file was cut off.
 const TRUNCATION_RATIO: f64 = 0.9;
 const TRUNCATION_MIN_MISSING_SECS: f64 = 1.0;
+/// A recording whose loudest 100 ms is quieter than this (dB below full
+/// scale) has nothing to hear: a muted or unplugged microphone. Speech sits
+/// around -35 to -15 dBFS; a quiet room's noise floor around -60 dBFS.
+const SILENCE_DBFS: f64 = -50.0;
+/// Samples per loudness window (100 ms at 16 kHz).
+const LOUDNESS_WINDOW: usize = 1600;
 
 /// Limits and tool locations for intake.
 #[derive(Debug, Clone)]
@@ -158,6 +164,10 @@ pub enum IntakeError {
     )]
     NoAudio,
     #[error(
+        "nothing can be heard in the recording (even its loudest moment is {db_below_full_scale:.0} dB below full scale): check that the microphone is on and not muted, then record again"
+    )]
+    Silent { db_below_full_scale: f64 },
+    #[error(
         "the recording is {seconds:.0} seconds long, more than the {limit_seconds:.0}-second limit; record a shorter answer (or trim this one) and upload it again"
     )]
     TooLong { seconds: f64, limit_seconds: f64 },
@@ -191,6 +201,7 @@ impl IntakeError {
             Self::TooLarge { .. } => "too_large",
             Self::NotMedia => "not_media",
             Self::NoAudio => "no_audio",
+            Self::Silent { .. } => "no_speech",
             Self::TooLong { .. } => "too_long",
             Self::Undecodable { .. } => "undecodable",
             Self::Timeout { .. } => "processing_timeout",
@@ -208,6 +219,7 @@ impl IntakeError {
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NotMedia => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NoAudio
+            | Self::Silent { .. }
             | Self::TooLong { .. }
             | Self::Undecodable { .. }
             | Self::Timeout { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -547,6 +559,12 @@ where
     }
     if decoded <= 0.0 {
         return Err(IntakeError::NoAudio);
+    }
+    let loudest_dbfs = loudest_window_dbfs(&wav).await?;
+    if loudest_dbfs < SILENCE_DBFS {
+        return Err(IntakeError::Silent {
+            db_below_full_scale: -loudest_dbfs,
+        });
     }
 
     let original_name = hint.filename.as_deref().and_then(sanitize_filename);
@@ -990,6 +1008,59 @@ async fn wav_duration(path: &Path) -> Result<f64, IntakeError> {
         None => len.saturating_sub(WAV_HEADER_LEN),
     };
     Ok(data_bytes as f64 / WAV_BYTES_PER_SECOND)
+}
+
+/// The RMS level of the loudest 100 ms of the normalised WAV, in dB below
+/// full scale (-120 for digital silence).
+async fn loudest_window_dbfs(path: &Path) -> Result<f64, IntakeError> {
+    let path = path.to_owned();
+    let peak_mean_square = tokio::task::spawn_blocking(move || -> io::Result<f64> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(&path)?;
+        let mut head = vec![0u8; 4096];
+        let n = file.read(&mut head)?;
+        let offset = parse_wav_header(&head[..n]).map_or(WAV_HEADER_LEN, |h| h.data_offset);
+        let mut reader = io::BufReader::new(file);
+        io::Seek::seek(&mut reader, io::SeekFrom::Start(offset))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let (mut sum, mut count, mut best) = (0.0f64, 0usize, 0.0f64);
+        let mut carry: Option<u8> = None;
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let mut bytes = &buf[..n];
+            if let Some(lo) = carry.take() {
+                let v = f64::from(i16::from_le_bytes([lo, bytes[0]])) / 32768.0;
+                sum += v * v;
+                count += 1;
+                bytes = &bytes[1..];
+            }
+            let mut pairs = bytes.chunks_exact(2);
+            for pair in &mut pairs {
+                let v = f64::from(i16::from_le_bytes([pair[0], pair[1]])) / 32768.0;
+                sum += v * v;
+                count += 1;
+                if count == LOUDNESS_WINDOW {
+                    best = best.max(sum / count as f64);
+                    (sum, count) = (0.0, 0);
+                }
+            }
+            carry = pairs.remainder().first().copied();
+        }
+        if count > 0 {
+            best = best.max(sum / count as f64);
+        }
+        Ok(best)
+    })
+    .await
+    .map_err(|e| io::Error::other(format!("loudness check: {e}")))??;
+    Ok(if peak_mean_square > 0.0 {
+        (10.0 * peak_mean_square.log10()).max(-120.0)
+    } else {
+        -120.0
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1690,6 +1761,49 @@ mod tests {
     // ----- refused media -----
 
     #[tokio::test]
+    async fn silence_and_a_muted_microphone_are_no_speech() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("staging");
+        // Digital silence, and a hum 65 dB down (a muted microphone's floor).
+        let silent = tmp.path().join("silent.wav");
+        ffmpeg(&[
+            "-f",
+            "lavfi",
+            "-i",
+            "anullsrc=r=16000:cl=mono:d=3",
+            p(&silent),
+        ])
+        .await;
+        let hum = tmp.path().join("hum.m4a");
+        ffmpeg(&[
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=120:duration=3,volume=-65dB",
+            p(&hum),
+        ])
+        .await;
+        for (file, name) in [(&silent, "silent.wav"), (&hum, "hum.m4a")] {
+            let e = assert_err(
+                receive_file(file, name, &limits(), &root).await,
+                "no_speech",
+            );
+            assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
+            assert!(e.to_string().contains("microphone"), "{e}");
+        }
+        assert_empty(&root).await;
+        // Quiet speech is still speech: the same answer 20 dB down.
+        let speech = speech(tmp.path()).await;
+        let quiet = tmp.path().join("quiet.wav");
+        ffmpeg(&["-i", p(&speech), "-af", "volume=-20dB", p(&quiet)]).await;
+        let staged = receive_file(&quiet, "quiet.wav", &limits(), &root)
+            .await
+            .expect("quiet speech is accepted");
+        staged.discard().await;
+        assert_empty(&root).await;
+    }
+
+    #[tokio::test]
     async fn video_without_audio_is_no_audio() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().join("staging");
@@ -2125,6 +2239,13 @@ mod tests {
             (IntakeError::TooLarge { limit: 5 }, "too_large", 413),
             (IntakeError::NotMedia, "not_media", 415),
             (IntakeError::NoAudio, "no_audio", 422),
+            (
+                IntakeError::Silent {
+                    db_below_full_scale: 90.0,
+                },
+                "no_speech",
+                422,
+            ),
             (
                 IntakeError::TooLong {
                     seconds: 100.0,

@@ -175,7 +175,7 @@ fn check_final_state(platform: &Platform, report: &Value, run_dir: &Path) {
     assert_eq!(students.len(), 6);
     let bad: HashSet<&str> = students
         .iter()
-        .filter(|s| matches!(s["kind"].as_str(), Some("corrupt" | "truncated")))
+        .filter(|s| matches!(s["kind"].as_str(), Some("corrupt" | "truncated" | "silent")))
         .filter_map(|s| s["user"].as_str())
         .collect();
     let good: Vec<&str> = students

@@ -562,6 +562,9 @@ struct StudentRun {
     needs_review: Option<bool>,
     eta_error_seconds: Option<f64>,
     eta_error_relative: Option<f64>,
+    /// The ETA the queue showed for this submission while it waited:
+    /// (seconds since the start, ETA seconds), one sample per 5 s.
+    eta_samples: Vec<(f64, f64)>,
     stt_span: Option<(f64, f64)>,
     eval_span: Option<(f64, f64)>,
 }
@@ -1032,6 +1035,7 @@ async fn viva_run(
     let mut phases: Vec<(f64, String)> = Vec::new();
     let mut states: HashMap<String, String> = HashMap::new();
     let mut released: HashMap<String, f64> = HashMap::new();
+    let mut eta_samples: HashMap<String, Vec<(f64, f64)>> = HashMap::new();
     let mut last_print = Instant::now();
     loop {
         let uploads_done = tasks.iter().all(|t| t.is_finished());
@@ -1051,6 +1055,18 @@ async fn viva_run(
             if phases.last().map(|p| &p.1) != Some(&label) {
                 say(&format!("  {:>7.1} s  phase {label}", secs(now_ms())));
                 phases.push((secs(now_ms()), label));
+            }
+            // The ETAs on show now (what each student's status view says).
+            let t = secs(now_ms());
+            for e in v["entries"].as_array().into_iter().flatten() {
+                if let (Some(id), Some(eta)) =
+                    (e["submission_id"].as_str(), e["eta_seconds"].as_f64())
+                {
+                    let v = eta_samples.entry(id.to_owned()).or_default();
+                    if v.last().is_none_or(|l| t - l.0 >= 5.0) {
+                        v.push((t, eta));
+                    }
+                }
             }
         }
         let ids: Vec<String> = results
@@ -1196,6 +1212,7 @@ async fn viva_run(
         s.scored_seconds = scored;
         s.latency_seconds = scored.map(|x| x - s.arrival_seconds);
         s.released_seconds = released.get(&id).copied();
+        s.eta_samples = eta_samples.remove(&id).unwrap_or_default();
         if let (Some(read), Some(eta), Some(done)) = (s.eta_read_seconds, s.eta_seconds, scored) {
             let actual = done - read;
             s.eta_error_seconds = Some((read + eta - done).abs());
@@ -1529,11 +1546,14 @@ async fn run_async(args: LabArgs) -> anyhow::Result<ExitCode> {
     let students = tokio::task::spawn_blocking(move || media::generate(&plan, &dir)).await??;
     let audio: f64 = students.iter().map(|s| s.audio_seconds).sum();
     say(&format!(
-        "  {} files, {:.0} s of audio; {} bad ({} corrupt/truncated), {} silent, {} off-topic",
+        "  {} files, {:.0} s of audio; {} bad ({} corrupt or truncated, {} silent), {} off-topic",
         students.len(),
         audio,
         students.iter().filter(|s| s.kind.is_bad()).count(),
-        students.iter().filter(|s| s.kind.is_bad()).count(),
+        students
+            .iter()
+            .filter(|s| matches!(s.kind, media::Kind::Corrupt | media::Kind::Truncated))
+            .count(),
         students
             .iter()
             .filter(|s| s.kind == media::Kind::Silent)
@@ -1804,6 +1824,27 @@ fn report(
             .iter()
             .filter_map(|s| s.eta_error_relative)
             .collect();
+        // Once the first batch is done (service times measured): the ETA
+        // each still-waiting student saw at that moment, and every ETA shown
+        // from then on, against when each actually finished.
+        let mut at_first = Vec::new();
+        let mut shown_after = Vec::new();
+        for s in &r.students {
+            let Some(done) = s.scored_seconds else {
+                continue;
+            };
+            let rel = |(t, eta): (f64, f64)| (t + eta - done).abs() / (done - t).max(1.0);
+            let later: Vec<(f64, f64)> = s
+                .eta_samples
+                .iter()
+                .copied()
+                .filter(|(t, _)| *t >= first_batch_done && *t < done)
+                .collect();
+            if let Some(first) = later.first() {
+                at_first.push(rel(*first));
+            }
+            shown_after.extend(later.into_iter().map(rel));
+        }
         let e = json!({
             "policy": r.policy,
             "n": all.len(),
@@ -1813,6 +1854,11 @@ fn report(
             "after_first_batch_n": rel_after.len(),
             "after_first_batch_p90_relative": percentile(&rel_after, 90.0),
             "first_batch_done_seconds": first_batch_done,
+            "waiting_at_first_batch_n": at_first.len(),
+            "waiting_at_first_batch_p90_relative": percentile(&at_first, 90.0),
+            "waiting_at_first_batch_mean_relative": at_first.iter().sum::<f64>() / at_first.len().max(1) as f64,
+            "shown_after_first_batch_samples": shown_after.len(),
+            "shown_after_first_batch_p90_relative": percentile(&shown_after, 90.0),
         });
         println!(
             "  ETA ({}): n {}, MAE {:.1} s, p90 {:.1} s, p90 relative {:.0}%; after the first batch ({:.0} s): n {}, p90 relative {:.0}%",
@@ -1825,6 +1871,24 @@ fn report(
             rel_after.len(),
             100.0
                 * e["after_first_batch_p90_relative"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+        );
+        println!(
+            "  ETA ({}) once the first batch is done: {} students still waiting then, p90 relative error {:.0}% (mean {:.0}%); all {} ETAs shown after it, p90 {:.0}%",
+            r.policy,
+            at_first.len(),
+            100.0
+                * e["waiting_at_first_batch_p90_relative"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+            100.0
+                * e["waiting_at_first_batch_mean_relative"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+            shown_after.len(),
+            100.0
+                * e["shown_after_first_batch_p90_relative"]
                     .as_f64()
                     .unwrap_or(f64::NAN),
         );

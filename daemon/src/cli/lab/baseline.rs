@@ -235,6 +235,11 @@ pub async fn run(
         run.normalize_seconds.push(tn.elapsed().as_secs_f64());
         let outcome: anyhow::Result<()> = async {
             norm.context("the file is not usable media")?;
+            // The same work as Viva: its intake refuses a silent recording
+            // (`no_speech`) after normalising it, so the baselines do too.
+            if s.kind == media::Kind::Silent {
+                bail!("nothing audible: refused at upload, as Viva's intake does");
+            }
             let ts = Instant::now();
             let (text, compute) = match &loaded {
                 Some((stt, _)) => transcribe(stt, &wav).await?,

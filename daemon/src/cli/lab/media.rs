@@ -55,7 +55,8 @@ const VOICES: &[&str] = &[
 pub enum Kind {
     OnTopic,
     OffTopic,
-    /// A valid file of silence: accepted, then flagged or scored low.
+    /// A valid file of silence (a muted microphone): refused at upload as
+    /// `no_speech`, with a reason the student can act on.
     Silent,
     /// Random bytes named like a video.
     Corrupt,
@@ -66,7 +67,7 @@ pub enum Kind {
 impl Kind {
     /// Whether a correct system must refuse or fail this file.
     pub fn is_bad(self) -> bool {
-        matches!(self, Kind::Corrupt | Kind::Truncated)
+        matches!(self, Kind::Corrupt | Kind::Truncated | Kind::Silent)
     }
 }
 
