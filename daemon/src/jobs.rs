@@ -509,6 +509,31 @@ pub fn recent_service_times(conn: &Connection, limit: u32) -> Result<Vec<(Stage,
     Ok(rows)
 }
 
+/// Recent evaluator calls, newest first, to seed the ETA estimator at
+/// start-up: (role, items, their audio seconds, call seconds). The jobs of
+/// one call were claimed together, so they share `started_at`.
+pub fn recent_eval_calls(conn: &Connection, limit: u32) -> Result<Vec<(String, usize, f64, f64)>> {
+    let mut stmt = conn.prepare(
+        "SELECT j.role, COUNT(*), SUM(s.duration_seconds), MAX(j.service_ms) FROM jobs j
+         JOIN submissions s ON s.id = j.submission_id
+         WHERE j.state = 'done' AND j.stage = 'eval' AND j.service_ms IS NOT NULL
+           AND j.started_at IS NOT NULL
+         GROUP BY j.role, j.started_at
+         ORDER BY MAX(j.finished_at) DESC LIMIT ?1",
+    )?;
+    let rows = stmt
+        .query_map([limit], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)? as usize,
+                r.get::<_, f64>(2)?,
+                r.get::<_, i64>(3)? as f64 / 1000.0,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
 /// Stores a score, moves the submission to `released` or `awaiting_review`
 /// by the assignment's release policy, and queues the grade in the outbox.
 /// Returns the new state, or `None` when the lease was lost.

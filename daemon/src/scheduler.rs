@@ -351,6 +351,15 @@ impl Scheduler {
                 self.stats.stt.observe(dur, secs);
             }
         }
+        if let Ok(calls) = self.store.read(|c| jobs::recent_eval_calls(c, 64)).await {
+            for (role, items, audio, secs) in calls.into_iter().rev() {
+                if self.roles.contains(&role) {
+                    self.stats
+                        .eval_model(&role)
+                        .observe(items as f64, audio, secs);
+                }
+            }
+        }
     }
 
     async fn renew_leases(&mut self) {

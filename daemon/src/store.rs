@@ -538,6 +538,68 @@ mod tests {
     }
 
     #[test]
+    fn migration_6_adds_upload_keys_unique_per_student_and_assignment() {
+        let (_d, conn, _) = db_at(6);
+        let sub = |id: &str, user: &str, attempt: i64, key: Option<&str>| {
+            conn.execute(
+                "INSERT INTO submissions (id, assignment_id, user_id, attempt, state, sha256,
+                     size_bytes, duration_seconds, media_info, created_at, updated_at, upload_key)
+                 VALUES (?1, 'a', ?2, ?3, 'queued', 'h', 1, 1.0, '{}', 0, 0, ?4)",
+                rusqlite::params![id, user, attempt, key],
+            )
+        };
+        conn.execute_batch(
+            "INSERT INTO contexts VALUES ('c', 'C', 0);
+             INSERT INTO users (id, created_at) VALUES ('u', 0), ('v', 0);
+             INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, created_at, updated_at)
+                 VALUES ('a', 'c', 't', 'p', '{}', 'x', 0, 0);",
+        )
+        .expect("rows");
+        sub("s1", "u", 1, Some("key-0001")).expect("first");
+        assert!(
+            sub("s2", "u", 2, Some("key-0001")).is_err(),
+            "one submission per key"
+        );
+        sub("s3", "v", 1, Some("key-0001")).expect("another student's key");
+        sub("s4", "u", 3, None).expect("no key");
+        sub("s5", "u", 4, None).expect("no key, again");
+    }
+
+    #[test]
+    fn evaluator_calls_are_recovered_from_their_jobs() {
+        let (_d, conn, _) = db_at(MIGRATIONS.len());
+        conn.execute_batch(
+            "INSERT INTO contexts VALUES ('c', 'C', 0);
+             INSERT INTO users (id, created_at) VALUES ('u', 0);
+             INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, created_at, updated_at)
+                 VALUES ('a', 'c', 't', 'p', '{}', 'x', 0, 0);
+             INSERT INTO submissions (id, assignment_id, user_id, attempt, state, sha256, size_bytes,
+                 duration_seconds, media_info, created_at, updated_at)
+                 VALUES ('s1', 'a', 'u', 1, 'released', 'h', 1, 20.0, '{}', 0, 0),
+                        ('s2', 'a', 'u', 2, 'released', 'h', 1, 30.0, '{}', 0, 0),
+                        ('s3', 'a', 'u', 3, 'released', 'h', 1, 60.0, '{}', 0, 0);
+             -- role a: one call of s1+s2 (started 1000), then s3 alone (started 9000);
+             -- newest first by finish time; the failed job is no call
+             INSERT INTO jobs (submission_id, stage, role, state, service_ms, created_at, started_at, finished_at)
+                 VALUES ('s1', 'eval', 'a', 'done', 5000, 0, 1000, 6000),
+                        ('s2', 'eval', 'a', 'done', 5000, 0, 1000, 6000),
+                        ('s3', 'eval', 'a', 'done', 4000, 0, 9000, 13000),
+                        ('s1', 'eval', 'b', 'done', 2000, 0, 1000, 3000),
+                        ('s2', 'eval', 'b', 'failed', NULL, 0, 1000, NULL);",
+        )
+        .expect("rows");
+        let calls = crate::jobs::recent_eval_calls(&conn, 10).expect("calls");
+        assert_eq!(
+            calls,
+            vec![
+                ("a".to_string(), 1, 60.0, 4.0),
+                ("a".to_string(), 2, 50.0, 5.0),
+                ("b".to_string(), 1, 20.0, 2.0),
+            ]
+        );
+    }
+
+    #[test]
     fn migrating_twice_is_a_no_op_and_versions_are_recorded() {
         let (_d, mut conn, path) = db_at(MIGRATIONS.len());
         assert_eq!(migrate(&mut conn, &path).expect("again"), schema_version());
