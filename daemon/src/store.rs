@@ -386,6 +386,12 @@ mod tests {
             .expect("rows")
     }
 
+    /// A course `c` with an assignment `a` and a student `u`.
+    const COURSE: &str = "INSERT INTO contexts VALUES ('c', 'C', 0);
+         INSERT INTO users (id, created_at) VALUES ('u', 0);
+         INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, created_at, updated_at)
+             VALUES ('a', 'c', 't', 'p', '{}', 'x', 0, 0);";
+
     fn db_at(version: usize) -> (tempfile::TempDir, Connection, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("viva.db");
@@ -421,12 +427,9 @@ mod tests {
     #[test]
     fn migration_2_adds_submissions_and_a_unique_job_per_stage() {
         let (_d, conn, _) = db_at(2);
+        conn.execute_batch(COURSE).expect("course");
         conn.execute_batch(
-            "INSERT INTO contexts VALUES ('c', 'C', 0);
-             INSERT INTO users (id, created_at) VALUES ('u', 0);
-             INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, created_at, updated_at)
-                 VALUES ('a', 'c', 't', 'p', '{}', 'x', 0, 0);
-             INSERT INTO submissions (id, assignment_id, user_id, attempt, state, sha256, size_bytes,
+            "INSERT INTO submissions (id, assignment_id, user_id, attempt, state, sha256, size_bytes,
                  duration_seconds, media_info, created_at, updated_at)
                  VALUES ('s', 'a', 'u', 1, 'queued', 'h', 1, 1.0, '{}', 0, 0);
              INSERT INTO jobs (submission_id, stage, state, created_at) VALUES ('s', 'stt', 'queued', 0);",
@@ -548,13 +551,9 @@ mod tests {
                 rusqlite::params![id, user, attempt, key],
             )
         };
-        conn.execute_batch(
-            "INSERT INTO contexts VALUES ('c', 'C', 0);
-             INSERT INTO users (id, created_at) VALUES ('u', 0), ('v', 0);
-             INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, created_at, updated_at)
-                 VALUES ('a', 'c', 't', 'p', '{}', 'x', 0, 0);",
-        )
-        .expect("rows");
+        conn.execute_batch(COURSE).expect("course");
+        conn.execute("INSERT INTO users (id, created_at) VALUES ('v', 0)", [])
+            .expect("second student");
         sub("s1", "u", 1, Some("key-0001")).expect("first");
         assert!(
             sub("s2", "u", 2, Some("key-0001")).is_err(),
@@ -568,12 +567,9 @@ mod tests {
     #[test]
     fn evaluator_calls_are_recovered_from_their_jobs() {
         let (_d, conn, _) = db_at(MIGRATIONS.len());
+        conn.execute_batch(COURSE).expect("course");
         conn.execute_batch(
-            "INSERT INTO contexts VALUES ('c', 'C', 0);
-             INSERT INTO users (id, created_at) VALUES ('u', 0);
-             INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, created_at, updated_at)
-                 VALUES ('a', 'c', 't', 'p', '{}', 'x', 0, 0);
-             INSERT INTO submissions (id, assignment_id, user_id, attempt, state, sha256, size_bytes,
+            "INSERT INTO submissions (id, assignment_id, user_id, attempt, state, sha256, size_bytes,
                  duration_seconds, media_info, created_at, updated_at)
                  VALUES ('s1', 'a', 'u', 1, 'released', 'h', 1, 20.0, '{}', 0, 0),
                         ('s2', 'a', 'u', 2, 'released', 'h', 1, 30.0, '{}', 0, 0),

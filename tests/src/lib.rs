@@ -13,6 +13,7 @@ use viva_daemon::Config;
 use viva_daemon::config::WorkerConfig;
 use viva_daemon::domain::Role;
 
+pub mod platform;
 pub mod real;
 
 /// The directory holding this build's binaries (target/<profile>).

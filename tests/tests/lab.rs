@@ -11,62 +11,19 @@
 //! VIVA_REQUIRE_LTI_PLATFORM=1.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 
 use serde_json::Value;
+use viva_tests::platform::Platform;
 use viva_tests::real::models_dir;
 use viva_tests::viva_bin;
 
-fn python() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("VIVA_LTI_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let cache = std::env::var("VIVA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/viva")
-        });
-    let p = cache.join("lti-venv/bin/python");
-    p.exists().then_some(p)
-}
-
-struct Platform {
-    base: String,
-    child: Child,
-}
-
-impl Drop for Platform {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_platform(python: &PathBuf) -> Platform {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lti-platform/lti_platform.py");
-    let mut child = Command::new(python)
-        .arg(&script)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the platform harness");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("platform announces itself");
-    let hello: Value = serde_json::from_str(&line).expect("platform hello JSON");
-    Platform {
-        base: hello["base"].as_str().expect("base").to_owned(),
-        child,
-    }
-}
-
 #[test]
 fn a_short_lab_ends_with_one_line_item_and_one_released_score_per_student() {
-    let Some(platform) = platform() else { return };
+    let Some(platform) = Platform::start_or_skip() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tmp");
     let report_dir = dir.path().join("lab");
     let (report, stdout, stderr) = lab(&platform, &report_dir, &[]);
@@ -84,7 +41,9 @@ fn a_short_lab_ends_with_one_line_item_and_one_released_score_per_student() {
 /// The platform must end in the same state as without chaos.
 #[test]
 fn a_lab_under_chaos_loses_and_duplicates_no_grade() {
-    let Some(platform) = platform() else { return };
+    let Some(platform) = Platform::start_or_skip() else {
+        return;
+    };
     let dir = tempfile::tempdir().expect("tmp");
     let report_dir = dir.path().join("lab");
     let (report, stdout, _) = lab(
@@ -106,17 +65,6 @@ fn a_lab_under_chaos_loses_and_duplicates_no_grade() {
         &report,
         &report_dir.join("work/viva-two-phase-chaos"),
     );
-}
-
-fn platform() -> Option<Platform> {
-    let Some(py) = python() else {
-        if std::env::var("VIVA_REQUIRE_LTI_PLATFORM").is_ok() {
-            panic!("no Python with lti1p3platform: run scripts/test, or set VIVA_LTI_PYTHON");
-        }
-        eprintln!("SKIPPED: no LTI platform harness (run scripts/test to create it)");
-        return None;
-    };
-    Some(start_platform(&py))
 }
 
 /// Runs a 6-student two-phase lab (2–4 s clips, everyone at once) against

@@ -12,66 +12,17 @@
 //! VIVA_REQUIRE_LTI_PLATFORM=1 (scripts/test sets it).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::header::{COOKIE, HOST, LOCATION, SET_COOKIE};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use viva_daemon::Config;
+use viva_tests::platform::{Platform, python};
 
 const ROLE: &str = "http://purl.imsglobal.org/vocab/lis/v2/membership#";
 const REGISTRATION_TOKEN: &str = "reg-token-3f9c2a";
-
-fn python() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("VIVA_LTI_PYTHON") {
-        return Some(PathBuf::from(p));
-    }
-    let cache = std::env::var("VIVA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/viva")
-        });
-    let p = cache.join("lti-venv/bin/python");
-    p.exists().then_some(p)
-}
-
-/// The platform harness process.
-struct Platform {
-    base: String,
-    child: Child,
-}
-
-impl Drop for Platform {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Platform {
-    fn start(python: &PathBuf) -> Platform {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lti-platform/lti_platform.py");
-        let mut child = Command::new(python)
-            .arg(&script)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the platform harness");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("platform announces itself");
-        let hello: Value = serde_json::from_str(&line).expect("platform hello JSON");
-        Platform {
-            base: hello["base"].as_str().expect("base").to_owned(),
-            child,
-        }
-    }
-}
 
 /// The daemon, the platform and an HTTP client that follows no redirects.
 struct Env {
@@ -155,14 +106,7 @@ fn page_data(html: &str) -> Option<Value> {
 
 impl Env {
     async fn start() -> Option<Env> {
-        let Some(py) = python() else {
-            if std::env::var("VIVA_REQUIRE_LTI_PLATFORM").is_ok() {
-                panic!("no Python with lti1p3platform: run scripts/test, or set VIVA_LTI_PYTHON");
-            }
-            eprintln!("SKIPPED: no LTI platform harness (run scripts/test to create it)");
-            return None;
-        };
-        let platform = Platform::start(&py);
+        let platform = Platform::start_or_skip()?;
         let dir = tempfile::tempdir().expect("tmp");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
