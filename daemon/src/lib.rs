@@ -262,8 +262,18 @@ async fn retention_sweeper(state: AppState, shutdown: CancellationToken) {
 }
 
 /// Runs the daemon until SIGTERM or Ctrl-C.
-pub async fn run(config: Config) -> Result<()> {
+pub async fn run(mut config: Config) -> Result<()> {
     let listen = config.listen;
+    // Bind before building, so `--listen 127.0.0.1:0` can hand out the real
+    // port: links (public_url's default) and the announcement use it.
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(Error::io(format!(
+            "listening on {listen} (is another program using it? set --listen or VIVA_LISTEN)"
+        )))?;
+    if let Ok(bound) = listener.local_addr() {
+        config.listen = bound;
+    }
     // Uploaded plugins compile in a child `viva plugin compile-child` with
     // its own time and memory limits.
     let compiler = match std::env::current_exe() {
@@ -274,11 +284,7 @@ pub async fn run(config: Config) -> Result<()> {
         Err(_) => viva_plugins::Compiler::InProcess,
     };
     let daemon = Daemon::build_with(config, Scoring::Plugins(compiler)).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(Error::io(format!(
-            "listening on {listen} (is another program using it? set --listen or VIVA_LISTEN)"
-        )))?;
+    announce_listening(&listener);
     let shutdown = CancellationToken::new();
     let sd = shutdown.clone();
     tokio::spawn(async move {
@@ -286,6 +292,18 @@ pub async fn run(config: Config) -> Result<()> {
         sd.cancel();
     });
     daemon.serve(listener, shutdown).await
+}
+
+/// Prints the bound address as one line on stdout (logs go to stderr), so a
+/// supervisor or test that asked for port 0 learns the real port without
+/// racing for a free one: `viva listening on http://127.0.0.1:PORT`.
+fn announce_listening(listener: &tokio::net::TcpListener) {
+    use std::io::Write;
+    if let Ok(addr) = listener.local_addr() {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "viva listening on http://{addr}");
+        let _ = out.flush();
+    }
 }
 
 async fn wait_for_signal() {
