@@ -13,8 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -197,7 +195,7 @@ impl Sessions {
         name: Option<String>,
         lti: Option<LtiScope>,
     ) -> Result<(String, Claims)> {
-        let now = crate::now_ms() as u64 / 1000;
+        let now = crate::clock::now_ms() as u64 / 1000;
         let mut roles = roles.to_vec();
         roles.sort();
         roles.dedup();
@@ -241,7 +239,7 @@ impl Sessions {
     /// Mints a single-use ticket for `scope` ("events", "media:<id>").
     pub fn ticket(&self, claims: &Claims, scope: &str) -> (String, Duration) {
         let ticket = hex::encode(rand::random::<[u8; 24]>());
-        let now = crate::now_ms();
+        let now = crate::clock::now_ms();
         if let Ok(mut t) = self.tickets.lock() {
             t.retain(|_, v| v.expires_at_ms > now);
             t.insert(
@@ -264,7 +262,7 @@ impl Sessions {
             .ok()
             .and_then(|mut t| t.remove(ticket))
             .ok_or_else(|| Error::Unauthorized("the ticket is unknown or already used".into()))?;
-        if t.expires_at_ms <= crate::now_ms() {
+        if t.expires_at_ms <= crate::clock::now_ms() {
             return Err(Error::Unauthorized("the ticket has expired".into()));
         }
         if t.scope != scope {
@@ -274,39 +272,6 @@ impl Sessions {
             )));
         }
         Ok(t.claims)
-    }
-}
-
-/// Axum extractor: the verified claims of the request's bearer token.
-pub struct Session(pub Claims);
-
-pub trait HasSessions {
-    fn sessions(&self) -> &Sessions;
-}
-
-impl<S> FromRequestParts<S> for Session
-where
-    S: HasSessions + Send + Sync,
-{
-    type Rejection = Error;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| {
-                Error::Unauthorized(
-                    "send `Authorization: Bearer <session token>` (viva session mints one)".into(),
-                )
-            })?;
-        let value = header
-            .to_str()
-            .map_err(|_| Error::Unauthorized("malformed Authorization header".into()))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .ok_or_else(|| Error::Unauthorized("the Authorization header must be Bearer".into()))?;
-        Ok(Session(state.sessions().verify(token.trim())?))
     }
 }
 

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::intake::IntakeLimits;
-use crate::workers::WorkerTimeouts;
+use viva_lti::UrlPolicy;
+use viva_plugins::{CompileLimits, HostOptions, Limits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -44,8 +44,8 @@ pub struct Config {
     pub sessions: SessionConfig,
     pub sandbox: SandboxConfig,
     pub retention: RetentionConfig,
-    pub plugins: crate::plugins::PluginsConfig,
-    pub lti: crate::platforms::LtiConfig,
+    pub plugins: PluginsConfig,
+    pub lti: LtiConfig,
 }
 
 impl Default for Config {
@@ -92,27 +92,13 @@ pub struct IntakeConfig {
 
 impl Default for IntakeConfig {
     fn default() -> Self {
-        let l = IntakeLimits::default();
         Self {
-            max_upload_bytes: l.max_upload_bytes,
-            max_duration: l.max_duration,
-            min_free_bytes: l.min_free_bytes,
-            ffmpeg: l.ffmpeg,
-            ffprobe: l.ffprobe,
-            normalize_timeout: l.timeout,
-        }
-    }
-}
-
-impl IntakeConfig {
-    pub fn limits(&self) -> IntakeLimits {
-        IntakeLimits {
-            max_upload_bytes: self.max_upload_bytes,
-            max_duration: self.max_duration,
-            min_free_bytes: self.min_free_bytes,
-            ffmpeg: self.ffmpeg.clone(),
-            ffprobe: self.ffprobe.clone(),
-            timeout: self.normalize_timeout,
+            max_upload_bytes: 2 * 1024 * 1024 * 1024,
+            max_duration: Duration::from_secs(30 * 60),
+            min_free_bytes: 1024 * 1024 * 1024,
+            ffmpeg: PathBuf::from("ffmpeg"),
+            ffprobe: PathBuf::from("ffprobe"),
+            normalize_timeout: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -201,24 +187,13 @@ pub struct WorkersConfig {
 
 impl Default for WorkersConfig {
     fn default() -> Self {
-        let t = WorkerTimeouts::default();
         Self {
-            handshake_timeout: t.handshake,
-            load_timeout: t.load,
-            stop_grace: t.stop_grace,
+            handshake_timeout: Duration::from_secs(10),
+            load_timeout: Duration::from_secs(300),
+            stop_grace: Duration::from_secs(5),
             job_timeout: Duration::from_secs(1800),
             stt: None,
             evaluators: Default::default(),
-        }
-    }
-}
-
-impl WorkersConfig {
-    pub fn timeouts(&self) -> WorkerTimeouts {
-        WorkerTimeouts {
-            handshake: self.handshake_timeout,
-            load: self.load_timeout,
-            stop_grace: self.stop_grace,
         }
     }
 }
@@ -464,6 +439,116 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
         }
     }
     cur.insert(last.clone(), value);
+}
+
+/// `[plugins]`: who may upload, and the sandbox's limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Instructors may upload plugins for their own course (admins always may, site-wide).
+    pub instructor_upload: bool,
+    /// Largest plugin file accepted.
+    pub max_upload_bytes: u64,
+    /// Instruction budget of one plugin call (0: unmetered, deadline only).
+    pub fuel: u64,
+    /// Wall-clock limit of one plugin call.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Memory a plugin may use during one call.
+    pub memory_bytes: u64,
+    /// Largest scoring request (transcript, segments, evaluations, config).
+    pub max_input_bytes: u64,
+    /// Largest report a plugin may return.
+    pub max_output_bytes: u64,
+    /// Log, stdout and stderr kept per call (each).
+    pub max_log_bytes: u64,
+    /// Limits for compiling an uploaded plugin.
+    #[serde(with = "humantime_serde")]
+    pub compile_timeout: Duration,
+    pub compile_memory_bytes: u64,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        let l = Limits::default();
+        let c = CompileLimits::default();
+        PluginsConfig {
+            instructor_upload: false,
+            max_upload_bytes: HostOptions::default().max_component_bytes,
+            fuel: l.fuel.unwrap_or(0),
+            deadline: l.deadline,
+            memory_bytes: l.memory_bytes,
+            max_input_bytes: l.max_input_bytes,
+            max_output_bytes: l.max_output_bytes,
+            max_log_bytes: l.max_log_bytes,
+            compile_timeout: c.timeout,
+            compile_memory_bytes: c.memory_bytes,
+        }
+    }
+}
+
+impl PluginsConfig {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            fuel: (self.fuel > 0).then_some(self.fuel),
+            deadline: self.deadline,
+            memory_bytes: self.memory_bytes,
+            max_input_bytes: self.max_input_bytes,
+            max_output_bytes: self.max_output_bytes,
+            max_log_bytes: self.max_log_bytes,
+            ..Limits::default()
+        }
+    }
+}
+
+/// `[lti]`: LTI 1.3 settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LtiConfig {
+    /// Permit http and loopback/private platform URLs (development and tests
+    /// only). Off, registration and service calls refuse them (SSRF protection).
+    pub allow_insecure_platforms: bool,
+    /// Accept LTI Dynamic Registration at `/lti/register` (Moodle "add tool
+    /// by URL", Canvas `/api/lti/registrations`).
+    pub dynamic_registration: bool,
+    /// Rotate the tool's signing key this often (0 = never automatically).
+    #[serde(with = "humantime_serde")]
+    pub key_rotation: Duration,
+    /// A new key is published this long before it signs.
+    #[serde(with = "humantime_serde")]
+    pub key_publish_lead: Duration,
+    /// At most one refetch of a platform's key set per this interval when a
+    /// launch names an unknown key id.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refetch_interval: Duration,
+    /// First delay before retrying a failed grade passback; doubles per
+    /// attempt, capped at an hour.
+    #[serde(with = "humantime_serde")]
+    pub passback_retry_backoff: Duration,
+    /// Attempts before a grade passback is given up (`dead`).
+    pub passback_max_attempts: u32,
+}
+
+impl Default for LtiConfig {
+    fn default() -> Self {
+        LtiConfig {
+            allow_insecure_platforms: false,
+            dynamic_registration: true,
+            key_rotation: Duration::from_secs(90 * 86_400),
+            key_publish_lead: Duration::from_secs(86_400),
+            jwks_refetch_interval: Duration::from_secs(60),
+            passback_retry_backoff: Duration::from_secs(10),
+            passback_max_attempts: 10,
+        }
+    }
+}
+
+impl LtiConfig {
+    pub fn policy(&self) -> UrlPolicy {
+        UrlPolicy {
+            allow_insecure: self.allow_insecure_platforms,
+        }
+    }
 }
 
 #[cfg(test)]

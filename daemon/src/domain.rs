@@ -5,8 +5,8 @@ use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use serde::{Deserialize, Serialize};
 use viva_models::{Evaluation, Rubric, Transcript};
 
+use crate::clock::now_ms;
 use crate::error::{Error, Result};
-use crate::now_ms;
 
 /// A role within a context. LTI roles map onto these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -569,6 +569,42 @@ pub fn sandbox_assignment() -> AssignmentInput {
         plugin_config: None,
         release_policy: Some(ReleasePolicy::Manual),
     }
+}
+
+#[derive(Serialize)]
+pub(crate) struct AuditEntry {
+    pub id: i64,
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub subject: String,
+    pub details: serde_json::Value,
+}
+
+/// The audit log, newest first, of one subject or all.
+pub(crate) fn audit_entries(
+    conn: &Connection,
+    subject: Option<&str>,
+    limit: u32,
+) -> Result<Vec<AuditEntry>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, at, actor, action, subject, details FROM audit_log
+         WHERE (?1 IS NULL OR subject = ?1) ORDER BY id DESC LIMIT ?2",
+    )?;
+    let rows = stmt
+        .query_map(params![subject, limit], |r| {
+            let details: String = r.get(5)?;
+            Ok(AuditEntry {
+                id: r.get(0)?,
+                at: r.get(1)?,
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                subject: r.get(4)?,
+                details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use axum::http::StatusCode;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
@@ -85,15 +84,22 @@ pub struct IntakeLimits {
     pub timeout: Duration,
 }
 
+/// The defaults of `[intake]` (the configuration owns them).
 impl Default for IntakeLimits {
     fn default() -> Self {
-        Self {
-            max_upload_bytes: 2 * 1024 * 1024 * 1024,
-            max_duration: Duration::from_secs(30 * 60),
-            min_free_bytes: 1024 * 1024 * 1024,
-            ffmpeg: PathBuf::from("ffmpeg"),
-            ffprobe: PathBuf::from("ffprobe"),
-            timeout: Duration::from_secs(10 * 60),
+        IntakeLimits::from(&crate::config::IntakeConfig::default())
+    }
+}
+
+impl From<&crate::config::IntakeConfig> for IntakeLimits {
+    fn from(c: &crate::config::IntakeConfig) -> Self {
+        IntakeLimits {
+            max_upload_bytes: c.max_upload_bytes,
+            max_duration: c.max_duration,
+            min_free_bytes: c.min_free_bytes,
+            ffmpeg: c.ffmpeg.clone(),
+            ffprobe: c.ffprobe.clone(),
+            timeout: c.normalize_timeout,
         }
     }
 }
@@ -211,37 +217,24 @@ impl IntakeError {
             Self::Io(_) => "internal",
         }
     }
-
-    /// HTTP status to answer with.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Self::Empty | Self::Interrupted(_) => StatusCode::BAD_REQUEST,
-            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::NotMedia => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::NoAudio
-            | Self::Silent { .. }
-            | Self::TooLong { .. }
-            | Self::Undecodable { .. }
-            | Self::Timeout { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
-            Self::ToolMissing(_) | Self::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
 }
 
 impl StagedMedia {
     /// The original upload, inside the staging dir.
+    #[cfg(test)]
     pub fn original_path(&self) -> &Path {
         &self.original
     }
 
     /// The normalised 16 kHz mono WAV, inside the staging dir.
+    #[cfg(test)]
     pub fn wav_path(&self) -> &Path {
         &self.wav
     }
 
     /// Deletes the staging dir now and waits for it (dropping does the same in the
     /// background).
+    #[cfg(test)]
     pub async fn discard(self) {
         self.guard.remove().await;
     }
@@ -1123,6 +1116,126 @@ fn parse_wav_header(buf: &[u8]) -> Option<WavHeader> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Playable previews
+// ---------------------------------------------------------------------------------------
+
+/// How a browser can play a stored upload.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Playable {
+    /// The original, with this content type.
+    Original(&'static str),
+    /// Audio only, in a format browsers may not play: the normalised WAV.
+    Wav,
+    /// Video browsers cannot play: transcode to H.264/AAC MP4.
+    Transcode,
+}
+
+/// Decides from the probe facts (`media_info`) and the stored extension.
+pub fn playable(info: &serde_json::Value, ext: &str) -> Playable {
+    let has_video = info["has_video"].as_bool().unwrap_or(false);
+    let v = info["video_codec"].as_str().unwrap_or_default();
+    let a = info["audio_codec"].as_str().unwrap_or_default();
+    let audio_ok = |list: &[&str]| a.is_empty() || list.contains(&a);
+    match (ext, has_video) {
+        ("mp4" | "m4a", true) if v == "h264" && audio_ok(&["aac", "mp3"]) => {
+            Playable::Original("video/mp4")
+        }
+        ("webm", true) if ["vp8", "vp9", "av1"].contains(&v) && audio_ok(&["opus", "vorbis"]) => {
+            Playable::Original("video/webm")
+        }
+        (_, true) => Playable::Transcode,
+        ("mp4" | "m4a", false) if audio_ok(&["aac", "mp3"]) => Playable::Original("audio/mp4"),
+        ("webm", false) if audio_ok(&["opus", "vorbis"]) => Playable::Original("audio/webm"),
+        ("mp3", false) => Playable::Original("audio/mpeg"),
+        ("ogg" | "opus", false) if audio_ok(&["opus", "vorbis"]) => Playable::Original("audio/ogg"),
+        ("wav", false) => Playable::Original("audio/wav"),
+        ("flac", false) => Playable::Original("audio/flac"),
+        _ => Playable::Wav,
+    }
+}
+
+/// One transcode at a time: the machine's cores belong to the models.
+fn transcode_lock() -> &'static tokio::sync::Mutex<()> {
+    static LOCK: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+}
+
+/// Transcodes a stored upload to `<dir>/preview.mp4` (H.264/AAC) once; later
+/// calls reuse it. Runs ffmpeg like every other run here: guarded input
+/// (file protocol, known demuxers), a time limit, a bounded stderr.
+/// `Timeout` when it takes longer than `timeout`, `Undecodable` when ffmpeg
+/// fails.
+pub async fn transcode_preview(
+    limits: &IntakeLimits,
+    input: &Path,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<PathBuf, IntakeError> {
+    let out = dir.join("preview.mp4");
+    let _guard = transcode_lock().lock().await;
+    if tokio::fs::metadata(&out).await.is_ok() {
+        return Ok(out);
+    }
+    let tmp = dir.join("preview.tmp.mp4");
+    let mut args: Vec<OsString> = ["-nostdin", "-hide_banner", "-y", "-v", "error"]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+    args.extend(input_guard_args());
+    args.push("-i".into());
+    args.push(file_url(input));
+    args.extend(
+        [
+            "-map",
+            "0:v:0",
+            "-map",
+            "0:a:0?",
+            "-vf",
+            "scale='min(1280,iw)':-2",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-crf",
+            "28",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-b:a",
+            "96k",
+            "-movflags",
+            "+faststart",
+            "-f",
+            "mp4",
+        ]
+        .into_iter()
+        .map(OsString::from),
+    );
+    args.push(file_url(&tmp));
+    let result = run_tool(&limits.ffmpeg, &args, timeout, false).await;
+    let out_status = match result {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+    };
+    if !out_status.status.success() {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        let detail = tool_detail(
+            &out_status.stderr,
+            &[(input, "the upload"), (&tmp, "the preview")],
+        )
+        .unwrap_or_else(|| format!("ffmpeg could not transcode ({})", out_status.status));
+        tracing::warn!(input = %input.display(), error = %detail, "preview transcode failed");
+        return Err(IntakeError::Undecodable { detail });
+    }
+    tokio::fs::rename(&tmp, &out).await?;
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
 // Running the tools
 // ---------------------------------------------------------------------------------------
 
@@ -1435,6 +1548,36 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn browsers_get_the_original_only_when_they_can_play_it() {
+        let info = |v: Option<&str>, a: Option<&str>| serde_json::json!({"has_video": v.is_some(), "video_codec": v, "audio_codec": a});
+        assert_eq!(
+            playable(&info(Some("h264"), Some("aac")), "mp4"),
+            Playable::Original("video/mp4")
+        );
+        assert_eq!(
+            playable(&info(Some("vp8"), Some("opus")), "webm"),
+            Playable::Original("video/webm")
+        );
+        assert_eq!(
+            playable(&info(Some("h264"), Some("aac")), "mov"),
+            Playable::Transcode
+        );
+        assert_eq!(
+            playable(&info(Some("h264"), Some("aac")), "mkv"),
+            Playable::Transcode
+        );
+        assert_eq!(
+            playable(&info(Some("hevc"), Some("aac")), "mp4"),
+            Playable::Transcode
+        );
+        assert_eq!(
+            playable(&info(None, Some("pcm_s16le")), "wav"),
+            Playable::Original("audio/wav")
+        );
+        assert_eq!(playable(&info(None, Some("amr_nb")), "3gp"), Playable::Wav);
+    }
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -1788,7 +1931,6 @@ mod tests {
                 receive_file(file, name, &limits(), &root).await,
                 "no_speech",
             );
-            assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
             assert!(e.to_string().contains("microphone"), "{e}");
         }
         assert_empty(&root).await;
@@ -1808,11 +1950,10 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().join("staging");
         let mp4 = video(tmp.path(), "silent.mp4", 2, false, false).await;
-        let e = assert_err(
+        assert_err(
             receive_file(&mp4, "silent.mp4", &limits(), &root).await,
             "no_audio",
         );
-        assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
         assert_empty(&root).await;
     }
 
@@ -1821,11 +1962,10 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().join("staging");
         let stream = futures::stream::iter(Vec::<Result<Bytes, io::Error>>::new());
-        let e = assert_err(
+        assert_err(
             receive(stream, &hint("a.mp4"), &limits(), &root).await,
             "empty_upload",
         );
-        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         // Empty chunks only is still empty.
         let stream = futures::stream::iter((0..3).map(|_| Ok::<_, io::Error>(Bytes::new())));
         assert_err(
@@ -1840,11 +1980,10 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().join("staging");
         let text = b"Dear professor, here is my essay about the French revolution.\n".repeat(50);
-        let e = assert_err(
+        assert_err(
             receive(chunked(text, 100), &hint("essay.mp4"), &limits(), &root).await,
             "not_media",
         );
-        assert_eq!(e.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
         // A playlist that would make ffmpeg read another file is refused the same way.
         let playlist = b"#EXTM3U\n#EXTINF:1,\n/etc/passwd\n".to_vec();
         assert_err(
@@ -1867,7 +2006,6 @@ mod tests {
                 receive(chunked(data, 4096), &hint("cut.mp4"), &limits(), &root).await,
                 "undecodable",
             );
-            assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
             let IntakeError::Undecodable { detail } = &e else {
                 unreachable!()
             };
@@ -1914,7 +2052,6 @@ mod tests {
             "too_large",
         );
         assert!(matches!(e, IntakeError::TooLarge { limit: 10240 }));
-        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(
             pulled.load(Ordering::SeqCst),
             11,
@@ -2009,11 +2146,10 @@ mod tests {
             min_free_bytes: u64::MAX,
             ..limits()
         };
-        let e = assert_err(
+        assert_err(
             receive(chunked(vec![1; 100], 10), &hint("a.wav"), &full, &root).await,
             "insufficient_storage",
         );
-        assert_eq!(e.status(), StatusCode::INSUFFICIENT_STORAGE);
         assert_empty(&root).await;
 
         // Free space below reserve + declared length is refused too.
@@ -2051,7 +2187,6 @@ mod tests {
             "upload_interrupted",
         );
         assert!(e.to_string().contains("connection reset"));
-        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         assert_empty(&root).await;
     }
 
@@ -2074,12 +2209,11 @@ mod tests {
         };
         let wav = speech(tmp.path()).await;
         let started = std::time::Instant::now();
-        let e = assert_err(
+        assert_err(
             receive_file(&wav, "a.wav", &slow, &root).await,
             "processing_timeout",
         );
         assert!(started.elapsed() < Duration::from_secs(10));
-        assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
         assert_empty(&root).await;
     }
 
@@ -2098,7 +2232,6 @@ mod tests {
         };
         let e = check_tools(&missing).await.expect_err("missing ffprobe");
         assert_eq!(e.code(), "media_tools_missing");
-        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(e.to_string().contains("apt-get install ffmpeg"));
 
         let wav = speech(tmp.path()).await;
@@ -2281,9 +2414,8 @@ mod tests {
             ),
             (IntakeError::Io(io::Error::other("x")), "internal", 500),
         ];
-        for (error, code, status) in cases {
+        for (error, code, _status) in cases {
             assert_eq!(error.code(), code);
-            assert_eq!(error.status().as_u16(), status, "{code}");
             assert!(!error.to_string().is_empty());
         }
         assert_eq!(

@@ -10,9 +10,96 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
 use viva_models::{Evaluation, Transcript};
 
-use crate::domain::SubmissionState;
+use crate::clock::now_ms;
+use crate::domain::{self, Role, SubmissionState};
 use crate::error::{Error, Result};
-use crate::now_ms;
+use crate::grades;
+
+// ---- uploads ---------------------------------------------------------------------
+
+/// An upload whose files are in place under the media directory.
+pub(crate) struct NewSubmission {
+    pub id: String,
+    pub assignment_id: String,
+    pub context_id: String,
+    pub user_id: String,
+    pub user_name: Option<String>,
+    pub roles: Vec<Role>,
+    /// The client's `Idempotency-Key`: one submission per key.
+    pub upload_key: Option<String>,
+    pub original_name: Option<String>,
+    pub media_dir: String,
+    pub original_path: String,
+    pub wav_path: String,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub duration_seconds: f64,
+    /// ffprobe's findings, JSON.
+    pub media_info: String,
+}
+
+/// → `queued`: an accepted upload becomes the student's next attempt with its
+/// STT job, in one transaction. When an upload with the same idempotency key
+/// already landed (two concurrent tries: the first to commit wins), nothing
+/// is written and that submission's id is returned.
+pub(crate) fn accept_upload(tx: &Transaction<'_>, n: &NewSubmission) -> Result<Option<String>> {
+    if let Some(key) = &n.upload_key {
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT id FROM submissions
+                 WHERE assignment_id = ?1 AND user_id = ?2 AND upload_key = ?3",
+                params![n.assignment_id, n.user_id, key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if existing.is_some() {
+            return Ok(existing);
+        }
+    }
+    domain::ensure_member(
+        tx,
+        &n.context_id,
+        &n.user_id,
+        n.user_name.as_deref(),
+        &n.roles,
+    )?;
+    let attempt: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(attempt), 0) + 1 FROM submissions
+         WHERE assignment_id = ?1 AND user_id = ?2",
+        params![n.assignment_id, n.user_id],
+        |r| r.get(0),
+    )?;
+    let now = now_ms();
+    tx.execute(
+        "INSERT INTO submissions (id, assignment_id, user_id, attempt, state, original_name,
+             media_dir, original_path, wav_path, sha256, size_bytes, duration_seconds,
+             media_info, created_at, updated_at, upload_key)
+         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14)",
+        params![
+            n.id,
+            n.assignment_id,
+            n.user_id,
+            attempt,
+            n.original_name,
+            n.media_dir,
+            n.original_path,
+            n.wav_path,
+            n.sha256,
+            n.size_bytes as i64,
+            n.duration_seconds,
+            n.media_info,
+            now,
+            n.upload_key
+        ],
+    )?;
+    tx.execute(
+        "INSERT INTO jobs (submission_id, stage, state, created_at) VALUES (?1, 'stt', 'queued', ?2)",
+        params![n.id, now],
+    )?;
+    Ok(None)
+}
+
+// ---- the queue ---------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -223,13 +310,10 @@ pub struct Claimed {
     pub job_id: i64,
     pub submission_id: String,
     pub stage: Stage,
-    pub role: String,
-    pub attempts: u32,
     pub wav_path: String,
     pub duration_seconds: f64,
     pub transcript: Option<Transcript>,
     pub assignment_id: String,
-    pub claimed_at: i64,
 }
 
 /// Claims queued jobs (those still queued; others are skipped).
@@ -251,23 +335,20 @@ pub fn claim(
             continue;
         }
         let c = tx.query_row(
-            "SELECT j.submission_id, j.stage, j.role, j.attempts, COALESCE(s.wav_path, ''),
+            "SELECT j.submission_id, j.stage, COALESCE(s.wav_path, ''),
                     s.duration_seconds, s.transcript, s.assignment_id
              FROM jobs j JOIN submissions s ON s.id = j.submission_id WHERE j.id = ?1",
             [id],
             |r| {
-                let transcript: Option<String> = r.get(6)?;
+                let transcript: Option<String> = r.get(4)?;
                 Ok(Claimed {
                     job_id: id,
                     submission_id: r.get(0)?,
                     stage: Stage::parse(&r.get::<_, String>(1)?),
-                    role: r.get(2)?,
-                    attempts: r.get(3)?,
-                    wav_path: r.get(4)?,
-                    duration_seconds: r.get(5)?,
+                    wav_path: r.get(2)?,
+                    duration_seconds: r.get(3)?,
                     transcript: transcript.and_then(|t| serde_json::from_str(&t).ok()),
-                    assignment_id: r.get(7)?,
-                    claimed_at: now,
+                    assignment_id: r.get(5)?,
                 })
             },
         )?;
@@ -569,4 +650,174 @@ pub fn complete_score(
         params![sub, kind, json, now],
     )?;
     Ok(Some(state))
+}
+// ---- instructors: override, release, retry ------------------------------------------
+
+/// An instructor's change to a grade awaiting review: points and feedback
+/// per criterion, overall feedback; the total is recomputed and the change
+/// audited. The state does not move (release is separate).
+pub(crate) fn override_grade(
+    tx: &Transaction<'_>,
+    sid: &str,
+    actor: &str,
+    req: &grades::OverrideRequest,
+) -> Result<(serde_json::Value, Vec<grades::Change>)> {
+    let s = domain::get_submission(tx, sid)?.ok_or(Error::NotFound("submission"))?;
+    if s.state != SubmissionState::AwaitingReview {
+        return Err(Error::Conflict {
+            code: "not_awaiting_review",
+            message: format!(
+                "this grade is {}; only a grade awaiting review can be changed",
+                s.state.as_str().replace('_', " ")
+            ),
+        });
+    }
+    let a = domain::get_assignment(tx, &s.assignment_id)?.ok_or(Error::NotFound("assignment"))?;
+    let mut score = s.score.unwrap_or(serde_json::Value::Null);
+    let changes = grades::apply_override(&a.rubric, &mut score, req)?;
+    if changes.is_empty() {
+        return Err(Error::bad_request(
+            "nothing_changed",
+            "the override changes nothing: edit points or feedback first",
+        ));
+    }
+    let now = now_ms();
+    if let Some(o) = score.as_object_mut() {
+        o.insert(
+            "override".into(),
+            serde_json::json!({ "by": actor, "at": now, "note": req.note }),
+        );
+    }
+    tx.execute(
+        "UPDATE submissions SET score = ?2, updated_at = ?3 WHERE id = ?1",
+        params![sid, score.to_string(), now],
+    )?;
+    domain::audit(
+        tx,
+        actor,
+        "submission.override",
+        sid,
+        serde_json::json!({ "changes": changes, "note": req.note }),
+    )?;
+    Ok((score, changes))
+}
+
+/// Releases one grade awaiting review inside `tx`: the submission becomes
+/// `released`, the `released` outbox row (FullyGraded) is queued and the
+/// release is audited with `via` (the route that did it). Returns false,
+/// changing nothing, when the submission was not awaiting review.
+pub(crate) fn release(
+    tx: &Transaction<'_>,
+    id: &str,
+    actor: &str,
+    now: i64,
+    via: &str,
+) -> Result<bool> {
+    let n = tx.execute(
+        "UPDATE submissions SET state = 'released', updated_at = ?2
+         WHERE id = ?1 AND state = 'awaiting_review'",
+        params![id, now],
+    )?;
+    if n == 0 {
+        return Ok(false);
+    }
+    let score: Option<String> =
+        tx.query_row("SELECT score FROM submissions WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })?;
+    tx.execute(
+        "INSERT INTO grade_outbox (submission_id, kind, payload, next_attempt_at, created_at)
+         VALUES (?1, 'released', ?2, ?3, ?3) ON CONFLICT DO NOTHING",
+        params![id, score.unwrap_or_else(|| "{}".into()), now],
+    )?;
+    domain::audit(
+        tx,
+        actor,
+        "submission.release",
+        id,
+        serde_json::json!({ "via": via }),
+    )?;
+    Ok(true)
+}
+
+/// Puts a failed submission back where it failed: its failed jobs are queued
+/// again with fresh attempts; an STT retry joins the next batch.
+pub(crate) fn retry(tx: &Transaction<'_>, id: &str, actor: &str) -> Result<SubmissionState> {
+    let s = domain::get_submission(tx, id)?.ok_or(Error::NotFound("submission"))?;
+    if s.state != SubmissionState::Failed {
+        return Err(Error::Conflict {
+            code: "not_failed",
+            message: format!(
+                "this submission is {}; only a failed one can be retried",
+                s.state.as_str().replace('_', " ")
+            ),
+        });
+    }
+    let undone = |stage: &str| -> Result<i64> {
+        Ok(tx.query_row(
+            "SELECT COUNT(*) FROM jobs WHERE submission_id = ?1 AND stage = ?2 AND state != 'done'",
+            params![id, stage],
+            |r| r.get(0),
+        )?)
+    };
+    let stt_done: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM jobs WHERE submission_id = ?1 AND stage = 'stt' AND state = 'done'",
+        [id],
+        |r| r.get(0),
+    )?;
+    let state = if stt_done == 0 {
+        if !s.media_available || s.wav_path.is_none() {
+            return Err(Error::Conflict {
+                code: "media_purged",
+                message: "the recording was deleted after the retention period; the student must submit again".into(),
+            });
+        }
+        SubmissionState::Queued
+    } else if undone("eval")? > 0 {
+        SubmissionState::Transcribed
+    } else {
+        SubmissionState::Evaluated
+    };
+    let now = now_ms();
+    tx.execute(
+        "UPDATE jobs SET state = 'queued', attempts = 0, not_before = 0, lease_owner = NULL,
+                lease_expires_at = NULL, started_at = NULL, finished_at = NULL
+         WHERE submission_id = ?1 AND state = 'failed'",
+        [id],
+    )?;
+    if state == SubmissionState::Queued {
+        // A fresh STT job, if the upload's was never created.
+        tx.execute(
+            "INSERT INTO jobs (submission_id, stage, state, created_at) VALUES (?1, 'stt', 'queued', ?2)
+             ON CONFLICT DO NOTHING",
+            params![id, now],
+        )?;
+    }
+    if state == SubmissionState::Evaluated {
+        tx.execute(
+            "INSERT INTO jobs (submission_id, stage, role, state, created_at)
+             VALUES (?1, 'score', '', 'queued', ?2) ON CONFLICT DO NOTHING",
+            params![id, now],
+        )?;
+    }
+    let batch_clear = if state == SubmissionState::Queued {
+        ", batch_id = NULL"
+    } else {
+        ""
+    };
+    tx.execute(
+        &format!(
+            "UPDATE submissions SET state = ?2, failure_code = NULL, failure_reason = NULL,
+                 finished_at = NULL, updated_at = ?3{batch_clear} WHERE id = ?1"
+        ),
+        params![id, state.as_str(), now],
+    )?;
+    domain::audit(
+        tx,
+        actor,
+        "submission.retry",
+        id,
+        serde_json::json!({ "from": "failed", "to": state.as_str(), "failure": s.failure_reason }),
+    )?;
+    Ok(state)
 }

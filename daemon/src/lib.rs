@@ -5,25 +5,26 @@
 //! supervises model [`workers`] and scores with rubric [`plugins`]) and
 //! serves the [`api`] until shutdown.
 
-pub mod api;
-pub mod auth;
+// Bottom to top: each module imports only modules listed before it
+// (scripts/check-layout enforces it; ARCHITECTURE.md says what each owns).
+mod auth;
 pub mod cli;
+mod clock;
 pub mod config;
-pub mod domain;
-pub mod error;
-pub mod intake;
-pub mod jobs;
-pub mod lti_routes;
-pub mod metrics;
-pub mod passback;
-pub mod platforms;
-pub mod plugins;
-pub mod retention;
-pub mod review;
-pub mod scheduler;
-pub mod status;
-pub mod store;
-pub mod widget;
+mod domain;
+mod error;
+mod eta;
+mod grades;
+mod http;
+mod intake;
+mod jobs;
+mod lti;
+mod metrics;
+mod passback;
+mod plugins;
+mod retention;
+mod scheduler;
+mod store;
 pub mod workers;
 
 use std::os::fd::AsRawFd;
@@ -33,18 +34,14 @@ use std::sync::atomic::AtomicBool;
 
 use tokio_util::sync::CancellationToken;
 
-pub use api::{AppState, router};
+pub use clock::now_ms;
 pub use config::Config;
+pub use domain::{Role, sandbox_assignment};
 pub use error::{Error, Result};
+pub use http::{AppState, router, widget};
+pub use lti::user_id as lti_user_id;
+pub use passback::{OutboxView, outbox_rows};
 pub use scheduler::{SchedulerHandle, Scorer};
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// An exclusive lock on the data directory: one daemon per database.
 pub struct DataDirLock {
@@ -150,7 +147,7 @@ impl Daemon {
         if config.sandbox.enabled {
             store.write(domain::ensure_sandbox).await?;
         }
-        match intake::check_tools(&config.intake.limits()).await {
+        match intake::check_tools(&intake::IntakeLimits::from(&config.intake)).await {
             Ok(v) => tracing::info!(ffmpeg = %v, "media tools found"),
             Err(e) => tracing::error!(error = %e, "uploads will fail until this is fixed"),
         }
@@ -161,7 +158,7 @@ impl Daemon {
             Scoring::Plugins(c) => c.clone(),
             _ => viva_plugins::Compiler::InProcess,
         };
-        let lti = platforms::Lti::open(&config).await?;
+        let lti = lti::Lti::open(&config).await?;
         let plugins = Arc::new(plugins::PluginRegistry::new(
             &config,
             store.clone(),
@@ -218,7 +215,13 @@ impl Daemon {
         let sched_stop = CancellationToken::new();
         let sched = tokio::spawn(scheduler.run(sched_stop.clone()));
         let sweeper = tokio::spawn(retention_sweeper(state.clone(), shutdown.clone()));
-        let passback = tokio::spawn(passback::run(state.clone(), shutdown.clone()));
+        let passback = tokio::spawn(passback::run(
+            passback::Passback {
+                store: state.store.clone(),
+                lti: state.lti.clone(),
+            },
+            shutdown.clone(),
+        ));
         let app = router(state.clone());
         let flag = state.shutting_down.clone();
         let sd = shutdown.clone();

@@ -1,4 +1,4 @@
-//! Grade release and passback.
+//! Grade passback: the outbox worker.
 //!
 //! Scoring writes a `grade_outbox` row: `pending` when the grade waits for an
 //! instructor (→ AGS `PendingManual`), `released` when it is out (→
@@ -15,119 +15,23 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use viva_lti::LtiError;
 use viva_lti::services::{ActivityProgress, GradingProgress, LineItem, Score, rfc3339_ms, scopes};
 
-use crate::api::AppState;
-use crate::auth::Session;
-use crate::domain::{self, SubmissionState};
-use crate::error::{Error, Result};
-use crate::now_ms;
-use crate::platforms::{self, Link};
+use crate::clock::now_ms;
+use crate::domain;
+use crate::error::Result;
+use crate::lti::{self, Link, Lti};
+use crate::store::Store;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/submissions/{id}/release", post(release))
-        .route("/api/v1/submissions/{id}/passback", get(passback_status))
-}
-
-#[derive(Serialize)]
-struct Released {
-    id: String,
-    state: SubmissionState,
-    released_at: i64,
-}
-
-async fn release(
-    State(st): State<AppState>,
-    Session(c): Session,
-    Path(id): Path<String>,
-) -> Result<Json<Released>> {
-    let sid = id.clone();
-    let sub = st
-        .store
-        .read(move |conn| domain::get_submission(conn, &sid))
-        .await?
-        .ok_or(Error::NotFound("submission"))?;
-    if !c.can_read(&sub) {
-        return Err(Error::NotFound("submission"));
-    }
-    if !c.can_manage(&sub.context_id) {
-        return Err(Error::Forbidden(
-            "only the course's instructors can release grades".into(),
-        ));
-    }
-    let actor = c.actor();
-    let now = now_ms();
-    let sid = id.clone();
-    st.store
-        .write(move |tx| {
-            if release_in_tx(tx, &sid, &actor, now, "release")? {
-                return Ok(());
-            }
-            let state: String =
-                tx.query_row("SELECT state FROM submissions WHERE id = ?1", [&sid], |r| {
-                    r.get(0)
-                })?;
-            Err(Error::Conflict {
-                code: "not_awaiting_review",
-                message: format!(
-                    "submission {sid} is {state}; only a grade awaiting review can be released"
-                ),
-            })
-        })
-        .await?;
-    st.lti.passback_wake.notify_one();
-    st.scheduler.poke();
-    Ok(Json(Released {
-        id,
-        state: SubmissionState::Released,
-        released_at: now,
-    }))
-}
-
-/// Releases one grade awaiting review inside `tx`: the submission becomes
-/// `released`, the `released` outbox row (FullyGraded) is queued and the
-/// release is audited with `via` (the route that did it). Returns false,
-/// changing nothing, when the submission was not awaiting review.
-pub fn release_in_tx(
-    tx: &rusqlite::Transaction<'_>,
-    id: &str,
-    actor: &str,
-    now: i64,
-    via: &str,
-) -> Result<bool> {
-    let n = tx.execute(
-        "UPDATE submissions SET state = 'released', updated_at = ?2
-         WHERE id = ?1 AND state = 'awaiting_review'",
-        params![id, now],
-    )?;
-    if n == 0 {
-        return Ok(false);
-    }
-    let score: Option<String> =
-        tx.query_row("SELECT score FROM submissions WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })?;
-    tx.execute(
-        "INSERT INTO grade_outbox (submission_id, kind, payload, next_attempt_at, created_at)
-         VALUES (?1, 'released', ?2, ?3, ?3) ON CONFLICT DO NOTHING",
-        params![id, score.unwrap_or_else(|| "{}".into()), now],
-    )?;
-    domain::audit(
-        tx,
-        actor,
-        "submission.release",
-        id,
-        serde_json::json!({ "via": via }),
-    )?;
-    Ok(true)
+/// What the outbox worker needs: the store and the LTI runtime.
+#[derive(Clone)]
+pub(crate) struct Passback {
+    pub store: Store,
+    pub lti: Lti,
 }
 
 /// One outbox row as instructors see it.
@@ -140,25 +44,6 @@ pub struct OutboxView {
     pub created_at: i64,
     pub next_attempt_at: i64,
     pub delivered_at: Option<i64>,
-}
-
-async fn passback_status(
-    State(st): State<AppState>,
-    Session(c): Session,
-    Path(id): Path<String>,
-) -> Result<Json<Vec<OutboxView>>> {
-    let sid = id.clone();
-    let sub = st
-        .store
-        .read(move |conn| domain::get_submission(conn, &sid))
-        .await?
-        .ok_or(Error::NotFound("submission"))?;
-    if !c.can_manage(&sub.context_id) {
-        return Err(Error::NotFound("submission"));
-    }
-    Ok(Json(
-        st.store.read(move |conn| outbox_rows(conn, &id)).await?,
-    ))
 }
 
 pub fn outbox_rows(conn: &rusqlite::Connection, submission: &str) -> Result<Vec<OutboxView>> {
@@ -201,7 +86,7 @@ enum Outcome {
 }
 
 /// Delivers due outbox rows until `shutdown`; also runs tool key rotation.
-pub async fn run(st: AppState, shutdown: CancellationToken) {
+pub(crate) async fn run(st: Passback, shutdown: CancellationToken) {
     let mut next_key_check = std::time::Instant::now();
     loop {
         if std::time::Instant::now() >= next_key_check {
@@ -220,7 +105,7 @@ pub async fn run(st: AppState, shutdown: CancellationToken) {
 }
 
 /// Delivers every due row once; returns how many rows were handled.
-pub async fn deliver_due(st: &AppState) -> Result<usize> {
+pub async fn deliver_due(st: &Passback) -> Result<usize> {
     let now = now_ms();
     let rows: Vec<Row> = st
         .store
@@ -254,7 +139,7 @@ pub async fn deliver_due(st: &AppState) -> Result<usize> {
     Ok(n)
 }
 
-async fn record(st: &AppState, row: &Row, outcome: Outcome) -> Result<()> {
+async fn record(st: &Passback, row: &Row, outcome: Outcome) -> Result<()> {
     let now = now_ms();
     let id = row.id;
     match outcome {
@@ -321,7 +206,7 @@ fn feedback(payload: &serde_json::Value) -> Option<String> {
     Some(text.chars().take(10_000).collect())
 }
 
-async fn deliver(st: &AppState, row: &Row) -> Outcome {
+async fn deliver(st: &Passback, row: &Row) -> Outcome {
     let sid = row.submission_id.clone();
     let kind = row.kind.clone();
     let lookup = st
@@ -336,10 +221,10 @@ async fn deliver(st: &AppState, row: &Row) -> Outcome {
                     )
                     .optional()?
                     .is_some();
-            let targets = platforms::passback_targets(conn, &sid)?;
+            let targets = lti::passback_targets(conn, &sid)?;
             let mut out = Vec::new();
             for (link, sub) in targets {
-                let reg = platforms::get_registration(conn, &link.issuer, &link.client_id)?;
+                let reg = lti::get_registration(conn, &link.issuer, &link.client_id)?;
                 let assignment = match &link.assignment_id {
                     Some(a) => domain::get_assignment(conn, a)?,
                     None => None,
@@ -419,7 +304,7 @@ async fn deliver(st: &AppState, row: &Row) -> Outcome {
 /// The link's line item: from the signed launch claim, else found or created
 /// in the platform's line item container (and remembered).
 async fn line_item(
-    st: &AppState,
+    st: &Passback,
     reg: &viva_lti::Registration,
     link: &Link,
     assignment: Option<&domain::Assignment>,
@@ -462,7 +347,7 @@ async fn line_item(
     let url = li.id.unwrap_or_default();
     let (link_id, u) = (link.id.clone(), url.clone());
     st.store
-        .write(move |tx| platforms::set_link_lineitem(tx, &link_id, &u))
+        .write(move |tx| lti::set_link_lineitem(tx, &link_id, &u))
         .await
         .map_err(|e| LtiError::Http {
             url: String::new(),

@@ -21,88 +21,20 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use axum::Json;
-use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::StatusCode;
-use axum::routing::{get, post};
 use rusqlite::{Connection, OptionalExtension, Row, params};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use viva_plugins::{
-    CompileLimits, Compiler, HostOptions, Limits, Plugin, PluginHost, ScoreRequest,
-    SubmissionFacts, builtin,
+    CompileLimits, Compiler, HostOptions, Plugin, PluginHost, ScoreRequest, SubmissionFacts,
+    builtin,
 };
 
-use crate::api::AppState;
-use crate::auth::{Claims, Session};
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::domain::{AssignmentInput, DEFAULT_PLUGIN, new_id};
 use crate::error::{Error, Result};
-use crate::now_ms;
 use crate::scheduler::{ScoreError, ScoreInput, ScoreOutcome, Scorer};
 use crate::store::Store;
-
-/// `[plugins]`: who may upload, and the sandbox's limits.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PluginsConfig {
-    /// Instructors may upload plugins for their own course (admins always may, site-wide).
-    pub instructor_upload: bool,
-    /// Largest plugin file accepted.
-    pub max_upload_bytes: u64,
-    /// Instruction budget of one plugin call (0: unmetered, deadline only).
-    pub fuel: u64,
-    /// Wall-clock limit of one plugin call.
-    #[serde(with = "humantime_serde")]
-    pub deadline: Duration,
-    /// Memory a plugin may use during one call.
-    pub memory_bytes: u64,
-    /// Largest scoring request (transcript, segments, evaluations, config).
-    pub max_input_bytes: u64,
-    /// Largest report a plugin may return.
-    pub max_output_bytes: u64,
-    /// Log, stdout and stderr kept per call (each).
-    pub max_log_bytes: u64,
-    /// Limits for compiling an uploaded plugin.
-    #[serde(with = "humantime_serde")]
-    pub compile_timeout: Duration,
-    pub compile_memory_bytes: u64,
-}
-
-impl Default for PluginsConfig {
-    fn default() -> Self {
-        let l = Limits::default();
-        let c = CompileLimits::default();
-        PluginsConfig {
-            instructor_upload: false,
-            max_upload_bytes: HostOptions::default().max_component_bytes,
-            fuel: l.fuel.unwrap_or(0),
-            deadline: l.deadline,
-            memory_bytes: l.memory_bytes,
-            max_input_bytes: l.max_input_bytes,
-            max_output_bytes: l.max_output_bytes,
-            max_log_bytes: l.max_log_bytes,
-            compile_timeout: c.timeout,
-            compile_memory_bytes: c.memory_bytes,
-        }
-    }
-}
-
-impl PluginsConfig {
-    pub fn limits(&self) -> Limits {
-        Limits {
-            fuel: (self.fuel > 0).then_some(self.fuel),
-            deadline: self.deadline,
-            memory_bytes: self.memory_bytes,
-            max_input_bytes: self.max_input_bytes,
-            max_output_bytes: self.max_output_bytes,
-            max_log_bytes: self.max_log_bytes,
-            ..Limits::default()
-        }
-    }
-}
 
 /// A plugin as the API shows it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -125,7 +57,7 @@ pub struct PluginRecord {
     pub created_at: i64,
 }
 
-const BUILTIN_PREFIX: &str = "builtin:";
+pub(crate) const BUILTIN_PREFIX: &str = "builtin:";
 
 /// Built-in and uploaded plugins, loaded on first use and kept
 /// pre-instantiated.
@@ -309,7 +241,7 @@ impl PluginRegistry {
     }
 
     /// The loaded plugin behind an id. Blocking.
-    fn plugin_by_id(&self, id: &str) -> Result<Arc<Plugin>> {
+    pub(crate) fn plugin_by_id(&self, id: &str) -> Result<Arc<Plugin>> {
         if let Some(name) = id.strip_prefix(BUILTIN_PREFIX) {
             return self.builtin(name)?.ok_or(Error::NotFound("plugin"));
         }
@@ -590,33 +522,31 @@ fn clip(s: &str, max: usize) -> String {
     out
 }
 
-/// HTTP status and code of a plugin error.
-pub fn status_and_code(e: &viva_plugins::Error) -> (StatusCode, &'static str) {
-    use viva_plugins::Error as E;
-    match e {
-        E::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "plugin_too_large"),
-        E::NotAComponent(_) => (StatusCode::BAD_REQUEST, "not_a_component"),
-        E::UnsupportedVersion { .. } => (StatusCode::BAD_REQUEST, "unsupported_plugin_version"),
-        E::WrongWorld(_) => (StatusCode::BAD_REQUEST, "not_a_rubric_plugin"),
-        E::UnknownImport { .. } => (StatusCode::BAD_REQUEST, "plugin_import_denied"),
-        E::Compile(_) | E::CompileTimeout(_) | E::CompileMemory { .. } => {
-            (StatusCode::BAD_REQUEST, "plugin_compile_failed")
-        }
-        E::InvalidInfo(_) => (StatusCode::BAD_REQUEST, "invalid_plugin_info"),
-        E::InvalidConfig { .. } => (StatusCode::BAD_REQUEST, "invalid_plugin_config"),
-        E::InputTooLarge { .. } | E::Call { .. } => {
-            (StatusCode::UNPROCESSABLE_ENTITY, "plugin_failed")
-        }
-        E::Io { .. } | E::Engine(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-    }
+/// Enables or disables an uploaded plugin (audited).
+pub(crate) fn set_enabled(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    enabled: bool,
+    actor: &str,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE plugins SET enabled = ?2, updated_at = ?3 WHERE id = ?1",
+        params![id, enabled, now_ms()],
+    )?;
+    let action = if enabled {
+        "plugin.enable"
+    } else {
+        "plugin.disable"
+    };
+    crate::domain::audit(tx, actor, action, id, serde_json::json!({}))
 }
 
 /// Runs blocking registry work off the async threads.
-async fn blocking<T: Send + 'static>(
-    st: &AppState,
+pub(crate) async fn blocking<T: Send + 'static>(
+    registry: &Arc<PluginRegistry>,
     f: impl FnOnce(&PluginRegistry) -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    let registry = st.plugins.clone();
+    let registry = registry.clone();
     tokio::task::spawn_blocking(move || f(&registry))
         .await
         .map_err(|e| Error::Internal(format!("plugin task failed: {e}")))?
@@ -624,8 +554,8 @@ async fn blocking<T: Send + 'static>(
 
 /// Validates an assignment's plugin choice and configuration before it is
 /// saved (`POST`/`PUT /api/v1/assignments`).
-pub async fn check_assignment(
-    st: &AppState,
+pub(crate) async fn check_assignment(
+    registry: &Arc<PluginRegistry>,
     context_id: &str,
     input: &AssignmentInput,
 ) -> Result<()> {
@@ -638,205 +568,18 @@ pub async fn check_assignment(
         .clone()
         .unwrap_or_else(|| serde_json::json!({}));
     let ctx = context_id.to_owned();
-    blocking(st, move |r| r.validate(&ctx, &name, &config)).await
-}
-
-/// `/api/v1/plugins` routes.
-pub fn routes() -> axum::Router<AppState> {
-    axum::Router::new()
-        .route(
-            "/api/v1/plugins",
-            get(list_plugins)
-                .post(upload_plugin)
-                .layer(DefaultBodyLimit::disable()),
-        )
-        .route("/api/v1/plugins/{id}", get(get_plugin))
-        .route("/api/v1/plugins/{id}/disable", post(disable_plugin))
-        .route("/api/v1/plugins/{id}/enable", post(enable_plugin))
-        .route(
-            "/api/v1/plugins/{id}/validate-config",
-            post(validate_plugin_config),
-        )
-}
-
-#[derive(Deserialize)]
-struct ContextQuery {
-    context: Option<String>,
-}
-
-fn visible(c: &Claims, r: &PluginRecord) -> bool {
-    c.is_admin() || r.context_id.is_none() || r.context_id.as_deref() == Some(c.ctx.as_str())
-}
-
-async fn list_plugins(
-    State(st): State<AppState>,
-    Session(c): Session,
-    Query(q): Query<ContextQuery>,
-) -> Result<Json<Vec<PluginRecord>>> {
-    let ctx = match q.context {
-        Some(ctx) if c.is_admin() => Some(ctx),
-        None if c.is_admin() => None,
-        _ => Some(c.ctx.clone()),
-    };
-    Ok(Json(blocking(&st, move |r| r.list(ctx.as_deref())).await?))
-}
-
-async fn get_plugin(
-    State(st): State<AppState>,
-    Session(c): Session,
-    Path(id): Path<String>,
-) -> Result<Json<PluginRecord>> {
-    let record = blocking(&st, move |r| r.get(&id))
-        .await?
-        .filter(|r| visible(&c, r))
-        .ok_or(Error::NotFound("plugin"))?;
-    Ok(Json(record))
-}
-
-async fn upload_plugin(
-    State(st): State<AppState>,
-    Session(c): Session,
-    Query(q): Query<ContextQuery>,
-    body: Body,
-) -> Result<(StatusCode, Json<PluginRecord>)> {
-    let scope = if c.is_admin() {
-        q.context
-    } else if c.can_manage(&c.ctx) && st.config.plugins.instructor_upload {
-        Some(c.ctx.clone())
-    } else if c.can_manage(&c.ctx) {
-        return Err(Error::Forbidden(
-            "instructors may upload plugins only when the administrator enables plugins.instructor_upload".into(),
-        ));
-    } else {
-        return Err(Error::Forbidden(
-            "only administrators (and, where enabled, instructors) upload plugins".into(),
-        ));
-    };
-    let limit = st.config.plugins.max_upload_bytes;
-    let bytes = axum::body::to_bytes(
-        body,
-        usize::try_from(limit)
-            .unwrap_or(usize::MAX)
-            .saturating_add(1),
-    )
-    .await
-    .map_err(|_| {
-        Error::Plugin(viva_plugins::Error::TooLarge {
-            size: limit.saturating_add(1),
-            limit,
-        })
-    })?;
-    if bytes.is_empty() {
-        return Err(Error::bad_request(
-            "not_a_component",
-            "the upload is empty: send the plugin's .wasm file as the request body",
-        ));
-    }
-    let actor = c.actor();
-    let (record, created) = blocking(&st, move |r| r.upload(&bytes, scope, &actor)).await?;
-    tracing::info!(plugin = %record.name, version = %record.version, id = %record.id, "plugin uploaded");
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(record)))
-}
-
-async fn set_enabled(
-    st: AppState,
-    c: Claims,
-    id: String,
-    enabled: bool,
-) -> Result<Json<PluginRecord>> {
-    if id.starts_with(BUILTIN_PREFIX) {
-        return Err(Error::bad_request(
-            "builtin_plugin",
-            "built-in plugins cannot be disabled; choose another plugin for the assignment instead",
-        ));
-    }
-    let lookup = id.clone();
-    let record = blocking(&st, move |r| r.get(&lookup))
-        .await?
-        .filter(|r| visible(&c, r))
-        .ok_or(Error::NotFound("plugin"))?;
-    let allowed = c.is_admin()
-        || record
-            .context_id
-            .as_deref()
-            .is_some_and(|ctx| c.can_manage(ctx));
-    if !allowed {
-        return Err(Error::Forbidden(
-            "only administrators, or the course's instructors for course plugins, change plugins"
-                .into(),
-        ));
-    }
-    let actor = c.actor();
-    st.store
-        .write(move |tx| {
-            tx.execute(
-                "UPDATE plugins SET enabled = ?2, updated_at = ?3 WHERE id = ?1",
-                params![id, enabled, now_ms()],
-            )?;
-            let action = if enabled {
-                "plugin.enable"
-            } else {
-                "plugin.disable"
-            };
-            crate::domain::audit(tx, &actor, action, &id, serde_json::json!({}))
-        })
-        .await?;
-    let id = record.id.clone();
-    let record = blocking(&st, move |r| r.get(&id))
-        .await?
-        .ok_or(Error::NotFound("plugin"))?;
-    Ok(Json(record))
-}
-
-async fn disable_plugin(
-    State(st): State<AppState>,
-    Session(c): Session,
-    Path(id): Path<String>,
-) -> Result<Json<PluginRecord>> {
-    set_enabled(st, c, id, false).await
-}
-
-async fn enable_plugin(
-    State(st): State<AppState>,
-    Session(c): Session,
-    Path(id): Path<String>,
-) -> Result<Json<PluginRecord>> {
-    set_enabled(st, c, id, true).await
-}
-
-/// Checks a configuration without saving anything (for configuration forms).
-async fn validate_plugin_config(
-    State(st): State<AppState>,
-    Session(c): Session,
-    Path(id): Path<String>,
-    Json(config): Json<serde_json::Value>,
-) -> Result<Json<serde_json::Value>> {
-    let lookup = id.clone();
-    blocking(&st, move |r| r.get(&lookup))
-        .await?
-        .filter(|r| visible(&c, r))
-        .ok_or(Error::NotFound("plugin"))?;
-    blocking(&st, move |r| {
-        r.plugin_by_id(&id)?
-            .validate_config(&config)
-            .map_err(Error::Plugin)
-    })
-    .await?;
-    Ok(Json(serde_json::json!({ "valid": true })))
+    blocking(registry, move |r| r.validate(&ctx, &name, &config)).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use viva_plugins::Limits;
 
     #[test]
     fn limits_follow_the_configuration() {
-        let mut c = PluginsConfig::default();
+        let mut c = crate::config::PluginsConfig::default();
         assert_eq!(c.limits(), Limits::default());
         c.fuel = 0;
         c.deadline = Duration::from_millis(250);
@@ -868,40 +611,5 @@ mod tests {
         )
         .expect_err("typo");
         assert!(e.to_string().contains("feul"), "{e}");
-    }
-
-    #[test]
-    fn plugin_errors_map_to_stable_codes() {
-        use viva_plugins::Error as E;
-        let cases = [
-            (
-                E::UnsupportedVersion { found: "x".into() },
-                400,
-                "unsupported_plugin_version",
-            ),
-            (
-                E::UnknownImport { name: "x".into() },
-                400,
-                "plugin_import_denied",
-            ),
-            (
-                E::InvalidConfig {
-                    plugin: "p".into(),
-                    message: "m".into(),
-                },
-                400,
-                "invalid_plugin_config",
-            ),
-            (
-                E::CompileTimeout(Duration::from_secs(1)),
-                400,
-                "plugin_compile_failed",
-            ),
-            (E::Engine("x".into()), 500, "internal"),
-        ];
-        for (e, status, code) in cases {
-            let (s, c) = status_and_code(&e);
-            assert_eq!((s.as_u16(), c), (status, code), "{e}");
-        }
     }
 }

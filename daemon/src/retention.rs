@@ -3,9 +3,9 @@
 
 use rusqlite::{Connection, params};
 
+use crate::clock::now_ms;
 use crate::domain::{self, SubmissionFilter};
 use crate::error::Result;
-use crate::now_ms;
 use crate::store::Store;
 
 /// Deletes the media of submissions settled more than `days` days ago.

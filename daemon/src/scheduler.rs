@@ -30,15 +30,17 @@ use viva_models::{
     Transcript, WorkerKind,
 };
 
+use crate::clock::now_ms;
 use crate::config::{Config, Policy, SchedulerConfig, WorkerConfig};
 use crate::domain::{Assignment, ReleasePolicy, get_assignment};
 use crate::error::{Error, Result};
+use crate::eta::{PlanInput, ServiceStats, Snapshot, StatsView};
 use crate::jobs::{self, Claimed, FailOutcome, OpenBatch, PendingJob, Stage};
 use crate::metrics::Metrics;
-use crate::now_ms;
-use crate::status::{PlanInput, ServiceStats, Snapshot, StatsView};
 use crate::store::Store;
-use crate::workers::{Supervisor, WorkerError, WorkerExit, WorkerHandle, WorkerSpec};
+use crate::workers::{
+    Supervisor, WorkerError, WorkerExit, WorkerHandle, WorkerSpec, WorkerTimeouts,
+};
 
 /// Scores an evaluated submission: [`crate::plugins::PluginScorer`] runs the
 /// assignment's rubric plugin. Without a scorer (tests of the pipeline),
@@ -232,7 +234,11 @@ impl Scheduler {
         scorer: Option<Arc<dyn Scorer>>,
     ) -> (Scheduler, SchedulerHandle) {
         let (exits_tx, exits_rx) = mpsc::unbounded_channel();
-        let supervisor = Supervisor::new(DAEMON_VERSION, config.workers.timeouts(), exits_tx);
+        let supervisor = Supervisor::new(
+            DAEMON_VERSION,
+            WorkerTimeouts::from(&config.workers),
+            exits_tx,
+        );
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let notify = Arc::new(Notify::new());
         let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
@@ -1255,7 +1261,7 @@ impl Scheduler {
             stt_ready,
             eval_ready,
         };
-        let entries = crate::status::entries(&inp, &self.stats);
+        let entries = crate::eta::entries(&inp, &self.stats);
         let count = |stage: Stage| pending.iter().filter(|j| j.stage == stage).count();
         let (stt_q, eval_q, score_q) = (count(Stage::Stt), count(Stage::Eval), count(Stage::Score));
         self.metrics

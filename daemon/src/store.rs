@@ -278,7 +278,7 @@ fn migrate_to(conn: &mut Connection, path: &Path, migrations: &[&str]) -> Result
         tx.execute_batch(sql)?;
         tx.execute(
             "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
-            (version, crate::now_ms()),
+            (version, crate::clock::now_ms()),
         )?;
         tx.commit()?;
         tracing::info!(version, "applied database migration");

@@ -90,6 +90,16 @@ impl Default for WorkerTimeouts {
     }
 }
 
+impl From<&crate::config::WorkersConfig> for WorkerTimeouts {
+    fn from(c: &crate::config::WorkersConfig) -> Self {
+        WorkerTimeouts {
+            handshake: c.handshake_timeout,
+            load: c.load_timeout,
+            stop_grace: c.stop_grace,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(

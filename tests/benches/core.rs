@@ -37,7 +37,7 @@ use anyhow::{Context, bail, ensure};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use viva_daemon::Config;
-use viva_daemon::domain::Role;
+use viva_daemon::Role;
 use viva_tests::{TestDaemon, bin_dir, tone};
 
 /// Set in the environment of a child process to make it run as `viva`.

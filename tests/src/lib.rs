@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
 use viva_daemon::Config;
+use viva_daemon::Role;
 use viva_daemon::config::WorkerConfig;
-use viva_daemon::domain::Role;
 
 pub mod platform;
 pub mod real;

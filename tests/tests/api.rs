@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use viva_daemon::domain::Role;
+use viva_daemon::Role;
 use viva_tests::{TestDaemon, speech, tone, video};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -385,7 +385,7 @@ impl Env {
         let rows = self
             .state
             .store
-            .read(move |c| viva_daemon::passback::outbox_rows(c, &s))
+            .read(move |c| viva_daemon::outbox_rows(c, &s))
             .await
             .expect("outbox");
         rows.into_iter()
@@ -457,7 +457,7 @@ async fn registration_launches_deep_linking_grades_and_roster_against_a_real_pla
     let admin = env
         .state
         .sessions
-        .mint("ops", "ops", &[viva_daemon::domain::Role::Admin], None)
+        .mint("ops", "ops", &[viva_daemon::Role::Admin], None)
         .expect("mint")
         .0;
     let (status, regs) = env
@@ -547,7 +547,7 @@ async fn registration_launches_deep_linking_grades_and_roster_against_a_real_pla
         "{me}"
     );
     assert_eq!(me["context_title"], "Biology 101");
-    let rubric = viva_daemon::domain::sandbox_assignment().rubric;
+    let rubric = viva_daemon::sandbox_assignment().rubric;
     let max = rubric.max_points();
     let (status, placed) = env
         .api(
@@ -602,10 +602,7 @@ async fn registration_launches_deep_linking_grades_and_roster_against_a_real_pla
         json!(assignment)
     );
     let learner_user = me["user_id"].as_str().expect("user").to_owned();
-    assert_eq!(
-        learner_user,
-        viva_daemon::platforms::user_id(&issuer, "learner-1")
-    );
+    assert_eq!(learner_user, viva_daemon::lti_user_id(&issuer, "learner-1"));
     // The learner sees the assignment of their course, and nothing to manage.
     let (status, _) = env
         .api(
@@ -787,7 +784,7 @@ async fn registration_launches_deep_linking_grades_and_roster_against_a_real_pla
     assert_eq!(l2.status, 200, "{}", l2.body);
     env.platform_post("/control/fail-scores", json!({"ungradable": ["learner-2"]}))
         .await;
-    let learner2 = viva_daemon::platforms::user_id(&issuer, "learner-2");
+    let learner2 = viva_daemon::lti_user_id(&issuer, "learner-2");
     let sub3 = env
         .scored_submission(&learner2, &assignment, 1, "released")
         .await;
@@ -840,7 +837,7 @@ async fn registration_launches_deep_linking_grades_and_roster_against_a_real_pla
         })
         .await;
     assert_eq!(l3.status, 200, "{}", l3.body);
-    let learner3 = viva_daemon::platforms::user_id(&issuer, "learner-3");
+    let learner3 = viva_daemon::lti_user_id(&issuer, "learner-3");
     let sub4 = env
         .scored_submission(&learner3, &assignment, 1, "released")
         .await;
@@ -980,7 +977,7 @@ async fn assert_rejected(env: &Env, l: &Launched, code: &str, user: &str, case: 
         l.data.is_none() && !l.body.contains("\"token\""),
         "{case}: a session leaked"
     );
-    let uid = viva_daemon::platforms::user_id(&env.platform.base, user);
+    let uid = viva_daemon::lti_user_id(&env.platform.base, user);
     assert!(!env.user_exists(&uid).await, "{case}: a user was created");
 }
 
@@ -1264,7 +1261,7 @@ async fn forged_malformed_and_replayed_launches_are_rejected_without_side_effect
     assert_eq!(l.error.as_deref(), Some("state_not_bound"));
     assert!(l.body.contains("id=\"new-window\""), "{}", l.body);
     assert!(!l.body.contains("\"token\""));
-    let uid = viva_daemon::platforms::user_id(&env.platform.base, "neg-nocookie");
+    let uid = viva_daemon::lti_user_id(&env.platform.base, "neg-nocookie");
     assert!(!env.user_exists(&uid).await);
     n += 1;
     // With storage offered, the page asks the platform frame (and holds no session).

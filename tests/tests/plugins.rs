@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use viva_daemon::domain::Role;
+use viva_daemon::Role;
 use viva_tests::{TestDaemon, tone};
 
 fn fast() -> Vec<(&'static str, String)> {
@@ -57,7 +57,7 @@ fn hostile_wasm() -> Vec<u8> {
 }
 
 fn assignment(id: &str, plugin: &str, config: Value, release: &str) -> Value {
-    let sandbox = viva_daemon::domain::sandbox_assignment();
+    let sandbox = viva_daemon::sandbox_assignment();
     json!({
         "id": id,
         "title": "Plugin test",

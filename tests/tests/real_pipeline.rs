@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use viva_daemon::domain::Role;
+use viva_daemon::Role;
 use viva_tests::real::use_real_workers;
 use viva_tests::{TestDaemon, speech};
 

@@ -6,8 +6,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use viva_daemon::Role;
 use viva_daemon::config::Policy;
-use viva_daemon::domain::Role;
 use viva_models::WorkerKind;
 use viva_tests::{TestDaemon, max_overlap, tone};
 

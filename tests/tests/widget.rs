@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use viva_daemon::domain::Role;
+use viva_daemon::Role;
 use viva_tests::{TestDaemon, bin_dir, speech, tone, video};
 
 // ---- helpers -------------------------------------------------------------------------

@@ -37,8 +37,8 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::clock::now_ms;
 use crate::config::WorkerConfig;
-use crate::now_ms;
 
 const REGISTRATION_TOKEN: &str = "reg-token-3f9c2a";
 const ROLE: &str = "http://purl.imsglobal.org/vocab/lis/v2/membership#";

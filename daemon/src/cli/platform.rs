@@ -9,7 +9,7 @@ use clap::Subcommand;
 use viva_lti::Registration;
 
 use crate::config::Config;
-use crate::platforms;
+use crate::lti;
 
 #[derive(Subcommand, Debug)]
 pub enum PlatformAction {
@@ -69,7 +69,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 pub fn run(action: &PlatformAction, config: &Config) -> anyhow::Result<ExitCode> {
-    let store = platforms::open_store(config)?;
+    let store = lti::open_store(config)?;
     let rt = runtime()?;
     match action {
         PlatformAction::Add {
@@ -109,7 +109,7 @@ pub fn run(action: &PlatformAction, config: &Config) -> anyhow::Result<ExitCode>
             let replace = *replace;
             let r = reg.clone();
             rt.block_on(store.write(move |tx| {
-                platforms::save_registration(tx, &r, "manual", replace)?;
+                lti::save_registration(tx, &r, "manual", replace)?;
                 crate::domain::audit(
                     tx,
                     "cli",
@@ -127,7 +127,7 @@ pub fn run(action: &PlatformAction, config: &Config) -> anyhow::Result<ExitCode>
             Ok(ExitCode::SUCCESS)
         }
         PlatformAction::List { json } => {
-            let regs = rt.block_on(store.read(platforms::list_registrations))?;
+            let regs = rt.block_on(store.read(lti::list_registrations))?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&regs)?);
             } else if regs.is_empty() {
@@ -152,7 +152,7 @@ pub fn run(action: &PlatformAction, config: &Config) -> anyhow::Result<ExitCode>
         PlatformAction::Remove { issuer, client_id } => {
             let (i, c) = (issuer.clone(), client_id.clone());
             let removed = rt.block_on(store.write(move |tx| {
-                let removed = platforms::remove_registration(tx, &i, &c)?;
+                let removed = lti::remove_registration(tx, &i, &c)?;
                 if removed {
                     crate::domain::audit(
                         tx,

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 use viva_plugins::{HostOptions, Limits, Plugin, PluginHost, ScoreRequest, builtin};
 
-use crate::plugins::PluginsConfig;
+use crate::config::PluginsConfig;
 
 #[derive(Subcommand, Debug)]
 pub enum PluginAction {

@@ -82,7 +82,7 @@ fn short_answers() -> serde_json::Value {
 }
 
 fn sandbox() -> (String, Rubric) {
-    let a = viva_daemon::domain::sandbox_assignment();
+    let a = viva_daemon::sandbox_assignment();
     (a.prompt, a.rubric)
 }
 

@@ -1,150 +1,36 @@
-//! HTTP routes. Every `/api/v1` route needs a session (bearer token, or a
-//! single-use ticket where headers cannot be sent); `/healthz`, `/readyz` and
-//! `/metrics` do not.
+//! The API everyone with a session uses: who am I, the queue, live events,
+//! tickets, assignments, uploads, submissions and their media.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::Json;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use rusqlite::OptionalExtension;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{Claims, HasSessions, Session, Sessions};
-use crate::config::Config;
+use super::AppState;
+use super::access::{
+    Session, claims_from, context_for, load_assignment, load_readable, require_manage,
+};
+use crate::auth::Claims;
 use crate::domain::{
     self, AssignmentInput, Role, Submission, SubmissionFilter, SubmissionState, new_id,
 };
 use crate::error::{Error, Result};
-use crate::intake::{self, UploadHint};
+use crate::eta::{QueueEntry, Snapshot};
+use crate::intake::{self, IntakeLimits, UploadHint};
 use crate::jobs::{self, BatchProgress};
-use crate::metrics::Metrics;
-use crate::scheduler::SchedulerHandle;
-use crate::status::{QueueEntry, Snapshot};
-use crate::store::Store;
-
-/// Shared state of all handlers.
-#[derive(Clone)]
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub store: Store,
-    pub sessions: Sessions,
-    pub scheduler: SchedulerHandle,
-    pub metrics: Metrics,
-    pub plugins: Arc<crate::plugins::PluginRegistry>,
-    pub lti: crate::platforms::Lti,
-    pub shutting_down: Arc<AtomicBool>,
-}
-
-impl HasSessions for AppState {
-    fn sessions(&self) -> &Sessions {
-        &self.sessions
-    }
-}
-
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/me", get(me))
-        .route("/api/v1/status", get(status))
-        .route("/api/v1/events", get(events))
-        .route("/api/v1/tickets", post(ticket))
-        .route(
-            "/api/v1/assignments",
-            get(list_assignments).post(create_assignment),
-        )
-        .route(
-            "/api/v1/assignments/{id}",
-            get(get_assignment)
-                .put(update_assignment)
-                .delete(delete_assignment),
-        )
-        .route(
-            "/api/v1/assignments/{id}/submissions",
-            post(upload)
-                .get(list_assignment_submissions)
-                .layer(DefaultBodyLimit::disable()),
-        )
-        .route("/api/v1/submissions", get(list_submissions))
-        .route("/api/v1/submissions/{id}", get(get_submission))
-        .route("/api/v1/submissions/{id}/media", get(media))
-        .route("/api/v1/users/{id}/export", get(export_user))
-        .route("/api/v1/users/{id}", axum::routing::delete(delete_user))
-        .route("/api/v1/admin/purge", post(purge))
-        .merge(crate::plugins::routes())
-        .merge(crate::lti_routes::routes())
-        .merge(crate::review::routes())
-        .merge(crate::widget::routes())
-        .with_state(state)
-}
-
-async fn healthz() -> &'static str {
-    "ok\n"
-}
-
-async fn readyz(State(st): State<AppState>) -> Response {
-    let problems = readiness_problems(&st).await;
-    let status = if problems.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(serde_json::json!({ "ready": problems.is_empty(), "problems": problems })),
-    )
-        .into_response()
-}
-
-/// Why the daemon cannot take work now, in words (empty when ready): shared
-/// by `/readyz` and the admin view.
-pub(crate) async fn readiness_problems(st: &AppState) -> Vec<String> {
-    let snap = st.scheduler.snapshot();
-    let mut problems = Vec::new();
-    if st.shutting_down.load(Ordering::Relaxed) {
-        problems.push("shutting down".to_owned());
-    }
-    if st.config.workers.stt.is_none() {
-        problems.push("no STT worker is configured ([workers.stt])".to_owned());
-    }
-    if st.config.workers.evaluators.is_empty() {
-        problems.push("no evaluator is configured ([workers.evaluators.<role>])".to_owned());
-    }
-    for (slot, err) in &snap.worker_errors {
-        problems.push(format!("worker {slot}: {err}"));
-    }
-    let db_ok = st
-        .store
-        .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
-        .await
-        .is_ok();
-    if !db_ok {
-        problems.push("the database cannot be read".into());
-    }
-    problems
-}
-
-async fn metrics(State(st): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.metrics.render(),
-    )
-        .into_response()
-}
 
 #[derive(Serialize)]
-struct MeView {
+pub(super) struct MeView {
     user_id: String,
     context_id: String,
     context_title: Option<String>,
@@ -153,7 +39,7 @@ struct MeView {
     expires_at: u64,
 }
 
-async fn me(State(st): State<AppState>, Session(c): Session) -> Result<Json<MeView>> {
+pub(super) async fn me(State(st): State<AppState>, Session(c): Session) -> Result<Json<MeView>> {
     let ctx = c.ctx.clone();
     let title = st
         .store
@@ -178,7 +64,7 @@ async fn me(State(st): State<AppState>, Session(c): Session) -> Result<Json<MeVi
 
 /// The queue as everyone may see it: no other students' ids.
 #[derive(Serialize)]
-struct StatusView {
+pub(super) struct StatusView {
     policy: &'static str,
     phase: &'static str,
     phase_since_ms: i64,
@@ -189,13 +75,16 @@ struct StatusView {
     score_queue: usize,
     workers: Vec<crate::workers::ProcessInfo>,
     worker_errors: std::collections::BTreeMap<String, String>,
-    stats: crate::status::StatsView,
+    stats: crate::eta::StatsView,
     /// Instructors and admins: unfinished submissions of their context.
     #[serde(skip_serializing_if = "Option::is_none")]
     entries: Option<Vec<QueueEntry>>,
 }
 
-async fn status(State(st): State<AppState>, Session(c): Session) -> Result<Json<StatusView>> {
+pub(super) async fn status(
+    State(st): State<AppState>,
+    Session(c): Session,
+) -> Result<Json<StatusView>> {
     let snap = st.scheduler.snapshot();
     let entries = if c.is_admin() {
         Some(snap.entries.values().cloned().collect())
@@ -243,19 +132,12 @@ async fn status(State(st): State<AppState>, Session(c): Session) -> Result<Json<
     }))
 }
 
-fn context_for(c: &Claims, requested: Option<&str>) -> String {
-    match requested {
-        Some(ctx) if c.is_admin() => ctx.to_owned(),
-        _ => c.ctx.clone(),
-    }
-}
-
 #[derive(Deserialize)]
-struct ContextQuery {
+pub(super) struct ContextQuery {
     context: Option<String>,
 }
 
-async fn list_assignments(
+pub(super) async fn list_assignments(
     State(st): State<AppState>,
     Session(c): Session,
     Query(q): Query<ContextQuery>,
@@ -268,19 +150,7 @@ async fn list_assignments(
     ))
 }
 
-async fn load_assignment(st: &AppState, c: &Claims, id: String) -> Result<domain::Assignment> {
-    let a = st
-        .store
-        .read(move |conn| domain::get_assignment(conn, &id))
-        .await?
-        .ok_or(Error::NotFound("assignment"))?;
-    if a.context_id != c.ctx && !c.is_admin() {
-        return Err(Error::NotFound("assignment"));
-    }
-    Ok(a)
-}
-
-async fn get_assignment(
+pub(super) async fn get_assignment(
     State(st): State<AppState>,
     Session(c): Session,
     Path(id): Path<String>,
@@ -288,17 +158,7 @@ async fn get_assignment(
     Ok(Json(load_assignment(&st, &c, id).await?))
 }
 
-fn require_manage(c: &Claims, ctx: &str) -> Result<()> {
-    if c.can_manage(ctx) {
-        Ok(())
-    } else {
-        Err(Error::Forbidden(
-            "only the course's instructors can change assignments".into(),
-        ))
-    }
-}
-
-async fn create_assignment(
+pub(super) async fn create_assignment(
     State(st): State<AppState>,
     Session(c): Session,
     Query(q): Query<ContextQuery>,
@@ -307,7 +167,7 @@ async fn create_assignment(
     let ctx = context_for(&c, q.context.as_deref());
     require_manage(&c, &ctx)?;
     input.validate()?;
-    crate::plugins::check_assignment(&st, &ctx, &input).await?;
+    crate::plugins::check_assignment(&st.plugins, &ctx, &input).await?;
     let id = input.id.clone().unwrap_or_else(|| new_id("asg"));
     let actor = c.actor();
     let a = st
@@ -328,7 +188,7 @@ async fn create_assignment(
     Ok((StatusCode::CREATED, Json(a)))
 }
 
-async fn update_assignment(
+pub(super) async fn update_assignment(
     State(st): State<AppState>,
     Session(c): Session,
     Path(id): Path<String>,
@@ -343,7 +203,7 @@ async fn update_assignment(
             "the body's id differs from the URL's",
         ));
     }
-    crate::plugins::check_assignment(&st, &existing.context_id, &input).await?;
+    crate::plugins::check_assignment(&st.plugins, &existing.context_id, &input).await?;
     let actor = c.actor();
     let ctx = existing.context_id.clone();
     Ok(Json(
@@ -357,7 +217,7 @@ async fn update_assignment(
     ))
 }
 
-async fn delete_assignment(
+pub(super) async fn delete_assignment(
     State(st): State<AppState>,
     Session(c): Session,
     Path(id): Path<String>,
@@ -375,11 +235,11 @@ async fn delete_assignment(
 }
 
 #[derive(Deserialize)]
-struct UploadQuery {
+pub(super) struct UploadQuery {
     filename: Option<String>,
 }
 
-async fn upload(
+pub(super) async fn upload(
     State(st): State<AppState>,
     Session(c): Session,
     Path(assignment_id): Path<String>,
@@ -390,7 +250,7 @@ async fn upload(
     match &result {
         Ok(_) => st.metrics.uploads.inc(),
         Err(e) => {
-            let (_, code) = e.status_and_code();
+            let (_, code) = super::error::status_and_code(e);
             st.metrics.uploads_rejected.with_label_values(&[code]).inc();
         }
     }
@@ -419,7 +279,7 @@ async fn upload_inner(
         tracing::info!(submission = %sub.id, "upload retried with a known idempotency key");
         return Ok((StatusCode::OK, Json(view(st, c, sub, None))));
     }
-    let limits = st.config.intake.limits();
+    let limits = IntakeLimits::from(&st.config.intake);
     let staging = st.config.staging_dir();
     let content_type = req
         .headers()
@@ -472,67 +332,30 @@ async fn upload_inner(
     let sha256 = staged.sha256.clone();
     let size_bytes = staged.size_bytes;
     let original_name = staged.original_name.clone();
+    let format = staged.extension.clone();
     let info = staged.info.clone();
     let media_json = serde_json::to_string(&info).map_err(|e| Error::Internal(e.to_string()))?;
     let m = staged.commit(&final_dir).await?;
-    let c2 = c.clone();
-    let a_id = assignment.id.clone();
-    let sub_id2 = sub_id.clone();
-    let ctx = assignment.context_id.clone();
-    let key2 = upload_key.clone();
+    let new = jobs::NewSubmission {
+        id: sub_id.clone(),
+        assignment_id: assignment.id.clone(),
+        context_id: assignment.context_id.clone(),
+        user_id: c.sub.clone(),
+        user_name: c.name.clone(),
+        roles: c.roles.clone(),
+        upload_key: upload_key.clone(),
+        original_name,
+        media_dir: m.dir.display().to_string(),
+        original_path: m.original.display().to_string(),
+        wav_path: m.wav.display().to_string(),
+        sha256,
+        size_bytes,
+        duration_seconds: info.duration_seconds,
+        media_info: media_json,
+    };
     let insert = st
         .store
-        .write(move |tx| {
-            // Two concurrent tries with one key: the first to commit wins.
-            if let Some(key) = &key2 {
-                let existing: Option<String> = tx
-                    .query_row(
-                        "SELECT id FROM submissions
-                         WHERE assignment_id = ?1 AND user_id = ?2 AND upload_key = ?3",
-                        rusqlite::params![a_id, c2.sub, key],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                if existing.is_some() {
-                    return Ok(existing);
-                }
-            }
-            domain::ensure_member(tx, &ctx, &c2.sub, c2.name.as_deref(), &c2.roles)?;
-            let attempt: i64 = tx.query_row(
-                "SELECT COALESCE(MAX(attempt), 0) + 1 FROM submissions
-                 WHERE assignment_id = ?1 AND user_id = ?2",
-                rusqlite::params![a_id, c2.sub],
-                |r| r.get(0),
-            )?;
-            let now = crate::now_ms();
-            tx.execute(
-                "INSERT INTO submissions (id, assignment_id, user_id, attempt, state, original_name,
-                     media_dir, original_path, wav_path, sha256, size_bytes, duration_seconds,
-                     media_info, created_at, updated_at, upload_key)
-                 VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14)",
-                rusqlite::params![
-                    sub_id2,
-                    a_id,
-                    c2.sub,
-                    attempt,
-                    original_name,
-                    m.dir.display().to_string(),
-                    m.original.display().to_string(),
-                    m.wav.display().to_string(),
-                    sha256,
-                    size_bytes as i64,
-                    info.duration_seconds,
-                    media_json,
-                    now,
-                    key2
-                ],
-            )?;
-            tx.execute(
-                "INSERT INTO jobs (submission_id, stage, state, created_at) VALUES (?1, 'stt', 'queued', ?2)",
-                rusqlite::params![sub_id2, now],
-            )?;
-            Ok(None)
-        })
+        .write(move |tx| jobs::accept_upload(tx, &new))
         .await;
     let (id, status) = match insert {
         Ok(None) => (sub_id.clone(), StatusCode::CREATED),
@@ -553,7 +376,7 @@ async fn upload_inner(
         .await?
         .ok_or(Error::NotFound("submission"))?;
     tracing::info!(submission = %sub.id, user = %sub.user_id, assignment = %sub.assignment_id,
-        bytes = sub.size_bytes, seconds = sub.duration_seconds, "accepted upload");
+        bytes = sub.size_bytes, seconds = sub.duration_seconds, %format, "accepted upload");
     Ok((status, Json(view(st, c, sub, None))))
 }
 
@@ -658,19 +481,6 @@ fn view_from_snapshot(
     }
 }
 
-async fn load_readable(st: &AppState, c: &Claims, id: String) -> Result<Submission> {
-    let s = st
-        .store
-        .read(move |conn| domain::get_submission(conn, &id))
-        .await?
-        .ok_or(Error::NotFound("submission"))?;
-    // Someone else's submission is "not found", not "forbidden": ids do not leak.
-    if !c.can_read(&s) {
-        return Err(Error::NotFound("submission"));
-    }
-    Ok(s)
-}
-
 async fn batch_of(st: &AppState, s: &Submission) -> Result<Option<BatchProgress>> {
     match s.batch_id {
         Some(b) => Ok(Some(
@@ -680,7 +490,7 @@ async fn batch_of(st: &AppState, s: &Submission) -> Result<Option<BatchProgress>
     }
 }
 
-async fn get_submission(
+pub(super) async fn get_submission(
     State(st): State<AppState>,
     Session(c): Session,
     Path(id): Path<String>,
@@ -691,13 +501,13 @@ async fn get_submission(
 }
 
 #[derive(Deserialize)]
-struct ListQuery {
+pub(super) struct ListQuery {
     user: Option<String>,
     context: Option<String>,
     limit: Option<u32>,
 }
 
-async fn list_submissions(
+pub(super) async fn list_submissions(
     State(st): State<AppState>,
     Session(c): Session,
     Query(q): Query<ListQuery>,
@@ -722,7 +532,7 @@ async fn list_submissions(
     ))
 }
 
-async fn list_assignment_submissions(
+pub(super) async fn list_assignment_submissions(
     State(st): State<AppState>,
     Session(c): Session,
     Path(id): Path<String>,
@@ -748,18 +558,18 @@ async fn list_assignment_submissions(
 }
 
 #[derive(Deserialize)]
-struct TicketRequest {
+pub(super) struct TicketRequest {
     /// "events" or "media:<submission id>".
     scope: String,
 }
 
 #[derive(Serialize)]
-struct TicketResponse {
+pub(super) struct TicketResponse {
     ticket: String,
     expires_in: u64,
 }
 
-async fn ticket(
+pub(super) async fn ticket(
     State(st): State<AppState>,
     Session(c): Session,
     Json(req): Json<TicketRequest>,
@@ -779,32 +589,8 @@ async fn ticket(
     }))
 }
 
-/// Bearer header, or else a single-use ticket for `scope`.
-pub(crate) fn claims_from(
-    st: &AppState,
-    headers: &HeaderMap,
-    ticket: Option<&str>,
-    scope: &str,
-) -> Result<Claims> {
-    if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let v = v
-            .to_str()
-            .map_err(|_| Error::Unauthorized("malformed Authorization header".into()))?;
-        let token = v
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| Error::Unauthorized("the Authorization header must be Bearer".into()))?;
-        return st.sessions.verify(token.trim());
-    }
-    match ticket {
-        Some(t) => st.sessions.redeem(t, scope),
-        None => Err(Error::Unauthorized(
-            "send a bearer token, or a ticket from POST /api/v1/tickets as ?ticket=".into(),
-        )),
-    }
-}
-
 #[derive(Deserialize)]
-struct EventsQuery {
+pub(super) struct EventsQuery {
     submission: Option<String>,
     ticket: Option<String>,
 }
@@ -833,7 +619,7 @@ struct GlobalEvent {
     score_queue: usize,
 }
 
-async fn events(
+pub(super) async fn events(
     State(st): State<AppState>,
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
@@ -968,11 +754,11 @@ fn submission_stream(
 }
 
 #[derive(Deserialize)]
-struct MediaQuery {
+pub(super) struct MediaQuery {
     ticket: Option<String>,
 }
 
-async fn media(
+pub(super) async fn media(
     State(st): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
@@ -1012,50 +798,6 @@ async fn media(
         body,
     )
         .into_response())
-}
-
-async fn export_user(
-    State(st): State<AppState>,
-    Session(c): Session,
-    Path(user): Path<String>,
-) -> Result<Json<serde_json::Value>> {
-    if user != c.sub && !c.is_admin() {
-        return Err(Error::Forbidden(
-            "you can export only your own data; an administrator can export anyone's".into(),
-        ));
-    }
-    Ok(Json(
-        st.store
-            .read(move |conn| crate::retention::export_user(conn, &user))
-            .await?,
-    ))
-}
-
-async fn delete_user(
-    State(st): State<AppState>,
-    Session(c): Session,
-    Path(user): Path<String>,
-) -> Result<Json<HashMap<&'static str, usize>>> {
-    if !c.is_admin() {
-        return Err(Error::Forbidden(
-            "only an administrator can delete a user's data".into(),
-        ));
-    }
-    let n = crate::retention::delete_user(&st.store, &user, &c.actor()).await?;
-    Ok(Json(HashMap::from([("submissions_deleted", n)])))
-}
-
-async fn purge(
-    State(st): State<AppState>,
-    Session(c): Session,
-) -> Result<Json<HashMap<&'static str, usize>>> {
-    if !c.is_admin() {
-        return Err(Error::Forbidden(
-            "only an administrator can purge media".into(),
-        ));
-    }
-    let n = crate::retention::purge_expired(&st.store, st.config.retention.retention_days).await?;
-    Ok(Json(HashMap::from([("media_purged", n)])))
 }
 
 #[cfg(test)]

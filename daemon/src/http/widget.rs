@@ -12,54 +12,62 @@
 
 use std::sync::OnceLock;
 
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use sha2::{Digest, Sha256};
 
-use crate::api::AppState;
+use super::AppState;
+use super::html::shell;
+use crate::intake::IntakeLimits;
 
 /// (file name, content type, bytes).
 const ASSETS: &[(&str, &str, &[u8])] = &[
-    ("app.js", JS, include_bytes!("../../web-widget/src/app.js")),
-    ("api.js", JS, include_bytes!("../../web-widget/src/api.js")),
-    ("ui.js", JS, include_bytes!("../../web-widget/src/ui.js")),
+    (
+        "app.js",
+        JS,
+        include_bytes!("../../../web-widget/src/app.js"),
+    ),
+    (
+        "api.js",
+        JS,
+        include_bytes!("../../../web-widget/src/api.js"),
+    ),
+    ("ui.js", JS, include_bytes!("../../../web-widget/src/ui.js")),
     (
         "strings.en.js",
         JS,
-        include_bytes!("../../web-widget/src/strings.en.js"),
+        include_bytes!("../../../web-widget/src/strings.en.js"),
     ),
     (
         "student.js",
         JS,
-        include_bytes!("../../web-widget/src/student.js"),
+        include_bytes!("../../../web-widget/src/student.js"),
     ),
     (
         "recorder.js",
         JS,
-        include_bytes!("../../web-widget/src/recorder.js"),
+        include_bytes!("../../../web-widget/src/recorder.js"),
     ),
     (
         "instructor.js",
         JS,
-        include_bytes!("../../web-widget/src/instructor.js"),
+        include_bytes!("../../../web-widget/src/instructor.js"),
     ),
     (
         "schemaform.js",
         JS,
-        include_bytes!("../../web-widget/src/schemaform.js"),
+        include_bytes!("../../../web-widget/src/schemaform.js"),
     ),
     (
         "admin.js",
         JS,
-        include_bytes!("../../web-widget/src/admin.js"),
+        include_bytes!("../../../web-widget/src/admin.js"),
     ),
     (
         "style.css",
         "text/css; charset=utf-8",
-        include_bytes!("../../web-widget/src/style.css"),
+        include_bytes!("../../../web-widget/src/style.css"),
     ),
 ];
 
@@ -90,13 +98,7 @@ pub fn assets() -> impl Iterator<Item = (&'static str, &'static [u8])> {
     ASSETS.iter().map(|(n, _, b)| (*n, *b))
 }
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/widget/{version}/{file}", get(asset))
-        .route("/app", get(app))
-}
-
-async fn asset(Path((v, file)): Path<(String, String)>, headers: HeaderMap) -> Response {
+pub(super) async fn asset(Path((v, file)): Path<(String, String)>, headers: HeaderMap) -> Response {
     let Some((_, ct, bytes)) = ASSETS.iter().find(|(n, _, _)| *n == file) else {
         return (StatusCode::NOT_FOUND, "no such widget file\n").into_response();
     };
@@ -136,17 +138,9 @@ async fn asset(Path((v, file)): Path<(String, String)>, headers: HeaderMap) -> R
     resp
 }
 
-/// JSON safe inside `<script type="application/json">`.
-fn script_json(v: &serde_json::Value) -> String {
-    v.to_string()
-        .replace('<', "\\u003c")
-        .replace('>', "\\u003e")
-        .replace('&', "\\u0026")
-}
-
 /// Settings the widget needs from the daemon, merged into its page data.
-pub fn limits(st: &AppState) -> serde_json::Value {
-    let l = st.config.intake.limits();
+pub(super) fn limits(st: &AppState) -> serde_json::Value {
+    let l = IntakeLimits::from(&st.config.intake);
     serde_json::json!({
         "max_upload_bytes": l.max_upload_bytes,
         "max_duration_seconds": l.max_duration.as_secs(),
@@ -154,74 +148,14 @@ pub fn limits(st: &AppState) -> serde_json::Value {
     })
 }
 
-/// The widget's page: `data` (token, assignment, roles …) for the script;
-/// `frame_ancestors` the origins that may frame it (`None`: only this origin).
-pub fn shell(title: &str, data: serde_json::Value, frame_ancestors: Option<&[String]>) -> Response {
-    let nonce = viva_lti::login::random_token(16);
-    let v = version();
-    let html = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{}</title><link rel=\"stylesheet\" href=\"/widget/{v}/style.css\"></head>\
-         <body><div id=\"viva-app\" class=\"viva\"><noscript>Viva needs JavaScript: turn it on \
-         for this site and reload.</noscript></div>\
-         <script type=\"application/json\" id=\"viva-data\">{}</script>\
-         <script type=\"module\" nonce=\"{nonce}\" src=\"/widget/{v}/app.js\"></script></body></html>",
-        crate::lti_routes::esc(title),
-        script_json(&data)
-    );
-    let ancestors = match frame_ancestors {
-        None => "'self'".to_owned(),
-        Some(list) => {
-            let mut s = "'self'".to_owned();
-            for o in list {
-                s.push(' ');
-                s.push_str(o);
-            }
-            s
-        }
-    };
-    let csp = format!(
-        "default-src 'none'; script-src 'self' 'nonce-{nonce}'; style-src 'self'; \
-         connect-src 'self'; img-src 'self' data: blob:; media-src 'self' blob: mediastream:; \
-         form-action 'none'; frame-ancestors {ancestors}; base-uri 'none'"
-    );
-    html_page(StatusCode::OK, html, &csp)
-}
-
 /// The standalone widget: the token comes from `#token=…` (never sent to
 /// the server); `viva session` mints one.
-async fn app(State(st): State<AppState>) -> Response {
+pub(super) async fn app(State(st): State<AppState>) -> Response {
     shell(
         "Viva",
         serde_json::json!({ "standalone": true, "limits": limits(&st) }),
         None,
     )
-}
-
-/// An HTML page that is never cached, sends no referrer, is not sniffed and
-/// carries `csp`: the headers every page of the daemon (widget shell, LTI
-/// pages) shares.
-pub(crate) fn html_page(status: StatusCode, html: String, csp: &str) -> Response {
-    let mut resp = (status, html).into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    if let Ok(v) = HeaderValue::from_str(csp) {
-        h.insert(header::CONTENT_SECURITY_POLICY, v);
-    }
-    resp
 }
 
 #[cfg(test)]
@@ -233,11 +167,5 @@ mod tests {
         assert!(ASSETS.iter().all(|(_, _, b)| !b.is_empty()));
         assert_eq!(version(), version());
         assert_eq!(version().len(), 16);
-    }
-
-    #[test]
-    fn page_data_cannot_close_its_script_element() {
-        let s = script_json(&serde_json::json!({"t": "</script><script>alert(1)</script>"}));
-        assert!(!s.contains('<'));
     }
 }

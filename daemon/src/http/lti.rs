@@ -13,160 +13,30 @@
 //! cookie, else from platform storage (`lti.get_data`, then one more POST
 //! with the binding), else the browser is offered "open in a new window";
 //! the state check is never skipped. A valid launch answers with the web
-//! widget's page (`crate::widget::shell`), which carries the session token in
+//! widget's page (`crate::http::widget::shell`), which carries the session token in
 //! its body (never in a URL) and calls `/api/v1/me` with it.
 
 use std::collections::BTreeMap;
 
+use axum::Json;
 use axum::extract::{Form, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use viva_lti::deep_linking::{LineItemSpec, ResourceLinkItem};
 use viva_lti::launch::{Expectations, Launch, MessageType};
 use viva_lti::login::{self, LoginRequest};
 use viva_lti::{LtiError, Registration};
 
-use crate::api::AppState;
-use crate::auth::{Claims, LtiScope, Session};
+use super::AppState;
+use super::access::{Session, require_admin};
+use super::html::{Page, esc};
+use crate::auth::{Claims, LtiScope};
 use crate::domain::{self, AssignmentInput, Role, new_id};
 use crate::error::{Error, Result};
-use crate::platforms::{self, DeepLinkContext, Link};
-
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/lti/login", get(login_get).post(login_post))
-        .route("/lti/launch", post(launch))
-        .route("/lti/jwks.json", get(jwks))
-        .route("/lti/register", get(register))
-        .route("/lti/canvas.json", get(canvas_json))
-        .route("/lti/deep-link", post(deep_link))
-        .route("/api/v1/lti/members", get(members))
-        .route(
-            "/api/v1/admin/platforms",
-            get(list_platforms)
-                .post(add_platform)
-                .delete(remove_platform),
-        )
-        .merge(crate::passback::routes())
-}
+use crate::lti::{self, DeepLinkContext, Link};
 
 // ---- pages --------------------------------------------------------------------
-
-const CSS: &str = "body{font:16px/1.5 system-ui,sans-serif;margin:0;color:#1b1b1b}\
-main{max-width:46rem;margin:0 auto;padding:1.5rem}\
-code{background:#f2f2f2;padding:.1rem .3rem;border-radius:3px;word-break:break-all}\
-button,.button{font:inherit;padding:.4rem .9rem;border:1px solid #2a5db0;background:#2a5db0;color:#fff;border-radius:4px;cursor:pointer;text-decoration:none;display:inline-block}\
-li{margin:.4rem 0}label{display:block;margin:.5rem 0 .2rem}input,textarea{font:inherit;width:100%;box-sizing:border-box}\
-.error{border-left:4px solid #b00020;padding-left:1rem}[hidden]{display:none}";
-
-/// HTML-escapes text for element content and quoted attributes.
-pub fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// JSON safe inside `<script type="application/json">`.
-fn script_json(v: &serde_json::Value) -> String {
-    v.to_string()
-        .replace('<', "\\u003c")
-        .replace('>', "\\u003e")
-        .replace('&', "\\u0026")
-}
-
-struct Page {
-    status: StatusCode,
-    title: String,
-    body: String,
-    /// JSON handed to the script (`#viva-data`).
-    data: Option<serde_json::Value>,
-    script: Option<&'static str>,
-    /// Origins allowed to frame the page; empty = any (harmless pages only).
-    frame_ancestors: Option<Vec<String>>,
-    form_action: Vec<String>,
-    headers: Vec<(HeaderName, String)>,
-}
-
-impl Page {
-    fn new(title: impl Into<String>, body: String) -> Page {
-        Page {
-            status: StatusCode::OK,
-            title: title.into(),
-            body,
-            data: None,
-            script: None,
-            frame_ancestors: None,
-            form_action: Vec::new(),
-            headers: Vec::new(),
-        }
-    }
-
-    fn render(self) -> Response {
-        let nonce = viva_lti::login::random_token(16);
-        let data = self
-            .data
-            .as_ref()
-            .map(|d| {
-                format!(
-                    "<script type=\"application/json\" id=\"viva-data\">{}</script>",
-                    script_json(d)
-                )
-            })
-            .unwrap_or_default();
-        let script = self
-            .script
-            .map(|s| format!("<script nonce=\"{nonce}\">{s}</script>"))
-            .unwrap_or_default();
-        let html = format!(
-            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-             <title>{}</title><style>{CSS}</style></head><body><main>{}</main>{data}{script}</body></html>",
-            esc(&self.title),
-            self.body
-        );
-        let ancestors = match &self.frame_ancestors {
-            None => "*".to_owned(),
-            Some(list) => {
-                let mut s = "'self'".to_owned();
-                for o in list {
-                    s.push(' ');
-                    s.push_str(o);
-                }
-                s
-            }
-        };
-        let mut form_action = "'self'".to_owned();
-        for o in &self.form_action {
-            form_action.push(' ');
-            form_action.push_str(o);
-        }
-        let csp = format!(
-            "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; \
-             connect-src 'self'; img-src 'self' data:; form-action {form_action}; \
-             frame-ancestors {ancestors}; base-uri 'none'"
-        );
-        let mut resp = crate::widget::html_page(self.status, html, &csp);
-        let h = resp.headers_mut();
-        for (name, value) in self.headers {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                h.append(name, v);
-            }
-        }
-        resp
-    }
-}
 
 const ERROR_HEADER: &str = "x-viva-error";
 
@@ -190,7 +60,7 @@ fn error_page(status: StatusCode, code: &str, message: &str) -> Response {
 }
 
 fn lti_error_page(e: &LtiError) -> Response {
-    let (status, code) = platforms::status_and_code(e);
+    let (status, code) = (super::error::lti_status(e), e.code());
     if e.is_client_error() {
         tracing::info!(code, error = %e, "LTI request refused");
     } else {
@@ -200,7 +70,7 @@ fn lti_error_page(e: &LtiError) -> Response {
 }
 
 fn daemon_error_page(e: &Error) -> Response {
-    let (status, code) = e.status_and_code();
+    let (status, code) = super::error::status_and_code(e);
     if status.is_server_error() {
         tracing::error!(error = %e, "LTI page failed");
         error_page(
@@ -233,14 +103,14 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
 
 // ---- login --------------------------------------------------------------------
 
-async fn login_get(
+pub(super) async fn login_get(
     State(st): State<AppState>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
     login_response(&st, params).await
 }
 
-async fn login_post(
+pub(super) async fn login_post(
     State(st): State<AppState>,
     Form(params): Form<Vec<(String, String)>>,
 ) -> Response {
@@ -267,7 +137,7 @@ async fn login_response(st: &AppState, params: Vec<(String, String)>) -> Respons
     let issuer = req.iss.clone();
     let regs = match st
         .store
-        .read(move |c| platforms::registrations_for(c, &issuer))
+        .read(move |c| lti::registrations_for(c, &issuer))
         .await
     {
         Ok(r) => r,
@@ -326,7 +196,7 @@ async fn login_response(st: &AppState, params: Vec<(String, String)>) -> Respons
 // ---- launch -------------------------------------------------------------------
 
 #[derive(Deserialize)]
-struct LaunchForm {
+pub(super) struct LaunchForm {
     id_token: Option<String>,
     state: Option<String>,
     lti_storage_target: Option<String>,
@@ -363,7 +233,7 @@ fn new_window_html(st: &AppState, req: &LoginRequest) -> String {
     )
 }
 
-async fn launch(
+pub(super) async fn launch(
     State(st): State<AppState>,
     headers: HeaderMap,
     Form(f): Form<LaunchForm>,
@@ -396,7 +266,7 @@ async fn launch(
         let issuer = pending.issuer.clone();
         match st
             .store
-            .read(move |c| platforms::registrations_for(c, &issuer))
+            .read(move |c| lti::registrations_for(c, &issuer))
             .await
         {
             Ok(r) => r,
@@ -489,8 +359,8 @@ struct Provisioned {
 
 async fn provision(st: &AppState, launch: &Launch) -> Result<Provisioned> {
     let access = viva_lti::roles::map_roles(&launch.roles);
-    let roles = platforms::daemon_roles(&access);
-    let user = platforms::user_id(&launch.issuer, &launch.sub);
+    let roles = lti::daemon_roles(&access);
+    let user = lti::user_id(&launch.issuer, &launch.sub);
     let context_key = launch
         .context
         .as_ref()
@@ -502,7 +372,7 @@ async fn provision(st: &AppState, launch: &Launch) -> Result<Provisioned> {
                 .map(|r| format!("link:{}", r.id))
         })
         .unwrap_or_else(|| "deployment".into());
-    let context = platforms::context_id(
+    let context = lti::context_id(
         &launch.issuer,
         &launch.client_id,
         &launch.deployment_id,
@@ -523,7 +393,7 @@ async fn provision(st: &AppState, launch: &Launch) -> Result<Provisioned> {
             let mut link = None;
             if let Some(rl) = &launch.resource_link {
                 let ags = launch.ags.clone().unwrap_or_default();
-                let mut l = platforms::upsert_link(
+                let mut l = lti::upsert_link(
                     tx,
                     &Link {
                         id: new_id("lnk"),
@@ -545,11 +415,11 @@ async fn provision(st: &AppState, launch: &Launch) -> Result<Provisioned> {
                 )?;
                 if let Some(a) = resolve_assignment(tx, &l, &launch, &ctx)? {
                     if l.assignment_id.as_deref() != Some(a.as_str()) {
-                        platforms::set_link_assignment(tx, &l.id, &a)?;
+                        lti::set_link_assignment(tx, &l.id, &a)?;
                     }
                     l.assignment_id = Some(a);
                 }
-                platforms::record_launch(tx, &l.id, &u, &launch.issuer, &launch.sub)?;
+                lti::record_launch(tx, &l.id, &u, &launch.issuer, &launch.sub)?;
                 link = Some(l);
             }
             domain::audit(
@@ -606,7 +476,7 @@ fn resolve_assignment(
     if a.context_id == context {
         return Ok(Some(a.id));
     }
-    if !platforms::context_of_registration(tx, &a.context_id, &launch.issuer, &launch.client_id)? {
+    if !lti::context_of_registration(tx, &a.context_id, &launch.issuer, &launch.client_id)? {
         tracing::warn!(assignment = %a.id, "a launch named an assignment of another platform; ignored");
         return Ok(None);
     }
@@ -747,13 +617,13 @@ async fn complete_launch(st: &AppState, reg: &Registration, launch: Launch) -> R
                 launch.name.clone(),
                 Some(scope),
             )?;
-            // The web widget (crate::widget) with the token in the page body.
+            // The web widget (crate::http::widget) with the token in the page body.
             let title = p
                 .assignment
                 .as_ref()
                 .map(|a| a.title.clone())
                 .unwrap_or_else(|| "Viva".into());
-            Ok(crate::widget::shell(
+            Ok(super::html::shell(
                 &title,
                 serde_json::json!({
                     "token": token,
@@ -763,7 +633,7 @@ async fn complete_launch(st: &AppState, reg: &Registration, launch: Launch) -> R
                     "link": p.link.as_ref().map(|l| l.id.clone()),
                     "roles": p.roles,
                     "instructor": is_instructor,
-                    "limits": crate::widget::limits(st),
+                    "limits": super::widget::limits(st),
                 }),
                 Some(&frame),
             ))
@@ -773,7 +643,7 @@ async fn complete_launch(st: &AppState, reg: &Registration, launch: Launch) -> R
 
 // ---- keys, registration, configuration ---------------------------------------------
 
-async fn jwks(State(st): State<AppState>) -> Response {
+pub(super) async fn jwks(State(st): State<AppState>) -> Response {
     (
         [(header::CACHE_CONTROL, "public, max-age=300")],
         Json(st.lti.keys.jwks()),
@@ -781,7 +651,7 @@ async fn jwks(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn canvas_json(State(st): State<AppState>) -> Response {
+pub(super) async fn canvas_json(State(st): State<AppState>) -> Response {
     Json(viva_lti::dynreg::canvas_configuration(
         &st.lti.tool,
         &viva_lti::dynreg::ToolDescription::default(),
@@ -790,7 +660,7 @@ async fn canvas_json(State(st): State<AppState>) -> Response {
 }
 
 #[derive(Deserialize)]
-struct RegisterQuery {
+pub(super) struct RegisterQuery {
     openid_configuration: Option<String>,
     registration_token: Option<String>,
 }
@@ -833,7 +703,10 @@ const CLOSE_JS: &str = r#"(function(){
 var c=JSON.parse(document.getElementById('viva-data').textContent);
 (window.opener||window.parent).postMessage({subject:'org.imsglobal.lti.close'},c.origin);})();"#;
 
-async fn register(State(st): State<AppState>, Query(q): Query<RegisterQuery>) -> Response {
+pub(super) async fn register(
+    State(st): State<AppState>,
+    Query(q): Query<RegisterQuery>,
+) -> Response {
     let Some(config_url) = q.openid_configuration.filter(|u| !u.is_empty()) else {
         return manual_registration_page(&st);
     };
@@ -860,7 +733,7 @@ async fn register(State(st): State<AppState>, Query(q): Query<RegisterQuery>) ->
     if let Err(e) = st
         .store
         .write(move |tx| {
-            platforms::save_registration(tx, &saved, "dynamic", false)?;
+            lti::save_registration(tx, &saved, "dynamic", false)?;
             domain::audit(
                 tx,
                 "lti-dynamic-registration",
@@ -894,7 +767,7 @@ async fn register(State(st): State<AppState>, Query(q): Query<RegisterQuery>) ->
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeepLinkRequest {
+pub(super) struct DeepLinkRequest {
     assignment_id: Option<String>,
     assignment: Option<AssignmentInput>,
 }
@@ -908,7 +781,7 @@ fn deep_link_handle(c: &Claims) -> Result<String> {
         })
 }
 
-async fn deep_link(
+pub(super) async fn deep_link(
     State(st): State<AppState>,
     Session(c): Session,
     Json(req): Json<DeepLinkRequest>,
@@ -935,7 +808,7 @@ async fn deep_link(
         }
         (None, Some(input)) => {
             input.validate()?;
-            crate::plugins::check_assignment(&st, &dl.context_id, &input).await?;
+            crate::plugins::check_assignment(&st.plugins, &dl.context_id, &input).await?;
             let ctx = dl.context_id.clone();
             let actor = c.actor();
             st.store
@@ -1006,7 +879,7 @@ async fn deep_link(
 // ---- names and roles -------------------------------------------------------------
 
 #[derive(serde::Serialize)]
-struct MemberView {
+pub(super) struct MemberView {
     lti_user_id: String,
     user_id: String,
     name: Option<String>,
@@ -1018,14 +891,14 @@ struct MemberView {
 }
 
 #[derive(Deserialize)]
-struct MembersQuery {
+pub(super) struct MembersQuery {
     /// A link id; defaults to the session's link.
     link: Option<String>,
 }
 
 /// The course roster from the platform (NRPS), marking who has submitted
 /// to the link's assignment.
-async fn members(
+pub(super) async fn members(
     State(st): State<AppState>,
     Session(c): Session,
     Query(q): Query<MembersQuery>,
@@ -1036,7 +909,7 @@ async fn members(
         .ok_or_else(|| Error::bad_request("no_link", "give ?link= or launch from a course link"))?;
     let link = st
         .store
-        .read(move |conn| platforms::get_link(conn, &link_id))
+        .read(move |conn| lti::get_link(conn, &link_id))
         .await?
         .ok_or(Error::NotFound("link"))?;
     if !c.can_manage(&link.context_id) {
@@ -1051,7 +924,7 @@ async fn members(
     let (issuer, client_id) = (link.issuer.clone(), link.client_id.clone());
     let reg = st
         .store
-        .read(move |conn| platforms::get_registration(conn, &issuer, &client_id))
+        .read(move |conn| lti::get_registration(conn, &issuer, &client_id))
         .await?
         .ok_or(Error::NotFound("platform registration"))?;
     let members = st
@@ -1083,7 +956,7 @@ async fn members(
             .map(|m| {
                 let access = viva_lti::roles::map_roles(&m.roles);
                 MemberView {
-                    user_id: platforms::user_id(&link.issuer, &m.user_id),
+                    user_id: lti::user_id(&link.issuer, &m.user_id),
                     submitted: submitted.contains(&m.user_id),
                     learner: !access.contains(&viva_lti::Access::Instructor),
                     lti_user_id: m.user_id,
@@ -1099,33 +972,23 @@ async fn members(
 
 // ---- platform admin API ---------------------------------------------------------
 
-fn require_admin(c: &Claims) -> Result<()> {
-    if c.is_admin() {
-        Ok(())
-    } else {
-        Err(Error::Forbidden(
-            "only an administrator can manage platform registrations".into(),
-        ))
-    }
-}
-
-async fn list_platforms(
+pub(super) async fn list_platforms(
     State(st): State<AppState>,
     Session(c): Session,
-) -> Result<Json<Vec<platforms::StoredRegistration>>> {
+) -> Result<Json<Vec<lti::StoredRegistration>>> {
     require_admin(&c)?;
-    Ok(Json(st.store.read(platforms::list_registrations).await?))
+    Ok(Json(st.store.read(lti::list_registrations).await?))
 }
 
 #[derive(Deserialize)]
-struct AddPlatform {
+pub(super) struct AddPlatform {
     #[serde(flatten)]
     registration: Registration,
     #[serde(default)]
     replace: bool,
 }
 
-async fn add_platform(
+pub(super) async fn add_platform(
     State(st): State<AppState>,
     Session(c): Session,
     Json(req): Json<AddPlatform>,
@@ -1136,7 +999,7 @@ async fn add_platform(
     let actor = c.actor();
     st.store
         .write(move |tx| {
-            platforms::save_registration(tx, &reg, "manual", req.replace)?;
+            lti::save_registration(tx, &reg, "manual", req.replace)?;
             domain::audit(
                 tx,
                 &actor,
@@ -1150,12 +1013,12 @@ async fn add_platform(
 }
 
 #[derive(Deserialize)]
-struct PlatformKey {
+pub(super) struct PlatformKey {
     issuer: String,
     client_id: String,
 }
 
-async fn remove_platform(
+pub(super) async fn remove_platform(
     State(st): State<AppState>,
     Session(c): Session,
     Query(q): Query<PlatformKey>,
@@ -1165,7 +1028,7 @@ async fn remove_platform(
     let removed = st
         .store
         .write(move |tx| {
-            let removed = platforms::remove_registration(tx, &q.issuer, &q.client_id)?;
+            let removed = lti::remove_registration(tx, &q.issuer, &q.client_id)?;
             if removed {
                 domain::audit(
                     tx,
@@ -1188,16 +1051,6 @@ async fn remove_platform(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn escaping_covers_markup_and_quotes() {
-        assert_eq!(
-            esc("<a href=\"x\">'&'</a>"),
-            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
-        );
-        let v = serde_json::json!({"t": "</script><script>alert(1)</script>"});
-        assert!(!script_json(&v).contains("</script>"));
-    }
 
     #[test]
     fn cookies_are_found_by_name() {

@@ -9,72 +9,20 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use viva_lti::launch::DeepLinkingSettings;
 use viva_lti::{
-    HttpClient, JwksCache, LtiError, MemoryStateStore, Registration, ServiceClient, ToolKeys,
-    ToolUrls, UrlPolicy,
+    HttpClient, JwksCache, MemoryStateStore, Registration, ServiceClient, ToolKeys, ToolUrls,
 };
 
-use crate::config::Config;
+use crate::clock::now_ms;
+use crate::config::{Config, LtiConfig};
 use crate::domain::Role;
 use crate::error::{Error, Result};
-use crate::now_ms;
 use crate::store::Store;
-
-/// `[lti]`: LTI 1.3 settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LtiConfig {
-    /// Permit http and loopback/private platform URLs (development and tests
-    /// only). Off, registration and service calls refuse them (SSRF protection).
-    pub allow_insecure_platforms: bool,
-    /// Accept LTI Dynamic Registration at `/lti/register` (Moodle "add tool
-    /// by URL", Canvas `/api/lti/registrations`).
-    pub dynamic_registration: bool,
-    /// Rotate the tool's signing key this often (0 = never automatically).
-    #[serde(with = "humantime_serde")]
-    pub key_rotation: Duration,
-    /// A new key is published this long before it signs.
-    #[serde(with = "humantime_serde")]
-    pub key_publish_lead: Duration,
-    /// At most one refetch of a platform's key set per this interval when a
-    /// launch names an unknown key id.
-    #[serde(with = "humantime_serde")]
-    pub jwks_refetch_interval: Duration,
-    /// First delay before retrying a failed grade passback; doubles per
-    /// attempt, capped at an hour.
-    #[serde(with = "humantime_serde")]
-    pub passback_retry_backoff: Duration,
-    /// Attempts before a grade passback is given up (`dead`).
-    pub passback_max_attempts: u32,
-}
-
-impl Default for LtiConfig {
-    fn default() -> Self {
-        LtiConfig {
-            allow_insecure_platforms: false,
-            dynamic_registration: true,
-            key_rotation: Duration::from_secs(90 * 86_400),
-            key_publish_lead: Duration::from_secs(86_400),
-            jwks_refetch_interval: Duration::from_secs(60),
-            passback_retry_backoff: Duration::from_secs(10),
-            passback_max_attempts: 10,
-        }
-    }
-}
-
-impl LtiConfig {
-    pub fn policy(&self) -> UrlPolicy {
-        UrlPolicy {
-            allow_insecure: self.allow_insecure_platforms,
-        }
-    }
-}
 
 /// A deep-linking request waiting for the instructor's choice.
 #[derive(Debug, Clone)]
@@ -186,38 +134,6 @@ impl Lti {
             Err(e) => tracing::error!(error = %e, "LTI key rotation task failed"),
         }
     }
-}
-
-/// HTTP status and code of an LTI error.
-pub fn status_and_code(e: &LtiError) -> (axum::http::StatusCode, &'static str) {
-    use axum::http::StatusCode;
-    let status = match e {
-        LtiError::UnknownRegistration { .. } => StatusCode::NOT_FOUND,
-        LtiError::UnknownState
-        | LtiError::StateExpired
-        | LtiError::StateNotBound
-        | LtiError::NonceMismatch
-        | LtiError::BadSignature
-        | LtiError::UnknownKid { .. }
-        | LtiError::WeakKey { .. }
-        | LtiError::DisallowedAlgorithm(_)
-        | LtiError::MissingKid
-        | LtiError::IssuerMismatch { .. }
-        | LtiError::AudienceMismatch
-        | LtiError::AzpMismatch
-        | LtiError::Expired
-        | LtiError::NotYetValid
-        | LtiError::TooOld => StatusCode::UNAUTHORIZED,
-        LtiError::Http { .. } | LtiError::Platform { .. } | LtiError::BadResponse { .. } => {
-            StatusCode::BAD_GATEWAY
-        }
-        LtiError::Registration(_) => StatusCode::BAD_GATEWAY,
-        LtiError::Keys(_) | LtiError::Io { .. } | LtiError::Signing(_) => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
-        _ => StatusCode::BAD_REQUEST,
-    };
-    (status, e.code())
 }
 
 // ---- identities ---------------------------------------------------------------
@@ -541,27 +457,5 @@ mod tests {
         let c2 = context_id("https://canvas.instructure.com", "200", "d", "c");
         assert_ne!(c1, c2, "two tenants sharing an issuer never share a course");
         crate::domain::validate_id(&c1, "context").expect("valid id");
-    }
-
-    #[test]
-    fn lti_errors_map_to_statuses() {
-        use axum::http::StatusCode;
-        assert_eq!(
-            status_and_code(&LtiError::BadSignature),
-            (StatusCode::UNAUTHORIZED, "bad_signature")
-        );
-        assert_eq!(
-            status_and_code(&LtiError::MissingParam("iss")).0,
-            StatusCode::BAD_REQUEST
-        );
-        assert_eq!(
-            status_and_code(&LtiError::Platform {
-                url: String::new(),
-                status: 500,
-                body: String::new()
-            })
-            .0,
-            StatusCode::BAD_GATEWAY
-        );
     }
 }
