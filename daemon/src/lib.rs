@@ -5,8 +5,10 @@
 //! supervises model [`workers`] and scores with rubric [`plugins`]) and
 //! serves the [`api`] until shutdown.
 
-// Bottom to top: each module imports only modules listed before it
-// (scripts/check-layout enforces it; ARCHITECTURE.md says what each owns).
+// Modules import one way, bottom to top: clock, config, metrics, intake,
+// workers, error, store, domain, grades, jobs, eta, auth, scheduler,
+// plugins, lti, passback, retention, http, cli (scripts/check-layout
+// enforces it; ARCHITECTURE.md says what each owns).
 mod auth;
 pub mod cli;
 mod clock;
