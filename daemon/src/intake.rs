@@ -878,6 +878,27 @@ fn input_guard_args() -> [OsString; 4] {
     ]
 }
 
+/// An ffmpeg command line: `-nostdin -v error` and `flags`, the guarded
+/// input, the `output_options`, then the output as a `file:` URL.
+fn ffmpeg_args(
+    flags: &[&str],
+    input: &Path,
+    output_options: &[&str],
+    output: &Path,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = ["-nostdin", "-v", "error"]
+        .iter()
+        .chain(flags)
+        .map(OsString::from)
+        .collect();
+    args.extend(input_guard_args());
+    args.push("-i".into());
+    args.push(file_url(input));
+    args.extend(output_options.iter().map(OsString::from));
+    args.push(file_url(output));
+    args
+}
+
 async fn probe(limits: &IntakeLimits, path: &Path, magic: Magic) -> Result<Probe, IntakeError> {
     let mut args: Vec<OsString> = vec!["-v".into(), "error".into()];
     args.extend(input_guard_args());
@@ -920,15 +941,10 @@ async fn probe(limits: &IntakeLimits, path: &Path, magic: Magic) -> Result<Probe
 async fn decode(limits: &IntakeLimits, input: &Path, output: &Path) -> Result<f64, IntakeError> {
     // Never write more than a second past the duration limit, whatever the container says.
     let cap = format!("{:.3}", limits.max_duration.as_secs_f64() + 1.0);
-    let mut args: Vec<OsString> = ["-nostdin", "-hide_banner", "-v", "error", "-xerror"]
-        .into_iter()
-        .map(OsString::from)
-        .collect();
-    args.extend(input_guard_args());
-    args.push("-i".into());
-    args.push(file_url(input));
-    args.extend(
-        [
+    let args = ffmpeg_args(
+        &["-hide_banner", "-xerror"],
+        input,
+        &[
             "-map",
             "0:a:0",
             "-vn",
@@ -951,11 +967,9 @@ async fn decode(limits: &IntakeLimits, input: &Path, output: &Path) -> Result<f6
             "-f",
             "wav",
             "-y",
-        ]
-        .into_iter()
-        .map(OsString::from),
+        ],
+        output,
     );
-    args.push(file_url(output));
     let out = run_tool(&limits.ffmpeg, &args, limits.timeout, false).await?;
     let labels = [(input, "the upload"), (output, "the converted audio")];
     if !out.status.success() {
@@ -1177,15 +1191,10 @@ pub async fn transcode_preview(
         return Ok(out);
     }
     let tmp = dir.join("preview.tmp.mp4");
-    let mut args: Vec<OsString> = ["-nostdin", "-hide_banner", "-y", "-v", "error"]
-        .into_iter()
-        .map(OsString::from)
-        .collect();
-    args.extend(input_guard_args());
-    args.push("-i".into());
-    args.push(file_url(input));
-    args.extend(
-        [
+    let args = ffmpeg_args(
+        &["-hide_banner", "-y"],
+        input,
+        &[
             "-map",
             "0:v:0",
             "-map",
@@ -1208,11 +1217,9 @@ pub async fn transcode_preview(
             "+faststart",
             "-f",
             "mp4",
-        ]
-        .into_iter()
-        .map(OsString::from),
+        ],
+        &tmp,
     );
-    args.push(file_url(&tmp));
     let result = run_tool(&limits.ffmpeg, &args, timeout, false).await;
     let out_status = match result {
         Ok(o) => o,
