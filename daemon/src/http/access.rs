@@ -7,6 +7,7 @@
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, header};
+use serde::Deserialize;
 
 use super::AppState;
 use crate::auth::Claims;
@@ -135,4 +136,22 @@ pub(crate) async fn load_managed(st: &AppState, c: &Claims, id: String) -> Resul
     let s = load_readable(st, c, id).await?;
     require_manage(c, &s.context_id)?;
     Ok(s)
+}
+
+/// `?ticket=` of the routes a browser loads without headers.
+#[derive(Deserialize)]
+pub(crate) struct TicketQuery {
+    pub ticket: Option<String>,
+}
+
+/// A submission whose media the caller may play: bearer header, or a
+/// single-use `media:<id>` ticket (`<video src>` sends no headers).
+pub(crate) async fn load_media(
+    st: &AppState,
+    headers: &HeaderMap,
+    q: &TicketQuery,
+    id: String,
+) -> Result<Submission> {
+    let c = claims_from(st, headers, q.ticket.as_deref(), &format!("media:{id}"))?;
+    load_readable(st, &c, id).await
 }

@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use super::AppState;
 use super::access::{
-    Session, claims_from, context_for, load_assignment, load_readable, require_manage,
+    Session, TicketQuery, claims_from, context_for, load_assignment, load_media, load_readable,
+    require_manage,
 };
 use crate::auth::Claims;
 use crate::domain::{
@@ -753,19 +754,13 @@ fn submission_stream(
     })
 }
 
-#[derive(Deserialize)]
-pub(super) struct MediaQuery {
-    ticket: Option<String>,
-}
-
 pub(super) async fn media(
     State(st): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<MediaQuery>,
+    Query(q): Query<TicketQuery>,
 ) -> Result<Response> {
-    let c = claims_from(&st, &headers, q.ticket.as_deref(), &format!("media:{id}"))?;
-    let s = load_readable(&st, &c, id).await?;
+    let s = load_media(&st, &headers, &q, id).await?;
     let path = s
         .original_path
         .filter(|_| s.media_available)

@@ -17,10 +17,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use rusqlite::{Connection, params};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::AppState;
-use super::access::{Session, claims_from, load_managed, load_managed_assignment, load_readable};
+use super::access::{Session, TicketQuery, load_managed, load_managed_assignment, load_media};
 use crate::clock::now_ms;
 use crate::domain::{self, SubmissionState};
 use crate::error::{Error, Result};
@@ -369,11 +369,6 @@ pub(super) async fn submission_audit(
 
 // ---- playable preview ---------------------------------------------------------------
 
-#[derive(Deserialize)]
-pub(super) struct TicketQuery {
-    ticket: Option<String>,
-}
-
 /// The submission's media in a form the browser can play: the original when
 /// it can, else the normalised audio, else an MP4 made on first view and
 /// kept next to the original (deleted with it).
@@ -383,8 +378,7 @@ pub(super) async fn preview(
     Path(id): Path<String>,
     Query(q): Query<TicketQuery>,
 ) -> Result<Response> {
-    let c = claims_from(&st, &headers, q.ticket.as_deref(), &format!("media:{id}"))?;
-    let s = load_readable(&st, &c, id).await?;
+    let s = load_media(&st, &headers, &q, id).await?;
     let original = s
         .original_path
         .clone()
