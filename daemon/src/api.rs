@@ -82,6 +82,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/users/{id}/export", get(export_user))
         .route("/api/v1/users/{id}", axum::routing::delete(delete_user))
         .route("/api/v1/admin/purge", post(purge))
+        .route(
+            "/api/v1/admin/timeline",
+            get(crate::timeline::admin_timeline),
+        )
         .merge(crate::plugins::routes())
         .merge(crate::lti_routes::routes())
         .merge(crate::review::routes())

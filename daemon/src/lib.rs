@@ -23,6 +23,7 @@ pub mod review;
 pub mod scheduler;
 pub mod status;
 pub mod store;
+pub mod timeline;
 pub mod widget;
 pub mod workers;
 
