@@ -13,7 +13,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::{Config, LogFormat};
 use crate::domain::Role;
 
-mod lab;
 mod models;
 mod platform;
 mod plugin;
@@ -111,8 +110,6 @@ enum Command {
         #[command(subcommand)]
         action: platform::PlatformAction,
     },
-    /// Simulate a lab day on the real models and measure it against the alternatives.
-    Lab(lab::LabArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -258,7 +255,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             plugin::run(action, || Ok(load_config(&cli, vec![])?.plugins))
         }
         Command::Platform { action } => platform::run(action, &load_config(&cli, vec![])?),
-        Command::Lab(args) => lab::run(args.clone()),
         Command::Models { action } => {
             models::run(action, || Ok(load_config(&cli, vec![])?.data_dir))
         }

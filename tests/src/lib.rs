@@ -48,6 +48,20 @@ pub fn viva_bin() -> PathBuf {
     p
 }
 
+/// The `viva-lab` binary (package viva-lab, tests/lab). Another package's
+/// binary is not built for this package's tests: `cargo test --workspace`
+/// builds it for viva-lab's own integration test, and scripts/test builds it
+/// explicitly (`cargo build -p viva-lab`).
+pub fn lab_bin() -> PathBuf {
+    let p = bin_dir().join("viva-lab");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build -p viva-lab` (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd.output().with_context(|| {
         format!("running {cmd:?} (install ffmpeg and espeak-ng: scripts/test does)")

@@ -1,23 +1,30 @@
-//! A shortened lab day (`viva lab`, 6 students, short clips, everyone at
+//! A shortened lab day (`viva-lab`, 6 students, short clips, everyone at
 //! once) on the real daemon, the real workers and the independent LTI
 //! platform (`tests/lti-platform/lti_platform.py`), which this test starts
 //! itself and then inspects: the platform's own record of line items and
 //! scores, and the daemon's database, are the truth here, not the lab's
 //! report.
 //!
-//! Needs the real models (`$VIVA_MODELS_DIR`), the worker binaries next to
-//! `viva`, and a Python with lti1p3platform (scripts/test makes one).
-//! Without the platform it says so and passes, unless
+//! Needs the real models (`$VIVA_MODELS_DIR`), `viva-lab`, `viva` and the
+//! worker binaries in target/<profile> (`cargo test --workspace` or
+//! scripts/test builds them), and a Python with lti1p3platform (scripts/test
+//! makes one). Without the platform it says so and passes, unless
 //! VIVA_REQUIRE_LTI_PLATFORM=1.
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use viva_tests::lab_bin;
 use viva_tests::platform::Platform;
 use viva_tests::real::models_dir;
-use viva_tests::viva_bin;
+
+/// How long one `viva-lab` may run: its own `--timeout` (15 minutes for the
+/// Viva run) plus recordings, start-up and the report.
+const LAB_DEADLINE: Duration = Duration::from_secs(25 * 60);
 
 #[test]
 fn a_short_lab_ends_with_one_line_item_and_one_released_score_per_student() {
@@ -70,39 +77,35 @@ fn a_lab_under_chaos_loses_and_duplicates_no_grade() {
 /// Runs a 6-student two-phase lab (2–4 s clips, everyone at once) against
 /// `platform`; returns the report, stdout and stderr.
 fn lab(platform: &Platform, report_dir: &Path, extra: &[&str]) -> (Value, String, String) {
-    let out = Command::new(viva_bin())
-        .args([
-            "lab",
-            "--students",
-            "6",
-            "--min-seconds",
-            "2",
-            "--max-seconds",
-            "4",
-            "--arrival",
-            "all",
-            "--no-baselines",
-            "--policies",
-            "two-phase",
-            "--batch-window",
-            "2s",
-            "--timeout",
-            "15m",
-            "--platform-url",
-            &platform.base,
-            "--report",
-        ])
-        .arg(report_dir)
-        .args(extra)
-        .env("VIVA_MODELS_DIR", models_dir())
-        .output()
-        .expect("run viva lab");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let mut cmd = Command::new(lab_bin());
+    cmd.args([
+        "--students",
+        "6",
+        "--min-seconds",
+        "2",
+        "--max-seconds",
+        "4",
+        "--arrival",
+        "all",
+        "--no-baselines",
+        "--policies",
+        "two-phase",
+        "--batch-window",
+        "2s",
+        "--timeout",
+        "15m",
+        "--platform-url",
+        &platform.base,
+        "--report",
+    ])
+    .arg(report_dir)
+    .args(extra)
+    .env("VIVA_MODELS_DIR", models_dir());
+    let logs = report_dir.with_extension("out");
+    let (status, stdout, stderr) = run_with_deadline(cmd, &logs, LAB_DEADLINE);
     assert!(
-        out.status.success(),
-        "viva lab failed ({}):\n{stdout}\n{stderr}",
-        out.status
+        status.success(),
+        "viva-lab failed ({status}):\n{stdout}\n{stderr}"
     );
     let report: Value = serde_json::from_str(
         &std::fs::read_to_string(report_dir.join("report.json")).expect("report.json"),
@@ -110,6 +113,48 @@ fn lab(platform: &Platform, report_dir: &Path, extra: &[&str]) -> (Value, String
     .expect("report JSON");
     assert_eq!(report["ok"], true);
     (report, stdout, stderr)
+}
+
+/// Runs `cmd` in its own process group with stdout and stderr in files under
+/// `dir` (no pipe to fill), waiting at most `deadline`: past it the whole
+/// group (viva-lab, its daemon, hence the daemon's workers) is killed and
+/// the test fails with what the command printed.
+fn run_with_deadline(
+    mut cmd: Command,
+    dir: &Path,
+    deadline: Duration,
+) -> (std::process::ExitStatus, String, String) {
+    std::fs::create_dir_all(dir).expect("log dir");
+    let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
+        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
+        .process_group(0)
+        .spawn()
+        .expect("start viva-lab");
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for viva-lab") {
+            return (status, read(&out_path), read(&err_path));
+        }
+        if Instant::now() > until {
+            // SAFETY: SIGKILL to the process group of a child we spawned
+            // with process_group(0) and have not reaped (its pid is the
+            // group's id).
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
+            let _ = child.wait();
+            panic!(
+                "viva-lab ran past {deadline:?} and was killed:\n{}\n{}",
+                read(&out_path),
+                read(&err_path)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The platform's own record of line items and scores and the daemon's
@@ -138,7 +183,12 @@ fn check_final_state(platform: &Platform, report: &Value, run_dir: &Path) {
     let log: Value = tokio::runtime::Runtime::new()
         .expect("runtime")
         .block_on(async {
-            reqwest::get(format!("{}/control/log", platform.base))
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("client")
+                .get(format!("{}/control/log", platform.base))
+                .send()
                 .await
                 .expect("platform log")
                 .json()

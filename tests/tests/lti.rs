@@ -19,7 +19,7 @@ use reqwest::header::{COOKIE, HOST, LOCATION, SET_COOKIE};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use viva_daemon::Config;
-use viva_tests::platform::{Platform, python};
+use viva_tests::platform::{Platform, page_data, parse_form, python};
 
 const ROLE: &str = "http://purl.imsglobal.org/vocab/lis/v2/membership#";
 const REGISTRATION_TOKEN: &str = "reg-token-3f9c2a";
@@ -63,45 +63,6 @@ impl Launched {
             .map(str::to_owned)
             .unwrap_or_else(|| panic!("no session token: {} {}", self.status, self.body))
     }
-}
-
-fn unescape(s: &str) -> String {
-    s.replace("&quot;", "\"")
-        .replace("&#x27;", "'")
-        .replace("&#39;", "'")
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&amp;", "&")
-}
-
-/// The action and hidden fields of the first form in a page.
-fn parse_form(html: &str) -> (String, HashMap<String, String>) {
-    let action = html
-        .split("action=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .map(unescape)
-        .unwrap_or_default();
-    let mut fields = HashMap::new();
-    for part in html.split("name=\"").skip(1) {
-        let name = part.split('"').next().unwrap_or_default().to_owned();
-        let value = part
-            .split("value=\"")
-            .nth(1)
-            .and_then(|s| s.split('"').next())
-            .map(unescape)
-            .unwrap_or_default();
-        fields.insert(name, value);
-    }
-    (action, fields)
-}
-
-/// The JSON a Viva page hands its script.
-fn page_data(html: &str) -> Option<Value> {
-    let start = html.find("<script type=\"application/json\" id=\"viva-data\">")?;
-    let rest = &html[start..];
-    let json = rest.split_once('>')?.1.split("</script>").next()?;
-    serde_json::from_str(json).ok()
 }
 
 impl Env {
@@ -255,7 +216,7 @@ impl Env {
             login_location,
             cookie,
             cookie_header,
-            form,
+            form: form.into_iter().collect(),
             launch_url,
             status: 0,
             error: None,

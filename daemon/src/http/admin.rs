@@ -15,6 +15,7 @@ use super::AppState;
 use super::access::{Session, require_admin};
 use crate::domain;
 use crate::error::{Error, Result};
+use crate::jobs;
 
 pub(super) async fn healthz() -> &'static str {
     "ok\n"
@@ -290,4 +291,43 @@ pub(super) async fn plugin_failures(
         })
         .await?;
     Ok(Json(rows))
+}
+
+// ---- timeline -------------------------------------------------------------------------
+
+/// Rows the timeline returns when the caller gives no `limit`, and the most
+/// it may ask for.
+const TIMELINE_DEFAULT_LIMIT: u32 = 1000;
+const TIMELINE_MAX_LIMIT: u32 = 10_000;
+
+/// When each STT batch opened, closed and finished its STT phase, and when
+/// each job was queued, started and finished: "what did the scheduler do,
+/// and when", after the fact and across restarts (the phase history of
+/// `system` lives in memory). `viva-lab` measures its runs with it.
+#[derive(Deserialize)]
+pub(super) struct TimelineQuery {
+    /// Only batches opened and jobs created at or after this time (ms).
+    since: Option<i64>,
+    /// At most this many batches and this many jobs, the newest (default
+    /// 1000, at most 10 000).
+    limit: Option<u32>,
+}
+
+/// `GET /api/v1/admin/timeline?since=MS&limit=N`: administrators only.
+pub(super) async fn timeline(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Query(q): Query<TimelineQuery>,
+) -> Result<Json<jobs::Timeline>> {
+    require_admin(&c)?;
+    let since = q.since.unwrap_or(0);
+    let limit = q
+        .limit
+        .unwrap_or(TIMELINE_DEFAULT_LIMIT)
+        .clamp(1, TIMELINE_MAX_LIMIT);
+    Ok(Json(
+        st.store
+            .read(move |conn| Ok(jobs::timeline(conn, since, limit)?))
+            .await?,
+    ))
 }

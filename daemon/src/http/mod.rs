@@ -127,6 +127,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/admin/system", get(admin::system))
         .route("/api/v1/admin/audit", get(admin::audit))
         .route("/api/v1/admin/plugin-failures", get(admin::plugin_failures))
+        .route("/api/v1/admin/timeline", get(admin::timeline))
         .route(
             "/api/v1/admin/platforms",
             get(lti::list_platforms)

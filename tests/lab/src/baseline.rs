@@ -18,14 +18,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use serde::Serialize;
 use tokio::sync::mpsc;
+use viva_daemon::config::WorkerConfig;
+use viva_daemon::workers::{Supervisor, WorkerHandle, WorkerSpec, WorkerTimeouts};
 use viva_models::protocol::ModelSpec;
 use viva_models::{
     EvaluateItem, EvaluateRequest, JobPayload, JobResult, Rubric, TranscribeRequest, WorkerKind,
 };
 
-use super::media::{self, Student};
-use crate::config::WorkerConfig;
-use crate::workers::{Supervisor, WorkerHandle, WorkerSpec, WorkerTimeouts};
+use crate::media::{self, Student};
 
 /// The lab's three workers.
 #[derive(Clone)]

@@ -1,4 +1,4 @@
-//! `viva lab`: the design log's lab day, made real and measured.
+//! `viva-lab`: the design log's lab day, made real and measured.
 //!
 //! Generates N student recordings (espeak-ng, ffmpeg), then, on this
 //! machine and the same small real models:
@@ -8,9 +8,10 @@
 //!    submission, and sequential with the models kept loaded);
 //! 2. runs the real daemon (`viva serve`, a child process) once per policy,
 //!    with the real workers, behind the independent LTI platform of the
-//!    tests (`tests/lti-platform/lti_platform.py`): dynamic registration,
-//!    an instructor's deep link, one launch per student, uploads arriving
-//!    on the chosen pattern, instructor release, grades in the platform;
+//!    tests (`tests/lti-platform/lti_platform.py`, started with
+//!    [`viva_tests::platform`]): dynamic registration, an instructor's deep
+//!    link, one launch per student, uploads arriving on the chosen pattern,
+//!    instructor release, grades in the platform;
 //! 3. checks the platform's final state (one line item, one current score
 //!    per student equal to the released grade, bad files failed with a
 //!    reason), reports ETA honesty, memory and the lower bound, and writes
@@ -19,13 +20,21 @@
 //! `--chaos` kills the daemon (SIGKILL) and workers at random moments,
 //! makes the platform's score endpoint fail and stall, and checks that
 //! nothing is lost or duplicated.
+//!
+//! The daemon is a black box here: the lab reaches it through the `viva`
+//! binary (`serve`, and `session` for an administrator's token) and its HTTP
+//! API (the submission view for states and scores, `/api/v1/status` for
+//! phases and ETAs, `/api/v1/admin/timeline` for batch and job times). Only
+//! the baselines, which run without a daemon, use its library: the worker
+//! supervisor and `WorkerConfig`.
 
 mod baseline;
 mod chart;
 mod media;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -33,17 +42,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use clap::Parser;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::{Value, json};
-
-use crate::clock::now_ms;
-use crate::config::WorkerConfig;
+use viva_daemon::config::WorkerConfig;
+use viva_tests::platform::{Platform, page_data, parse_form};
 
 const REGISTRATION_TOKEN: &str = "reg-token-3f9c2a";
 const ROLE: &str = "http://purl.imsglobal.org/vocab/lis/v2/membership#";
 
-#[derive(clap::Args, Debug, Clone)]
+/// Simulate a lab day on the real models and measure it against the alternatives.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "viva-lab", version)]
 pub struct LabArgs {
     /// Number of students.
     #[arg(long, default_value_t = 30)]
@@ -84,14 +95,16 @@ pub struct LabArgs {
     /// Model files (default: $VIVA_MODELS_DIR, else ~/.cache/viva/models).
     #[arg(long, env = "VIVA_MODELS_DIR")]
     models_dir: Option<PathBuf>,
-    /// Directory of viva-whisper-worker and viva-llama-worker (default: next to viva).
+    /// Directory of viva, viva-whisper-worker and viva-llama-worker (default:
+    /// next to viva-lab, as cargo builds them: target/<profile>).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// Python with lti1p3platform (default: $VIVA_LTI_PYTHON, else
     /// $VIVA_CACHE/lti-venv/bin/python as scripts/lib.sh makes it).
     #[arg(long, env = "VIVA_LTI_PYTHON")]
     python: Option<PathBuf>,
-    /// The platform harness script (default: tests/lti-platform/lti_platform.py of this source tree).
+    /// The platform harness script (default: tests/lti-platform/lti_platform.py
+    /// of the source tree viva-lab was built from).
     #[arg(long)]
     platform_script: Option<PathBuf>,
     /// Use this already running platform harness instead of starting one.
@@ -113,6 +126,15 @@ pub struct LabArgs {
 
 fn say(s: &str) {
     eprintln!("{s}");
+}
+
+/// Milliseconds since the Unix epoch (the daemon's clock too: its times in
+/// the API are on the same scale).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------
@@ -223,85 +245,141 @@ impl MemSampler {
 // ---------------------------------------------------------------------------
 // The platform harness and the daemon as child processes.
 
-struct PlatformProc {
-    base: String,
-    child: Option<Child>,
-}
+/// How long `viva serve` may take to announce its address.
+const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(120);
 
-impl Drop for PlatformProc {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn start_platform(python: &Path, script: &Path, log: &Path) -> anyhow::Result<PlatformProc> {
-    let err = std::fs::File::create(log)?;
-    let mut child = Command::new(python)
-        .arg(script)
-        .stdout(Stdio::piped())
-        .stderr(err)
-        .spawn()
-        .with_context(|| {
-            format!(
-                "starting the LTI platform {} with {} (make the venv with scripts/lib.sh ensure_lti_platform, or pass --python)",
-                script.display(),
-                python.display()
-            )
-        })?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow!("the platform has no stdout"))?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let hello: Value = serde_json::from_str(&line).with_context(|| {
-        format!(
-            "the platform did not announce itself (see {}): {line:?}",
-            log.display()
-        )
-    })?;
-    let base = hello["base"]
-        .as_str()
-        .ok_or_else(|| anyhow!("the platform's hello has no base"))?
-        .to_owned();
-    Ok(PlatformProc {
-        base,
-        child: Some(child),
-    })
-}
-
+/// `viva serve` as a child process: its stderr (and whatever it prints on
+/// stdout) goes to `log`, whose tail every start-up error quotes.
 struct DaemonProc {
     exe: PathBuf,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Where the daemon listens, once its first start announced it.
+    addr: Option<SocketAddr>,
     url: String,
 }
 
+/// The last lines of a log, for error messages.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+    format!("{} (last lines):\n{tail}", path.display())
+}
+
 impl DaemonProc {
-    fn spawn(&mut self) -> anyhow::Result<u32> {
-        let out = std::fs::OpenOptions::new()
+    /// Starts `viva serve` and waits (up to [`ANNOUNCE_TIMEOUT`]) for its
+    /// `viva listening on http://ADDR` line on stdout; returns its pid.
+    ///
+    /// The first start listens on 127.0.0.1:0 and learns the port the kernel
+    /// gave it from that line: no free-port race. A restart (after a chaos
+    /// kill -9) asks for that same address again, on purpose: dynamic
+    /// registration gave the LTI platform the tool's URLs (login, launch,
+    /// JWKS, redirect URIs) on that port, and the gradebook and the
+    /// students' launches must keep reaching the restarted daemon there.
+    /// The port was the killed daemon's a moment ago and the kernel gave it
+    /// out once already, so another program holding it now is unlikely; if
+    /// one does, the restart fails and says so rather than moving.
+    async fn spawn(&mut self) -> anyhow::Result<u32> {
+        let listen = self
+            .addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "127.0.0.1:0".to_owned());
+        let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.log)?;
-        let err = out.try_clone()?;
-        let child = Command::new(&self.exe)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        let mut child = Command::new(&self.exe)
             .arg("--config")
             .arg(&self.config)
             .arg("serve")
+            .arg("--listen")
+            .arg(&listen)
             .env_remove("VIVA_DATA_DIR")
             .env_remove("VIVA_LISTEN")
+            .env_remove("VIVA_PUBLIC_URL")
             .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
+            .stdout(Stdio::piped())
+            .stderr(log.try_clone()?)
             .spawn()
             .with_context(|| format!("starting {} serve", self.exe.display()))?;
         let pid = child.id();
+        let stdout = child.stdout.take();
         self.child = Some(child);
+        let stdout = stdout.ok_or_else(|| anyhow!("viva serve has no stdout"))?;
+        // Read the announcement, then keep draining stdout into the log so
+        // the daemon never blocks on a full pipe.
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<String>();
+        let mut drain = log;
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                if let Some(addr) = line.trim().strip_prefix("viva listening on http://")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+                let _ = drain.write_all(line.as_bytes());
+            }
+        });
+        let deadline = Instant::now() + ANNOUNCE_TIMEOUT;
+        let mut closed = false;
+        let announced = loop {
+            if closed {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            } else {
+                match tokio::time::timeout(Duration::from_millis(200), &mut rx).await {
+                    Ok(Ok(addr)) => break addr,
+                    // stdout closed without the line: the daemon is exiting.
+                    Ok(Err(_)) => closed = true,
+                    Err(_) => {}
+                }
+            }
+            if let Some(c) = &mut self.child
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                self.child = None;
+                bail!(
+                    "viva serve --listen {listen} exited ({status}) before listening; {}",
+                    log_tail(&self.log)
+                );
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                bail!(
+                    "viva serve --listen {listen} did not announce its address within {ANNOUNCE_TIMEOUT:?}; {}",
+                    log_tail(&self.log)
+                );
+            }
+        };
+        let addr: SocketAddr = announced
+            .parse()
+            .with_context(|| format!("viva serve announced {announced:?}, not an address"))?;
+        if self.addr.is_some_and(|a| a != addr) {
+            self.kill9();
+            bail!(
+                "the restarted daemon listens on {addr}, not on {listen} where the platform knows it"
+            );
+        }
+        self.addr = Some(addr);
+        self.url = format!("http://{addr}");
         Ok(pid)
+    }
+
+    /// Whether the daemon process is there (not killed, not exited).
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     fn pid(&self) -> u32 {
@@ -348,14 +426,14 @@ impl DaemonProc {
                 && let Ok(Some(status)) = c.try_wait()
             {
                 bail!(
-                    "the daemon exited ({status}) while starting; see {}",
-                    self.log.display()
+                    "the daemon exited ({status}) while starting; {}",
+                    log_tail(&self.log)
                 );
             }
             if Instant::now() > deadline {
                 bail!(
-                    "the daemon did not answer /healthz within 2 minutes; see {}",
-                    self.log.display()
+                    "the daemon did not answer /healthz within 2 minutes; {}",
+                    log_tail(&self.log)
                 );
             }
             tokio::time::sleep(Duration::from_millis(150)).await;
@@ -370,44 +448,8 @@ impl Drop for DaemonProc {
 }
 
 // ---------------------------------------------------------------------------
-// LTI: the launch dance, as a browser does it (mirrors tests/tests/lti.rs).
-
-fn unescape(s: &str) -> String {
-    s.replace("&quot;", "\"")
-        .replace("&#x27;", "'")
-        .replace("&#39;", "'")
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&amp;", "&")
-}
-
-fn parse_form(html: &str) -> (String, Vec<(String, String)>) {
-    let action = html
-        .split("action=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .map(unescape)
-        .unwrap_or_default();
-    let mut fields = Vec::new();
-    for part in html.split("name=\"").skip(1) {
-        let name = part.split('"').next().unwrap_or_default().to_owned();
-        let value = part
-            .split("value=\"")
-            .nth(1)
-            .and_then(|s| s.split('"').next())
-            .map(unescape)
-            .unwrap_or_default();
-        fields.push((name, value));
-    }
-    (action, fields)
-}
-
-fn page_data(html: &str) -> Option<Value> {
-    let start = html.find("id=\"viva-data\">")?;
-    let rest = &html[start..];
-    let json = rest.split_once('>')?.1.split("</script>").next()?;
-    serde_json::from_str(json).ok()
-}
+// LTI: the launch dance, as a browser does it (the form and page helpers
+// are the tests' own, `viva_tests::platform`).
 
 struct Lti {
     http: reqwest::Client,
@@ -641,7 +683,6 @@ fn daemon_config(
     setup: &Setup,
     policy: &str,
     data: &Path,
-    port: u16,
 ) -> anyhow::Result<String> {
     let mut evaluators = toml::Table::new();
     for (role, w) in &setup.workers.evaluators {
@@ -663,9 +704,9 @@ fn daemon_config(
     stt.args = vec!["--parallel-states".into(), stt_parallel.to_string()];
     workers.insert("stt".into(), toml::Value::try_from(&stt)?);
     workers.insert("evaluators".into(), toml::Value::Table(evaluators));
+    // No `listen` or `public_url`: `viva serve --listen` sets the address
+    // (see `DaemonProc::spawn`), and the public URL follows it.
     let cfg = json!({
-        "listen": format!("127.0.0.1:{port}"),
-        "public_url": format!("http://127.0.0.1:{port}"),
         "data_dir": data.display().to_string(),
         "intake": {"min_free_bytes": 64 * 1024 * 1024},
         "sessions": {"ttl": "24h"},
@@ -729,9 +770,45 @@ fn cores() -> usize {
         .unwrap_or(1)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// A session token minted by `viva session` from the run's data directory
+/// (the daemon's own key): an administrator's, for the admin API.
+async fn admin_token(exe: &Path, config: &Path) -> anyhow::Result<String> {
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("--config")
+        .arg(config)
+        .args(["session", "--role", "admin", "--user", "lab-admin"])
+        .args(["--context", "lab-admin"])
+        .env_remove("VIVA_DATA_DIR")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .map_err(|_| anyhow!("viva session did not answer within 60 s"))?
+        .with_context(|| format!("running {} session", exe.display()))?;
+    if !out.status.success() {
+        bail!(
+            "viva session failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A GET on the daemon's API as JSON, failing on any error status.
+async fn api_get(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<Value> {
+    let r = http
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    let status = r.status();
+    let body: Value = r.json().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("GET {url} answered {status}: {body}");
+    }
+    Ok(body)
 }
 
 async fn viva_run(
@@ -758,31 +835,34 @@ async fn viva_run(
             let python = setup.python.clone().ok_or_else(|| {
                 anyhow!("no Python with lti1p3platform: run scripts/test once (it makes $VIVA_CACHE/lti-venv), or pass --python or --platform-url")
             })?;
-            let p = start_platform(&python, &setup.script, &data.join("platform.log"))?;
+            let p = Platform::spawn(&python, &setup.script, Some(&data.join("platform.log")))
+                .context("pass --python or --platform-url if this Python is not the one")?;
             let b = p.base.clone();
             _platform = p;
             b
         }
     };
-    let port = free_port()?;
     let cfg_path = data.join("viva.toml");
     std::fs::write(
         &cfg_path,
-        daemon_config(args, setup, policy, &data.join("var"), port)?,
+        daemon_config(args, setup, policy, &data.join("var"))?,
     )?;
     let mut daemon = DaemonProc {
         exe: setup.exe.clone(),
-        config: cfg_path,
+        config: cfg_path.clone(),
         log: data.join("daemon.log"),
         child: None,
-        url: format!("http://127.0.0.1:{port}"),
+        addr: None,
+        url: String::new(),
     };
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(60))
         .build()?;
-    let pid = daemon.spawn()?;
+    let pid = daemon.spawn().await?;
     daemon.wait_ready(&http).await?;
+    // For the batch and job times at the end (an admin-only route).
+    let admin = admin_token(&setup.exe, &cfg_path).await?;
     say(&format!(
         "▶ Viva ({policy}{}): daemon pid {pid} on {}; platform {platform_base}",
         if chaos { ", chaos" } else { "" },
@@ -911,8 +991,7 @@ async fn viva_run(
                 .await;
                 match attempt {
                     Ok(()) => break,
-                    Err(e) if Instant::now() < deadline => {
-                        tracing::debug!(error = %e, user = %s.user, "retrying the upload");
+                    Err(_) if Instant::now() < deadline => {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                     Err(e) => {
@@ -1009,7 +1088,7 @@ async fn viva_run(
                 if let Ok(mut l) = log.lock() {
                     l["daemon_kills"] = json!(done);
                 }
-                match d.spawn() {
+                match d.spawn().await {
                     Ok(p) => {
                         mem_root.store(p, Ordering::Relaxed);
                         if let Err(e) = d.wait_ready(&http).await {
@@ -1158,38 +1237,60 @@ async fn viva_run(
     }
     let platform_log = lti.log().await.unwrap_or_default();
     let mut d = daemon.lock().await;
-    d.terminate();
-    drop(d);
+    // A chaos kill stopped mid-restart leaves no daemon to ask: start it.
+    if !d.running() {
+        d.spawn().await?;
+    }
+    d.wait_ready(&http).await?;
 
-    // Timings from the daemon's database (the truth), read-only.
-    let db = data.join("var/viva.db");
-    let conn =
-        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .with_context(|| format!("opening {}", db.display()))?;
+    // Timings from the daemon (its database is the truth), over its API:
+    // each submission's state, score and arrival, and the batch and job
+    // times of the admin timeline.
+    let tool = d.url.clone();
+    let timeline = api_get(
+        &http,
+        &format!("{tool}/api/v1/admin/timeline?limit=10000"),
+        &admin,
+    )
+    .await?;
     let mut students_out: Vec<StudentRun> = results.lock().map(|v| v.clone()).unwrap_or_default();
     students_out.sort_by(|a, b| a.user.cmp(&b.user));
     for s in &mut students_out {
         let Some(id) = s.submission.clone() else {
             continue;
         };
-        let (state, score, reason, created, batch): (String, Option<String>, Option<String>, i64, Option<i64>) = conn.query_row(
-            "SELECT state, score, failure_reason, created_at, batch_id FROM submissions WHERE id = ?1",
-            [&id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-        )?;
-        s.state = state;
-        s.failure_reason = reason;
-        s.batch = batch;
-        if let Some(sc) = score.and_then(|j| serde_json::from_str::<Value>(&j).ok()) {
+        let sub = api_get(
+            &http,
+            &format!("{tool}/api/v1/submissions/{id}"),
+            &instructor,
+        )
+        .await?;
+        let created = sub["created_at"]
+            .as_i64()
+            .ok_or_else(|| anyhow!("submission {id} has no created_at: {sub}"))?;
+        s.state = sub["state"].as_str().unwrap_or("?").to_owned();
+        s.failure_reason = sub["failure_reason"].as_str().map(str::to_owned);
+        s.batch = sub["batch_id"].as_i64();
+        let sc = &sub["score"];
+        if sc.is_object() {
             s.score = sc["total"].as_f64();
             s.max = sc["max"].as_f64();
             s.needs_review = sc["needs_review"].as_bool();
         }
-        let mut stmt = conn
-            .prepare("SELECT stage, started_at, finished_at FROM jobs WHERE submission_id = ?1")?;
-        let jobs: Vec<(String, Option<i64>, Option<i64>)> = stmt
-            .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect::<Result<_, _>>()?;
+        // (stage, started_at, finished_at) of each of its jobs.
+        let jobs: Vec<(&str, Option<i64>, Option<i64>)> = timeline["jobs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|j| j["submission_id"] == id.as_str())
+            .map(|j| {
+                (
+                    j["stage"].as_str().unwrap_or(""),
+                    j["started_at"].as_i64(),
+                    j["finished_at"].as_i64(),
+                )
+            })
+            .collect();
         let span = |stage: &str| {
             let st = jobs
                 .iter()
@@ -1220,22 +1321,15 @@ async fn viva_run(
         }
     }
     let mut batches = Vec::new();
-    {
-        let mut stmt =
-            conn.prepare("SELECT id, opened_at, closed_at, stt_done_at FROM batches ORDER BY id")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, Option<i64>>(2)?,
-                r.get::<_, Option<i64>>(3)?,
-            ))
-        })?;
-        for row in rows {
-            let (id, o, c, d) = row?;
-            batches.push(json!({"id": id, "opened": secs(o), "closed": c.map(secs), "stt_done": d.map(secs)}));
-        }
+    for b in timeline["batches"].as_array().into_iter().flatten() {
+        let (Some(id), Some(o)) = (b["id"].as_i64(), b["opened_at"].as_i64()) else {
+            continue;
+        };
+        let (closed, done) = (b["closed_at"].as_i64(), b["stt_done_at"].as_i64());
+        batches.push(json!({"id": id, "opened": secs(o), "closed": closed.map(secs), "stt_done": done.map(secs)}));
     }
+    d.terminate();
+    drop(d);
     let wall = students_out
         .iter()
         .filter_map(|s| s.scored_seconds)
@@ -1418,24 +1512,25 @@ fn summary(method: &str, wall: f64, lat: &[f64], peak: u64) -> Summary {
     }
 }
 
-fn default_python() -> Option<PathBuf> {
-    let cache = std::env::var_os("VIVA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/viva")
-        });
-    let p = cache.join("lti-venv/bin/python");
-    p.exists().then_some(p)
-}
-
 fn check_tool(name: &str, arg: &str) -> anyhow::Result<()> {
     match Command::new(name).arg(arg).output() {
         Ok(o) if o.status.success() => Ok(()),
-        _ => bail!("`{name}` is needed by viva lab: install it (apt-get install ffmpeg espeak-ng)"),
+        _ => bail!("`{name}` is needed by viva-lab: install it (apt-get install ffmpeg espeak-ng)"),
     }
 }
 
-pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
+fn main() -> ExitCode {
+    let args = LabArgs::parse();
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -1446,20 +1541,25 @@ pub fn run(args: LabArgs) -> anyhow::Result<ExitCode> {
 async fn run_async(args: LabArgs) -> anyhow::Result<ExitCode> {
     check_tool("ffmpeg", "-version")?;
     check_tool("espeak-ng", "--version")?;
-    let exe = std::env::current_exe().context("locating the viva executable")?;
+    let me = std::env::current_exe().context("locating the viva-lab executable")?;
     let bin = args
         .bin_dir
         .clone()
-        .or_else(|| exe.parent().map(Path::to_path_buf))
+        .or_else(|| me.parent().map(Path::to_path_buf))
         .unwrap_or_default();
-    for w in ["viva-whisper-worker", "viva-llama-worker"] {
-        if !bin.join(w).exists() {
+    for (b, package) in [
+        ("viva", "viva-daemon"),
+        ("viva-whisper-worker", "viva-whisper-worker"),
+        ("viva-llama-worker", "viva-llama-worker"),
+    ] {
+        if !bin.join(b).exists() {
             bail!(
-                "{} is missing: build it (cargo build -p {w}) or pass --bin-dir",
-                bin.join(w).display()
+                "{} is missing: build it (cargo build -p {package}) or pass --bin-dir",
+                bin.join(b).display()
             );
         }
     }
+    let exe = bin.join("viva");
     let models = args.models_dir.clone().unwrap_or_else(|| {
         PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/viva/models")
     });
@@ -1512,15 +1612,18 @@ async fn run_async(args: LabArgs) -> anyhow::Result<ExitCode> {
             ),
         ],
     };
-    let script = args.platform_script.clone().unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/lti-platform/lti_platform.py")
-    });
+    let script = args
+        .platform_script
+        .clone()
+        .unwrap_or_else(viva_tests::platform::script);
     let setup = Setup {
         exe,
         workers,
-        python: args.python.clone().or_else(default_python),
+        python: args.python.clone().or_else(viva_tests::platform::python),
         script,
-        rubric: crate::domain::sandbox_assignment().rubric,
+        // The sandbox assignment's rubric: the library's definition, not a
+        // copy (no daemon runs yet to ask, and the baselines need it too).
+        rubric: viva_daemon::sandbox_assignment().rubric,
     };
     std::fs::create_dir_all(&args.report)
         .with_context(|| format!("creating the report directory {}", args.report.display()))?;
