@@ -9,8 +9,13 @@
 //! ([`ServiceStats`]): STT time as a linear function of audio duration,
 //! evaluator call time as a linear function of the items in the call and of
 //! their total audio duration (a stand-in for transcript length, known before
-//! the transcript exists), and worker start-up time per kind. It is a simulation of the phase plan, not a
-//! constant per position.
+//! the transcript exists), and worker start-up time per kind. It is a
+//! simulation of the phase plan, not a constant per position.
+//!
+//! [`plan`] mirrors `scheduler.rs` rather than calling it: batch size and
+//! window, the concurrency limits, the phase switch with worker start-ups,
+//! evaluator call sizes and the order roles are served in are re-stated here.
+//! A change to the scheduler's policy needs the same change in [`plan`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
