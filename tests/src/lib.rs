@@ -16,6 +16,10 @@ use viva_daemon::domain::Role;
 pub mod platform;
 pub mod real;
 
+/// Child processes with deadlines (the `viva-test-process` crate): every
+/// process a test waits on goes through it.
+pub use viva_test_process as process;
+
 /// The directory holding this build's binaries (target/<profile>).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
@@ -48,12 +52,17 @@ pub fn viva_bin() -> PathBuf {
     p
 }
 
+/// Runs a media tool (espeak-ng, ffmpeg) with a deadline.
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| {
-        format!("running {cmd:?} (install ffmpeg and espeak-ng: scripts/test does)")
-    })?;
+    let out = process::output(cmd, process::SHORT)
+        .context("install ffmpeg and espeak-ng: scripts/test does")?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{} failed ({}): {}",
+            process::describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }

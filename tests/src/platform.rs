@@ -1,11 +1,12 @@
 //! The independent LTI 1.3 platform the LTI and lab tests run against
 //! (`tests/lti-platform/lti_platform.py`, PyPI lti1p3platform + PyJWT).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use serde_json::Value;
+
+use crate::process::{Background, STARTUP};
 
 /// The Python with lti1p3platform: `$VIVA_LTI_PYTHON`, else the venv
 /// scripts/test makes in `$VIVA_CACHE` (default ~/.cache/viva).
@@ -22,38 +23,27 @@ pub fn python() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// The platform harness process; killed when dropped.
+/// The platform harness process; killed when dropped, its log (stderr)
+/// printed when the test fails.
 pub struct Platform {
     pub base: String,
-    child: Child,
-}
-
-impl Drop for Platform {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    _process: Background,
 }
 
 impl Platform {
-    /// Starts the harness with `python` and waits for its hello line.
+    /// Starts the harness with `python` and waits (at most
+    /// [`STARTUP`]) for its hello line, `{"base": …}` on stdout.
     pub fn start(python: &Path) -> Platform {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lti-platform/lti_platform.py");
-        let mut child = Command::new(python)
-            .arg(&script)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the platform harness");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("platform announces itself");
-        let hello: Value = serde_json::from_str(&line).expect("platform hello JSON");
+        let (process, base) =
+            Background::start(Command::new(python).arg(&script), STARTUP, |line| {
+                let hello: Value = serde_json::from_str(line).ok()?;
+                hello["base"].as_str().map(str::to_owned)
+            })
+            .unwrap_or_else(|e| panic!("the LTI platform harness did not start: {e}"));
         Platform {
-            base: hello["base"].as_str().expect("base").to_owned(),
-            child,
+            base,
+            _process: process,
         }
     }
 
