@@ -74,6 +74,37 @@ ensure_axe() {
   export VIVA_AXE_JS="$dir/axe.min.js"
 }
 
+# Lists what failed in a `cargo test --no-fail-fast` log: each failing test
+# under the target that ran it, then the targets cargo reports as failed
+# (a target can fail with no failing test: a crash, a compile error).
+summarize_test_failures() {
+  step "failed tests"
+  awk '
+    { gsub(/\033\[[0-9;]*[A-Za-z]/, ""); gsub(/\033\([A-Za-z0-9]/, "") }  # colours
+    /^ *Running / { target = $0; sub(/^ *Running /, "", target); next }
+    /^ *Doc-tests / { target = $0; sub(/^ *Doc-tests /, "doc tests of ", target); next }
+    /^test .* \.\.\. FAILED$/ {
+      name = $0; sub(/^test /, "", name); sub(/ \.\.\. FAILED$/, "", name)
+      if (!(target in seen)) { seen[target] = 1; order[++n] = target }
+      tests[target] = tests[target] "    " name "\n"
+    }
+    /^error: (doc)?test failed, to rerun pass / {
+      t = $0; sub(/^error: (doc)?test failed, to rerun pass /, "", t); failed[++m] = t
+    }
+    /^error: [0-9]+ targets? failed:/ { in_list = 1; next }
+    in_list && /^ +`/ { t = $0; sub(/^ +/, "", t); failed[++m] = t; next }
+    in_list { in_list = 0 }
+    END {
+      for (i = 1; i <= n; i++) printf "  %s\n%s", order[i], tests[order[i]]
+      if (n == 0) print "  (no test reported FAILED: see the errors above)"
+      if (m > 0) {
+        print "failed targets (rerun with cargo test <target>):"
+        for (i = 1; i <= m; i++) if (!(failed[i] in done)) { done[failed[i]] = 1; print "  " failed[i] }
+      }
+    }
+  ' "$1" >&2
+}
+
 ensure_rust() {
   command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs), then run this again"
   # Rubric plugins are WebAssembly components built by the normal build

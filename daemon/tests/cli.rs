@@ -1,27 +1,26 @@
 //! The `viva` binary's command line: configuration errors, migrations,
 //! sessions, serve/status/submit, and one daemon per data directory.
+//!
+//! Every `viva` here runs through viva_test_process: with a deadline, and
+//! killed on timeout; a daemon's log is printed when its test fails.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-fn viva(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_viva"))
-        .current_dir(dir)
-        .env_remove("VIVA_DATA_DIR")
-        .env_remove("VIVA_LISTEN")
-        .args(args)
-        .output()
-        .expect("run viva")
+use viva_test_process::{Daemon, SHORT, STARTUP, clean_viva_env, output, text};
+
+/// `viva` in `dir`, with no `VIVA_*` variable from the caller's environment.
+fn viva_cmd(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_viva"));
+    cmd.current_dir(dir);
+    clean_viva_env(&mut cmd);
+    cmd
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+fn viva(dir: &Path, args: &[&str]) -> Output {
+    output(viva_cmd(dir).args(args), SHORT).expect("run viva")
 }
 
 #[test]
@@ -52,12 +51,15 @@ fn unknown_configuration_keys_are_errors() {
     let o = viva(dir.path(), &["migrate"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("batch_windw"), "{}", text(&o));
-    let o = Command::new(env!("CARGO_BIN_EXE_viva"))
-        .current_dir(dir.path())
-        .env("VIVA_SCHEDULER__NOPE", "1")
-        .args(["--config", "/dev/null", "migrate"])
-        .output()
-        .expect("run");
+    let o = output(
+        viva_cmd(dir.path()).env("VIVA_SCHEDULER__NOPE", "1").args([
+            "--config",
+            "/dev/null",
+            "migrate",
+        ]),
+        SHORT,
+    )
+    .expect("run");
     assert!(!o.status.success());
     assert!(text(&o).contains("nope"), "{}", text(&o));
 }
@@ -106,60 +108,35 @@ fn session_mints_a_token_and_keeps_the_key_private() {
     assert!(!o.status.success(), "unknown roles are refused");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
-
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(dir: &Path, port: u16) -> Serve {
-    Serve(
-        Command::new(env!("CARGO_BIN_EXE_viva"))
-            .current_dir(dir)
-            .env("VIVA_LISTEN", format!("127.0.0.1:{port}"))
+/// `viva serve --sandbox` on data directory `var` in `dir`, on a port of
+/// its own choosing.
+fn serve(dir: &Path) -> Daemon {
+    Daemon::start(
+        viva_cmd(dir)
             .env("VIVA_DATA_DIR", "var")
-            .args(["serve", "--sandbox"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("serve"),
+            .args(["serve", "--sandbox"]),
+        STARTUP,
     )
-}
-
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "viva serve did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
 fn serve_status_submit_and_one_daemon_per_data_dir() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let _daemon = serve(dir.path(), port);
-    wait_port(port);
-    let url = format!("http://127.0.0.1:{port}");
+    let daemon = serve(dir.path());
+    let url = daemon.url();
 
     // A second daemon on the same data directory is refused, clearly.
-    let second = Command::new(env!("CARGO_BIN_EXE_viva"))
-        .current_dir(dir.path())
-        .env("VIVA_LISTEN", format!("127.0.0.1:{}", free_port()))
-        .env("VIVA_DATA_DIR", "var")
-        .arg("serve")
-        .output()
-        .expect("second");
+    let second = output(
+        viva_cmd(dir.path())
+            .env("VIVA_LISTEN", "127.0.0.1:0")
+            .env("VIVA_DATA_DIR", "var")
+            .arg("serve"),
+        // A refusal is immediate; a second daemon that starts anyway fails
+        // the test here instead of hanging it.
+        Duration::from_secs(30),
+    )
+    .expect("the second daemon is refused, not left running");
     assert!(!second.status.success());
     assert!(
         text(&second).contains("another viva daemon"),
@@ -172,20 +149,22 @@ fn serve_status_submit_and_one_daemon_per_data_dir() {
     assert!(text(&o).contains("phase"), "{}", text(&o));
 
     let wav = dir.path().join("answer.wav");
-    let made = Command::new("ffmpeg")
-        .args([
-            "-nostdin",
-            "-v",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=duration=1",
-        ])
-        .arg(&wav)
-        .status()
-        .expect("ffmpeg (install it: scripts/test does)");
-    assert!(made.success());
+    let made = output(
+        Command::new("ffmpeg")
+            .args([
+                "-nostdin",
+                "-v",
+                "error",
+                "-f",
+                "lavfi",
+                "-i",
+                "sine=duration=1",
+            ])
+            .arg(&wav),
+        SHORT,
+    )
+    .expect("ffmpeg (install it: scripts/test does)");
+    assert!(made.status.success(), "{}", text(&made));
     let o = viva(
         dir.path(),
         &[
@@ -218,4 +197,26 @@ fn serve_status_submit_and_one_daemon_per_data_dir() {
     );
     assert!(!o.status.success());
     assert!(text(&o).contains("not_media"), "{}", text(&o));
+}
+
+#[test]
+fn a_daemon_that_cannot_start_fails_fast_with_its_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No directory can be made under /dev/null, not even by root.
+    let started = Instant::now();
+    let err = Daemon::start(
+        viva_cmd(dir.path()).args(["--data-dir", "/dev/null/var", "serve", "--sandbox"]),
+        STARTUP,
+    )
+    .err()
+    .expect("viva serve on an impossible data directory must fail");
+    let took = started.elapsed();
+    let msg = err.to_string();
+    assert!(
+        took < Duration::from_secs(10),
+        "failed after {took:?}, not at once: {msg}"
+    );
+    assert!(msg.contains("before it was ready"), "{msg}");
+    // The daemon's own stderr, not just "it exited".
+    assert!(msg.contains("creating /dev/null/var"), "{msg}");
 }

@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -38,6 +38,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use viva_daemon::Config;
 use viva_daemon::Role;
+use viva_tests::process::{Daemon, SHORT, STARTUP, output};
 use viva_tests::{TestDaemon, bin_dir, tone};
 
 /// Set in the environment of a child process to make it run as `viva`.
@@ -718,15 +719,12 @@ impl VivaCmd {
         }
     }
 
-    fn command(&self, config: &Path) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(&self.exe);
-        cmd.arg("--config").arg(config);
+    fn command(&self, config: &Path) -> std::process::Command {
+        let mut cmd = std::process::Command::new(&self.exe);
         // Unknown VIVA_* variables are configuration errors; start clean.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("VIVA_") {
-                cmd.env_remove(k);
-            }
-        }
+        viva_tests::process::clean_viva_env(&mut cmd)
+            .arg("--config")
+            .arg(config);
         if self.self_exec {
             cmd.env(AS_VIVA_ENV, "1");
         }
@@ -748,18 +746,13 @@ fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
         .max()
 }
 
-/// A `viva serve` child process; killed when dropped.
+/// A `viva serve` child process on a port of its own choosing; killed when
+/// dropped (its log printed if the benchmark panics).
 struct Served {
-    child: tokio::process::Child,
+    daemon: Daemon,
     pid: u32,
     url: String,
     config: PathBuf,
-    log: PathBuf,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
 }
 
 fn toml_str(s: &str) -> String {
@@ -768,44 +761,30 @@ fn toml_str(s: &str) -> String {
 }
 
 async fn serve(viva: &VivaCmd, root: &Path, extra_toml: &str) -> anyhow::Result<Served> {
-    let port = free_port()?;
     let data = root.join("var");
     let config = root.join("viva.toml");
     let text = format!(
-        "listen = \"127.0.0.1:{port}\"\ndata_dir = {}\n{extra_toml}",
+        "data_dir = {}\n{extra_toml}",
         toml_str(&data.display().to_string())
     );
     std::fs::write(&config, text)?;
-    let log = root.join("viva.log");
-    let out = std::fs::File::create(&log)?;
-    let err = out.try_clone()?;
     let mut cmd = viva.command(&config);
-    cmd.arg("serve")
-        .env("VIVA_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .kill_on_drop(true);
-    let child = cmd
-        .spawn()
+    cmd.arg("serve").env("VIVA_LOG", "info");
+    // Daemon::start listens on 127.0.0.1:0 and reads the address `viva
+    // serve` announces, failing at once with its log if it exits first.
+    let daemon = tokio::task::spawn_blocking(move || Daemon::start(&mut cmd, STARTUP))
+        .await
+        .context("joining the start-up")?
         .with_context(|| format!("starting {}", viva.exe.display()))?;
-    let pid = child.id().context("child has no pid")?;
-    let mut s = Served {
-        child,
-        pid,
-        url: format!("http://127.0.0.1:{port}"),
+    let s = Served {
+        pid: daemon.pid(),
+        url: daemon.url(),
+        daemon,
         config,
-        log,
     };
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(status) = s.child.try_wait()? {
-            bail!(
-                "viva exited with {status} while starting: {}",
-                std::fs::read_to_string(&s.log).unwrap_or_default()
-            );
-        }
         if let Ok(r) = client.get(format!("{}/healthz", s.url)).send().await
             && r.status().is_success()
         {
@@ -814,7 +793,7 @@ async fn serve(viva: &VivaCmd, root: &Path, extra_toml: &str) -> anyhow::Result<
         if Instant::now() > deadline {
             bail!(
                 "viva did not answer /healthz within 30 s: {}",
-                std::fs::read_to_string(&s.log).unwrap_or_default()
+                s.daemon.log()
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -823,20 +802,17 @@ async fn serve(viva: &VivaCmd, root: &Path, extra_toml: &str) -> anyhow::Result<
 
 impl Served {
     async fn mint(&self, viva: &VivaCmd, role: &str, user: &str) -> anyhow::Result<String> {
-        let out = viva
-            .command(&self.config)
-            .args([
-                "session",
-                "--role",
-                role,
-                "--user",
-                user,
-                "--context",
-                "sandbox",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .await?;
+        let mut cmd = viva.command(&self.config);
+        cmd.args([
+            "session",
+            "--role",
+            role,
+            "--user",
+            user,
+            "--context",
+            "sandbox",
+        ]);
+        let out = tokio::task::spawn_blocking(move || output(&mut cmd, SHORT)).await??;
         ensure!(
             out.status.success(),
             "viva session failed: {}",
@@ -848,17 +824,12 @@ impl Served {
     }
 
     /// SIGTERM, then a kill if it has not stopped within 15 s.
-    async fn stop(mut self) {
-        // SAFETY: signalling the child we started, by its pid.
-        unsafe {
-            libc::kill(self.pid as libc::pid_t, libc::SIGTERM);
-        }
-        if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
+    async fn stop(self) {
+        let mut daemon = self.daemon;
+        let _ = tokio::task::spawn_blocking(move || {
+            daemon.terminate(Duration::from_secs(15)).map(|_| ())
+        })
+        .await;
     }
 }
 

@@ -16,6 +16,10 @@ use viva_daemon::config::WorkerConfig;
 pub mod platform;
 pub mod real;
 
+/// Child processes with deadlines (the `viva-test-process` crate): every
+/// process a test waits on goes through it.
+pub use viva_test_process as process;
+
 /// The directory holding this build's binaries (target/<profile>).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
@@ -50,24 +54,28 @@ pub fn viva_bin() -> PathBuf {
 
 /// The `viva-lab` binary (package viva-lab, tests/lab). Another package's
 /// binary is not built for this package's tests: `cargo test --workspace`
-/// builds it for viva-lab's own integration test, and scripts/test builds it
-/// explicitly (`cargo build -p viva-lab`).
+/// builds it for viva-lab's own integration test, so does scripts/test.
 pub fn lab_bin() -> PathBuf {
     let p = bin_dir().join("viva-lab");
     assert!(
         p.exists(),
-        "{} is missing: run `cargo build -p viva-lab` (scripts/test does)",
+        "{} is missing: run `cargo test --workspace --no-run` (scripts/test does)",
         p.display()
     );
     p
 }
 
+/// Runs a media tool (espeak-ng, ffmpeg) with a deadline.
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd.output().with_context(|| {
-        format!("running {cmd:?} (install ffmpeg and espeak-ng: scripts/test does)")
-    })?;
+    let out = process::output(cmd, process::SHORT)
+        .context("install ffmpeg and espeak-ng: scripts/test does")?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{} failed ({}): {}",
+            process::describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }

@@ -3,16 +3,13 @@
 //! what a browser does with the pages of a launch (the auto-submitted form,
 //! the JSON a Viva page hands its script). One copy for both.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::anyhow;
 use serde_json::Value;
 
-/// How long the harness may take to print its hello line.
-pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+use crate::process::{Background, STARTUP};
 
 /// The harness script in this source tree. The only place its path is
 /// spelled out: the tests use it, and `viva-lab` (a dev tool built from this
@@ -36,16 +33,19 @@ pub fn python() -> Option<PathBuf> {
     p.exists().then_some(p)
 }
 
-/// The platform harness process; killed when dropped.
+/// The platform harness process; killed when dropped, its log (stderr)
+/// printed when the test fails.
 pub struct Platform {
     pub base: String,
-    child: Child,
+    process: Background,
+    log_copy: Option<PathBuf>,
 }
 
 impl Drop for Platform {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(path) = &self.log_copy {
+            let _ = std::fs::write(path, self.process.log());
+        }
     }
 }
 
@@ -53,70 +53,33 @@ impl Platform {
     /// Starts the harness with `python` and waits for its hello line;
     /// panics when it cannot (tests).
     pub fn start(python: &Path) -> Platform {
-        Platform::spawn(python, &script(), None).expect("start the platform harness")
+        Platform::spawn(python, &script(), None)
+            .unwrap_or_else(|e| panic!("the LTI platform harness did not start: {e:#}"))
     }
 
-    /// Starts `script` with `python`, its stderr to `log` (else inherited),
-    /// and waits up to [`START_TIMEOUT`] for the hello line with its base
-    /// URL; the harness is killed if it does not come. Whatever it prints on
-    /// stdout later is read and dropped, so it never blocks on a full pipe.
+    /// Starts `script` with `python` and waits (at most [`STARTUP`]) for its
+    /// hello line, `{"base": …}` on stdout; on failure the harness is killed
+    /// and the error carries its log. Its output goes to a log that a failing
+    /// test prints; with `log`, that log is also copied there when the
+    /// platform stops (`viva-lab` keeps it beside its report).
     pub fn spawn(python: &Path, script: &Path, log: Option<&Path>) -> anyhow::Result<Platform> {
-        let stderr = match log {
-            Some(l) => Stdio::from(
-                std::fs::File::create(l).with_context(|| format!("creating {}", l.display()))?,
-            ),
-            None => Stdio::inherit(),
-        };
-        let child = Command::new(python)
-            .arg(script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "starting the LTI platform {} with {} (make the venv with scripts/lib.sh ensure_lti_platform)",
+        let (process, base) =
+            Background::start(Command::new(python).arg(script), STARTUP, |line| {
+                let hello: Value = serde_json::from_str(line).ok()?;
+                hello["base"].as_str().map(str::to_owned)
+            })
+            .map_err(|e| {
+                anyhow!(
+                    "starting the LTI platform {} with {} (make the venv with scripts/lib.sh ensure_lti_platform): {e}",
                     script.display(),
                     python.display()
                 )
             })?;
-        // Killed on every error from here on.
-        let mut platform = Platform {
-            base: String::new(),
-            child,
-        };
-        let stdout = platform
-            .child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("the platform has no stdout"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut line = String::new();
-            let res = r.read_line(&mut line).map(|_| line);
-            let _ = tx.send(res);
-            let _ = std::io::copy(&mut r, &mut std::io::sink());
-        });
-        let see = || {
-            log.map(|l| format!(" (see {})", l.display()))
-                .unwrap_or_default()
-        };
-        let line = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(line)) => line,
-            Ok(Err(e)) => bail!("reading the platform's hello{}: {e}", see()),
-            Err(_) => bail!(
-                "the platform did not announce itself within {START_TIMEOUT:?}{}",
-                see()
-            ),
-        };
-        let hello: Value = serde_json::from_str(&line)
-            .with_context(|| format!("the platform did not announce itself{}: {line:?}", see()))?;
-        platform.base = hello["base"]
-            .as_str()
-            .ok_or_else(|| anyhow!("the platform's hello has no base: {hello}"))?
-            .to_owned();
-        Ok(platform)
+        Ok(Platform {
+            base,
+            process,
+            log_copy: log.map(Path::to_path_buf),
+        })
     }
 
     /// Starts the harness, or `None` (the test then passes with a SKIPPED

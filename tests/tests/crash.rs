@@ -4,19 +4,16 @@
 //! (PR_SET_PDEATHSIG), so no model stays loaded.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use viva_tests::process::{Daemon, SHORT, STARTUP, clean_viva_env, output};
 use viva_tests::{fake_worker, tone, viva_bin};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn write_config(dir: &Path, port: u16) -> std::path::PathBuf {
+/// The configuration; `listen` is left out: each start gets a port of its
+/// own (the helper sets `VIVA_LISTEN=127.0.0.1:0`) and the test reads the
+/// address the daemon announces, restarts included.
+fn write_config(dir: &Path) -> std::path::PathBuf {
     let log = dir.join("fake.log");
     let worker = fake_worker();
     let env = format!(
@@ -24,8 +21,7 @@ fn write_config(dir: &Path, port: u16) -> std::path::PathBuf {
         log.display()
     );
     let config = format!(
-        r#"listen = "127.0.0.1:{port}"
-data_dir = "{data}"
+        r#"data_dir = "{data}"
 
 [sandbox]
 enabled = true
@@ -71,42 +67,18 @@ model_path = "/dev/null"
     path
 }
 
-/// The daemon process; killed if a test panics, so none outlive the run.
-struct Daemon(Child);
-
-impl Daemon {
-    fn id(&self) -> u32 {
-        self.0.id()
-    }
-
-    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        self.0.wait()
-    }
+/// `viva command args…` with this test's configuration and no `VIVA_*`
+/// variable from the caller's environment.
+fn viva(config: &Path) -> Command {
+    let mut cmd = Command::new(viva_bin());
+    clean_viva_env(&mut cmd).arg("--config").arg(config);
+    cmd
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(config: &Path, dir: &Path) -> Daemon {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("daemon.log"))
-        .expect("log");
-    Daemon(
-        Command::new(viva_bin())
-            .arg("--config")
-            .arg(config)
-            .arg("serve")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn viva"),
-    )
+/// `viva serve`, once it announces its address; killed (and its log
+/// printed if the test fails) when dropped.
+fn start(config: &Path) -> Daemon {
+    Daemon::start(viva(config).arg("serve"), STARTUP).unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn wait_healthy(url: &str) {
@@ -123,10 +95,8 @@ async fn wait_healthy(url: &str) {
 }
 
 fn session(config: &Path) -> String {
-    let out = Command::new(viva_bin())
-        .arg("--config")
-        .arg(config)
-        .args([
+    let out = output(
+        viva(config).args([
             "session",
             "--role",
             "admin",
@@ -134,9 +104,10 @@ fn session(config: &Path) -> String {
             "crash-admin",
             "--context",
             "sandbox",
-        ])
-        .output()
-        .expect("viva session");
+        ]),
+        SHORT,
+    )
+    .expect("viva session");
     assert!(
         out.status.success(),
         "{}",
@@ -173,12 +144,11 @@ fn stt_jobs_done(log: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let config = write_config(dir.path(), port);
+    let config = write_config(dir.path());
     let log = dir.path().join("fake.log");
 
-    let mut daemon = start(&config, dir.path());
+    let mut daemon = start(&config);
+    let url = daemon.url();
     wait_healthy(&url).await;
     let token = session(&config);
     let http = reqwest::Client::new();
@@ -208,9 +178,7 @@ async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
         assert!(Instant::now() < deadline, "STT never started");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGKILL) };
-    let _ = daemon.wait();
+    daemon.kill().unwrap_or_else(|e| panic!("{e}"));
     // The workers die with it.
     let pids = worker_pids(&log);
     assert!(!pids.is_empty());
@@ -223,7 +191,8 @@ async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
     }
 
     // Restart; kill again during the evaluation phase, then let it finish.
-    let mut daemon = start(&config, dir.path());
+    let mut daemon = start(&config);
+    let url = daemon.url();
     wait_healthy(&url).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -234,10 +203,10 @@ async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
         assert!(Instant::now() < deadline, "evaluation never started");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGKILL) };
-    let _ = daemon.wait();
+    daemon.kill().unwrap_or_else(|e| panic!("{e}"));
 
-    let mut daemon = start(&config, dir.path());
+    let mut daemon = start(&config);
+    let url = daemon.url();
     wait_healthy(&url).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     let finals = loop {
@@ -269,8 +238,9 @@ async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     // Graceful stop (SIGTERM) exits cleanly.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    let status = daemon.wait().expect("wait");
+    let status = daemon
+        .terminate(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(status.success(), "SIGTERM → clean exit, got {status}");
 
     // Exactly one result per stage: one transcript, one evaluation per role,
@@ -303,24 +273,21 @@ async fn kill_9_mid_phase_loses_nothing_and_grades_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn viva_submit_follows_a_submission_to_its_result() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let config = write_config(dir.path(), port);
-    let mut daemon = start(&config, dir.path());
-    wait_healthy(&url).await;
+    let config = write_config(dir.path());
+    let mut daemon = start(&config);
+    wait_healthy(&daemon.url()).await;
     let f = viva_tests::speech(
         dir.path(),
         "answer.wav",
         "Photosynthesis turns light into chemical energy.",
         "en-us",
     );
+    let url = daemon.url();
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(viva_bin())
-            .arg("--config")
-            .arg(&config)
-            .arg("submit")
-            .arg(&f)
-            .output()
+        output(
+            viva(&config).arg("submit").arg(&f).args(["--url", &url]),
+            Duration::from_secs(300),
+        )
     })
     .await
     .expect("join")
@@ -335,6 +302,7 @@ async fn viva_submit_follows_a_submission_to_its_result() {
         stdout.contains("transcript: fake transcript of"),
         "{stdout}"
     );
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    let _ = daemon.wait();
+    daemon
+        .terminate(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
 }

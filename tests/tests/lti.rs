@@ -1348,13 +1348,18 @@ async fn launch_in_a_cross_site_iframe_with_cookies_blocked() {
         let prepared = env.prepare(spec).await;
         let hint = prepared["hint"].as_str().expect("hint").to_owned();
         let py = python().expect("python");
-        let out = tokio::process::Command::new(&py)
-            .arg(&driver)
+        let mut cmd = std::process::Command::new(&py);
+        cmd.arg(&driver)
             .args(["--chromium", chromium, "--mode", mode])
-            .arg(format!("{}/course?hint={hint}", env.platform.base))
-            .output()
-            .await
-            .expect("browser driver");
+            .arg(format!("{}/course?hint={hint}", env.platform.base));
+        // Off the runtime's threads (the daemon under test serves
+        // meanwhile); after 5 minutes the driver and its browser are killed.
+        let out = tokio::task::spawn_blocking(move || {
+            viva_tests::process::output(&mut cmd, Duration::from_secs(300))
+        })
+        .await
+        .expect("join")
+        .unwrap_or_else(|e| panic!("{mode}: browser driver: {e}"));
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),

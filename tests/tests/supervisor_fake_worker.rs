@@ -1,9 +1,9 @@
 //! The daemon's worker supervisor driving the real fake-worker binary.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use viva_daemon::workers::{Supervisor, WorkerError, WorkerExit, WorkerSpec, WorkerTimeouts};
@@ -12,6 +12,7 @@ use viva_models::{
     Criterion, DaemonMessage, EvaluateItem, EvaluateRequest, JobPayload, JobResult, Level,
     PROTOCOL_VERSION, Rubric, TranscribeRequest, WorkerKind, WorkerMessage,
 };
+use viva_tests::process::Lines;
 
 const FAKE_WORKER: &str = env!("CARGO_BIN_EXE_fake-worker");
 
@@ -384,10 +385,14 @@ fn fake_worker_exits_when_stdin_closes() {
         .spawn()
         .expect("spawn fake worker");
     let mut stdin = child.stdin.take().expect("stdin");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut read = || -> WorkerMessage {
-        let mut line = String::new();
-        stdout.read_line(&mut line).expect("read");
+    // Read with a deadline: a worker that stops answering fails the test
+    // (and exits once its stdin drops) instead of hanging it.
+    let stdout = Lines::spawn(child.stdout.take().expect("stdout"));
+    let read = || -> WorkerMessage {
+        let line = stdout
+            .next(Duration::from_secs(30))
+            .expect("a frame within 30 s")
+            .expect("the worker closed stdout");
         viva_models::protocol::decode(line.trim().as_bytes()).expect("frame")
     };
     let hello = read();
@@ -413,17 +418,8 @@ fn fake_worker_exits_when_stdin_closes() {
     }
     assert!(matches!(read(), WorkerMessage::Loaded { .. }));
     drop(stdin);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("fake worker did not exit after its stdin closed");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = viva_tests::process::wait(&mut child, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("fake worker did not exit after its stdin closed: {e}"));
     assert!(status.success(), "{status}");
     assert_eq!(events(&read_log(&log)), ["start", "loaded", "exit"]);
 }

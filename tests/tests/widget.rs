@@ -12,10 +12,12 @@
 //! `scripts/test` does after fetching it).
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use viva_daemon::Role;
+use viva_tests::process::{SHORT, output};
 use viva_tests::{TestDaemon, bin_dir, speech, tone, video};
 
 // ---- helpers -------------------------------------------------------------------------
@@ -80,22 +82,22 @@ fn script() -> PathBuf {
 
 /// Runs a scenario; returns its JSON report (asserting it passed).
 async fn scenario(b: &Browser, d: &TestDaemon, name: &str, out: &Path, extra: &[String]) -> Value {
-    let child = tokio::process::Command::new(&b.python)
-        .arg(script())
+    let mut cmd = Command::new(&b.python);
+    cmd.arg(script())
         .arg(name)
         .args(["--base", &d.url])
         .arg("--axe")
         .arg(&b.axe)
         .arg("--out")
         .arg(out)
-        .args(extra)
-        .kill_on_drop(true)
-        .output();
+        .args(extra);
     let started = Instant::now();
-    let out = tokio::time::timeout(Duration::from_secs(300), child)
+    // Off the runtime's threads: the daemon under test serves meanwhile.
+    // After 5 minutes the driver and its browser are killed.
+    let out = tokio::task::spawn_blocking(move || output(&mut cmd, Duration::from_secs(300)))
         .await
-        .expect("the browser scenario finished within 5 minutes")
-        .expect("run the browser driver");
+        .expect("join")
+        .unwrap_or_else(|e| panic!("the {name} browser scenario: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report: Value =
         serde_json::from_str(stdout.lines().last().unwrap_or("{}")).unwrap_or_else(|_| {
@@ -240,11 +242,7 @@ async fn assets_are_embedded_small_and_served_with_a_strict_policy() {
     // Size budget: all JS and CSS, gzipped, under 150 KB.
     let tmp = d.dir.path().join("all-assets");
     std::fs::write(&tmp, &raw).expect("write");
-    let gz = std::process::Command::new("gzip")
-        .args(["-9", "-c"])
-        .arg(&tmp)
-        .output()
-        .expect("gzip");
+    let gz = output(Command::new("gzip").args(["-9", "-c"]).arg(&tmp), SHORT).expect("gzip");
     eprintln!(
         "widget assets: {} bytes, {} bytes gzipped",
         raw.len(),
@@ -845,19 +843,25 @@ async fn student_records_with_the_keyboard_only_and_reads_the_real_transcript() 
     // The fake microphone starts with the camera, before the widget's
     // three-second countdown: lead with silence so the sentence is recorded.
     let audio = d.dir.path().join("mic.wav");
-    let pad = std::process::Command::new("ffmpeg")
-        .args(["-nostdin", "-y", "-v", "error", "-i"])
-        .arg(&spoken)
-        .args([
-            "-af",
-            "adelay=4500:all=1,apad=pad_dur=2",
-            "-c:a",
-            "pcm_s16le",
-        ])
-        .arg(&audio)
-        .status()
-        .expect("ffmpeg");
-    assert!(pad.success());
+    let pad = output(
+        Command::new("ffmpeg")
+            .args(["-nostdin", "-y", "-v", "error", "-i"])
+            .arg(&spoken)
+            .args([
+                "-af",
+                "adelay=4500:all=1,apad=pad_dur=2",
+                "-c:a",
+                "pcm_s16le",
+            ])
+            .arg(&audio),
+        SHORT,
+    )
+    .expect("ffmpeg");
+    assert!(
+        pad.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pad.stderr)
+    );
     let student = d.token(Role::Learner, "recorder", "sandbox");
     let out = artifacts("student-record");
     let report = scenario(

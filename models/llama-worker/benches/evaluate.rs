@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use viva_llama_worker::engine::{CallStats, Engine};
-use viva_models::protocol::{FrameReader, ModelSpec, encode};
+use viva_models::protocol::{ModelSpec, decode, encode};
 use viva_models::{DaemonMessage, EvaluateItem, PROTOCOL_VERSION, Rubric, WorkerMessage};
 
 fn models_dir() -> PathBuf {
@@ -202,6 +202,14 @@ fn bench_lifecycle(name: &str, path: &std::path::Path, threads: u32) {
 }
 
 fn lifecycle(path: &std::path::Path, threads: u32) -> Result<(Duration, u64, Duration), String> {
+    // Every wait has a deadline; the worker is killed whatever happens.
+    struct Worker(std::process::Child);
+    impl Drop for Worker {
+        fn drop(&mut self) {
+            let _ = viva_test_process::wait(&mut self.0, Duration::ZERO);
+        }
+    }
+    const FRAME: Duration = Duration::from_secs(300);
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_viva-llama-worker"))
         .args(["--role", "bench"])
@@ -213,16 +221,18 @@ fn lifecycle(path: &std::path::Path, threads: u32) -> Result<(Duration, u64, Dur
     let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
         return Err("no pipes".into());
     };
-    let mut reader = FrameReader::new(stdout);
+    let mut child = Worker(child);
+    let frames = viva_test_process::Lines::spawn(stdout);
     let mut send = |m: &DaemonMessage| -> Result<(), String> {
         let buf = encode(m).map_err(|e| e.to_string())?;
         stdin.write_all(&buf).map_err(|e| e.to_string())
     };
-    let mut next = || -> Result<WorkerMessage, String> {
-        reader
-            .read::<WorkerMessage>()
+    let next = || -> Result<WorkerMessage, String> {
+        let line = frames
+            .next(FRAME)
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| "worker closed stdout".to_string())
+            .ok_or_else(|| "worker closed stdout".to_string())?;
+        decode(line.as_bytes()).map_err(|e| e.to_string())
     };
     next()?; // Hello
     send(&DaemonMessage::Hello {
@@ -243,7 +253,7 @@ fn lifecycle(path: &std::path::Path, threads: u32) -> Result<(Duration, u64, Dur
     let ready = started.elapsed();
     let stopping = Instant::now();
     send(&DaemonMessage::Shutdown)?;
-    child.wait().map_err(|e| e.to_string())?;
+    viva_test_process::wait(&mut child.0, Duration::from_secs(60)).map_err(|e| e.to_string())?;
     Ok((ready, load_ms, stopping.elapsed()))
 }
 

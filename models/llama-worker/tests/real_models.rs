@@ -133,10 +133,15 @@ fn items(prompt: &str, rubric: &Rubric, transcripts: &[&str]) -> Vec<EvaluateIte
 
 async fn evaluate(worker: &WorkerHandle, items: Vec<EvaluateItem>) -> EvaluateResponse {
     let n = items.len();
-    let result = worker
-        .call(JobPayload::Evaluate(EvaluateRequest { items }), None)
-        .await
-        .expect("evaluation call");
+    // A hung call fails the test (the supervisor then kills the worker)
+    // instead of hanging it.
+    let result = tokio::time::timeout(
+        Duration::from_secs(600),
+        worker.call(JobPayload::Evaluate(EvaluateRequest { items }), None),
+    )
+    .await
+    .expect("the evaluation finished within 10 minutes")
+    .expect("evaluation call");
     let JobResult::Evaluations(response) = result else {
         panic!("an evaluator answered with {result:?}");
     };
@@ -324,7 +329,11 @@ async fn sigkill_mid_job_is_reported_as_a_crash() {
     let pid = i32::try_from(pid).expect("pid");
     // SAFETY: kill(2) on the worker we started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    let err = call.await.expect("join").expect_err("the call must fail");
+    let err = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("the crash is noticed within a minute")
+        .expect("join")
+        .expect_err("the call must fail");
     assert!(
         matches!(&err, WorkerError::Crashed { status, .. } if status.contains("9")),
         "{err:?}"

@@ -1,19 +1,21 @@
 //! Shared by the real-model tests and the benchmark: finding the model,
 //! making speech with espeak-ng, word error rate, and a blocking driver that
-//! speaks the worker protocol to a spawned `viva-whisper-worker`.
+//! speaks the worker protocol to a spawned `viva-whisper-worker`. Every
+//! process here runs with a deadline (viva_test_process).
 
 #![allow(dead_code)]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use viva_models::manifest::Manifest;
-use viva_models::protocol::{FrameReader, ModelSpec, encode};
+use viva_models::protocol::{ModelSpec, decode, encode};
 use viva_models::{
     DaemonMessage, JobPayload, JobResult, TranscribeRequest, Transcript, WorkerMessage,
 };
+use viva_test_process::{Lines, SHORT, output};
 
 pub const WORKER: &str = env!("CARGO_BIN_EXE_viva-whisper-worker");
 
@@ -52,24 +54,32 @@ pub fn espeak_wav(
     max_seconds: Option<f64>,
 ) -> f64 {
     let raw = out.with_extension("raw.wav");
-    let st = Command::new("espeak-ng")
-        .args(["-v", voice, "-s", &speed.to_string(), "-w"])
-        .arg(&raw)
-        .arg(text)
-        .status()
-        .expect("espeak-ng not found: apt-get install espeak-ng");
-    assert!(st.success(), "espeak-ng failed");
+    let st = output(
+        Command::new("espeak-ng")
+            .args(["-v", voice, "-s", &speed.to_string(), "-w"])
+            .arg(&raw)
+            .arg(text),
+        SHORT,
+    )
+    .expect("espeak-ng (not found? apt-get install espeak-ng)");
+    assert!(
+        st.status.success(),
+        "espeak-ng failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let mut cmd = Command::new("ffmpeg");
     cmd.args(["-loglevel", "error", "-y", "-i"]).arg(&raw);
     if let Some(t) = max_seconds {
         cmd.args(["-t", &format!("{t}")]);
     }
-    let st = cmd
-        .args(["-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le"])
-        .arg(out)
-        .status()
-        .expect("ffmpeg not found: apt-get install ffmpeg");
-    assert!(st.success(), "ffmpeg failed");
+    cmd.args(["-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le"])
+        .arg(out);
+    let st = output(&mut cmd, SHORT).expect("ffmpeg (not found? apt-get install ffmpeg)");
+    assert!(
+        st.status.success(),
+        "ffmpeg failed: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let _ = std::fs::remove_file(&raw);
     let bytes = std::fs::metadata(out).expect("wav").len();
     (bytes.saturating_sub(44)) as f64 / 32_000.0
@@ -108,11 +118,16 @@ pub fn wer(reference: &str, hypothesis: &str) -> f64 {
     prev[h.len()] as f64 / r.len() as f64
 }
 
-/// A worker process driven over its stdin/stdout.
+/// Longest wait for one frame from the worker (a load, a transcription on
+/// one thread of a loaded machine); then the worker is killed and the test
+/// fails instead of hanging.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A worker process driven over its stdin/stdout; killed when dropped.
 pub struct Driver {
     pub child: Child,
     stdin: Option<ChildStdin>,
-    reader: FrameReader<ChildStdout>,
+    frames: Lines,
     pub hello: WorkerMessage,
     next: u64,
 }
@@ -136,18 +151,14 @@ impl Driver {
                 let _ = std::io::copy(&mut err, &mut std::io::sink());
             });
         }
-        let mut reader = FrameReader::new(stdout);
-        let hello = reader
-            .read::<WorkerMessage>()
-            .expect("hello frame")
-            .expect("worker closed stdout before hello");
         let mut d = Driver {
             child,
             stdin,
-            reader,
-            hello,
+            frames: Lines::spawn(stdout),
+            hello: WorkerMessage::Bye,
             next: 0,
         };
+        d.hello = d.recv().expect("worker closed stdout before hello");
         d.send(&DaemonMessage::Hello {
             protocol: viva_models::PROTOCOL_VERSION,
             daemon_version: "test".into(),
@@ -163,9 +174,19 @@ impl Driver {
         }
     }
 
-    /// The next frame, or `None` when the worker closed stdout.
+    /// The next frame, or `None` when the worker closed stdout. Fails the
+    /// test (the worker is killed on drop) after [`FRAME_TIMEOUT`].
     pub fn recv(&mut self) -> Option<WorkerMessage> {
-        self.reader.read::<WorkerMessage>().expect("frame")
+        let line = self
+            .frames
+            .next(FRAME_TIMEOUT)
+            .unwrap_or_else(|e| panic!("worker {}: {e}", self.child.id()))?;
+        Some(decode(line.as_bytes()).expect("frame"))
+    }
+
+    /// Waits for the worker to exit (it is killed after [`SHORT`]).
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        viva_test_process::wait(&mut self.child, SHORT).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Sends Load and returns the answer (Loaded or Error).
@@ -223,7 +244,7 @@ impl Driver {
         let t = Instant::now();
         self.send(&DaemonMessage::Shutdown);
         assert_eq!(self.recv(), Some(WorkerMessage::Bye));
-        let st = self.child.wait().expect("wait");
+        let st = self.wait();
         assert!(st.success(), "worker exited with {st}");
         t.elapsed()
     }
