@@ -36,6 +36,9 @@ pub(super) struct MeView {
     context_id: String,
     context_title: Option<String>,
     roles: Vec<Role>,
+    /// A Viva-wide administrator (an operator's session); an LTI platform's
+    /// administrator is not one.
+    viva_admin: bool,
     name: Option<String>,
     expires_at: u64,
 }
@@ -53,10 +56,12 @@ pub(super) async fn me(State(st): State<AppState>, Session(c): Session) -> Resul
                 .optional()?)
         })
         .await?;
+    let viva_admin = c.is_admin();
     Ok(Json(MeView {
         user_id: c.sub,
         context_id: c.ctx,
         context_title: title,
+        viva_admin,
         roles: c.roles,
         name: c.name,
         expires_at: c.exp,
@@ -74,9 +79,15 @@ pub(super) struct StatusView {
     stt_queue: usize,
     eval_queue: usize,
     score_queue: usize,
-    workers: Vec<crate::workers::ProcessInfo>,
-    worker_errors: std::collections::BTreeMap<String, String>,
-    stats: crate::eta::StatsView,
+    /// Staff only (instructors, admins): process ids, model names and
+    /// internal errors are no business of learners, who see phase, position
+    /// and ETA (their own submission's view carries those).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workers: Option<Vec<crate::workers::ProcessInfo>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_errors: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stats: Option<crate::eta::StatsView>,
     /// Instructors and admins: unfinished submissions of their context.
     #[serde(skip_serializing_if = "Option::is_none")]
     entries: Option<Vec<QueueEntry>>,
@@ -87,6 +98,7 @@ pub(super) async fn status(
     Session(c): Session,
 ) -> Result<Json<StatusView>> {
     let snap = st.scheduler.snapshot();
+    let staff = c.can_manage(&c.ctx);
     let entries = if c.is_admin() {
         Some(snap.entries.values().cloned().collect())
     } else if c.has(Role::Instructor) {
@@ -126,9 +138,9 @@ pub(super) async fn status(
         stt_queue: snap.stt_queue,
         eval_queue: snap.eval_queue,
         score_queue: snap.score_queue,
-        workers: snap.workers.clone(),
-        worker_errors: snap.worker_errors.clone(),
-        stats: snap.stats.clone(),
+        workers: staff.then(|| snap.workers.clone()),
+        worker_errors: staff.then(|| snap.worker_errors.clone()),
+        stats: staff.then(|| snap.stats.clone()),
         entries,
     }))
 }
@@ -448,11 +460,9 @@ fn view(
     batch: Option<BatchProgress>,
 ) -> SubmissionView {
     let snap = st.scheduler.snapshot();
-    let learner_only = !c.can_manage(&s.context_id);
-    if learner_only && s.state != SubmissionState::Released {
+    if !c.can_manage(&s.context_id) {
         // Grades and model judgements wait for release.
-        s.evaluations.clear();
-        s.score = None;
+        s.redact_for_learner();
     }
     view_from_snapshot(&snap, s, batch)
 }
