@@ -1742,3 +1742,191 @@ async fn an_uninvited_platform_is_refused_and_an_admitted_one_stays_in_its_tenan
         victim
     );
 }
+
+/// One slow platform does not stall another: while one registration's key
+/// set endpoint sleeps 25 s inside a launch, a first launch on another
+/// registration (which fetches its own key set) completes in under 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_platform_with_a_sleeping_key_set_does_not_stall_another() {
+    let Some(env) = Env::start().await else {
+        return;
+    };
+    assert_eq!(env.register().await.status(), 200);
+    let slow = Platform::start(&python().expect("python"));
+    let url = env.invite(None).await;
+    let slow_cfg = format!("{}/.well-known/openid-configuration", slow.base);
+    assert_eq!(env.register_at(&url, &slow_cfg).await.status(), 200);
+    env.platform_post_at(&slow.base, "/control/jwks-delay", json!({"seconds": 25}))
+        .await;
+    let stalled = env.launch_on(&slow.base, learner("slow-1"), |_| {});
+    tokio::pin!(stalled);
+    let timed = async {
+        // Start once the slow launch is inside its key set fetch.
+        wait_for(
+            "the slow key set fetch",
+            Duration::from_secs(20),
+            || async {
+                let log: Value = env
+                    .http
+                    .get(format!("{}/control/log", slow.base))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                (log["jwks_fetches"].as_u64() >= Some(1)).then_some(log)
+            },
+        )
+        .await;
+        let t0 = Instant::now();
+        let l = env.launch(learner("fast-1")).await;
+        (l, t0.elapsed())
+    };
+    let (fast, took) = tokio::select! {
+        r = timed => r,
+        s = &mut stalled => panic!("the slow launch ended first: {} {}", s.status, s.body),
+    };
+    assert_eq!(fast.status, 200, "{}", fast.body);
+    assert!(
+        took < Duration::from_secs(2),
+        "a launch on another platform took {took:?}"
+    );
+    assert_eq!(env.platform_log().await["jwks_fetches"], 1);
+}
+
+/// Hosted Canvas: the configuration comes from the school's host, the issuer
+/// is `https://canvas.instructure.com`. Refused without an administrator
+/// naming that issuer, registered with it; the launch page then loads in
+/// headless Chromium framed by the platform's page (third-party cookies
+/// blocked), and the browser refuses it framed by a page of another origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hosted_canvas_registers_with_an_invitation_naming_its_issuer_and_launches_framed() {
+    const CANVAS: &str = "https://canvas.instructure.com";
+    let Some(env) = Env::start().await else {
+        return;
+    };
+    env.platform_post("/control/issuer", json!({ "issuer": CANVAS }))
+        .await;
+    let cfg = format!("{}/.well-known/openid-configuration", env.platform.base);
+    // An invitation that names no issuer keeps the issuer-host rule.
+    let plain = env.invite(None).await;
+    let refused = env.register_at(&plain, &cfg).await;
+    assert_eq!(
+        refused
+            .headers()
+            .get("x-viva-error")
+            .and_then(|v| v.to_str().ok()),
+        Some("registration_failed")
+    );
+    // Naming another issuer does not help either.
+    let other = env.invite(Some("https://other.example.edu")).await;
+    let refused = env.register_at(&other, &cfg).await;
+    assert_eq!(
+        refused
+            .headers()
+            .get("x-viva-error")
+            .and_then(|v| v.to_str().ok()),
+        Some("registration_failed")
+    );
+    assert_eq!(env.count("lti_registrations").await, 0);
+    let canvas = env.invite(Some(CANVAS)).await;
+    let resp = env.register_at(&canvas, &cfg).await;
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.expect("body");
+    assert!(body.contains(CANVAS), "the issuer is shown: {body}");
+    let (status, regs) = env
+        .api(
+            reqwest::Method::GET,
+            &env.admin_token(),
+            "/api/v1/admin/platforms",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(regs[0]["issuer"], CANVAS);
+    assert_eq!(regs[0]["frame_origins"], json!([env.platform.base]));
+    let client = env.client_id_at(&env.platform.base).await;
+    // A launch over HTTP: the identity is the Canvas tenant's.
+    let l = env.launch(learner("canvas-1")).await;
+    assert_eq!(l.status, 200, "{}", l.body);
+    assert_eq!(
+        env.me(&l.token()).await["user_id"],
+        json!(viva_daemon::lti_user_id(CANVAS, &client, "canvas-1"))
+    );
+
+    // ---- In a browser, framed by the platform's page ----------------------------------
+    let driver = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lti-platform/browser.py");
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let (Some(chromium), true) = (
+        chromium,
+        std::path::Path::new("/usr/bin/chromedriver").exists(),
+    ) else {
+        if std::env::var("VIVA_REQUIRE_BROWSER").is_ok() {
+            panic!(
+                "chromium and chromedriver are needed (apt-get install chromium chromium-driver)"
+            );
+        }
+        eprintln!("SKIPPED: no chromium/chromedriver");
+        return;
+    };
+    let port = env
+        .platform
+        .base
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .to_owned();
+    // The platform's own origin (localhost), then the same server reached
+    // on another origin (127.0.0.1), which no registration lists.
+    for (parent, allowed) in [
+        (env.platform.base.clone(), true),
+        (format!("http://127.0.0.1:{port}"), false),
+    ] {
+        let mut spec = learner("canvas-browser");
+        spec["storage"] = json!(true);
+        let prepared = env.prepare(spec).await;
+        let hint = prepared["hint"].as_str().expect("hint").to_owned();
+        let py = python().expect("python");
+        let mut cmd = tokio::process::Command::new(&py);
+        cmd.arg(&driver)
+            .args(["--chromium", chromium, "--mode", "third-party-blocked"])
+            .args(["--timeout", if allowed { "40" } else { "8" }])
+            .arg(format!("{parent}/course?hint={hint}"))
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+            .await
+            .expect("the browser driver finished in time")
+            .expect("browser driver");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{parent}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result: Value =
+            serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("result JSON");
+        eprintln!("{parent}: {result}");
+        if allowed {
+            assert_eq!(result["ready"], "1", "{result}");
+            assert!(
+                result["me"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("(learner)"),
+                "{result}"
+            );
+        } else {
+            assert_ne!(result["ready"], "1", "framed by another origin: {result}");
+            assert!(result["me"].is_null(), "{result}");
+            assert!(
+                result["frame_url"]
+                    .as_str()
+                    .is_some_and(|u| u.starts_with("chrome-error:")),
+                "the browser refused to frame it: {result}"
+            );
+        }
+    }
+}
