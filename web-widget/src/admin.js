@@ -73,7 +73,7 @@ export function mount(panel, ctx) {
     const regUrl = `${base}/lti/register`;
     // A one-time registration URL (shown once; it works once, for an hour).
     const inviteForm = () => {
-      const issuer = h('input', { id: 'invite-issuer', type: 'url', placeholder: 'https://canvas.instructure.com' });
+      const issuer = h('input', { id: 'invite-issuer', type: 'url' });
       const shown = h('div', { 'aria-live': 'polite', 'data-testid': 'invite-url' });
       const make = h('button', { type: 'button', class: 'primary', text: S.makeInvite, on: { click: async () => {
         try {

@@ -279,9 +279,9 @@ export default {
   source: 'Added by',
   dynregTitle: 'Register Viva with a platform',
   dynregHelp: (url) =>
-    `Registration works only through a one-time URL made here (${url}?invite=…, valid for an hour, used once). Moodle 4.x: Site administration → Plugins → External tool → Manage tools, paste it into “Tool URL” and choose “Add LTI Advantage”. Canvas: use dynamic registration with it (name the issuer https://canvas.instructure.com for hosted Canvas), or a developer key with the JSON URL below.`,
+    `Registration works only through a one-time URL made here (${url}?invite=…, valid for an hour, used once). Moodle 4.x: Site administration → Plugins → External tool → Manage tools, paste it into “Tool URL” and choose “Add LTI Advantage”. Canvas: use dynamic registration with it (for hosted Canvas, first name its issuer, canvas.instructure.com with https, below), or a developer key with the JSON URL below.`,
   makeInvite: 'Make a one-time registration URL',
-  inviteIssuer: 'Issuer, when it is on another host than the platform (hosted Canvas)',
+  inviteIssuer: 'Issuer, when it is on another host than the platform (hosted Canvas); leave empty otherwise',
   inviteMade: 'Paste this URL into the platform now; it is shown only once.',
   canvasUrl: (url) => `Canvas JSON configuration URL: ${url}`,
   allValues: 'All values for manual registration',
