@@ -178,6 +178,7 @@ export default {
   feedbackFor: (title) => `Feedback on ${title}`,
   overallFeedbackLabel: 'Overall feedback',
   note: 'Reason for the change (for the audit log)',
+  shareNote: 'Show this reason to the student once the grade is released',
   saveOverride: 'Save changes',
   overrideSaved: (n) => `Saved ${n} ${plural(n, 'change', 'changes')}.`,
   release: 'Release grade to the gradebook',
