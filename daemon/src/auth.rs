@@ -57,9 +57,10 @@ impl Claims {
     }
 
     /// An administrator of the LTI platform registration the session was
-    /// launched from: manages the context of the launch and may see and
-    /// remove its own registration, nothing of other registrations and
-    /// nothing Viva-wide.
+    /// launched from: manages the contexts of that registration (the launch's
+    /// own here; `http::access::act_in` moves it into another of them) and
+    /// may see and remove its own registration, nothing of other
+    /// registrations and nothing Viva-wide.
     pub fn is_platform_admin(&self) -> bool {
         self.has(Role::Admin) && self.lti.is_some()
     }

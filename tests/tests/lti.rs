@@ -1632,6 +1632,57 @@ async fn an_uninvited_platform_is_refused_and_an_admitted_one_stays_in_its_tenan
         ))
     );
 
+    // Its administrator administers every course of its own registration.
+    let other = json!({"user": "t-2", "roles": [format!("{ROLE}Instructor")], "name": "T Two",
+                       "context": "course-2", "context_title": "Course two", "resource_link": "rl-2"});
+    let t2 = env.launch_on(&attacker.base, other, |_| {}).await;
+    assert_eq!(t2.status, 200, "{}", t2.body);
+    let t2_token = t2.token();
+    let ctx2 = env.me(&t2_token).await["context_id"]
+        .as_str()
+        .expect("ctx")
+        .to_owned();
+    assert_ne!(Some(ctx2.as_str()), me["context_id"].as_str());
+    let (status, a2) = env
+        .api(
+            reqwest::Method::POST,
+            &t2_token,
+            "/api/v1/assignments",
+            Some(json!({"title": "Own course two", "prompt": "Speak.", "rubric": viva_daemon::sandbox_assignment().rubric})),
+        )
+        .await;
+    assert_eq!(status, 201, "{a2}");
+    let a2 = a2["id"].as_str().expect("id").to_owned();
+    let (status, got) = env
+        .api(
+            reqwest::Method::GET,
+            &evil,
+            &format!("/api/v1/assignments/{a2}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "its own registration's other course: {got}");
+    let (status, listed) = env
+        .api(
+            reqwest::Method::GET,
+            &evil,
+            &format!("/api/v1/assignments?context={ctx2}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(listed.to_string().contains(&a2), "{listed}");
+    let (status, listed) = env
+        .api(
+            reqwest::Method::GET,
+            &evil,
+            &format!("/api/v1/assignments?context={victim_ctx}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(!listed.to_string().contains(&assignment), "{listed}");
+
     // ---- Every route class: the first platform's data is not there ----
     use reqwest::Method as M;
     let deny = |status: u16| status == 403 || status == 404;

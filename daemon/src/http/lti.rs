@@ -29,7 +29,7 @@ use viva_lti::login::{self, LoginRequest};
 use viva_lti::{LtiError, Registration};
 
 use super::AppState;
-use super::access::{Session, require_admin};
+use super::access::{Session, act_in, require_admin};
 use super::html::{Page, esc};
 use crate::auth::{Claims, LtiScope};
 use crate::domain::{self, AssignmentInput, Role, new_id};
@@ -975,6 +975,8 @@ pub(super) async fn members(
         .read(move |conn| lti::get_link(conn, &link_id))
         .await?
         .ok_or(Error::NotFound("link"))?;
+    let mut c = c;
+    act_in(&st, &mut c, &link.context_id).await?;
     if !c.can_manage(&link.context_id) {
         return Err(Error::NotFound("link"));
     }
