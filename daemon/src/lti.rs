@@ -557,6 +557,57 @@ pub fn open_store(config: &Config) -> Result<Store> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn invitations_are_shown_once_used_once_and_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("viva.db")).expect("open");
+        let tool = ToolUrls::new("https://viva.example.edu").expect("tool");
+        let make = |issuer: Option<&'static str>| {
+            let tool = tool.clone();
+            store.write(move |tx| create_invite(tx, &tool, "cli", issuer))
+        };
+        let invite = make(Some("https://canvas.instructure.com"))
+            .await
+            .expect("invite");
+        let url = url::Url::parse(&invite.url).expect("url");
+        assert_eq!(url.path(), "/lti/register");
+        let token = url
+            .query_pairs()
+            .find(|(k, _)| k == "invite")
+            .map(|(_, v)| v.into_owned())
+            .expect("token");
+        let t = token.clone();
+        let stored: String = store
+            .read(move |c| Ok(c.query_row("SELECT token_hash FROM lti_invites", [], |r| r.get(0))?))
+            .await
+            .expect("row");
+        assert_ne!(stored, t, "only the hash is kept");
+        let peek = |t: String| store.read(move |c| peek_invite(c, &t));
+        assert_eq!(
+            peek(token.clone()).await.expect("peek"),
+            Some(Some("https://canvas.instructure.com".to_string()))
+        );
+        assert_eq!(peek("guessed".into()).await.expect("peek"), None);
+        let take = |t: String| store.write(move |tx| use_invite(tx, &t, "https://i", "c"));
+        assert!(take(token.clone()).await.expect("use"));
+        assert!(!take(token.clone()).await.expect("use again"), "once");
+        assert_eq!(peek(token).await.expect("peek"), None);
+        // An expired invitation is no invitation.
+        let old = make(None).await.expect("invite");
+        let old_token = url::Url::parse(&old.url)
+            .expect("url")
+            .query_pairs()
+            .find(|(k, _)| k == "invite")
+            .map(|(_, v)| v.into_owned())
+            .expect("token");
+        store
+            .write(|tx| Ok(tx.execute("UPDATE lti_invites SET expires_at = 0", [])?))
+            .await
+            .expect("expire");
+        assert_eq!(peek(old_token.clone()).await.expect("peek"), None);
+        assert!(!take(old_token).await.expect("use"));
+    }
+
     #[test]
     fn identities_are_scoped_and_valid_ids() {
         let a = user_id("https://canvas.instructure.com", "100", "u1");

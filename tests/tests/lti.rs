@@ -1881,7 +1881,26 @@ async fn hosted_canvas_registers_with_an_invitation_naming_its_issuer_and_launch
         Some("registration_failed")
     );
     assert_eq!(env.count("lti_registrations").await, 0);
-    let canvas = env.invite(Some(CANVAS)).await;
+    // The operator's way: `viva platform invite --issuer …` on the server.
+    let mut cli = tokio::process::Command::new(viva_tests::viva_bin());
+    cli.args(["platform", "invite", "--issuer", CANVAS])
+        .env("VIVA_DATA_DIR", env._dir.path().join("var"))
+        .env("VIVA_PUBLIC_URL", &env.tool)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cli.output())
+        .await
+        .expect("viva platform invite finished in time")
+        .expect("viva platform invite");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let canvas = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        canvas.starts_with(&format!("{}/lti/register?invite=", env.tool)),
+        "{canvas}"
+    );
     let resp = env.register_at(&canvas, &cfg).await;
     assert_eq!(resp.status(), 200);
     let body = resp.text().await.expect("body");
