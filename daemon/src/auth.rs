@@ -47,13 +47,40 @@ impl Claims {
         self.roles.contains(&role)
     }
 
+    /// A Viva-wide administrator: only sessions minted by the operator
+    /// (`viva session --role admin`), never an LTI launch. A platform's
+    /// administrator is an administrator of that platform only (see
+    /// [`Claims::is_platform_admin`]): hosted Canvas tenants share one issuer
+    /// and every account admin carries the institution Administrator role.
     pub fn is_admin(&self) -> bool {
-        self.has(Role::Admin)
+        self.has(Role::Admin) && self.lti.is_none()
     }
 
-    /// Instructors manage their own context; admins every context.
+    /// An administrator of the LTI platform registration the session was
+    /// launched from: manages the contexts of that registration (the launch's
+    /// own here; `http::access::act_in` moves it into another of them) and
+    /// may see and remove its own registration, nothing of other
+    /// registrations and nothing Viva-wide.
+    pub fn is_platform_admin(&self) -> bool {
+        self.has(Role::Admin) && self.lti.is_some()
+    }
+
+    /// Whether this session administers the registration (issuer, client_id):
+    /// Viva-wide admins all, a platform admin its own.
+    pub fn administers_registration(&self, issuer: &str, client_id: &str) -> bool {
+        self.is_admin()
+            || (self.is_platform_admin()
+                && self
+                    .lti
+                    .as_ref()
+                    .is_some_and(|l| l.platform == issuer && l.client_id == client_id))
+    }
+
+    /// Instructors (and platform admins) manage their own context; Viva-wide
+    /// admins every context.
     pub fn can_manage(&self, context_id: &str) -> bool {
-        self.is_admin() || (self.has(Role::Instructor) && self.ctx == context_id)
+        self.is_admin()
+            || ((self.has(Role::Instructor) || self.is_platform_admin()) && self.ctx == context_id)
     }
 
     /// Learners read their own submissions in their context; instructors
@@ -293,6 +320,35 @@ mod tests {
         let mut tampered = token.clone();
         tampered.insert(tampered.len() / 2, 'x');
         assert!(s.verify(&tampered).is_err());
+    }
+
+    #[test]
+    fn a_platform_admin_is_admin_of_its_own_registration_only() {
+        let s = sessions();
+        let scope = LtiScope {
+            platform: "https://canvas.instructure.com".into(),
+            client_id: "100".into(),
+            deployment: "d".into(),
+            ..Default::default()
+        };
+        let (_, lti_admin) = s
+            .mint_scoped("u", "c1", &[Role::Admin], None, Some(scope))
+            .expect("mint");
+        assert!(
+            !lti_admin.is_admin(),
+            "no LTI launch makes a Viva-wide admin"
+        );
+        assert!(lti_admin.is_platform_admin());
+        assert!(lti_admin.can_manage("c1"), "the launch's own course");
+        assert!(!lti_admin.can_manage("c2"), "another course");
+        assert!(lti_admin.administers_registration("https://canvas.instructure.com", "100"));
+        assert!(
+            !lti_admin.administers_registration("https://canvas.instructure.com", "200"),
+            "another tenant sharing the issuer"
+        );
+        let (_, ops) = s.mint("ops", "ops", &[Role::Admin], None).expect("mint");
+        assert!(ops.is_admin() && ops.can_manage("c2"));
+        assert!(ops.administers_registration("https://canvas.instructure.com", "200"));
     }
 
     #[test]

@@ -105,7 +105,7 @@ enum Command {
         #[command(subcommand)]
         action: plugin::PluginAction,
     },
-    /// Add, list or remove LTI platform registrations.
+    /// Add, invite, list or remove LTI platform registrations.
     Platform {
         #[command(subcommand)]
         action: platform::PlatformAction,
@@ -264,7 +264,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match action {
                 UserAction::Export { user } => {
                     let u = user.clone();
-                    let v = store.read_blocking(|c| crate::retention::export_user(c, &u))?;
+                    let v =
+                        store.read_blocking(|c| crate::retention::export_user(c, &u, |_| true))?;
                     println!("{}", serde_json::to_string_pretty(&v)?);
                 }
                 UserAction::Delete { user } => {

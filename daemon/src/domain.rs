@@ -391,6 +391,30 @@ pub struct Submission {
     pub media_dir: Option<String>,
 }
 
+impl Submission {
+    /// What its author (a learner, not managing the course) may see. Before
+    /// release: no score, no evaluations, no flags or review reasons (release
+    /// is the instructor's decision, and a flag tells a student which
+    /// phrasing was caught). After release: everything but the instructor's
+    /// override note, unless the instructor shared it (`share_note`).
+    pub fn redact_for_learner(&mut self) {
+        if self.state != SubmissionState::Released {
+            self.evaluations.clear();
+            self.score = None;
+            return;
+        }
+        if let Some(o) = self
+            .score
+            .as_mut()
+            .and_then(|s| s.get_mut("override"))
+            .and_then(|o| o.as_object_mut())
+            && o.get("share_note").and_then(|v| v.as_bool()) != Some(true)
+        {
+            o.remove("note");
+        }
+    }
+}
+
 const SUBMISSION_SELECT: &str = "SELECT s.*, a.context_id AS context_id FROM submissions s
      JOIN assignments a ON a.id = s.assignment_id";
 
@@ -610,6 +634,44 @@ pub(crate) fn audit_entries(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scored(state: &str) -> Submission {
+        serde_json::from_value(serde_json::json!({
+            "id": "s", "assignment_id": "a", "context_id": "c", "user_id": "u", "attempt": 1,
+            "state": state, "batch_id": null, "original_name": null, "sha256": "x",
+            "size_bytes": 1, "duration_seconds": 1.0, "media_info": {}, "transcript": null,
+            "evaluations": [{"role": "a", "model": "m", "ratings": [], "flags": ["injection"]}],
+            "score": {"total": 3.0, "needs_review": true, "reasons": ["flagged"],
+                      "override": {"by": "t", "note": "private", "share_note": false}},
+            "failure_code": null, "failure_reason": null,
+            "created_at": 0, "updated_at": 0, "finished_at": null, "media_available": true
+        }))
+        .expect("submission")
+    }
+
+    #[test]
+    fn a_learner_sees_grades_after_release_and_notes_only_when_shared() {
+        let mut s = scored("awaiting_review");
+        s.redact_for_learner();
+        assert!(
+            s.score.is_none() && s.evaluations.is_empty(),
+            "nothing before release"
+        );
+        let mut s = scored("released");
+        s.redact_for_learner();
+        let score = s.score.as_ref().expect("score after release");
+        assert_eq!(score["total"], 3.0);
+        assert!(score["override"].get("note").is_none(), "{score}");
+        let mut s = scored("released");
+        if let Some(o) = s.score.as_mut() {
+            o["override"]["share_note"] = serde_json::json!(true);
+        }
+        s.redact_for_learner();
+        assert_eq!(
+            s.score.as_ref().expect("score")["override"]["note"],
+            "private"
+        );
+    }
 
     #[test]
     fn sandbox_rubric_is_valid() {

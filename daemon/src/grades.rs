@@ -15,9 +15,12 @@ pub(crate) struct OverrideRequest {
     /// Replaces the overall feedback.
     #[serde(default)]
     pub feedback: Option<String>,
-    /// Why, for the audit log.
+    /// Why, for the audit log; instructors only, unless `share_note`.
     #[serde(default)]
     pub note: Option<String>,
+    /// Show the note to the student once the grade is released.
+    #[serde(default)]
+    pub share_note: bool,
 }
 
 #[derive(Debug, Deserialize)]

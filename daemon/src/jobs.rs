@@ -771,7 +771,9 @@ pub(crate) fn override_grade(
     if let Some(o) = score.as_object_mut() {
         o.insert(
             "override".into(),
-            serde_json::json!({ "by": actor, "at": now, "note": req.note }),
+            serde_json::json!({
+                "by": actor, "at": now, "note": req.note, "share_note": req.share_note
+            }),
         );
     }
     tx.execute(

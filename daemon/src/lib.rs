@@ -78,18 +78,45 @@ impl DataDirLock {
 
 /// Creates the data directory layout and opens the store (migrating it).
 pub fn open_data_dir(config: &Config) -> Result<store::Store> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    // Students' recordings, grades and keys: the owner only. The umask makes
+    // every file Viva (and its ffmpeg and worker children) creates 0600 and
+    // every directory 0700; the data directory's own mode is fixed too.
+    private_umask();
     for dir in [
         config.data_dir.clone(),
         config.media_dir(),
         config.staging_dir(),
     ] {
-        std::fs::create_dir_all(&dir).map_err(Error::io(format!(
-            "creating {} (set --data-dir or VIVA_DATA_DIR to a writable place)",
-            dir.display()
-        )))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(Error::io(format!(
+                "creating {} (set --data-dir or VIVA_DATA_DIR to a writable place)",
+                dir.display()
+            )))?;
+    }
+    let mode = std::fs::metadata(&config.data_dir)
+        .map_err(Error::io("reading the data directory's permissions"))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(dir = %config.data_dir.display(), "the data directory was open to other users; fixing its mode to 0700");
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(Error::io("securing the data directory"))?;
     }
     let store = store::Store::open(&config.db_path())?;
     Ok(store)
+}
+
+/// Sets the process umask to 077 (files 0600, directories 0700).
+fn private_umask() {
+    // SAFETY: umask only sets the process's file mode creation mask; it has
+    // no memory effects and cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
 }
 
 /// Everything `serve` needs, built but not yet running. Tests use this to
@@ -129,6 +156,7 @@ impl Daemon {
         // the async threads.
         let cfg = config.clone();
         let (lock, store, key) = tokio::task::spawn_blocking(move || {
+            private_umask();
             std::fs::create_dir_all(&cfg.data_dir).map_err(Error::io(format!(
                 "creating {} (set --data-dir or VIVA_DATA_DIR to a writable place)",
                 cfg.data_dir.display()

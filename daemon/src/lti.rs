@@ -3,7 +3,8 @@
 //! and the SQL for registrations, LTI users and resource links.
 //!
 //! LTI identities map onto the daemon's own: a user is
-//! `lti-<hash(issuer, sub)>`, a course is
+//! `lti-<hash(issuer, client_id, sub)>` (users from before migration 8 keep
+//! their ids, bound to their registration in `lti_users`), a course is
 //! `lti-<hash(issuer, client_id, deployment, context id)>`, so two platforms
 //! (or two tenants of one hosted Canvas) can never share a course or a user.
 
@@ -147,9 +148,24 @@ fn digest(parts: &[&str]) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
-/// The daemon user id of an LTI user.
-pub fn user_id(issuer: &str, sub: &str) -> String {
-    format!("lti-{}", digest(&["user", issuer, sub]))
+/// The daemon user id of a new LTI user: the user `sub` of the registration
+/// (issuer, client_id). Users from before migration 8 keep their ids
+/// (see [`resolve_user`]).
+pub fn user_id(issuer: &str, client_id: &str, sub: &str) -> String {
+    format!("lti-{}", digest(&["user", issuer, client_id, sub]))
+}
+
+/// The daemon user of `sub` at the registration (issuer, client_id): the
+/// one on record, else a new id from [`user_id`].
+pub fn resolve_user(conn: &Connection, issuer: &str, client_id: &str, sub: &str) -> Result<String> {
+    let known: Option<String> = conn
+        .query_row(
+            "SELECT user_id FROM lti_users WHERE issuer = ?1 AND client_id = ?2 AND sub = ?3",
+            [issuer, client_id, sub],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(known.unwrap_or_else(|| user_id(issuer, client_id, sub)))
 }
 
 /// The daemon context id of an LTI context.
@@ -281,6 +297,95 @@ pub fn remove_registration(tx: &Transaction<'_>, issuer: &str, client_id: &str) 
     )? > 0)
 }
 
+// ---- registration invitations ------------------------------------------------------
+
+/// How long a registration invitation stays usable.
+pub const INVITE_TTL_SECS: u64 = 3600;
+
+/// A one-time registration invitation: the URL to paste into the platform.
+#[derive(Debug, Clone, Serialize)]
+pub struct Invite {
+    pub url: String,
+    pub issuer: Option<String>,
+    pub expires_at: i64,
+}
+
+fn invite_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Creates a single-use invitation for dynamic registration, valid
+/// [`INVITE_TTL_SECS`]. Only its hash is stored; the URL (with the token) is
+/// shown once, to the administrator who made it. `issuer`, when given, is the
+/// only issuer the registration may have, and may live on another host than
+/// the platform's configuration URL (hosted Canvas).
+pub fn create_invite(
+    tx: &Transaction<'_>,
+    tool: &ToolUrls,
+    actor: &str,
+    issuer: Option<&str>,
+) -> Result<Invite> {
+    if let Some(i) = issuer {
+        viva_lti::registration::origin_of(i)
+            .ok_or_else(|| Error::bad_request("invalid_issuer", format!("{i:?} is not a URL")))?;
+    }
+    let token = viva_lti::login::random_token(24);
+    let now = now_ms();
+    let expires_at = now + (INVITE_TTL_SECS as i64) * 1000;
+    tx.execute(
+        "INSERT INTO lti_invites (token_hash, issuer, created_by, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![invite_hash(&token), issuer, actor, now, expires_at],
+    )?;
+    crate::domain::audit(
+        tx,
+        actor,
+        "platform.invite",
+        issuer.unwrap_or(""),
+        serde_json::json!({ "expires_at": expires_at }),
+    )?;
+    let url = url::Url::parse_with_params(&tool.register(), &[("invite", token.as_str())])
+        .map_err(|e| Error::Internal(format!("building the invitation URL: {e}")))?;
+    Ok(Invite {
+        url: url.to_string(),
+        issuer: issuer.map(str::to_owned),
+        expires_at,
+    })
+}
+
+/// The issuer an unused, unexpired invitation allows (`Some(None)`: any
+/// issuer on the configuration URL's host); `None` when the token is not a
+/// usable invitation.
+pub fn peek_invite(conn: &Connection, token: &str) -> Result<Option<Option<String>>> {
+    Ok(conn
+        .query_row(
+            "SELECT issuer FROM lti_invites
+             WHERE token_hash = ?1 AND used_at IS NULL AND expires_at > ?2",
+            params![invite_hash(token), now_ms()],
+            |r| r.get::<_, Option<String>>(0),
+        )
+        .optional()?)
+}
+
+/// Marks an invitation used by the registration (issuer, client_id); false
+/// when it was used (or expired) meanwhile.
+pub fn use_invite(
+    tx: &Transaction<'_>,
+    token: &str,
+    issuer: &str,
+    client_id: &str,
+) -> Result<bool> {
+    Ok(tx.execute(
+        "UPDATE lti_invites SET used_at = ?2, used_by = ?3
+         WHERE token_hash = ?1 AND used_at IS NULL AND expires_at > ?2",
+        params![
+            invite_hash(token),
+            now_ms(),
+            format!("{issuer} {client_id}")
+        ],
+    )? > 0)
+}
+
 // ---- resource links -------------------------------------------------------------
 
 /// A resource link placed in a platform course.
@@ -382,20 +487,25 @@ pub fn set_link_lineitem(tx: &Transaction<'_>, link: &str, lineitem: &str) -> Re
     Ok(())
 }
 
-/// Records that `user` (LTI `sub`) launched `link`.
-pub fn record_launch(
+/// Records the LTI identity of `user` (LTI `sub` at the registration).
+pub fn record_user(
     tx: &Transaction<'_>,
-    link: &str,
     user: &str,
     issuer: &str,
+    client_id: &str,
     sub: &str,
 ) -> Result<()> {
-    let now = now_ms();
     tx.execute(
-        "INSERT INTO lti_users (issuer, sub, user_id) VALUES (?1, ?2, ?3)
-         ON CONFLICT(issuer, sub) DO NOTHING",
-        params![issuer, sub, user],
+        "INSERT INTO lti_users (issuer, client_id, sub, user_id) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(issuer, client_id, sub) DO NOTHING",
+        params![issuer, client_id, sub, user],
     )?;
+    Ok(())
+}
+
+/// Records that `user` (LTI `sub`) launched `link`.
+pub fn record_launch(tx: &Transaction<'_>, link: &str, user: &str, sub: &str) -> Result<()> {
+    let now = now_ms();
     tx.execute(
         "INSERT INTO lti_link_members (link_id, user_id, sub, last_launch_at) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT(link_id, user_id) DO UPDATE SET sub = ?3, last_launch_at = ?4",
@@ -447,11 +557,67 @@ pub fn open_store(config: &Config) -> Result<Store> {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn invitations_are_shown_once_used_once_and_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("viva.db")).expect("open");
+        let tool = ToolUrls::new("https://viva.example.edu").expect("tool");
+        let make = |issuer: Option<&'static str>| {
+            let tool = tool.clone();
+            store.write(move |tx| create_invite(tx, &tool, "cli", issuer))
+        };
+        let invite = make(Some("https://canvas.instructure.com"))
+            .await
+            .expect("invite");
+        let url = url::Url::parse(&invite.url).expect("url");
+        assert_eq!(url.path(), "/lti/register");
+        let token = url
+            .query_pairs()
+            .find(|(k, _)| k == "invite")
+            .map(|(_, v)| v.into_owned())
+            .expect("token");
+        let t = token.clone();
+        let stored: String = store
+            .read(move |c| Ok(c.query_row("SELECT token_hash FROM lti_invites", [], |r| r.get(0))?))
+            .await
+            .expect("row");
+        assert_ne!(stored, t, "only the hash is kept");
+        let peek = |t: String| store.read(move |c| peek_invite(c, &t));
+        assert_eq!(
+            peek(token.clone()).await.expect("peek"),
+            Some(Some("https://canvas.instructure.com".to_string()))
+        );
+        assert_eq!(peek("guessed".into()).await.expect("peek"), None);
+        let take = |t: String| store.write(move |tx| use_invite(tx, &t, "https://i", "c"));
+        assert!(take(token.clone()).await.expect("use"));
+        assert!(!take(token.clone()).await.expect("use again"), "once");
+        assert_eq!(peek(token).await.expect("peek"), None);
+        // An expired invitation is no invitation.
+        let old = make(None).await.expect("invite");
+        let old_token = url::Url::parse(&old.url)
+            .expect("url")
+            .query_pairs()
+            .find(|(k, _)| k == "invite")
+            .map(|(_, v)| v.into_owned())
+            .expect("token");
+        store
+            .write(|tx| Ok(tx.execute("UPDATE lti_invites SET expires_at = 0", [])?))
+            .await
+            .expect("expire");
+        assert_eq!(peek(old_token.clone()).await.expect("peek"), None);
+        assert!(!take(old_token).await.expect("use"));
+    }
+
     #[test]
     fn identities_are_scoped_and_valid_ids() {
-        let a = user_id("https://canvas.instructure.com", "u1");
-        let b = user_id("https://moodle.example.edu", "u1");
+        let a = user_id("https://canvas.instructure.com", "100", "u1");
+        let b = user_id("https://moodle.example.edu", "100", "u1");
         assert_ne!(a, b, "the same sub on two platforms is two users");
+        let a2 = user_id("https://canvas.instructure.com", "200", "u1");
+        assert_ne!(
+            a, a2,
+            "the same sub at two tenants sharing an issuer is two users"
+        );
         crate::domain::validate_id(&a, "user").expect("valid id");
         let c1 = context_id("https://canvas.instructure.com", "100", "d", "c");
         let c2 = context_id("https://canvas.instructure.com", "200", "d", "c");

@@ -57,8 +57,15 @@ pub async fn purge_expired(store: &Store, days: u32) -> Result<usize> {
     Ok(n)
 }
 
-/// Everything Viva holds about one user, as JSON.
-pub fn export_user(conn: &Connection, user: &str) -> Result<serde_json::Value> {
+/// Everything Viva holds about one user, as JSON. Submissions for which
+/// `full_view(context)` is false are shown as their author sees them
+/// ([`domain::Submission::redact_for_learner`]): a learner's own export
+/// holds no unreleased grade.
+pub fn export_user(
+    conn: &Connection,
+    user: &str,
+    full_view: impl Fn(&str) -> bool,
+) -> Result<serde_json::Value> {
     let profile: Option<(String, String, i64)> = {
         use rusqlite::OptionalExtension;
         conn.query_row(
@@ -74,13 +81,18 @@ pub fn export_user(conn: &Connection, user: &str) -> Result<serde_json::Value> {
             Ok(serde_json::json!({ "context_id": r.get::<_, String>(0)?, "roles": r.get::<_, String>(1)? }))
         })?
         .collect::<rusqlite::Result<_>>()?;
-    let submissions = domain::list_submissions(
+    let mut submissions = domain::list_submissions(
         conn,
         &SubmissionFilter {
             user_id: Some(user.to_owned()),
             ..Default::default()
         },
     )?;
+    for s in &mut submissions {
+        if !full_view(&s.context_id) {
+            s.redact_for_learner();
+        }
+    }
     Ok(serde_json::json!({
         "user_id": user,
         "profile": profile.map(|(name, email, created_at)| serde_json::json!({

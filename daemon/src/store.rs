@@ -206,6 +206,44 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX submissions_by_upload_key
         ON submissions(assignment_id, user_id, upload_key) WHERE upload_key IS NOT NULL;
     "#,
+    // 7: one-time platform registration invitations made by a Viva
+    // administrator (only the token's sha256 is kept; `issuer`, when set, is
+    // the issuer the administrator allowed, which may live on another host).
+    r#"
+    CREATE TABLE lti_invites (
+        token_hash  TEXT PRIMARY KEY,
+        issuer      TEXT,
+        created_by  TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL,
+        used_at     INTEGER,
+        used_by     TEXT
+    );
+    "#,
+    // 8: an LTI user belongs to one registration: (issuer, client_id, sub).
+    // Hosted Canvas tenants share an issuer, so (issuer, sub) let a second
+    // registration speak for the first one's users. Existing users keep
+    // their ids, bound to the registration they launched through (the first
+    // by client id when there were several; a launch through another one
+    // makes a new user); users with no recorded launch keep none and get a
+    // new identity at their next launch.
+    r#"
+    CREATE TABLE lti_users_new (
+        issuer     TEXT NOT NULL,
+        client_id  TEXT NOT NULL,
+        sub        TEXT NOT NULL,
+        user_id    TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        PRIMARY KEY (issuer, client_id, sub)
+    );
+    INSERT INTO lti_users_new (issuer, client_id, sub, user_id)
+        SELECT u.issuer, MIN(l.client_id), u.sub, u.user_id FROM lti_users u
+        JOIN lti_link_members m ON m.user_id = u.user_id
+        JOIN lti_links l ON l.id = m.link_id AND l.issuer = u.issuer
+        GROUP BY u.issuer, u.sub, u.user_id;
+    DROP TABLE lti_users;
+    ALTER TABLE lti_users_new RENAME TO lti_users;
+    CREATE INDEX lti_users_by_user ON lti_users(user_id);
+    "#,
 ];
 
 /// The schema version this build understands.
@@ -562,6 +600,94 @@ mod tests {
         sub("s3", "v", 1, Some("key-0001")).expect("another student's key");
         sub("s4", "u", 3, None).expect("no key");
         sub("s5", "u", 4, None).expect("no key, again");
+    }
+
+    #[test]
+    fn migration_7_adds_single_use_registration_invites() {
+        let (_d, conn, _) = db_at(7);
+        conn.execute(
+            "INSERT INTO lti_invites (token_hash, created_by, created_at, expires_at)
+             VALUES ('h', 'cli', 0, 10)",
+            [],
+        )
+        .expect("invite");
+        assert!(
+            conn.execute(
+                "INSERT INTO lti_invites (token_hash, created_by, created_at, expires_at)
+                 VALUES ('h', 'cli', 0, 10)",
+                [],
+            )
+            .is_err(),
+            "one row per token"
+        );
+        let used = conn
+            .execute(
+                "UPDATE lti_invites SET used_at = 5 WHERE token_hash = 'h' AND used_at IS NULL",
+                [],
+            )
+            .expect("use");
+        assert_eq!(used, 1);
+        let again = conn
+            .execute(
+                "UPDATE lti_invites SET used_at = 6 WHERE token_hash = 'h' AND used_at IS NULL",
+                [],
+            )
+            .expect("use again");
+        assert_eq!(again, 0, "an invitation is used once");
+    }
+
+    #[test]
+    fn migration_8_binds_lti_users_to_their_registration() {
+        let (_d, mut conn, path) = db_at(7);
+        conn.execute_batch(
+            "INSERT INTO contexts VALUES ('c', 'C', 0);
+             INSERT INTO users (id, created_at) VALUES ('u1', 0), ('u2', 0), ('u3', 0);
+             INSERT INTO lti_links (id, issuer, client_id, deployment_id, resource_link_id,
+                 context_id, created_at, updated_at)
+                 VALUES ('l1', 'https://canvas', '100', 'd', 'r1', 'c', 0, 0),
+                        ('l2', 'https://canvas', '200', 'd', 'r2', 'c', 0, 0);
+             INSERT INTO lti_users VALUES ('https://canvas', 'a', 'u1'),
+                 ('https://canvas', 'b', 'u2'), ('https://canvas', 'never', 'u3');
+             INSERT INTO lti_link_members VALUES ('l1', 'u1', 'a', 0), ('l2', 'u2', 'b', 0),
+                 ('l1', 'u2', 'b', 0);",
+        )
+        .expect("rows");
+        migrate_to(&mut conn, &path, &MIGRATIONS[..8]).expect("migrate");
+        let mut stmt = conn
+            .prepare("SELECT issuer, client_id, sub, user_id FROM lti_users ORDER BY sub")
+            .expect("prepare");
+        let rows: Vec<(String, String, String, String)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .expect("query")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        let row = |i: &str, c: &str, s: &str, u: &str| {
+            (i.to_owned(), c.to_owned(), s.to_owned(), u.to_owned())
+        };
+        assert_eq!(
+            rows,
+            vec![
+                row("https://canvas", "100", "a", "u1"),
+                // launched through both registrations: bound to one of them
+                row("https://canvas", "100", "b", "u2"),
+            ]
+        );
+        // The same sub under another registration is another row.
+        conn.execute(
+            "INSERT INTO lti_users VALUES ('https://canvas', '200', 'a', 'u3')",
+            [],
+        )
+        .expect("same sub, other registration");
+        conn.execute("DELETE FROM users WHERE id = 'u1'", [])
+            .expect("delete");
+        let n: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM lti_users WHERE user_id = 'u1'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(n, 0, "deleting a user takes its LTI identity along");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! The platform opens the tool's registration URL with
 //! `openid_configuration` (a URL) and usually a `registration_token`. The tool
 //! fetches the configuration (SSRF-checked), checks that the issuer lives on
-//! the configuration URL's host, posts its own configuration to the
+//! the configuration URL's host — or, when the administrator who allowed the
+//! registration named the issuer (hosted Canvas serves its configuration from
+//! the school's domain with the shared issuer `https://canvas.instructure.com`),
+//! that it is exactly that issuer — posts its own configuration to the
 //! registration endpoint with the token, and turns the answer into a
 //! [`Registration`]. The registration token is never logged or stored.
 
@@ -54,10 +57,16 @@ fn host_of(url: &str) -> Option<String> {
 }
 
 /// Parses and checks an openid configuration fetched from `config_url`.
+///
+/// `expected_issuer` is the issuer a tool administrator named when allowing
+/// this registration: the configuration's issuer must then be exactly that
+/// (and may live on another host); without it, the issuer must live on the
+/// configuration URL's host.
 pub fn parse_configuration(
     config_url: &str,
     v: &Value,
     http: &HttpClient,
+    expected_issuer: Option<&str>,
 ) -> Result<PlatformConfiguration> {
     let bad = |m: String| LtiError::Registration(m);
     let get = |name: &str| -> Result<String> {
@@ -68,12 +77,28 @@ pub fn parse_configuration(
             .ok_or_else(|| bad(format!("the platform configuration has no {name}")))
     };
     let issuer = get("issuer")?;
-    // The issuer must live where the configuration came from: a configuration
-    // URL on one host cannot speak for another platform's issuer.
-    if host_of(&issuer).is_none() || host_of(&issuer) != host_of(config_url) {
-        return Err(bad(format!(
-            "the issuer {issuer:?} is not on the configuration URL's host"
-        )));
+    http.policy().check(&issuer).map_err(|e| {
+        bad(format!(
+            "the issuer {issuer:?} is not an acceptable URL: {e}"
+        ))
+    })?;
+    match expected_issuer {
+        // An administrator named this issuer: exactly it, from any host.
+        Some(want) if want != issuer => {
+            return Err(bad(format!(
+                "the issuer {issuer:?} is not the one the administrator allowed ({want:?})"
+            )));
+        }
+        Some(_) => {}
+        // Otherwise the issuer must live where the configuration came from: a
+        // configuration URL on one host cannot speak for another platform's issuer.
+        None if host_of(&issuer).is_none() || host_of(&issuer) != host_of(config_url) => {
+            return Err(bad(format!(
+                "the issuer {issuer:?} is not on the configuration URL's host \
+                 (a tool administrator can allow it by naming the issuer in the invitation)"
+            )));
+        }
+        None => {}
     }
     let cfg = PlatformConfiguration {
         authorization_endpoint: get("authorization_endpoint")?,
@@ -138,11 +163,13 @@ pub fn tool_configuration(tool: &ToolUrls, desc: &ToolDescription) -> Value {
                     "type": "LtiDeepLinkingRequest",
                     "target_link_uri": launch,
                     "label": desc.name,
+                    // Not `homework_submission`: students submit from the
+                    // Viva assignment an instructor placed, not from Canvas's
+                    // submission dialog (a learner's deep-linking launch is refused).
                     "placements": [
                         "ContentArea",
                         "assignment_selection",
-                        "link_selection",
-                        "homework_submission"
+                        "link_selection"
                     ],
                     "supported_types": ["ltiResourceLink"],
                 }
@@ -153,12 +180,14 @@ pub fn tool_configuration(tool: &ToolUrls, desc: &ToolDescription) -> Value {
 
 /// Fetches the platform's configuration, registers, and returns the new
 /// registration (its deployment included when the platform names one).
+/// `expected_issuer`: see [`parse_configuration`].
 pub async fn register(
     http: &HttpClient,
     openid_configuration: &str,
     registration_token: Option<&str>,
     tool: &ToolUrls,
     desc: &ToolDescription,
+    expected_issuer: Option<&str>,
 ) -> Result<Registration> {
     http.policy().check(openid_configuration)?;
     let resp = http
@@ -170,7 +199,12 @@ pub async fn register(
         )
         .await?
         .success()?;
-    let cfg = parse_configuration(openid_configuration, &resp.json::<Value>()?, http)?;
+    let cfg = parse_configuration(
+        openid_configuration,
+        &resp.json::<Value>()?,
+        http,
+        expected_issuer,
+    )?;
     let auth;
     let mut headers: Vec<(&str, &str)> = vec![("accept", "application/json")];
     if let Some(t) = registration_token {
@@ -258,7 +292,6 @@ pub fn canvas_configuration(tool: &ToolUrls, desc: &ToolDescription) -> Value {
                 "placements": [
                     placement("assignment_selection", "LtiDeepLinkingRequest"),
                     placement("link_selection", "LtiDeepLinkingRequest"),
-                    placement("homework_submission", "LtiDeepLinkingRequest"),
                 ],
             },
         }],
@@ -287,18 +320,32 @@ mod tests {
     fn issuer_must_match_the_configuration_host() {
         let http = HttpClient::new(UrlPolicy::strict(), "test").expect("client");
         let url = "https://moodle.example.edu/mod/lti/openid-configuration.php";
-        let c = parse_configuration(url, &config("https://moodle.example.edu"), &http).expect("ok");
+        let c = parse_configuration(url, &config("https://moodle.example.edu"), &http, None)
+            .expect("ok");
         assert_eq!(c.product_family_code.as_deref(), Some("moodle"));
-        let e = parse_configuration(url, &config("https://canvas.instructure.com"), &http)
-            .expect_err("host mismatch");
+        let canvas = config("https://canvas.instructure.com");
+        let e = parse_configuration(url, &canvas, &http, None).expect_err("host mismatch");
         assert_eq!(e.code(), "registration_failed");
+        // Hosted Canvas: an administrator named the shared issuer.
+        let c = parse_configuration(url, &canvas, &http, Some("https://canvas.instructure.com"))
+            .expect("the named issuer, from another host");
+        assert_eq!(c.issuer, "https://canvas.instructure.com");
+        let e = parse_configuration(url, &canvas, &http, Some("https://other.example.edu"))
+            .expect_err("not the named issuer");
+        assert_eq!(e.code(), "registration_failed");
+        let insecure = config("http://canvas.instructure.com");
+        assert!(
+            parse_configuration(url, &insecure, &http, Some("http://canvas.instructure.com"))
+                .is_err(),
+            "an http issuer stays refused"
+        );
         let mut private = config("https://moodle.example.edu");
         private["jwks_uri"] = json!("https://169.254.169.254/keys");
-        let e = parse_configuration(url, &private, &http).expect_err("ssrf");
+        let e = parse_configuration(url, &private, &http, None).expect_err("ssrf");
         assert_eq!(e.code(), "url_refused");
         let mut hs = config("https://moodle.example.edu");
         hs["id_token_signing_alg_values_supported"] = json!(["HS256"]);
-        assert!(parse_configuration(url, &hs, &http).is_err());
+        assert!(parse_configuration(url, &hs, &http, None).is_err());
     }
 
     #[test]
@@ -318,10 +365,13 @@ mod tests {
             .as_array()
             .expect("placements");
         assert!(
-            placements
+            !placements
                 .iter()
-                .any(|p| p["placement"] == "homework_submission")
+                .any(|p| p["placement"] == "homework_submission"),
+            "a learner's deep-linking launch is refused: the placement is not offered"
         );
+        let dl = msgs[1]["placements"].as_array().expect("placements");
+        assert!(!dl.iter().any(|p| p == "homework_submission"));
         assert!(
             placements
                 .iter()

@@ -225,6 +225,9 @@ impl HttpClient {
         let redirect_policy = policy;
         let client = reqwest::Client::builder()
             .user_agent(user_agent)
+            // A proxy from HTTP(S)_PROXY would resolve platform hosts itself,
+            // past the SSRF-safe resolver below: never use one.
+            .no_proxy()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(30))
             .dns_resolver(Arc::new(SafeResolver {

@@ -6,6 +6,7 @@
 //! up only in the key set of the registration the token claims to come from.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -142,39 +143,75 @@ pub fn modulus_bits(n: &[u8]) -> usize {
     }
 }
 
-struct Entry {
-    set: KeySet,
-    fetched: Instant,
+/// What the cache holds for one key set URL.
+#[derive(Default)]
+struct Slot {
+    set: Option<KeySet>,
+    /// When `set` was fetched.
+    fetched: Option<Instant>,
+    /// When the last fetch (successful or not) started.
+    attempted: Option<Instant>,
+    /// Why the last fetch failed, while no newer one succeeded.
+    failure: Option<String>,
 }
 
 /// Caches platform key sets by URL.
+///
+/// One platform never waits for another: the map's lock is never held across
+/// a fetch, and fetches of one URL go one at a time through that URL's own
+/// gate (so concurrent launches of one platform share one fetch). A failed
+/// fetch is remembered for [`JwksCache::min_refetch`] like a successful one,
+/// so a platform whose key set is down or slow is asked at most once per
+/// interval.
 pub struct JwksCache {
     http: HttpClient,
-    entries: tokio::sync::Mutex<HashMap<String, Entry>>,
+    slots: std::sync::Mutex<HashMap<String, Slot>>,
+    gates: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// A key set is refetched after this long even without a miss.
     pub ttl: Duration,
-    /// At most one refetch on an unknown kid per this interval and URL.
+    /// At most one refetch on an unknown kid (or after a failure) per this
+    /// interval and URL.
     pub min_refetch: Duration,
 }
+
+/// Most key set URLs the cache remembers (one per registration in practice).
+const MAX_URLS: usize = 10_000;
 
 impl JwksCache {
     pub fn new(http: HttpClient) -> JwksCache {
         JwksCache {
             http,
-            entries: tokio::sync::Mutex::new(HashMap::new()),
+            slots: std::sync::Mutex::new(HashMap::new()),
+            gates: std::sync::Mutex::new(HashMap::new()),
             ttl: Duration::from_secs(3600),
             min_refetch: Duration::from_secs(60),
         }
     }
 
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        // A panic while holding this short lock leaves consistent data.
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn gate(&self, url: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        if gates.len() >= MAX_URLS && !gates.contains_key(url) {
+            gates.retain(|_, g| Arc::strong_count(g) > 1);
+        }
+        gates.entry(url.to_owned()).or_default().clone()
+    }
+
     /// Puts a key set in the cache as if fetched now (tests, static keys).
     pub async fn preload(&self, url: &str, jwks: &Value) -> Result<()> {
         let set = KeySet::parse(jwks)?;
-        self.entries.lock().await.insert(
+        let now = Instant::now();
+        self.slots().insert(
             url.to_owned(),
-            Entry {
-                set,
-                fetched: Instant::now(),
+            Slot {
+                set: Some(set),
+                fetched: Some(now),
+                attempted: Some(now),
+                failure: None,
             },
         );
         Ok(())
@@ -201,39 +238,68 @@ impl JwksCache {
         })
     }
 
+    /// Whether the slot for `url` must be (re)fetched to answer `kid`.
+    fn needs_fetch(&self, url: &str, kid: &str, now: Instant) -> bool {
+        let slots = self.slots();
+        let Some(slot) = slots.get(url) else {
+            return true;
+        };
+        let since = |t: Option<Instant>| t.map(|t| now.duration_since(t));
+        let recently_tried = since(slot.attempted).is_some_and(|d| d < self.min_refetch);
+        match &slot.set {
+            _ if recently_tried => false,
+            None => true,
+            Some(_) if since(slot.fetched).is_none_or(|d| d >= self.ttl) => true,
+            Some(set) => !set.contains(kid),
+        }
+    }
+
     /// The key `kid` from the key set at `url`, fetching the set when it is
     /// not cached or stale, and refetching once (rate-limited) on a miss.
     pub async fn key(&self, url: &str, kid: &str) -> Result<PlatformKey> {
-        let mut entries = self.entries.lock().await;
-        let now = Instant::now();
-        let needs_fetch = match entries.get(url) {
-            None => true,
-            Some(e) if now.duration_since(e.fetched) >= self.ttl => true,
-            Some(e) if !e.set.contains(kid) => now.duration_since(e.fetched) >= self.min_refetch,
-            Some(_) => false,
-        };
-        if needs_fetch {
-            match self.fetch(url).await {
-                Ok(set) => {
-                    tracing::debug!(url = %redact_url(url), keys = set.len(), "fetched platform key set");
-                    entries.insert(
-                        url.to_owned(),
-                        Entry {
-                            set,
-                            fetched: Instant::now(),
-                        },
-                    );
+        if self.needs_fetch(url, kid, Instant::now()) {
+            let gate = self.gate(url);
+            let _one_at_a_time = gate.lock().await;
+            // Another launch may have fetched while this one waited.
+            if self.needs_fetch(url, kid, Instant::now()) {
+                {
+                    let mut slots = self.slots();
+                    if slots.len() >= MAX_URLS && !slots.contains_key(url) {
+                        slots.clear();
+                    }
+                    slots.entry(url.to_owned()).or_default().attempted = Some(Instant::now());
                 }
-                // A stale set still serves its keys while the platform is down.
-                Err(e) if entries.contains_key(url) => {
-                    tracing::warn!(url = %redact_url(url), error = %e, "refreshing a platform key set failed");
+                let fetched = self.fetch(url).await;
+                let mut slots = self.slots();
+                let slot = slots.entry(url.to_owned()).or_default();
+                match fetched {
+                    Ok(set) => {
+                        tracing::debug!(url = %redact_url(url), keys = set.len(), "fetched platform key set");
+                        slot.set = Some(set);
+                        slot.fetched = Some(Instant::now());
+                        slot.failure = None;
+                    }
+                    Err(e) => {
+                        // A stale set still serves its keys while the platform is down.
+                        tracing::warn!(url = %redact_url(url), error = %e, "fetching a platform key set failed");
+                        slot.failure = Some(e.to_string());
+                        if slot.set.is_none() {
+                            return Err(e);
+                        }
+                    }
                 }
-                Err(e) => return Err(e),
             }
         }
-        match entries.get(url) {
-            Some(e) => e.set.key(kid),
-            None => Err(LtiError::UnknownKid {
+        let slots = self.slots();
+        match slots.get(url) {
+            Some(Slot { set: Some(set), .. }) => set.key(kid),
+            Some(Slot {
+                failure: Some(why), ..
+            }) => Err(LtiError::BadResponse {
+                url: redact_url(url),
+                reason: format!("the key set could not be fetched recently ({why}); retried later"),
+            }),
+            _ => Err(LtiError::UnknownKid {
                 kid: kid.to_owned(),
             }),
         }
@@ -243,6 +309,52 @@ impl JwksCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key set endpoint that answers 500 and counts the requests.
+    async fn failing_endpoint() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/jwks", listener.local_addr().expect("addr"));
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        (url, hits)
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_is_remembered_for_the_refetch_interval() {
+        let http = HttpClient::new(
+            crate::http::UrlPolicy {
+                allow_insecure: true,
+            },
+            "test",
+        )
+        .expect("client");
+        let mut cache = JwksCache::new(http);
+        cache.min_refetch = Duration::from_millis(300);
+        let (url, hits) = failing_endpoint().await;
+        let hits = || hits.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(cache.key(&url, "k1").await.is_err());
+        assert_eq!(hits(), 1);
+        for kid in ["k1", "k2", "k3"] {
+            assert!(cache.key(&url, kid).await.is_err());
+        }
+        assert_eq!(hits(), 1, "no refetch within the interval after a failure");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(cache.key(&url, "k1").await.is_err());
+        assert_eq!(hits(), 2, "one retry once the interval has passed");
+    }
 
     #[test]
     fn bit_lengths() {

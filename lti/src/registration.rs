@@ -102,9 +102,12 @@ impl Registration {
         origin_of(&self.auth_login_url)
     }
 
-    /// Origins allowed to frame the tool for this platform.
+    /// Origins allowed to frame the tool for this platform: the issuer's,
+    /// the login and token endpoints' (hosted Canvas: the token endpoint is
+    /// on the school's own Canvas domain, where its pages frame the tool),
+    /// and `frame_origins`.
     pub fn frame_ancestors(&self) -> Vec<String> {
-        let mut out: Vec<String> = [&self.issuer, &self.auth_login_url]
+        let mut out: Vec<String> = [&self.issuer, &self.auth_login_url, &self.auth_token_url]
             .into_iter()
             .filter_map(|u| origin_of(u))
             .collect();
@@ -326,6 +329,19 @@ mod tests {
                 "https://canvas.instructure.com".to_string(),
                 "https://school.instructure.com".to_string()
             ]
+        );
+        // Hosted Canvas registered by hand: login on sso.canvaslms.com, the
+        // token endpoint on the school's domain, which frames the tool.
+        let mut r = reg("https://canvas.instructure.com", "1");
+        r.auth_login_url = "https://sso.canvaslms.com/api/lti/authorize_redirect".into();
+        r.auth_token_url = "https://college.instructure.com/login/oauth2/token".into();
+        assert!(
+            r.frame_ancestors()
+                .contains(&"https://college.instructure.com".to_string())
+        );
+        assert!(
+            !r.frame_ancestors()
+                .contains(&"https://other.instructure.com".to_string())
         );
     }
 }

@@ -182,7 +182,9 @@ struct CachedToken {
 pub struct ServiceClient {
     http: HttpClient,
     keys: Arc<ToolKeys>,
-    tokens: tokio::sync::Mutex<HashMap<(String, String, String), CachedToken>>,
+    /// Never locked across a request: one platform's slow token endpoint
+    /// must not hold up another's passback.
+    tokens: std::sync::Mutex<HashMap<(String, String, String), CachedToken>>,
 }
 
 /// The `next` target of a `Link` header.
@@ -214,12 +216,17 @@ impl ServiceClient {
         ServiceClient {
             http,
             keys,
-            tokens: tokio::sync::Mutex::new(HashMap::new()),
+            tokens: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
     pub fn http(&self) -> &HttpClient {
         &self.http
+    }
+
+    fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String, String), CachedToken>> {
+        // The map stays consistent if a holder panicked: use it.
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The client assertion for `registration`'s token endpoint.
@@ -250,8 +257,7 @@ impl ServiceClient {
             registration.client_id.clone(),
             scope.clone(),
         );
-        let mut cache = self.tokens.lock().await;
-        if let Some(t) = cache.get(&key)
+        if let Some(t) = self.tokens().get(&key)
             && t.expires > Instant::now()
         {
             return Ok(t.token.clone());
@@ -289,18 +295,21 @@ impl ServiceClient {
         let expires_in = v.get("expires_in").and_then(Value::as_u64).unwrap_or(3600);
         // Renew a minute early; never cache a token for less than nothing.
         let life = Duration::from_secs(expires_in.saturating_sub(60).max(1));
+        let mut cache = self.tokens();
+        let now = Instant::now();
+        cache.retain(|_, t| t.expires > now);
         cache.insert(
             key,
             CachedToken {
                 token: token.clone(),
-                expires: Instant::now() + life,
+                expires: now + life,
             },
         );
         Ok(token)
     }
 
     async fn forget_token(&self, registration: &Registration) {
-        self.tokens.lock().await.retain(|(url, client, _), _| {
+        self.tokens().retain(|(url, client, _), _| {
             !(url == &registration.auth_token_url && client == &registration.client_id)
         });
     }

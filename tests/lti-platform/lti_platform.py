@@ -104,6 +104,8 @@ class State:
         self.ungradable = set()
         self.stall_seconds = 0.0
         self.stall_count = 0
+        # Seconds the key set endpoint sleeps before answering (a slow platform).
+        self.jwks_delay = 0.0
         self.line_items = {}
         self.next_line_item = 1
         self.log = {
@@ -342,6 +344,9 @@ class Handler(BaseHTTPRequestHandler):
             if r == "/jwks":
                 with s.lock:
                     s.log["jwks_fetches"] += 1
+                    delay = s.jwks_delay
+                if delay:
+                    time.sleep(delay)
                 return self.send(200, s.jwks())
             if r == "/attacker/jwks":
                 return self.send(200, {"keys": [s.attacker.jwk]})
@@ -389,6 +394,16 @@ class Handler(BaseHTTPRequestHandler):
                     # Chaos: the next `stall_count` score posts hang this long first.
                     STATE.stall_seconds = float(spec.get("stall_seconds", 0))
                     STATE.stall_count = int(spec.get("stall_count", 0))
+                return self.send(200, {"ok": True})
+            if r == "/control/jwks-delay":
+                with STATE.lock:
+                    STATE.jwks_delay = float(json.loads(self.body() or b"{}").get("seconds", 0))
+                return self.send(200, {"ok": True})
+            if r == "/control/issuer":
+                # Hosted Canvas: one issuer (https://canvas.instructure.com) for
+                # every school, the configuration served from the school's host.
+                with STATE.lock:
+                    STATE.issuer = json.loads(self.body())["issuer"]
                 return self.send(200, {"ok": True})
             if r == "/control/rotate-key":
                 with STATE.lock:

@@ -53,6 +53,27 @@ async fn authorization_is_enforced() {
     let path = format!("/api/v1/submissions/{id}");
 
     assert_eq!(d.get(&alice, &path).await.0, 200, "her own submission");
+    // Learners see the queue, not the machinery: no pids, models or errors.
+    let (status, learner_status) = d.get(&alice, "/api/v1/status").await;
+    assert_eq!(status, 200);
+    assert!(learner_status.get("phase").is_some(), "{learner_status}");
+    for hidden in ["workers", "worker_errors", "stats", "entries"] {
+        assert!(
+            learner_status.get(hidden).is_none(),
+            "{hidden}: {learner_status}"
+        );
+    }
+    let (_, staff_status) = d.get(&teacher, "/api/v1/status").await;
+    assert!(staff_status.get("workers").is_some(), "{staff_status}");
+    // The data directory and what is in it are the owner's only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let data = d.dir.path().join("var");
+        for p in [data.clone(), data.join("viva.db"), data.join("media")] {
+            let mode = std::fs::metadata(&p).expect("exists").permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", p.display());
+        }
+    }
     assert_eq!(
         d.get(&bob, &path).await.0,
         404,
@@ -476,6 +497,54 @@ async fn retention_export_and_deletion() {
     assert_eq!(status, 200);
     assert_eq!(export["submissions"].as_array().map(Vec::len), Some(1));
     assert_eq!(d.get(&frank, "/api/v1/users/erin/export").await.0, 403);
+    // Release means release: before it, a learner's own export holds no
+    // evaluation, score, flag or review reason; the administrator's is whole.
+    let mine = &export["submissions"][0];
+    assert_eq!(mine["state"], "evaluated");
+    assert_eq!(mine["evaluations"], serde_json::json!([]), "{mine}");
+    assert!(mine["score"].is_null(), "{mine}");
+    let (_, full) = d.get(&admin, "/api/v1/users/erin/export").await;
+    assert!(
+        full["submissions"][0]["evaluations"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty()),
+        "{full}"
+    );
+    let set_score = |state: &'static str, share: bool| {
+        let sid = id.clone();
+        let score = serde_json::json!({"total": 9.0, "max": 16.0, "needs_review": true,
+            "reasons": ["instruction-like content in the transcript"],
+            "override": {"by": "teacher@sandbox", "note": "suspected prompt injection", "share_note": share}});
+        d.state.store.write(move |tx| {
+            tx.execute(
+                "UPDATE submissions SET state = ?2, score = ?3 WHERE id = ?1",
+                rusqlite::params![sid, state, score.to_string()],
+            )?;
+            Ok(())
+        })
+    };
+    set_score("awaiting_review", false).await.expect("score");
+    let (_, export) = d.get(&erin, "/api/v1/users/erin/export").await;
+    let text = export.to_string();
+    for hidden in ["needs_review", "instruction-like", "suspected", "\"total\""] {
+        assert!(!text.contains(hidden), "{hidden} before release: {text}");
+    }
+    let (_, view) = d.get(&erin, &format!("/api/v1/submissions/{id}")).await;
+    assert!(view["score"].is_null(), "{view}");
+    // After release: the grade, but the override note only when shared.
+    set_score("released", false).await.expect("score");
+    let (_, export) = d.get(&erin, "/api/v1/users/erin/export").await;
+    assert_eq!(export["submissions"][0]["score"]["total"], 9.0);
+    assert!(!export.to_string().contains("suspected"), "{export}");
+    let (_, view) = d.get(&erin, &format!("/api/v1/submissions/{id}")).await;
+    assert!(view["score"]["override"].get("note").is_none(), "{view}");
+    set_score("released", true).await.expect("score");
+    let (_, export) = d.get(&erin, "/api/v1/users/erin/export").await;
+    assert_eq!(
+        export["submissions"][0]["score"]["override"]["note"],
+        "suspected prompt injection"
+    );
+    set_score("evaluated", false).await.expect("score");
 
     // Retention: nothing is due yet; once settled 31 days ago, media goes.
     let purge = |tok: String| {

@@ -53,6 +53,8 @@ struct Launched {
     error: Option<String>,
     body: String,
     data: Option<Value>,
+    /// The `Origin` header the launch POST carries (a browser's page).
+    origin: Option<String>,
 }
 
 impl Launched {
@@ -105,9 +107,13 @@ impl Env {
     }
 
     async fn platform_post(&self, path: &str, body: Value) -> Value {
+        self.platform_post_at(&self.platform.base, path, body).await
+    }
+
+    async fn platform_post_at(&self, base: &str, path: &str, body: Value) -> Value {
         let r = self
             .http
-            .post(format!("{}{path}", self.platform.base))
+            .post(format!("{base}{path}"))
             .json(&body)
             .send()
             .await
@@ -127,20 +133,74 @@ impl Env {
             .expect("json")
     }
 
-    /// Dynamic registration, as Moodle's "add tool by URL" does it.
+    /// A Viva-wide administrator's session (as `viva session --role admin` mints).
+    fn admin_token(&self) -> String {
+        self.state
+            .sessions
+            .mint("ops", "ops", &[viva_daemon::Role::Admin], None)
+            .expect("mint")
+            .0
+    }
+
+    /// A one-time registration URL from a Viva administrator.
+    async fn invite(&self, issuer: Option<&str>) -> String {
+        let (status, invite) = self
+            .api(
+                reqwest::Method::POST,
+                &self.admin_token(),
+                "/api/v1/admin/platforms/invites",
+                Some(json!({ "issuer": issuer })),
+            )
+            .await;
+        assert_eq!(status, 201, "{invite}");
+        invite["url"].as_str().expect("url").to_owned()
+    }
+
+    /// Dynamic registration with an administrator's invitation, as Moodle's
+    /// "add tool by URL" does it.
     async fn register(&self) -> reqwest::Response {
+        let url = self.invite(None).await;
+        let config = format!("{}/.well-known/openid-configuration", self.platform.base);
+        self.register_at(&url, &config).await
+    }
+
+    /// The platform's side of dynamic registration: opens the tool's
+    /// registration URL `url` with its configuration URL and token appended.
+    async fn register_at(&self, url: &str, openid_configuration: &str) -> reqwest::Response {
         self.http
-            .get(format!("{}/lti/register", self.tool))
+            .get(url)
             .query(&[
-                (
-                    "openid_configuration",
-                    format!("{}/.well-known/openid-configuration", self.platform.base),
-                ),
+                ("openid_configuration", openid_configuration.to_owned()),
                 ("registration_token", REGISTRATION_TOKEN.to_owned()),
             ])
             .send()
             .await
             .expect("register")
+    }
+
+    /// The client id the platform (at `base`) gave Viva when it registered.
+    async fn client_id_at(&self, base: &str) -> String {
+        let log: Value = self
+            .http
+            .get(format!("{base}/control/log"))
+            .send()
+            .await
+            .expect("log")
+            .json()
+            .await
+            .expect("json");
+        log["registrations"]
+            .as_array()
+            .and_then(|r| r.last())
+            .and_then(|r| r["client_id"].as_str())
+            .expect("the platform registered Viva")
+            .to_owned()
+    }
+
+    /// The Viva user id of `sub` at the main platform.
+    async fn uid(&self, sub: &str) -> String {
+        let client = self.client_id_at(&self.platform.base).await;
+        viva_daemon::lti_user_id(&self.platform.base, &client, sub)
     }
 
     async fn prepare(&self, spec: Value) -> Value {
@@ -163,7 +223,18 @@ impl Env {
     }
 
     async fn launch_with(&self, spec: Value, tweak: impl FnOnce(&mut Launched)) -> Launched {
-        let prepared = self.prepare(spec).await;
+        self.launch_on(&self.platform.base, spec, tweak).await
+    }
+
+    /// The whole launch from the platform at `base` (another platform than
+    /// the main one: a second tenant, an attacker's).
+    async fn launch_on(
+        &self,
+        base: &str,
+        spec: Value,
+        tweak: impl FnOnce(&mut Launched),
+    ) -> Launched {
+        let prepared = self.platform_post_at(base, "/control/launch", spec).await;
         let params: Vec<(String, String)> = prepared["params"]
             .as_object()
             .expect("params")
@@ -222,6 +293,7 @@ impl Env {
             error: None,
             body: String::new(),
             data: None,
+            origin: None,
         };
         tweak(&mut l);
         self.post_launch(&mut l).await;
@@ -232,6 +304,9 @@ impl Env {
         let mut req = self.http.post(&l.launch_url).form(&l.form);
         if let Some((k, v)) = &l.cookie {
             req = req.header(COOKIE, format!("{k}={v}"));
+        }
+        if let Some(o) = &l.origin {
+            req = req.header(reqwest::header::ORIGIN, o);
         }
         let resp = req.send().await.expect("launch");
         l.status = resp.status().as_u16();
@@ -435,16 +510,13 @@ async fn registration_launches_deep_linking_grades_and_roster_against_a_real_pla
     assert_eq!(regs[0]["deployments"], json!(["deploy-1"]));
     assert_eq!(regs[0]["source"], "dynamic");
     // A configuration URL whose issuer lives elsewhere is refused.
+    let url = env.invite(None).await;
     let mismatch = env
-        .http
-        .get(format!("{}/lti/register", env.tool))
-        .query(&[(
-            "openid_configuration",
-            format!("{}/mismatch/openid-configuration", env.platform.base),
-        )])
-        .send()
-        .await
-        .expect("register");
+        .register_at(
+            &url,
+            &format!("{}/mismatch/openid-configuration", env.platform.base),
+        )
+        .await;
     assert_eq!(
         mismatch
             .headers()
@@ -563,7 +635,7 @@ async fn registration_launches_deep_linking_grades_and_roster_against_a_real_pla
         json!(assignment)
     );
     let learner_user = me["user_id"].as_str().expect("user").to_owned();
-    assert_eq!(learner_user, viva_daemon::lti_user_id(&issuer, "learner-1"));
+    assert_eq!(learner_user, env.uid("learner-1").await);
     // The learner sees the assignment of their course, and nothing to manage.
     let (status, _) = env
         .api(
@@ -745,7 +817,7 @@ async fn registration_launches_deep_linking_grades_and_roster_against_a_real_pla
     assert_eq!(l2.status, 200, "{}", l2.body);
     env.platform_post("/control/fail-scores", json!({"ungradable": ["learner-2"]}))
         .await;
-    let learner2 = viva_daemon::lti_user_id(&issuer, "learner-2");
+    let learner2 = env.uid("learner-2").await;
     let sub3 = env
         .scored_submission(&learner2, &assignment, 1, "released")
         .await;
@@ -798,7 +870,7 @@ async fn registration_launches_deep_linking_grades_and_roster_against_a_real_pla
         })
         .await;
     assert_eq!(l3.status, 200, "{}", l3.body);
-    let learner3 = viva_daemon::lti_user_id(&issuer, "learner-3");
+    let learner3 = env.uid("learner-3").await;
     let sub4 = env
         .scored_submission(&learner3, &assignment, 1, "released")
         .await;
@@ -938,7 +1010,7 @@ async fn assert_rejected(env: &Env, l: &Launched, code: &str, user: &str, case: 
         l.data.is_none() && !l.body.contains("\"token\""),
         "{case}: a session leaked"
     );
-    let uid = viva_daemon::lti_user_id(&env.platform.base, user);
+    let uid = env.uid(user).await;
     assert!(!env.user_exists(&uid).await, "{case}: a user was created");
 }
 
@@ -1222,7 +1294,7 @@ async fn forged_malformed_and_replayed_launches_are_rejected_without_side_effect
     assert_eq!(l.error.as_deref(), Some("state_not_bound"));
     assert!(l.body.contains("id=\"new-window\""), "{}", l.body);
     assert!(!l.body.contains("\"token\""));
-    let uid = viva_daemon::lti_user_id(&env.platform.base, "neg-nocookie");
+    let uid = env.uid("neg-nocookie").await;
     assert!(!env.user_exists(&uid).await);
     n += 1;
     // With storage offered, the page asks the platform frame (and holds no session).
@@ -1232,15 +1304,39 @@ async fn forged_malformed_and_replayed_launches_are_rejected_without_side_effect
     assert_eq!(st.status, 200);
     assert!(st.body.contains("lti.get_data"), "{}", st.body);
     assert!(st.data.as_ref().is_some_and(|d| d.get("token").is_none()));
-    // The state was not consumed: a wrong binding is still refused, and the
-    // browser that holds the binding (from platform storage) gets in.
-    let binding = l
-        .cookie_header
-        .as_deref()
-        .and_then(|c| c.split(';').next())
-        .and_then(|kv| kv.split_once('='))
-        .map(|(_, v)| v.to_owned())
-        .expect("binding");
+    let binding_of = |l: &Launched| {
+        l.cookie_header
+            .as_deref()
+            .and_then(|c| c.split(';').next())
+            .and_then(|kv| kv.split_once('='))
+            .map(|(_, v)| v.to_owned())
+            .expect("binding")
+    };
+    // A posted binding counts only in the platform-storage flow its login
+    // offered: the no-storage login's own binding, posted, is refused.
+    l.form.insert("lti_state_binding".into(), binding_of(&l));
+    l.origin = Some(env.tool.clone());
+    env.post_launch(&mut l).await;
+    assert_eq!(l.error.as_deref(), Some("state_not_bound"), "{}", l.body);
+    assert!(!env.user_exists(&uid).await);
+    // The storage launch's state was not consumed: a wrong binding is still
+    // refused, and the browser that holds the binding (from platform
+    // storage) gets in.
+    let mut l = st;
+    let uid = env.uid("neg-storage").await;
+    let binding = binding_of(&l);
+    // Login CSRF: the right binding posted by a page of another origin (a
+    // classmate's page), or with no origin at all, is refused.
+    l.form.insert("lti_state_binding".into(), binding.clone());
+    l.origin = Some(env.platform.base.clone());
+    env.post_launch(&mut l).await;
+    assert_eq!(l.error.as_deref(), Some("state_not_bound"), "{}", l.body);
+    l.origin = None;
+    env.post_launch(&mut l).await;
+    assert_eq!(l.error.as_deref(), Some("state_not_bound"), "{}", l.body);
+    assert!(!env.user_exists(&uid).await);
+    // From the tool's own page: a wrong binding is refused, the right one accepted.
+    l.origin = Some(env.tool.clone());
     l.form
         .insert("lti_state_binding".into(), "not-the-binding".into());
     env.post_launch(&mut l).await;
@@ -1394,6 +1490,517 @@ async fn launch_in_a_cross_site_iframe_with_cookies_blocked() {
                 log.iter()
                     .any(|e| e["subject"] == "lti.get_data" && e["had"] == true),
                 "the binding came back from platform storage: {result}"
+            );
+        }
+    }
+}
+
+/// Only a Viva administrator adds platforms, and a platform's administrator
+/// is an administrator of that platform only. A second, attacker-controlled
+/// platform (another process of the same harness, its own issuer and keys)
+/// cannot register itself or launch; once an administrator lets it in, its
+/// institution Administrator gets 404/403 on the first platform's course,
+/// on every Viva-wide admin route and on site-wide plugins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_uninvited_platform_is_refused_and_an_admitted_one_stays_in_its_tenant() {
+    let Some(env) = Env::start().await else {
+        return;
+    };
+    assert_eq!(env.register().await.status(), 200);
+    let main_client = env.client_id_at(&env.platform.base).await;
+
+    // ---- The first platform's course: an assignment and a learner's submission ----
+    let teacher = json!({"user": "teacher-1", "roles": [format!("{ROLE}Instructor")],
+                         "name": "Tia Teacher", "resource_link": "rl-victim", "nrps": true});
+    let t = env.launch(teacher).await;
+    assert_eq!(t.status, 200, "{}", t.body);
+    let teacher_token = t.token();
+    let victim_link = t.data.as_ref().expect("data")["link"]
+        .as_str()
+        .expect("link")
+        .to_owned();
+    let victim_ctx = env.me(&teacher_token).await["context_id"]
+        .as_str()
+        .expect("ctx")
+        .to_owned();
+    let rubric = viva_daemon::sandbox_assignment().rubric;
+    let (status, a) = env
+        .api(
+            reqwest::Method::POST,
+            &teacher_token,
+            "/api/v1/assignments",
+            Some(json!({"title": "Victim oral", "prompt": "Say something.", "rubric": rubric})),
+        )
+        .await;
+    assert_eq!(status, 201, "{a}");
+    let assignment = a["id"].as_str().expect("id").to_owned();
+    let l = env.launch(learner("victim-1")).await;
+    assert_eq!(l.status, 200, "{}", l.body);
+    let victim = env.uid("victim-1").await;
+    let sid = env
+        .scored_submission(&victim, &assignment, 1, "pending")
+        .await;
+
+    // ---- The attacker's platform registers itself: refused, nothing fetched ----
+    let attacker = Platform::start(&python().expect("python"));
+    let evil_cfg = format!("{}/.well-known/openid-configuration", attacker.base);
+    let open = env
+        .register_at(&format!("{}/lti/register", env.tool), &evil_cfg)
+        .await;
+    assert_eq!(open.status(), 403);
+    assert_eq!(
+        open.headers()
+            .get("x-viva-error")
+            .and_then(|v| v.to_str().ok()),
+        Some("invite_required")
+    );
+    let guessed = env
+        .register_at(
+            &format!("{}/lti/register?invite=guessed-invitation", env.tool),
+            &evil_cfg,
+        )
+        .await;
+    assert_eq!(guessed.status(), 403);
+    assert_eq!(
+        guessed
+            .headers()
+            .get("x-viva-error")
+            .and_then(|v| v.to_str().ok()),
+        Some("invite_invalid")
+    );
+    let evil_log: Value = env
+        .http
+        .get(format!("{}/control/log", attacker.base))
+        .send()
+        .await
+        .expect("log")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        evil_log["registrations"],
+        json!([]),
+        "the attacker's platform was never contacted"
+    );
+    assert_eq!(env.count("lti_registrations").await, 1);
+
+    // ---- Its launch is refused: Viva does not know it ----
+    let evil_admin = json!({"user": "mallory", "name": "Mallory",
+        "roles": ["http://purl.imsglobal.org/vocab/lis/v2/institution/person#Administrator"]});
+    let prepared = env
+        .platform_post_at(&attacker.base, "/control/launch", evil_admin.clone())
+        .await;
+    let mut params: Vec<(String, String)> = prepared["params"]
+        .as_object()
+        .expect("params")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+        .collect();
+    // It has never seen Viva: it names the tool's launch URL and a client id it guessed.
+    for (k, v) in &mut params {
+        match k.as_str() {
+            "client_id" => *v = main_client.clone(),
+            "target_link_uri" => *v = format!("{}/lti/launch", env.tool),
+            _ => {}
+        }
+    }
+    let refused = env.login(&params).await;
+    assert_eq!(refused.status(), 404);
+    assert_eq!(
+        refused
+            .headers()
+            .get("x-viva-error")
+            .and_then(|v| v.to_str().ok()),
+        Some("unknown_registration")
+    );
+    assert!(refused.headers().get(LOCATION).is_none(), "no redirect");
+
+    // ---- An administrator lets it in (a one-time URL); it registers once ----
+    let url = env.invite(None).await;
+    assert_eq!(env.register_at(&url, &evil_cfg).await.status(), 200);
+    let again = env.register_at(&url, &evil_cfg).await;
+    assert_eq!(again.status(), 403, "an invitation works once");
+    assert_eq!(env.count("lti_registrations").await, 2);
+    let evil_client = env.client_id_at(&attacker.base).await;
+    let ml = env.launch_on(&attacker.base, evil_admin, |_| {}).await;
+    assert_eq!(ml.status, 200, "{}", ml.body);
+    let evil = ml.token();
+    let me = env.me(&evil).await;
+    assert_eq!(me["viva_admin"], json!(false), "{me}");
+    assert_ne!(me["context_id"], json!(victim_ctx));
+    assert_eq!(
+        me["user_id"],
+        json!(viva_daemon::lti_user_id(
+            &attacker.base,
+            &evil_client,
+            "mallory"
+        ))
+    );
+
+    // Its administrator administers every course of its own registration.
+    let other = json!({"user": "t-2", "roles": [format!("{ROLE}Instructor")], "name": "T Two",
+                       "context": "course-2", "context_title": "Course two", "resource_link": "rl-2"});
+    let t2 = env.launch_on(&attacker.base, other, |_| {}).await;
+    assert_eq!(t2.status, 200, "{}", t2.body);
+    let t2_token = t2.token();
+    let ctx2 = env.me(&t2_token).await["context_id"]
+        .as_str()
+        .expect("ctx")
+        .to_owned();
+    assert_ne!(Some(ctx2.as_str()), me["context_id"].as_str());
+    let (status, a2) = env
+        .api(
+            reqwest::Method::POST,
+            &t2_token,
+            "/api/v1/assignments",
+            Some(json!({"title": "Own course two", "prompt": "Speak.", "rubric": viva_daemon::sandbox_assignment().rubric})),
+        )
+        .await;
+    assert_eq!(status, 201, "{a2}");
+    let a2 = a2["id"].as_str().expect("id").to_owned();
+    let (status, got) = env
+        .api(
+            reqwest::Method::GET,
+            &evil,
+            &format!("/api/v1/assignments/{a2}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "its own registration's other course: {got}");
+    let (status, listed) = env
+        .api(
+            reqwest::Method::GET,
+            &evil,
+            &format!("/api/v1/assignments?context={ctx2}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(listed.to_string().contains(&a2), "{listed}");
+    let (status, listed) = env
+        .api(
+            reqwest::Method::GET,
+            &evil,
+            &format!("/api/v1/assignments?context={victim_ctx}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(!listed.to_string().contains(&assignment), "{listed}");
+
+    // ---- Every route class: the first platform's data is not there ----
+    use reqwest::Method as M;
+    let deny = |status: u16| status == 403 || status == 404;
+    for (method, path) in [
+        (M::GET, format!("/api/v1/assignments/{assignment}")),
+        (M::DELETE, format!("/api/v1/assignments/{assignment}")),
+        (
+            M::GET,
+            format!("/api/v1/assignments/{assignment}/submissions"),
+        ),
+        (
+            M::GET,
+            format!("/api/v1/assignments/{assignment}/dashboard"),
+        ),
+        (M::GET, format!("/api/v1/assignments/{assignment}/roster")),
+        (
+            M::POST,
+            format!("/api/v1/assignments/{assignment}/release-all"),
+        ),
+        (M::GET, format!("/api/v1/submissions/{sid}")),
+        (M::GET, format!("/api/v1/submissions/{sid}/media")),
+        (M::GET, format!("/api/v1/submissions/{sid}/audit")),
+        (M::GET, format!("/api/v1/submissions/{sid}/passback")),
+        (M::POST, format!("/api/v1/submissions/{sid}/release")),
+        (M::POST, format!("/api/v1/submissions/{sid}/retry")),
+        (M::GET, format!("/api/v1/lti/members?link={victim_link}")),
+        (M::GET, format!("/api/v1/users/{victim}/export")),
+        (M::DELETE, format!("/api/v1/users/{victim}")),
+        // Viva-wide administration
+        (M::GET, "/api/v1/admin/system".to_owned()),
+        (M::GET, "/api/v1/admin/audit".to_owned()),
+        (M::GET, "/api/v1/admin/timeline".to_owned()),
+        (M::GET, "/api/v1/admin/plugin-failures".to_owned()),
+        (M::POST, "/api/v1/admin/purge".to_owned()),
+        (M::POST, "/api/v1/admin/platforms/invites".to_owned()),
+        (
+            M::DELETE,
+            format!(
+                "/api/v1/admin/platforms?issuer={}&client_id={main_client}",
+                env.platform.base
+            ),
+        ),
+        // Plugins: a site-wide upload, disabling the built-in
+        (M::POST, "/api/v1/plugins".to_owned()),
+        (
+            M::POST,
+            "/api/v1/plugins/weighted-criteria/disable".to_owned(),
+        ),
+    ] {
+        let body = (method == M::POST).then(|| json!({}));
+        let (status, answer) = env.api(method.clone(), &evil, &path, body).await;
+        assert!(deny(status), "{method} {path}: {status} {answer}");
+    }
+    let override_req = json!({"criteria": [], "feedback": "pwned"});
+    let (status, _) = env
+        .api(
+            M::POST,
+            &evil,
+            &format!("/api/v1/submissions/{sid}/override"),
+            Some(override_req),
+        )
+        .await;
+    assert!(deny(status), "override: {status}");
+    let (status, _) = env
+        .api(
+            M::POST,
+            &evil,
+            "/api/v1/admin/platforms",
+            Some(json!({"issuer": "https://evil.example", "client_id": "x",
+                "auth_login_url": "https://evil.example/auth", "auth_token_url": "https://evil.example/token",
+                "key_set_url": "https://evil.example/jwks", "deployments": ["d"]})),
+        )
+        .await;
+    assert_eq!(status, 403, "adding a platform is Viva-wide administration");
+    // Listings hold only its own tenant.
+    let (status, list) = env
+        .api(
+            M::GET,
+            &evil,
+            &format!("/api/v1/submissions?context={victim_ctx}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{list}");
+    assert!(!list.to_string().contains(&sid), "{list}");
+    let (status, regs) = env
+        .api(M::GET, &evil, "/api/v1/admin/platforms", None)
+        .await;
+    assert_eq!(status, 200, "{regs}");
+    assert_eq!(regs.as_array().map(Vec::len), Some(1), "{regs}");
+    assert_eq!(regs[0]["issuer"], json!(attacker.base));
+    // Nothing of the first platform changed.
+    assert_eq!(env.count("lti_registrations").await, 2);
+    let (status, still) = env
+        .api(
+            M::GET,
+            &teacher_token,
+            &format!("/api/v1/submissions/{sid}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{still}");
+    assert_eq!(still["state"], "awaiting_review");
+    assert!(env.user_exists(&victim).await);
+    // The same sub at the attacker's platform is another user than at the first.
+    assert_ne!(
+        viva_daemon::lti_user_id(&attacker.base, &evil_client, "victim-1"),
+        victim
+    );
+}
+
+/// One slow platform does not stall another: while one registration's key
+/// set endpoint sleeps 25 s inside a launch, a first launch on another
+/// registration (which fetches its own key set) completes in under 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_platform_with_a_sleeping_key_set_does_not_stall_another() {
+    let Some(env) = Env::start().await else {
+        return;
+    };
+    assert_eq!(env.register().await.status(), 200);
+    let slow = Platform::start(&python().expect("python"));
+    let url = env.invite(None).await;
+    let slow_cfg = format!("{}/.well-known/openid-configuration", slow.base);
+    assert_eq!(env.register_at(&url, &slow_cfg).await.status(), 200);
+    env.platform_post_at(&slow.base, "/control/jwks-delay", json!({"seconds": 25}))
+        .await;
+    let stalled = env.launch_on(&slow.base, learner("slow-1"), |_| {});
+    tokio::pin!(stalled);
+    let timed = async {
+        // Start once the slow launch is inside its key set fetch.
+        wait_for(
+            "the slow key set fetch",
+            Duration::from_secs(20),
+            || async {
+                let log: Value = env
+                    .http
+                    .get(format!("{}/control/log", slow.base))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                (log["jwks_fetches"].as_u64() >= Some(1)).then_some(log)
+            },
+        )
+        .await;
+        let t0 = Instant::now();
+        let l = env.launch(learner("fast-1")).await;
+        (l, t0.elapsed())
+    };
+    let (fast, took) = tokio::select! {
+        r = timed => r,
+        s = &mut stalled => panic!("the slow launch ended first: {} {}", s.status, s.body),
+    };
+    assert_eq!(fast.status, 200, "{}", fast.body);
+    assert!(
+        took < Duration::from_secs(2),
+        "a launch on another platform took {took:?}"
+    );
+    assert_eq!(env.platform_log().await["jwks_fetches"], 1);
+}
+
+/// Hosted Canvas: the configuration comes from the school's host, the issuer
+/// is `https://canvas.instructure.com`. Refused without an administrator
+/// naming that issuer, registered with it; the launch page then loads in
+/// headless Chromium framed by the platform's page (third-party cookies
+/// blocked), and the browser refuses it framed by a page of another origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hosted_canvas_registers_with_an_invitation_naming_its_issuer_and_launches_framed() {
+    const CANVAS: &str = "https://canvas.instructure.com";
+    let Some(env) = Env::start().await else {
+        return;
+    };
+    env.platform_post("/control/issuer", json!({ "issuer": CANVAS }))
+        .await;
+    let cfg = format!("{}/.well-known/openid-configuration", env.platform.base);
+    // An invitation that names no issuer keeps the issuer-host rule.
+    let plain = env.invite(None).await;
+    let refused = env.register_at(&plain, &cfg).await;
+    assert_eq!(
+        refused
+            .headers()
+            .get("x-viva-error")
+            .and_then(|v| v.to_str().ok()),
+        Some("registration_failed")
+    );
+    // Naming another issuer does not help either.
+    let other = env.invite(Some("https://other.example.edu")).await;
+    let refused = env.register_at(&other, &cfg).await;
+    assert_eq!(
+        refused
+            .headers()
+            .get("x-viva-error")
+            .and_then(|v| v.to_str().ok()),
+        Some("registration_failed")
+    );
+    assert_eq!(env.count("lti_registrations").await, 0);
+    // The operator's way: `viva platform invite --issuer …` on the server.
+    let mut cli = tokio::process::Command::new(viva_tests::viva_bin());
+    cli.args(["platform", "invite", "--issuer", CANVAS])
+        .env("VIVA_DATA_DIR", env._dir.path().join("var"))
+        .env("VIVA_PUBLIC_URL", &env.tool)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cli.output())
+        .await
+        .expect("viva platform invite finished in time")
+        .expect("viva platform invite");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let canvas = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        canvas.starts_with(&format!("{}/lti/register?invite=", env.tool)),
+        "{canvas}"
+    );
+    let resp = env.register_at(&canvas, &cfg).await;
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.expect("body");
+    assert!(body.contains(CANVAS), "the issuer is shown: {body}");
+    let (status, regs) = env
+        .api(
+            reqwest::Method::GET,
+            &env.admin_token(),
+            "/api/v1/admin/platforms",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(regs[0]["issuer"], CANVAS);
+    assert_eq!(regs[0]["frame_origins"], json!([env.platform.base]));
+    let client = env.client_id_at(&env.platform.base).await;
+    // A launch over HTTP: the identity is the Canvas tenant's.
+    let l = env.launch(learner("canvas-1")).await;
+    assert_eq!(l.status, 200, "{}", l.body);
+    assert_eq!(
+        env.me(&l.token()).await["user_id"],
+        json!(viva_daemon::lti_user_id(CANVAS, &client, "canvas-1"))
+    );
+
+    // ---- In a browser, framed by the platform's page ----------------------------------
+    let driver = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lti-platform/browser.py");
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    let (Some(chromium), true) = (
+        chromium,
+        std::path::Path::new("/usr/bin/chromedriver").exists(),
+    ) else {
+        if std::env::var("VIVA_REQUIRE_BROWSER").is_ok() {
+            panic!(
+                "chromium and chromedriver are needed (apt-get install chromium chromium-driver)"
+            );
+        }
+        eprintln!("SKIPPED: no chromium/chromedriver");
+        return;
+    };
+    let port = env
+        .platform
+        .base
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .to_owned();
+    // The platform's own origin (localhost), then the same server reached
+    // on another origin (127.0.0.1), which no registration lists.
+    for (parent, allowed) in [
+        (env.platform.base.clone(), true),
+        (format!("http://127.0.0.1:{port}"), false),
+    ] {
+        let mut spec = learner("canvas-browser");
+        spec["storage"] = json!(true);
+        let prepared = env.prepare(spec).await;
+        let hint = prepared["hint"].as_str().expect("hint").to_owned();
+        let py = python().expect("python");
+        let mut cmd = tokio::process::Command::new(&py);
+        cmd.arg(&driver)
+            .args(["--chromium", chromium, "--mode", "third-party-blocked"])
+            .args(["--timeout", if allowed { "40" } else { "8" }])
+            .arg(format!("{parent}/course?hint={hint}"))
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+            .await
+            .expect("the browser driver finished in time")
+            .expect("browser driver");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{parent}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result: Value =
+            serde_json::from_str(stdout.lines().last().unwrap_or("{}")).expect("result JSON");
+        eprintln!("{parent}: {result}");
+        if allowed {
+            assert_eq!(result["ready"], "1", "{result}");
+            assert!(
+                result["me"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("(learner)"),
+                "{result}"
+            );
+        } else {
+            assert_ne!(result["ready"], "1", "framed by another origin: {result}");
+            assert!(result["me"].is_null(), "{result}");
+            assert!(
+                result["frame_url"]
+                    .as_str()
+                    .is_some_and(|u| u.starts_with("chrome-error:")),
+                "the browser refused to frame it: {result}"
             );
         }
     }

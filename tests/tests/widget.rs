@@ -1132,6 +1132,13 @@ async fn admin_view_shows_models_registrations_and_plugins_accessibly() {
             .is_some_and(|t| t.contains("/lti/register") && t.contains("Moodle")),
         "{seen}"
     );
+    // The one-time registration URL the admin made, shown once.
+    assert!(
+        seen["invite"]
+            .as_str()
+            .is_some_and(|t| t.contains("/lti/register?invite=")),
+        "{seen}"
+    );
     assert!(
         seen["plugins"]
             .as_str()

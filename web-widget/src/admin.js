@@ -71,6 +71,18 @@ export function mount(panel, ctx) {
     p.append(h('h2', { text: S.platformsTitle }), msg, out);
     const base = (ctx.data.base || location.origin).replace(/\/$/, '');
     const regUrl = `${base}/lti/register`;
+    // A one-time registration URL (shown once; it works once, for an hour).
+    const inviteForm = () => {
+      const issuer = h('input', { id: 'invite-issuer', type: 'url' });
+      const shown = h('div', { 'aria-live': 'polite', 'data-testid': 'invite-url' });
+      const make = h('button', { type: 'button', class: 'primary', text: S.makeInvite, on: { click: async () => {
+        try {
+          const r = await api.post('/api/v1/admin/platforms/invites', issuer.value ? { issuer: issuer.value } : {});
+          clear(shown, h('p', { text: S.inviteMade }), h('p', {}, h('code', { text: r.url })));
+        } catch (e) { clear(shown, notice('error', errorText(e))); }
+      } } });
+      return h('div', {}, h('label', { for: 'invite-issuer', text: S.inviteIssuer }), issuer, make, shown);
+    };
     const render = async () => {
       let list;
       try { list = await api.get('/api/v1/admin/platforms'); } catch (e) { clear(out, notice('error', S.loadFailed(errorText(e)))); return; }
@@ -82,7 +94,7 @@ export function mount(panel, ctx) {
       clear(out,
         list.length ? table(S.platformsTitle, [S.name, S.issuer, S.clientId, S.deployments, S.source, S.actions], rows, { 'data-testid': 'platforms' }) : h('p', { text: S.noPlatforms }),
         h('section', { 'data-testid': 'dynreg' }, h('h3', { text: S.dynregTitle }), h('p', { text: S.dynregHelp(regUrl) }),
-          h('p', {}, h('code', { text: regUrl })), h('p', { text: S.canvasUrl(`${base}/lti/canvas.json`) }),
+          inviteForm(), h('p', { text: S.canvasUrl(`${base}/lti/canvas.json`) }),
           h('p', {}, h('a', { href: '/lti/register', target: '_blank', rel: 'noopener', text: S.allValues }))));
     };
     render();

@@ -43,7 +43,7 @@ async function main() {
   me.textContent = S.signedIn(who.name || who.user_id, who.roles.join(', '), who.context_title || who.context_id);
   const ctx = { api, data, me: who, assignmentId: data.assignment || frag.assignment || null, main };
   const views = [];
-  if (who.roles.includes('admin')) views.push({ id: 'admin', label: S.views.admin, load: () => import('./admin.js') });
+  if (who.viva_admin) views.push({ id: 'admin', label: S.views.admin, load: () => import('./admin.js') });
   if (who.roles.includes('instructor') || who.roles.includes('admin')) views.push({ id: 'instructor', label: S.views.instructor, load: () => import('./instructor.js') });
   if (!views.length || who.roles.includes('learner')) views.push({ id: 'student', label: S.views.student, load: () => import('./student.js') });
   const show = (v, panel) => {

@@ -194,16 +194,18 @@ export function mount(panel, ctx) {
       });
       const overall = h('textarea', { rows: '3', 'data-testid': 'overall-feedback', value: score.feedback || '', disabled: locked });
       const note = h('input', { type: 'text', 'data-testid': 'override-note', disabled: locked });
+      const shareNote = h('input', { type: 'checkbox', 'data-testid': 'share-note', disabled: locked });
       const saveBtn = h('button', { type: 'submit', class: 'primary', 'data-testid': 'save-override', text: S.saveOverride, disabled: locked });
       const relBtn = h('button', { type: 'button', class: 'primary', 'data-testid': 'release', text: S.release, disabled: locked });
       const form = h('form', { 'data-testid': 'override-form', novalidate: true }, inputs.map((x) => x.el), field(S.overallFeedbackLabel, overall), field(S.note, note),
-        h('div', { class: 'buttons' }, saveBtn, relBtn));
+        field(S.shareNote, shareNote), h('div', { class: 'buttons' }, saveBtn, relBtn));
       form.addEventListener('submit', async (e) => {
         e.preventDefault();
         const body = {
           criteria: inputs.map(({ c, pts, fb }) => ({ criterion_id: c.id, points: Number(pts.value), feedback: fb.value })),
           feedback: overall.value,
           note: note.value || null,
+          share_note: shareNote.checked,
         };
         try {
           const r = await api.post(`/api/v1/submissions/${enc(sub.id)}/override`, body);

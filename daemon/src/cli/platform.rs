@@ -1,5 +1,5 @@
-//! `viva platform add | list | remove`: LTI 1.3 platform registrations in
-//! the local database (the daemon reads them on every login, so no restart
+//! `viva platform add | invite | list | remove`: LTI 1.3 platform
+//! registrations in the local database (the daemon reads them on every login, so no restart
 //! is needed).
 
 use std::process::ExitCode;
@@ -45,6 +45,15 @@ pub enum PlatformAction {
         /// Replace an existing registration with the same issuer and client id.
         #[arg(long)]
         replace: bool,
+    },
+    /// Print a one-time dynamic registration URL (valid an hour) to paste
+    /// into the platform. Dynamic registration works only through these.
+    Invite {
+        /// The only issuer the registration may have; needed when the
+        /// platform's issuer lives on another host than its configuration
+        /// (hosted Canvas: https://canvas.instructure.com).
+        #[arg(long)]
+        issuer: Option<String>,
     },
     /// List registrations.
     List {
@@ -126,13 +135,31 @@ pub fn run(action: &PlatformAction, config: &Config) -> anyhow::Result<ExitCode>
             );
             Ok(ExitCode::SUCCESS)
         }
+        PlatformAction::Invite { issuer } => {
+            let tool = viva_lti::ToolUrls::new(&config.public_url())?;
+            let issuer = issuer.clone();
+            let invite = rt.block_on(
+                store.write(move |tx| lti::create_invite(tx, &tool, "cli", issuer.as_deref())),
+            )?;
+            println!("{}", invite.url);
+            eprintln!(
+                "paste this URL into the platform's dynamic registration within {} minutes; \
+                 it works once{}",
+                lti::INVITE_TTL_SECS / 60,
+                invite
+                    .issuer
+                    .map(|i| format!(", for the issuer {i}"))
+                    .unwrap_or_default()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         PlatformAction::List { json } => {
             let regs = rt.block_on(store.read(lti::list_registrations))?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&regs)?);
             } else if regs.is_empty() {
                 println!(
-                    "no platforms registered (viva platform add, or dynamic registration at /lti/register)"
+                    "no platforms registered (viva platform add, or dynamic registration with a URL from viva platform invite)"
                 );
             } else {
                 for r in regs {

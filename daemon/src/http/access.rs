@@ -64,13 +64,53 @@ pub(crate) fn claims_from(
     }
 }
 
-/// The context a request is about: admins may name any, everyone else gets
-/// their session's.
-pub(crate) fn context_for(c: &Claims, requested: Option<&str>) -> String {
+/// The context a request is about: Viva-wide admins may name any, a
+/// platform admin any of its registration's, everyone else gets their
+/// session's.
+pub(crate) async fn context_for(
+    st: &AppState,
+    c: &mut Claims,
+    requested: Option<&str>,
+) -> Result<String> {
     match requested {
-        Some(ctx) if c.is_admin() => ctx.to_owned(),
-        _ => c.ctx.clone(),
+        Some(ctx) if c.is_admin() => Ok(ctx.to_owned()),
+        Some(ctx) => {
+            act_in(st, c, ctx).await?;
+            Ok(c.ctx.clone())
+        }
+        None => Ok(c.ctx.clone()),
     }
+}
+
+/// A platform admin administers every context of its own registration (a
+/// context with a resource link of that (issuer, client_id)) as it does the
+/// context it launched from: `c` is moved into `ctx` when that holds, and
+/// left as it is otherwise (then the usual checks refuse).
+pub(crate) async fn act_in(st: &AppState, c: &mut Claims, ctx: &str) -> Result<()> {
+    if c.ctx == ctx || !c.is_platform_admin() {
+        return Ok(());
+    }
+    let Some(scope) = c.lti.clone() else {
+        return Ok(());
+    };
+    let target = ctx.to_owned();
+    let ours = st
+        .store
+        .read(move |conn| {
+            crate::lti::context_of_registration(conn, &target, &scope.platform, &scope.client_id)
+        })
+        .await?;
+    if ours {
+        c.ctx = ctx.to_owned();
+        // A link of another course is not this session's.
+        if let Some(l) = c.lti.as_mut() {
+            l.link = None;
+            l.resource_link = None;
+            l.assignment = None;
+            l.deep_link = None;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn require_manage(c: &Claims, ctx: &str) -> Result<()> {
@@ -95,12 +135,17 @@ pub(crate) fn require_admin(c: &Claims) -> Result<()> {
 }
 
 /// An assignment of the caller's course (any course for an admin).
-pub(crate) async fn load_assignment(st: &AppState, c: &Claims, id: String) -> Result<Assignment> {
+pub(crate) async fn load_assignment(
+    st: &AppState,
+    c: &mut Claims,
+    id: String,
+) -> Result<Assignment> {
     let a = st
         .store
         .read(move |conn| domain::get_assignment(conn, &id))
         .await?
         .ok_or(Error::NotFound("assignment"))?;
+    act_in(st, c, &a.context_id).await?;
     if a.context_id != c.ctx && !c.is_admin() {
         return Err(Error::NotFound("assignment"));
     }
@@ -110,7 +155,7 @@ pub(crate) async fn load_assignment(st: &AppState, c: &Claims, id: String) -> Re
 /// An assignment the caller may manage (the course's instructors, admins).
 pub(crate) async fn load_managed_assignment(
     st: &AppState,
-    c: &Claims,
+    c: &mut Claims,
     id: String,
 ) -> Result<Assignment> {
     let a = load_assignment(st, c, id).await?;
@@ -119,12 +164,13 @@ pub(crate) async fn load_managed_assignment(
 }
 
 /// A submission the caller may read (its owner, the course's instructors, admins).
-pub(crate) async fn load_readable(st: &AppState, c: &Claims, id: String) -> Result<Submission> {
+pub(crate) async fn load_readable(st: &AppState, c: &mut Claims, id: String) -> Result<Submission> {
     let s = st
         .store
         .read(move |conn| domain::get_submission(conn, &id))
         .await?
         .ok_or(Error::NotFound("submission"))?;
+    act_in(st, c, &s.context_id).await?;
     if !c.can_read(&s) {
         return Err(Error::NotFound("submission"));
     }
@@ -132,7 +178,7 @@ pub(crate) async fn load_readable(st: &AppState, c: &Claims, id: String) -> Resu
 }
 
 /// A submission the caller may manage (the course's instructors, admins).
-pub(crate) async fn load_managed(st: &AppState, c: &Claims, id: String) -> Result<Submission> {
+pub(crate) async fn load_managed(st: &AppState, c: &mut Claims, id: String) -> Result<Submission> {
     let s = load_readable(st, c, id).await?;
     require_manage(c, &s.context_id)?;
     Ok(s)
@@ -152,6 +198,6 @@ pub(crate) async fn load_media(
     q: &TicketQuery,
     id: String,
 ) -> Result<Submission> {
-    let c = claims_from(st, headers, q.ticket.as_deref(), &format!("media:{id}"))?;
-    load_readable(st, &c, id).await
+    let mut c = claims_from(st, headers, q.ticket.as_deref(), &format!("media:{id}"))?;
+    load_readable(st, &mut c, id).await
 }

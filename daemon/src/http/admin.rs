@@ -83,7 +83,7 @@ pub(super) async fn export_user(
     }
     Ok(Json(
         st.store
-            .read(move |conn| crate::retention::export_user(conn, &user))
+            .read(move |conn| crate::retention::export_user(conn, &user, |ctx| c.can_manage(ctx)))
             .await?,
     ))
 }

@@ -36,6 +36,9 @@ pub(super) struct MeView {
     context_id: String,
     context_title: Option<String>,
     roles: Vec<Role>,
+    /// A Viva-wide administrator (an operator's session); an LTI platform's
+    /// administrator is not one.
+    viva_admin: bool,
     name: Option<String>,
     expires_at: u64,
 }
@@ -53,10 +56,12 @@ pub(super) async fn me(State(st): State<AppState>, Session(c): Session) -> Resul
                 .optional()?)
         })
         .await?;
+    let viva_admin = c.is_admin();
     Ok(Json(MeView {
         user_id: c.sub,
         context_id: c.ctx,
         context_title: title,
+        viva_admin,
         roles: c.roles,
         name: c.name,
         expires_at: c.exp,
@@ -74,9 +79,15 @@ pub(super) struct StatusView {
     stt_queue: usize,
     eval_queue: usize,
     score_queue: usize,
-    workers: Vec<crate::workers::ProcessInfo>,
-    worker_errors: std::collections::BTreeMap<String, String>,
-    stats: crate::eta::StatsView,
+    /// Staff only (instructors, admins): process ids, model names and
+    /// internal errors are no business of learners, who see phase, position
+    /// and ETA (their own submission's view carries those).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workers: Option<Vec<crate::workers::ProcessInfo>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_errors: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stats: Option<crate::eta::StatsView>,
     /// Instructors and admins: unfinished submissions of their context.
     #[serde(skip_serializing_if = "Option::is_none")]
     entries: Option<Vec<QueueEntry>>,
@@ -87,6 +98,7 @@ pub(super) async fn status(
     Session(c): Session,
 ) -> Result<Json<StatusView>> {
     let snap = st.scheduler.snapshot();
+    let staff = c.can_manage(&c.ctx);
     let entries = if c.is_admin() {
         Some(snap.entries.values().cloned().collect())
     } else if c.has(Role::Instructor) {
@@ -126,9 +138,9 @@ pub(super) async fn status(
         stt_queue: snap.stt_queue,
         eval_queue: snap.eval_queue,
         score_queue: snap.score_queue,
-        workers: snap.workers.clone(),
-        worker_errors: snap.worker_errors.clone(),
-        stats: snap.stats.clone(),
+        workers: staff.then(|| snap.workers.clone()),
+        worker_errors: staff.then(|| snap.worker_errors.clone()),
+        stats: staff.then(|| snap.stats.clone()),
         entries,
     }))
 }
@@ -140,10 +152,10 @@ pub(super) struct ContextQuery {
 
 pub(super) async fn list_assignments(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Query(q): Query<ContextQuery>,
 ) -> Result<Json<Vec<domain::Assignment>>> {
-    let ctx = context_for(&c, q.context.as_deref());
+    let ctx = context_for(&st, &mut c, q.context.as_deref()).await?;
     Ok(Json(
         st.store
             .read(move |conn| domain::list_assignments(conn, &ctx))
@@ -153,19 +165,19 @@ pub(super) async fn list_assignments(
 
 pub(super) async fn get_assignment(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Path(id): Path<String>,
 ) -> Result<Json<domain::Assignment>> {
-    Ok(Json(load_assignment(&st, &c, id).await?))
+    Ok(Json(load_assignment(&st, &mut c, id).await?))
 }
 
 pub(super) async fn create_assignment(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Query(q): Query<ContextQuery>,
     Json(input): Json<AssignmentInput>,
 ) -> Result<(StatusCode, Json<domain::Assignment>)> {
-    let ctx = context_for(&c, q.context.as_deref());
+    let ctx = context_for(&st, &mut c, q.context.as_deref()).await?;
     require_manage(&c, &ctx)?;
     input.validate()?;
     crate::plugins::check_assignment(&st.plugins, &ctx, &input).await?;
@@ -191,11 +203,11 @@ pub(super) async fn create_assignment(
 
 pub(super) async fn update_assignment(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Path(id): Path<String>,
     Json(input): Json<AssignmentInput>,
 ) -> Result<Json<domain::Assignment>> {
-    let existing = load_assignment(&st, &c, id.clone()).await?;
+    let existing = load_assignment(&st, &mut c, id.clone()).await?;
     require_manage(&c, &existing.context_id)?;
     input.validate()?;
     if input.id.as_deref().is_some_and(|i| i != id) {
@@ -220,10 +232,10 @@ pub(super) async fn update_assignment(
 
 pub(super) async fn delete_assignment(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let existing = load_assignment(&st, &c, id.clone()).await?;
+    let existing = load_assignment(&st, &mut c, id.clone()).await?;
     require_manage(&c, &existing.context_id)?;
     let actor = c.actor();
     st.store
@@ -270,7 +282,8 @@ async fn upload_inner(
             "the server is restarting; try again in a minute".into(),
         ));
     }
-    let assignment = load_assignment(st, c, assignment_id).await?;
+    let mut c = c.clone();
+    let assignment = load_assignment(st, &mut c, assignment_id).await?;
     let upload_key = upload_key(req.headers())?;
     // A retry of an upload that already landed: that submission, not a
     // second one (the body is not read again).
@@ -278,7 +291,7 @@ async fn upload_inner(
         && let Some(sub) = submission_by_key(st, &assignment.id, &c.sub, key).await?
     {
         tracing::info!(submission = %sub.id, "upload retried with a known idempotency key");
-        return Ok((StatusCode::OK, Json(view(st, c, sub, None))));
+        return Ok((StatusCode::OK, Json(view(st, &c, sub, None))));
     }
     let limits = IntakeLimits::from(&st.config.intake);
     let staging = st.config.staging_dir();
@@ -378,7 +391,7 @@ async fn upload_inner(
         .ok_or(Error::NotFound("submission"))?;
     tracing::info!(submission = %sub.id, user = %sub.user_id, assignment = %sub.assignment_id,
         bytes = sub.size_bytes, seconds = sub.duration_seconds, %format, "accepted upload");
-    Ok((status, Json(view(st, c, sub, None))))
+    Ok((status, Json(view(st, &c, sub, None))))
 }
 
 /// The optional `Idempotency-Key` header of an upload: 8 to 128 letters,
@@ -448,11 +461,9 @@ fn view(
     batch: Option<BatchProgress>,
 ) -> SubmissionView {
     let snap = st.scheduler.snapshot();
-    let learner_only = !c.can_manage(&s.context_id);
-    if learner_only && s.state != SubmissionState::Released {
+    if !c.can_manage(&s.context_id) {
         // Grades and model judgements wait for release.
-        s.evaluations.clear();
-        s.score = None;
+        s.redact_for_learner();
     }
     view_from_snapshot(&snap, s, batch)
 }
@@ -493,10 +504,10 @@ async fn batch_of(st: &AppState, s: &Submission) -> Result<Option<BatchProgress>
 
 pub(super) async fn get_submission(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Path(id): Path<String>,
 ) -> Result<Json<SubmissionView>> {
-    let s = load_readable(&st, &c, id).await?;
+    let s = load_readable(&st, &mut c, id).await?;
     let batch = batch_of(&st, &s).await?;
     Ok(Json(view(&st, &c, s, batch)))
 }
@@ -510,10 +521,10 @@ pub(super) struct ListQuery {
 
 pub(super) async fn list_submissions(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<SubmissionView>>> {
-    let ctx = context_for(&c, q.context.as_deref());
+    let ctx = context_for(&st, &mut c, q.context.as_deref()).await?;
     let filter = SubmissionFilter {
         context_id: Some(ctx.clone()),
         assignment_id: None,
@@ -535,10 +546,10 @@ pub(super) async fn list_submissions(
 
 pub(super) async fn list_assignment_submissions(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<SubmissionView>>> {
-    let a = load_assignment(&st, &c, id).await?;
+    let a = load_assignment(&st, &mut c, id).await?;
     let filter = SubmissionFilter {
         context_id: Some(a.context_id.clone()),
         assignment_id: Some(a.id),
@@ -572,11 +583,11 @@ pub(super) struct TicketResponse {
 
 pub(super) async fn ticket(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Json(req): Json<TicketRequest>,
 ) -> Result<Json<TicketResponse>> {
     if let Some(id) = req.scope.strip_prefix("media:") {
-        load_readable(&st, &c, id.to_owned()).await?;
+        load_readable(&st, &mut c, id.to_owned()).await?;
     } else if req.scope != "events" {
         return Err(Error::bad_request(
             "bad_scope",
@@ -625,12 +636,12 @@ pub(super) async fn events(
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
-    let c = claims_from(&st, &headers, q.ticket.as_deref(), "events")?;
+    let mut c = claims_from(&st, &headers, q.ticket.as_deref(), "events")?;
     let rx = st.scheduler.subscribe();
     let stream: futures::stream::BoxStream<'static, std::result::Result<Event, Infallible>> =
         match q.submission {
             Some(id) => {
-                let s = load_readable(&st, &c, id).await?;
+                let s = load_readable(&st, &mut c, id).await?;
                 submission_stream(st.clone(), s, rx).boxed()
             }
             None => global_stream(rx).boxed(),

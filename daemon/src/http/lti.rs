@@ -29,7 +29,7 @@ use viva_lti::login::{self, LoginRequest};
 use viva_lti::{LtiError, Registration};
 
 use super::AppState;
-use super::access::{Session, require_admin};
+use super::access::{Session, act_in, require_admin};
 use super::html::{Page, esc};
 use crate::auth::{Claims, LtiScope};
 use crate::domain::{self, AssignmentInput, Role, new_id};
@@ -99,6 +99,16 @@ fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_owned())
+}
+
+/// Whether a request was sent by a page of the tool's own origin
+/// (`Sec-Fetch-Site: same-origin`, else an `Origin` equal to the tool's).
+fn from_tool_origin(headers: &HeaderMap, tool_origin: &str) -> bool {
+    let get = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    match get("sec-fetch-site") {
+        Some(site) => site == "same-origin",
+        None => get(header::ORIGIN.as_str()) == Some(tool_origin),
+    }
 }
 
 // ---- login --------------------------------------------------------------------
@@ -261,7 +271,25 @@ pub(super) async fn launch(
         return lti_error_page(&LtiError::UnknownState);
     };
     let cookie_name = login::state_cookie_name(&state);
-    let presented = cookie_value(&headers, &cookie_name).or(f.lti_state_binding.clone());
+    // A binding in the body comes only from the platform-storage page this
+    // login offered, posted by the tool's own page: anything else could be a
+    // classmate's page signing this browser in as them (login CSRF).
+    let posted = match f.lti_state_binding.clone() {
+        Some(b)
+            if pending.request.lti_storage_target.is_some()
+                && from_tool_origin(&headers, &st.lti.tool.origin()) =>
+        {
+            Some(b)
+        }
+        Some(_) => {
+            tracing::info!(
+                "a posted state binding from outside the platform-storage flow; refused"
+            );
+            return lti_error_page(&LtiError::StateNotBound);
+        }
+        None => None,
+    };
+    let presented = cookie_value(&headers, &cookie_name).or(posted);
     let regs = {
         let issuer = pending.issuer.clone();
         match st
@@ -360,7 +388,6 @@ struct Provisioned {
 async fn provision(st: &AppState, launch: &Launch) -> Result<Provisioned> {
     let access = viva_lti::roles::map_roles(&launch.roles);
     let roles = lti::daemon_roles(&access);
-    let user = lti::user_id(&launch.issuer, &launch.sub);
     let context_key = launch
         .context
         .as_ref()
@@ -384,12 +411,14 @@ async fn provision(st: &AppState, launch: &Launch) -> Result<Provisioned> {
         .and_then(|c| c.title.clone().or(c.label.clone()))
         .unwrap_or_else(|| "Course".into());
     let launch = launch.clone();
-    let (u, ctx, r) = (user.clone(), context.clone(), roles.clone());
-    let (link, assignment, assignments) = st
+    let (ctx, r) = (context.clone(), roles.clone());
+    let (user, link, assignment, assignments) = st
         .store
         .write(move |tx| {
+            let u = lti::resolve_user(tx, &launch.issuer, &launch.client_id, &launch.sub)?;
             domain::ensure_context(tx, &ctx, &title)?;
             domain::ensure_member(tx, &ctx, &u, launch.name.as_deref(), &r)?;
+            lti::record_user(tx, &u, &launch.issuer, &launch.client_id, &launch.sub)?;
             let mut link = None;
             if let Some(rl) = &launch.resource_link {
                 let ags = launch.ags.clone().unwrap_or_default();
@@ -419,7 +448,7 @@ async fn provision(st: &AppState, launch: &Launch) -> Result<Provisioned> {
                     }
                     l.assignment_id = Some(a);
                 }
-                lti::record_launch(tx, &l.id, &u, &launch.issuer, &launch.sub)?;
+                lti::record_launch(tx, &l.id, &u, &launch.sub)?;
                 link = Some(l);
             }
             domain::audit(
@@ -439,7 +468,7 @@ async fn provision(st: &AppState, launch: &Launch) -> Result<Provisioned> {
                 None => None,
             };
             let assignments = domain::list_assignments(tx, &ctx)?;
-            Ok((link, assignment, assignments))
+            Ok((u, link, assignment, assignments))
         })
         .await?;
     Ok(Provisioned {
@@ -663,6 +692,9 @@ pub(super) async fn canvas_json(State(st): State<AppState>) -> Response {
 pub(super) struct RegisterQuery {
     openid_configuration: Option<String>,
     registration_token: Option<String>,
+    /// The one-time invitation a Viva administrator made
+    /// (`viva platform invite`, or the admin view).
+    invite: Option<String>,
 }
 
 fn manual_registration_page(st: &AppState) -> Response {
@@ -717,12 +749,36 @@ pub(super) async fn register(
             "dynamic registration is turned off on this Viva server ([lti] dynamic_registration)",
         );
     }
+    // Only a Viva administrator adds platforms: without a usable invitation
+    // nothing is fetched and nothing is stored.
+    let Some(invite) = q.invite.filter(|t| !t.is_empty() && t.len() <= 128) else {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "invite_required",
+            "registering a platform needs a one-time registration URL from a Viva administrator \
+             (viva platform invite, or Platforms in Viva's admin view)",
+        );
+    };
+    let token = invite.clone();
+    let allowed_issuer = match st.store.read(move |c| lti::peek_invite(c, &token)).await {
+        Ok(Some(issuer)) => issuer,
+        Ok(None) => {
+            return error_page(
+                StatusCode::FORBIDDEN,
+                "invite_invalid",
+                "this registration URL was used already or has expired; ask a Viva administrator \
+                 for a new one",
+            );
+        }
+        Err(e) => return daemon_error_page(&e),
+    };
     let reg = match viva_lti::dynreg::register(
         &st.lti.http,
         &config_url,
         q.registration_token.as_deref(),
         &st.lti.tool,
         &viva_lti::dynreg::ToolDescription::default(),
+        allowed_issuer.as_deref(),
     )
     .await
     {
@@ -733,6 +789,13 @@ pub(super) async fn register(
     if let Err(e) = st
         .store
         .write(move |tx| {
+            if !lti::use_invite(tx, &invite, &saved.issuer, &saved.client_id)? {
+                return Err(Error::Forbidden(
+                    "this registration URL was used already or has expired; ask a Viva \
+                     administrator for a new one"
+                        .into(),
+                ));
+            }
             lti::save_registration(tx, &saved, "dynamic", false)?;
             domain::audit(
                 tx,
@@ -912,6 +975,8 @@ pub(super) async fn members(
         .read(move |conn| lti::get_link(conn, &link_id))
         .await?
         .ok_or(Error::NotFound("link"))?;
+    let mut c = c;
+    act_in(&st, &mut c, &link.context_id).await?;
     if !c.can_manage(&link.context_id) {
         return Err(Error::NotFound("link"));
     }
@@ -933,30 +998,38 @@ pub(super) async fn members(
         .members(&reg, &url, viva_lti::now_secs())
         .await?;
     let assignment = link.assignment_id.clone();
-    let issuer = link.issuer.clone();
-    let submitted: std::collections::HashSet<String> = st
+    let (issuer, client_id) = (link.issuer.clone(), link.client_id.clone());
+    let subs: Vec<String> = members.iter().map(|m| m.user_id.clone()).collect();
+    let (submitted, ids): (std::collections::HashSet<String>, Vec<String>) = st
         .store
         .read(move |conn| {
+            let ids = subs
+                .iter()
+                .map(|sub| lti::resolve_user(conn, &issuer, &client_id, sub))
+                .collect::<Result<Vec<_>>>()?;
             let Some(a) = assignment else {
-                return Ok(Default::default());
+                return Ok((Default::default(), ids));
             };
             let mut stmt = conn.prepare(
                 "SELECT DISTINCT u.sub FROM submissions s JOIN lti_users u ON u.user_id = s.user_id
-                 WHERE s.assignment_id = ?1 AND u.issuer = ?2",
+                 WHERE s.assignment_id = ?1 AND u.issuer = ?2 AND u.client_id = ?3",
             )?;
             let rows = stmt
-                .query_map(rusqlite::params![a, issuer], |r| r.get::<_, String>(0))?
+                .query_map(rusqlite::params![a, issuer, client_id], |r| {
+                    r.get::<_, String>(0)
+                })?
                 .collect::<rusqlite::Result<_>>()?;
-            Ok(rows)
+            Ok((rows, ids))
         })
         .await?;
     Ok(Json(
         members
             .into_iter()
-            .map(|m| {
+            .zip(ids)
+            .map(|(m, user_id)| {
                 let access = viva_lti::roles::map_roles(&m.roles);
                 MemberView {
-                    user_id: lti::user_id(&link.issuer, &m.user_id),
+                    user_id,
                     submitted: submitted.contains(&m.user_id),
                     learner: !access.contains(&viva_lti::Access::Instructor),
                     lti_user_id: m.user_id,
@@ -972,12 +1045,44 @@ pub(super) async fn members(
 
 // ---- platform admin API ---------------------------------------------------------
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct InviteRequest {
+    /// The only issuer the registration may have; it may live on another host
+    /// than the platform's configuration URL (hosted Canvas:
+    /// `https://canvas.instructure.com`).
+    #[serde(default)]
+    issuer: Option<String>,
+}
+
+/// A one-time dynamic registration URL (Viva administrators only).
+pub(super) async fn create_invite(
+    State(st): State<AppState>,
+    Session(c): Session,
+    body: Option<Json<InviteRequest>>,
+) -> Result<(StatusCode, Json<lti::Invite>)> {
+    require_admin(&c)?;
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let actor = c.actor();
+    let tool = st.lti.tool.clone();
+    let invite = st
+        .store
+        .write(move |tx| lti::create_invite(tx, &tool, &actor, req.issuer.as_deref()))
+        .await?;
+    Ok((StatusCode::CREATED, Json(invite)))
+}
+
 pub(super) async fn list_platforms(
     State(st): State<AppState>,
     Session(c): Session,
 ) -> Result<Json<Vec<lti::StoredRegistration>>> {
-    require_admin(&c)?;
-    Ok(Json(st.store.read(lti::list_registrations).await?))
+    // A platform's administrator sees its own registration only.
+    if !c.is_platform_admin() {
+        require_admin(&c)?;
+    }
+    let mut regs = st.store.read(lti::list_registrations).await?;
+    regs.retain(|r| c.administers_registration(&r.registration.issuer, &r.registration.client_id));
+    Ok(Json(regs))
 }
 
 #[derive(Deserialize)]
@@ -1023,7 +1128,13 @@ pub(super) async fn remove_platform(
     Session(c): Session,
     Query(q): Query<PlatformKey>,
 ) -> Result<StatusCode> {
-    require_admin(&c)?;
+    if !c.is_platform_admin() {
+        require_admin(&c)?;
+    }
+    if !c.administers_registration(&q.issuer, &q.client_id) {
+        // Another tenant's registration: as if it did not exist.
+        return Err(Error::NotFound("platform registration"));
+    }
     let actor = c.actor();
     let removed = st
         .store
@@ -1051,6 +1162,38 @@ pub(super) async fn remove_platform(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_tools_own_pages_may_post_a_binding() {
+        let tool = "http://127.0.0.1:8080";
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        assert!(from_tool_origin(
+            &h(&[("sec-fetch-site", "same-origin")]),
+            tool
+        ));
+        assert!(from_tool_origin(
+            &h(&[("origin", "http://127.0.0.1:8080")]),
+            tool
+        ));
+        assert!(!from_tool_origin(&h(&[]), tool), "no evidence");
+        assert!(!from_tool_origin(
+            &h(&[("origin", "http://evil.example")]),
+            tool
+        ));
+        assert!(!from_tool_origin(
+            &h(&[
+                ("sec-fetch-site", "cross-site"),
+                ("origin", "http://127.0.0.1:8080")
+            ]),
+            tool
+        ));
+    }
 
     #[test]
     fn cookies_are_found_by_name() {

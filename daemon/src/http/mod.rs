@@ -135,6 +135,7 @@ pub fn router(state: AppState) -> Router {
                 .delete(lti::remove_platform),
         )
         // LTI 1.3: the platform's messages (no session), and the roster.
+        .route("/api/v1/admin/platforms/invites", post(lti::create_invite))
         .route("/lti/login", get(lti::login_get).post(lti::login_post))
         .route("/lti/launch", post(lti::launch))
         .route("/lti/jwks.json", get(lti::jwks))

@@ -40,11 +40,11 @@ pub(super) struct OverrideResponse {
 
 pub(super) async fn override_grade(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Path(id): Path<String>,
     Json(req): Json<OverrideRequest>,
 ) -> Result<Json<OverrideResponse>> {
-    load_managed(&st, &c, id.clone()).await?;
+    load_managed(&st, &mut c, id.clone()).await?;
     let actor = c.actor();
     let sid = id.clone();
     let (score, changes) = st
@@ -64,10 +64,10 @@ pub(super) struct RetryResponse {
 
 pub(super) async fn retry(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Path(id): Path<String>,
 ) -> Result<Json<RetryResponse>> {
-    load_managed(&st, &c, id.clone()).await?;
+    load_managed(&st, &mut c, id.clone()).await?;
     let actor = c.actor();
     let sid = id.clone();
     let state = st
@@ -89,10 +89,10 @@ pub(super) struct Released {
 
 pub(super) async fn release(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Path(id): Path<String>,
 ) -> Result<Json<Released>> {
-    load_managed(&st, &c, id.clone()).await?;
+    load_managed(&st, &mut c, id.clone()).await?;
     let actor = c.actor();
     let now = now_ms();
     let sid = id.clone();
@@ -124,10 +124,10 @@ pub(super) async fn release(
 
 pub(super) async fn passback_status(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<OutboxView>>> {
-    load_managed(&st, &c, id.clone()).await?;
+    load_managed(&st, &mut c, id.clone()).await?;
     Ok(Json(
         st.store.read(move |conn| outbox_rows(conn, &id)).await?,
     ))
@@ -142,10 +142,10 @@ pub(super) struct ReleaseAll {
 
 pub(super) async fn release_all(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Path(id): Path<String>,
 ) -> Result<Json<ReleaseAll>> {
-    let a = load_managed_assignment(&st, &c, id).await?;
+    let a = load_managed_assignment(&st, &mut c, id).await?;
     let actor = c.actor();
     let released = st
         .store
@@ -225,10 +225,10 @@ fn user_names(conn: &Connection, ctx: &str) -> Result<std::collections::HashMap<
 
 pub(super) async fn dashboard(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Path(id): Path<String>,
 ) -> Result<Json<Dashboard>> {
-    let a = load_managed_assignment(&st, &c, id).await?;
+    let a = load_managed_assignment(&st, &mut c, id).await?;
     let filter = domain::SubmissionFilter {
         context_id: Some(a.context_id.clone()),
         assignment_id: Some(a.id.clone()),
@@ -316,10 +316,10 @@ pub(super) struct RosterEntry {
 /// Roles) also knows those who never opened the assignment.
 pub(super) async fn roster(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<RosterEntry>>> {
-    let a = load_managed_assignment(&st, &c, id).await?;
+    let a = load_managed_assignment(&st, &mut c, id).await?;
     let rows = st
         .store
         .read(move |conn| {
@@ -356,10 +356,10 @@ pub(super) async fn roster(
 
 pub(super) async fn submission_audit(
     State(st): State<AppState>,
-    Session(c): Session,
+    Session(mut c): Session,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<domain::AuditEntry>>> {
-    load_managed(&st, &c, id.clone()).await?;
+    load_managed(&st, &mut c, id.clone()).await?;
     Ok(Json(
         st.store
             .read(move |conn| domain::audit_entries(conn, Some(&id), 500))

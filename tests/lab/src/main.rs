@@ -481,10 +481,25 @@ impl Lti {
             .await?)
     }
 
-    async fn register(&self) -> anyhow::Result<()> {
+    /// Dynamic registration through a one-time registration URL that a
+    /// Viva administrator (`admin`, a `viva session --role admin` token) makes.
+    async fn register(&self, admin: &str) -> anyhow::Result<()> {
+        let invite: Value = self
+            .http
+            .post(format!("{}/api/v1/admin/platforms/invites", self.tool))
+            .bearer_auth(admin)
+            .json(&json!({}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let url = invite["url"]
+            .as_str()
+            .ok_or_else(|| anyhow!("the invitation has no url: {invite}"))?;
         let r = self
             .http
-            .get(format!("{}/lti/register", self.tool))
+            .get(url)
             .query(&[
                 (
                     "openid_configuration",
@@ -873,7 +888,7 @@ async fn viva_run(
         platform: platform_base.clone(),
         tool: daemon.url.clone(),
     });
-    lti.register().await?;
+    lti.register(&admin).await?;
     // The instructor places the assignment with deep linking.
     let teacher = json!({"user": "teacher-1", "roles": [format!("{ROLE}Instructor")],
                          "name": "Tia Teacher", "kind": "deeplink", "context": "course-1"});
