@@ -1887,15 +1887,17 @@ async fn hosted_canvas_registers_with_an_invitation_naming_its_issuer_and_launch
     );
     assert_eq!(env.count("lti_registrations").await, 0);
     // The operator's way: `viva platform invite --issuer …` on the server.
-    let mut cli = tokio::process::Command::new(viva_tests::viva_bin());
-    cli.args(["platform", "invite", "--issuer", CANVAS])
+    let mut cli = std::process::Command::new(viva_tests::viva_bin());
+    viva_tests::process::clean_viva_env(&mut cli)
+        .args(["platform", "invite", "--issuer", CANVAS])
         .env("VIVA_DATA_DIR", env._dir.path().join("var"))
-        .env("VIVA_PUBLIC_URL", &env.tool)
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(60), cli.output())
-        .await
-        .expect("viva platform invite finished in time")
-        .expect("viva platform invite");
+        .env("VIVA_PUBLIC_URL", &env.tool);
+    let out = tokio::task::spawn_blocking(move || {
+        viva_tests::process::output(&mut cli, viva_tests::process::SHORT)
+    })
+    .await
+    .expect("join")
+    .expect("viva platform invite");
     assert!(
         out.status.success(),
         "{}",
@@ -1965,16 +1967,19 @@ async fn hosted_canvas_registers_with_an_invitation_naming_its_issuer_and_launch
         let prepared = env.prepare(spec).await;
         let hint = prepared["hint"].as_str().expect("hint").to_owned();
         let py = python().expect("python");
-        let mut cmd = tokio::process::Command::new(&py);
+        let mut cmd = std::process::Command::new(&py);
         cmd.arg(&driver)
             .args(["--chromium", chromium, "--mode", "third-party-blocked"])
             .args(["--timeout", if allowed { "40" } else { "8" }])
-            .arg(format!("{parent}/course?hint={hint}"))
-            .kill_on_drop(true);
-        let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-            .await
-            .expect("the browser driver finished in time")
-            .expect("browser driver");
+            .arg(format!("{parent}/course?hint={hint}"));
+        // Off the runtime's threads; after 2 minutes the driver and its
+        // browser are killed.
+        let out = tokio::task::spawn_blocking(move || {
+            viva_tests::process::output(&mut cmd, Duration::from_secs(120))
+        })
+        .await
+        .expect("join")
+        .unwrap_or_else(|e| panic!("{parent}: browser driver: {e}"));
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
