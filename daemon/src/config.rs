@@ -145,6 +145,14 @@ pub struct SchedulerConfig {
     /// Stop a phase's idle workers after this long with nothing to do (0 = keep).
     #[serde(with = "humantime_serde")]
     pub idle_unload_after: Duration,
+    /// Consecutive load failures after which a worker's role is
+    /// *unavailable*: the scheduler serves every other role and phase, and
+    /// the jobs waiting on it wait (they never fail because a model is down).
+    pub unavailable_after_failures: u32,
+    /// An unavailable role is probed again after a backoff that doubles from
+    /// 15 s up to this (and at once on `viva workers retry ROLE`).
+    #[serde(with = "humantime_serde")]
+    pub unavailable_probe_max: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -162,6 +170,8 @@ impl Default for SchedulerConfig {
             retry_backoff: Duration::from_secs(2),
             lease: Duration::from_secs(60),
             idle_unload_after: Duration::from_secs(600),
+            unavailable_after_failures: 3,
+            unavailable_probe_max: Duration::from_secs(300),
         }
     }
 }

@@ -243,7 +243,8 @@ export function mount(panel, ctx) {
     const pos = h('li', { 'data-testid': 'position' });
     const eta = h('li', { 'data-testid': 'eta' });
     const then = h('li', { 'data-testid': 'then' });
-    const user = h('ul', { class: 'user-status' }, uploaded, pos, eta, then);
+    const paused = h('li', { 'data-testid': 'paused', class: 'reason', hidden: true });
+    const user = h('ul', { class: 'user-status' }, uploaded, pos, eta, then, paused);
     const bTitle = h('p', { 'data-testid': 'batch-title' });
     const bBar = h('progress', { max: '1', value: '0', 'aria-label': S.batchLabel });
     const bText = h('p', { 'data-testid': 'batch-progress' });
@@ -268,6 +269,8 @@ export function mount(panel, ctx) {
       eta.hidden = !eta.textContent;
       then.textContent = phase === 'stt' ? S.thenEvaluation : '';
       then.hidden = !then.textContent;
+      paused.textContent = ev.paused || '';
+      paused.hidden = !ev.paused;
       const b = ev.batch;
       batch.hidden = !(b && phase === 'stt');
       if (b) {
@@ -283,7 +286,7 @@ export function mount(panel, ctx) {
     };
     update({
       phase: sub.phase, system_phase: sub.system_phase, position: sub.queue && sub.queue.position,
-      eta_seconds: sub.queue && sub.queue.eta_seconds, batch: sub.batch,
+      eta_seconds: sub.queue && sub.queue.eta_seconds, batch: sub.batch, paused: sub.queue && sub.queue.paused,
     });
     const s = api.stream(`/api/v1/events?submission=${encodeURIComponent(sub.id)}`, (name, ev) => {
       if (name === 'status') update(ev);

@@ -76,6 +76,8 @@ pub(super) struct StatusView {
     score_queue: usize,
     workers: Vec<crate::workers::ProcessInfo>,
     worker_errors: std::collections::BTreeMap<String, String>,
+    /// Roles whose model cannot start: their submissions wait, paused.
+    unavailable: Vec<crate::eta::Unavailable>,
     stats: crate::eta::StatsView,
     /// Instructors and admins: unfinished submissions of their context.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,6 +130,7 @@ pub(super) async fn status(
         score_queue: snap.score_queue,
         workers: snap.workers.clone(),
         worker_errors: snap.worker_errors.clone(),
+        unavailable: snap.unavailable.values().cloned().collect(),
         stats: snap.stats.clone(),
         entries,
     }))
@@ -608,6 +611,8 @@ struct SubmissionEvent {
     eta_seconds: Option<f64>,
     batch: Option<BatchProgress>,
     failure_reason: Option<String>,
+    /// Why it waits although it could run (its model cannot start).
+    paused: Option<String>,
 }
 
 /// What the global stream sends on every change.
@@ -738,6 +743,7 @@ fn submission_stream(
                 eta_seconds: entry.as_ref().map(|e| e.eta_seconds),
                 batch,
                 failure_reason: s.sub.failure_reason.clone(),
+                paused: entry.as_ref().and_then(|e| e.paused.clone()),
             };
             let settled =
                 entry.is_none() && (state.is_settled() || state == SubmissionState::Evaluated);

@@ -129,6 +129,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/admin/plugin-failures", get(admin::plugin_failures))
         .route("/api/v1/admin/timeline", get(admin::timeline))
         .route(
+            "/api/v1/admin/workers/{role}/retry",
+            post(admin::retry_worker),
+        )
+        .route(
             "/api/v1/admin/platforms",
             get(lti::list_platforms)
                 .post(lti::add_platform)

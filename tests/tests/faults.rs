@@ -1,0 +1,291 @@
+//! Fault containment: a model that cannot load stalls nothing else. Real
+//! daemon, real worker processes (the `fake-worker` test double, which fails
+//! to load a model file that begins with `CORRUPT`, like a real worker on a
+//! corrupt GGUF), the real `viva` CLI for the administrator's retry.
+
+use std::time::{Duration, Instant};
+
+use viva_daemon::Role;
+use viva_tests::{TestDaemon, tone, viva_bin};
+
+async fn upload_n(d: &TestDaemon, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        // One student each: fair-use limits are not what this test is about.
+        let tok = d.token(Role::Learner, &format!("student-{i}"), "sandbox");
+        let f = tone(d.dir.path(), &format!("clip-{i}.wav"), 0.5);
+        let (status, body) = d.upload(&tok, "sandbox-oral-1", &f).await;
+        assert_eq!(
+            status, 201,
+            "an upload is accepted while a model is down: {body}"
+        );
+        ids.push(body["id"].as_str().expect("id").to_owned());
+    }
+    ids
+}
+
+/// Polls every submission until `ok` holds for all of them (or panics).
+async fn wait_until(
+    d: &TestDaemon,
+    ids: &[String],
+    timeout: Duration,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    let admin = d.token(Role::Admin, "test-admin", "sandbox");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut all = Vec::new();
+        for id in ids {
+            all.push(d.get(&admin, &format!("/api/v1/submissions/{id}")).await.1);
+        }
+        if all.iter().all(&ok) {
+            return all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every submission {what} within {timeout:?}: {all:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn roles_of(s: &serde_json::Value) -> Vec<String> {
+    let mut r: Vec<String> = s["evaluations"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["role"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    r.sort();
+    r
+}
+
+async fn readyz(d: &TestDaemon) -> (u16, String) {
+    let resp = reqwest::get(format!("{}/readyz", d.url))
+        .await
+        .expect("readyz");
+    (
+        resp.status().as_u16(),
+        resp.text().await.unwrap_or_default(),
+    )
+}
+
+/// `viva workers retry ROLE` against the running daemon, with a deadline.
+async fn cli_retry(d: &TestDaemon, role: &str) -> String {
+    let admin = d.token(Role::Admin, "test-admin", "sandbox");
+    let mut cmd = tokio::process::Command::new(viva_bin());
+    cmd.args(["workers", "retry", role, "--url", &d.url, "--token", &admin])
+        .env_remove("VIVA_CONFIG")
+        .current_dir(d.dir.path())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("viva workers retry finished within 30 s")
+        .expect("viva workers retry ran");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "viva workers retry failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Rows of the jobs table for one stage and role: (submission, state).
+async fn jobs_of(d: &TestDaemon, stage: &'static str, role: &'static str) -> Vec<(String, String)> {
+    d.state
+        .store
+        .read(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT submission_id, state FROM jobs WHERE stage = ?1 AND COALESCE(role, '') = ?2
+                 ORDER BY submission_id",
+            )?;
+            let rows = stmt
+                .query_map([stage, role], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+        .expect("jobs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_evaluator_pauses_only_its_role_until_an_admin_retries() {
+    let models = tempfile::tempdir().expect("tempdir");
+    let b_model = models.path().join("b.gguf");
+    std::fs::write(&b_model, b"CORRUPT: truncated download").expect("corrupt model");
+    let path = b_model.clone();
+    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", "50".to_owned())], move |c| {
+        c.scheduler.unavailable_after_failures = 2;
+        // No probe of its own during the test: only the administrator's retry.
+        c.scheduler.unavailable_probe_max = Duration::from_secs(3600);
+        c.scheduler.batch_window = Duration::from_millis(500);
+        if let Some(b) = c.workers.evaluators.get_mut("b") {
+            b.model_path = path;
+        }
+    })
+    .await;
+
+    let ids = upload_n(&d, 5).await;
+    // Every upload is transcribed and evaluated by "a"; each waits for "b"
+    // with the plain reason.
+    let waiting = wait_until(
+        &d,
+        &ids,
+        Duration::from_secs(90),
+        "was evaluated by a and paused",
+        |s| {
+            roles_of(s) == ["a"]
+                && s["queue"]["paused"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("evaluation paused") && p.contains("\"b\""))
+        },
+    )
+    .await;
+    for s in &waiting {
+        assert_ne!(
+            s["state"], "failed",
+            "a model being down never fails a submission: {s}"
+        );
+    }
+
+    let (status, body) = readyz(&d).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("role b is unavailable"), "{body}");
+    assert!(
+        body.contains("not a valid model file"),
+        "the worker's own error: {body}"
+    );
+    let metrics = d.state.metrics.render();
+    assert!(
+        metrics.contains("viva_worker_unavailable{slot=\"evaluator:b\"} 1"),
+        "{metrics}"
+    );
+    let admin = d.token(Role::Admin, "test-admin", "sandbox");
+    let (code, system) = d.get(&admin, "/api/v1/admin/system").await;
+    assert_eq!(code, 200, "{system}");
+    assert_eq!(system["unavailable"][0]["role"], "b", "{system}");
+    assert!(
+        system["unavailable"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("b.gguf")),
+        "{system}"
+    );
+    let instructor = d.token(Role::Instructor, "teacher", "sandbox");
+    let (code, dash) = d
+        .get(&instructor, "/api/v1/assignments/sandbox-oral-1/dashboard")
+        .await;
+    assert_eq!(code, 200, "{dash}");
+    assert_eq!(dash["unavailable"][0]["role"], "b", "{dash}");
+    assert!(
+        dash["rows"]
+            .as_array()
+            .is_some_and(|r| r.iter().all(|row| row["paused"].is_string())),
+        "{dash}"
+    );
+    // An upload during the outage is still transcribed and evaluated by "a"
+    // (the scheduler does not sit in the evaluation phase for "b").
+    let late = upload_n(&d, 1).await;
+    wait_until(
+        &d,
+        &late,
+        Duration::from_secs(60),
+        "was evaluated by a",
+        |s| roles_of(s) == ["a"],
+    )
+    .await;
+
+    // The fix: a good model file, then the administrator's retry.
+    std::fs::write(&b_model, b"GGUF fixed").expect("fix the model");
+    let said = cli_retry(&d, "b").await;
+    assert!(said.contains("trying to start it again"), "{said}");
+    let all: Vec<String> = ids.iter().chain(&late).cloned().collect();
+    let done = d.wait_settled(&all, Duration::from_secs(90)).await;
+    for s in &done {
+        assert_eq!(s["state"], "evaluated", "{s}");
+        assert_eq!(
+            roles_of(s),
+            ["a", "b"],
+            "each role evaluated it exactly once: {s}"
+        );
+    }
+    let b_jobs = jobs_of(&d, "eval", "b").await;
+    assert_eq!(b_jobs.len(), 6, "{b_jobs:?}");
+    assert!(b_jobs.iter().all(|(_, st)| st == "done"), "{b_jobs:?}");
+    let (status, body) = readyz(&d).await;
+    assert_eq!(status, 200, "ready again once b loads: {body}");
+    assert!(
+        d.state
+            .metrics
+            .render()
+            .contains("viva_worker_unavailable{slot=\"evaluator:b\"} 0")
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_stt_model_queues_uploads_with_a_reason_until_retried() {
+    let models = tempfile::tempdir().expect("tempdir");
+    let stt_model = models.path().join("whisper.bin");
+    std::fs::write(&stt_model, b"CORRUPT").expect("corrupt model");
+    let path = stt_model.clone();
+    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", "50".to_owned())], move |c| {
+        c.scheduler.unavailable_after_failures = 2;
+        c.scheduler.unavailable_probe_max = Duration::from_secs(3600);
+        c.scheduler.batch_window = Duration::from_millis(500);
+        if let Some(stt) = c.workers.stt.as_mut() {
+            stt.model_path = path;
+        }
+    })
+    .await;
+    let ids = upload_n(&d, 3).await;
+    let waiting = wait_until(&d, &ids, Duration::from_secs(60), "was paused", |s| {
+        s["state"] == "queued"
+            && s["queue"]["paused"]
+                .as_str()
+                .is_some_and(|p| p.contains("transcription paused"))
+    })
+    .await;
+    assert_eq!(waiting.len(), 3);
+    let (status, body) = readyz(&d).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("role stt is unavailable"), "{body}");
+    // Uploads keep being accepted meanwhile.
+    let more = upload_n(&d, 1).await;
+
+    std::fs::write(&stt_model, b"ggml fixed").expect("fix the model");
+    // The admin view's button posts this route.
+    let admin = d.token(Role::Admin, "test-admin", "sandbox");
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/admin/workers/stt/retry", d.url))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("retry");
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["was_unavailable"], true, "{body}");
+    let all: Vec<String> = ids.iter().chain(&more).cloned().collect();
+    let done = d.wait_settled(&all, Duration::from_secs(90)).await;
+    for s in &done {
+        assert_eq!(s["state"], "evaluated", "{s}");
+        assert_eq!(roles_of(s), ["a", "b"], "{s}");
+    }
+    let stt_jobs = jobs_of(&d, "stt", "").await;
+    assert_eq!(stt_jobs.len(), 4, "{stt_jobs:?}");
+    // A learner may not press the button; an unknown role is 404.
+    let learner = d.token(Role::Learner, "student-0", "sandbox");
+    for (tok, role, want) in [(&learner, "stt", 403), (&admin, "nope", 404)] {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/api/v1/admin/workers/{role}/retry", d.url))
+            .bearer_auth(tok)
+            .send()
+            .await
+            .expect("retry");
+        assert_eq!(resp.status().as_u16(), want, "{role}");
+    }
+    d.stop().await;
+}
