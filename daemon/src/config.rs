@@ -88,6 +88,9 @@ pub struct IntakeConfig {
     /// Limit for each ffprobe/ffmpeg run on an upload.
     #[serde(with = "humantime_serde")]
     pub normalize_timeout: Duration,
+    /// Preview transcodes (for formats browsers cannot play) running at once,
+    /// over all submissions; each submission has at most one.
+    pub preview_concurrency: usize,
 }
 
 impl Default for IntakeConfig {
@@ -99,6 +102,7 @@ impl Default for IntakeConfig {
             ffmpeg: PathBuf::from("ffmpeg"),
             ffprobe: PathBuf::from("ffprobe"),
             normalize_timeout: Duration::from_secs(10 * 60),
+            preview_concurrency: 2,
         }
     }
 }

@@ -15,10 +15,12 @@
 //! cannot make them read other files or the network. The staged file has no extension
 //! while it is probed, so ffmpeg's format detection looks at the bytes only.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsString};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -82,6 +84,8 @@ pub struct IntakeLimits {
     pub ffprobe: PathBuf,
     /// Time limit for each ffprobe/ffmpeg run (default 10 min).
     pub timeout: Duration,
+    /// Preview transcodes at once over all submissions (default 2).
+    pub preview_concurrency: usize,
 }
 
 /// The defaults of `[intake]` (the configuration owns them).
@@ -100,6 +104,7 @@ impl From<&crate::config::IntakeConfig> for IntakeLimits {
             ffmpeg: c.ffmpeg.clone(),
             ffprobe: c.ffprobe.clone(),
             timeout: c.normalize_timeout,
+            preview_concurrency: c.preview_concurrency,
         }
     }
 }
@@ -1168,17 +1173,41 @@ pub fn playable(info: &serde_json::Value, ext: &str) -> Playable {
     }
 }
 
-/// One transcode at a time: the machine's cores belong to the models.
-fn transcode_lock() -> &'static tokio::sync::Mutex<()> {
-    static LOCK: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
-    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+/// A bound on transcodes at once over all submissions: the machine's cores
+/// belong to the models. Sized by the first caller's limits.
+fn transcode_slots(n: usize) -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| tokio::sync::Semaphore::new(n.max(1)))
 }
+
+/// One transcode per submission at a time: the lock of one media directory.
+/// Entries live while someone holds or waits for them (weak references,
+/// pruned on each call), so the map is bounded by requests in flight.
+fn dir_lock(dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
+    type Locks = std::sync::Mutex<HashMap<PathBuf, std::sync::Weak<tokio::sync::Mutex<()>>>>;
+    static LOCKS: std::sync::OnceLock<Locks> = std::sync::OnceLock::new();
+    let locks = LOCKS.get_or_init(Default::default);
+    let mut map = locks.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(l) = map.get(dir).and_then(std::sync::Weak::upgrade) {
+        return l;
+    }
+    map.retain(|_, w| w.strong_count() > 0);
+    let l = Arc::new(tokio::sync::Mutex::new(()));
+    map.insert(dir.to_path_buf(), Arc::downgrade(&l));
+    l
+}
+
+/// Where a failed transcode leaves its reason: later views answer with it
+/// at once instead of running ffmpeg again (deleted with the media).
+const PREVIEW_FAILED: &str = "preview.failed";
 
 /// Transcodes a stored upload to `<dir>/preview.mp4` (H.264/AAC) once; later
 /// calls reuse it. Runs ffmpeg like every other run here: guarded input
 /// (file protocol, known demuxers), a time limit, a bounded stderr.
 /// `Timeout` when it takes longer than `timeout`, `Undecodable` when ffmpeg
-/// fails.
+/// fails; either is remembered in `<dir>/preview.failed` and returned again
+/// without a new run. One run per submission at a time (others wait for its
+/// result), at most `limits.preview_concurrency` over all.
 pub async fn transcode_preview(
     limits: &IntakeLimits,
     input: &Path,
@@ -1186,10 +1215,45 @@ pub async fn transcode_preview(
     timeout: Duration,
 ) -> Result<PathBuf, IntakeError> {
     let out = dir.join("preview.mp4");
-    let _guard = transcode_lock().lock().await;
+    let failed = dir.join(PREVIEW_FAILED);
+    let lock = dir_lock(dir);
+    let _guard = lock.lock().await;
     if tokio::fs::metadata(&out).await.is_ok() {
         return Ok(out);
     }
+    if let Ok(reason) = tokio::fs::read_to_string(&failed).await {
+        return Err(match reason.strip_prefix("timeout ") {
+            Some(secs) => IntakeError::Timeout {
+                seconds: secs.trim().parse().unwrap_or(0),
+            },
+            None => IntakeError::Undecodable { detail: reason },
+        });
+    }
+    let _slot = transcode_slots(limits.preview_concurrency)
+        .acquire()
+        .await
+        .map_err(|_| io::Error::other("the transcode slots are closed"))?;
+    let result = run_preview(limits, input, &out, dir, timeout).await;
+    let remembered = match &result {
+        Err(IntakeError::Timeout { seconds }) => Some(format!("timeout {seconds}")),
+        Err(IntakeError::Undecodable { detail }) => Some(detail.clone()),
+        _ => None,
+    };
+    if let Some(r) = remembered
+        && let Err(e) = tokio::fs::write(&failed, r).await
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not remember a failed preview");
+    }
+    result
+}
+
+async fn run_preview(
+    limits: &IntakeLimits,
+    input: &Path,
+    out: &Path,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<PathBuf, IntakeError> {
     let tmp = dir.join("preview.tmp.mp4");
     let args = ffmpeg_args(
         &["-hide_banner", "-y"],
@@ -1238,8 +1302,8 @@ pub async fn transcode_preview(
         tracing::warn!(input = %input.display(), error = %detail, "preview transcode failed");
         return Err(IntakeError::Undecodable { detail });
     }
-    tokio::fs::rename(&tmp, &out).await?;
-    Ok(out)
+    tokio::fs::rename(&tmp, out).await?;
+    Ok(out.to_path_buf())
 }
 
 // ---------------------------------------------------------------------------------------

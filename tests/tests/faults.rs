@@ -289,3 +289,138 @@ async fn a_broken_stt_model_queues_uploads_with_a_reason_until_retried() {
     }
     d.stop().await;
 }
+
+/// An ffmpeg that logs each preview transcode and holds the one of the
+/// submission named in `slow-id` until `gate` exists (at most 60 s).
+fn gated_ffmpeg(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let script = dir.join("ffmpeg-wrapper.sh");
+    let d = dir.display();
+    std::fs::write(
+        &script,
+        format!(
+            r#"#!/bin/sh
+case "$*" in
+  *preview.tmp.mp4*)
+    echo "$*" >> "{d}/previews.log"
+    slow=$(cat "{d}/slow-id" 2>/dev/null)
+    if [ -n "$slow" ]; then
+      case "$*" in
+        *"$slow"*) i=0; while [ ! -e "{d}/gate" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done ;;
+      esac
+    fi ;;
+esac
+exec ffmpeg "$@"
+"#
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    script
+}
+
+fn preview_runs(dir: &std::path::Path, id: &str) -> usize {
+    std::fs::read_to_string(dir.join("previews.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(id))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_corrupt_preview_runs_ffmpeg_once_and_blocks_no_other_preview() {
+    let tools = tempfile::tempdir().expect("tempdir");
+    let wrapper = gated_ffmpeg(tools.path());
+    let d = TestDaemon::start(&[], move |c| c.intake.ffmpeg = wrapper).await;
+    let media = d.dir.path().join("media");
+    std::fs::create_dir_all(&media).expect("dir");
+    let alice = d.token(Role::Learner, "alice", "sandbox");
+    let bob = d.token(Role::Learner, "bob", "sandbox");
+    let teacher = d.token(Role::Instructor, "teacher", "sandbox");
+    let mut ids = Vec::new();
+    for (tok, name) in [(&alice, "bad.mkv"), (&bob, "good.mkv")] {
+        let f = viva_tests::video(&media, name, 1.0, true);
+        let (s, sub) = d.upload(tok, "sandbox-oral-1", &f).await;
+        assert_eq!(s, 201, "{sub}");
+        ids.push(sub["id"].as_str().expect("id").to_owned());
+    }
+    let (bad, good) = (ids[0].clone(), ids[1].clone());
+    // The stored original of `bad` is damaged after intake.
+    let bad_dir = d.dir.path().join("var/media").join(&bad);
+    let mut damaged = 0;
+    for e in std::fs::read_dir(&bad_dir).expect("media dir").flatten() {
+        if e.path().extension().is_some_and(|x| x == "mkv") {
+            std::fs::write(e.path(), b"CORRUPT\0not a matroska file at all").expect("damage");
+            damaged += 1;
+        }
+    }
+    assert_eq!(damaged, 1, "the original is stored as .mkv");
+    std::fs::write(tools.path().join("slow-id"), &bad).expect("slow id");
+
+    let client = reqwest::Client::new();
+    let preview = |id: &str, tok: &str| {
+        client
+            .get(format!("{}/api/v1/submissions/{id}/preview", d.url))
+            .bearer_auth(tok)
+            .send()
+    };
+    let mut views = Vec::new();
+    for _ in 0..50 {
+        let req = preview(&bad, &alice);
+        views.push(tokio::spawn(async move {
+            let r = req.await.expect("preview");
+            let status = r.status().as_u16();
+            (
+                status,
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while preview_runs(tools.path(), &bad) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the transcode of bad never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Meanwhile the instructor's preview of another submission is served.
+    let r = tokio::time::timeout(Duration::from_secs(60), preview(&good, &teacher))
+        .await
+        .expect("the other preview is not held up")
+        .expect("preview");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-viva-preview"], "transcoded");
+    assert!(
+        views.iter().all(|v| !v.is_finished()),
+        "served while bad's transcode was still running"
+    );
+    std::fs::write(tools.path().join("gate"), b"open").expect("open the gate");
+    for v in views {
+        let (status, body) = tokio::time::timeout(Duration::from_secs(60), v)
+            .await
+            .expect("the view answered")
+            .expect("join");
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("cannot be converted")),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        preview_runs(tools.path(), &bad),
+        1,
+        "ffmpeg ran once for 50 views"
+    );
+    assert!(
+        bad_dir.join("preview.failed").exists(),
+        "the failure is remembered"
+    );
+    // A later view answers from the remembered failure.
+    let r = preview(&bad, &teacher).await.expect("preview");
+    assert_eq!(r.status(), 503);
+    assert_eq!(preview_runs(tools.path(), &bad), 1);
+    d.stop().await;
+}
