@@ -91,6 +91,12 @@ pub struct IntakeConfig {
     /// Preview transcodes (for formats browsers cannot play) running at once,
     /// over all submissions; each submission has at most one.
     pub preview_concurrency: usize,
+    /// Uploads one user may send at once; more get 429 (0 = no limit).
+    pub max_uploads_per_user: usize,
+    /// Uploads received at once over all users; more get 429 (0 = no limit).
+    pub max_uploads_in_flight: usize,
+    /// Bytes one user may upload in 24 hours; more get 429 (0 = no limit).
+    pub max_bytes_per_user_per_day: u64,
 }
 
 impl Default for IntakeConfig {
@@ -103,6 +109,9 @@ impl Default for IntakeConfig {
             ffprobe: PathBuf::from("ffprobe"),
             normalize_timeout: Duration::from_secs(10 * 60),
             preview_concurrency: 2,
+            max_uploads_per_user: 2,
+            max_uploads_in_flight: 32,
+            max_bytes_per_user_per_day: 8 * 1024 * 1024 * 1024,
         }
     }
 }

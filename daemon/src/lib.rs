@@ -196,6 +196,7 @@ impl Daemon {
                 plugins,
                 lti,
                 shutting_down: Arc::new(AtomicBool::new(false)),
+                intake: Default::default(),
             },
             scheduler,
             _lock: lock,

@@ -424,3 +424,198 @@ async fn a_corrupt_preview_runs_ffmpeg_once_and_blocks_no_other_preview() {
     assert_eq!(preview_runs(tools.path(), &bad), 1);
     d.stop().await;
 }
+
+/// Free bytes of the filesystem holding `path` (`df`, with a deadline).
+async fn free_bytes(path: &std::path::Path) -> u64 {
+    let mut cmd = tokio::process::Command::new("df");
+    cmd.args(["-B1", "--output=avail"])
+        .arg(path)
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("df finished")
+        .expect("df ran");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df output")
+}
+
+/// Bytes under `dir`, recursively.
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => bytes_under(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_learner_cannot_hog_intake_and_uploads_never_cross_the_disk_reserve() {
+    const MIB: u64 = 1024 * 1024;
+    let base = tempfile::tempdir().expect("tempdir");
+    // The reserve is set just below the free space: 160 MiB may be written.
+    let budget = 160 * MIB;
+    let min_free = free_bytes(base.path()).await.saturating_sub(budget);
+    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", "50".to_owned())], move |c| {
+        c.intake.min_free_bytes = min_free;
+        c.intake.max_uploads_per_user = 2;
+    })
+    .await;
+    let hog = d.token(Role::Learner, "hog", "sandbox");
+    let url = format!("{}/api/v1/assignments/sandbox-oral-1/submissions", d.url);
+    let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
+    let chunk = vec![0u8; MIB as usize];
+    let mut uploads = Vec::new();
+    for i in 0..20 {
+        // 200 MiB, chunked (no Content-Length): one chunk, then the rest
+        // once the gate opens, so the admitted uploads are still running
+        // while every other one is answered.
+        let gate = gate_rx.clone();
+        let chunk = chunk.clone();
+        let body = futures::stream::unfold(0u32, move |n| {
+            let chunk = chunk.clone();
+            let mut gate = gate.clone();
+            async move {
+                if n >= 200 {
+                    return None;
+                }
+                if n == 1 {
+                    let _ = gate.wait_for(|open| *open).await;
+                }
+                Some((Ok::<_, std::io::Error>(chunk), n + 1))
+            }
+        });
+        let req = reqwest::Client::new()
+            .post(&url)
+            .query(&[("filename", format!("hog-{i}.webm"))])
+            .bearer_auth(&hog)
+            .body(reqwest::Body::wrap_stream(body));
+        uploads.push(tokio::spawn(async move {
+            match req.send().await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let retry = r
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let body: serde_json::Value = r.json().await.unwrap_or_default();
+                    (status, retry, body)
+                }
+                Err(e) => (0, None, serde_json::json!({ "transport": e.to_string() })),
+            }
+        }));
+    }
+    // 18 are refused at once, before a byte is written.
+    let staging = d.dir.path().join("var/staging");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while uploads.iter().filter(|u| u.is_finished()).count() < 18 {
+        assert!(Instant::now() < deadline, "the refusals did not come");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let running = uploads.iter().filter(|u| !u.is_finished()).count();
+    let mut peak = bytes_under(&staging);
+    gate_tx.send_replace(true);
+    let mut results = Vec::new();
+    for u in uploads {
+        let fut = async {
+            let mut u = u;
+            loop {
+                tokio::select! {
+                    r = &mut u => return r.expect("join"),
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                        peak = peak.max(bytes_under(&staging));
+                    }
+                }
+            }
+        };
+        results.push(
+            tokio::time::timeout(Duration::from_secs(120), fut)
+                .await
+                .expect("an upload answered"),
+        );
+    }
+    let refused: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
+    assert_eq!(running, 2, "two ran at once");
+    assert_eq!(refused.len(), 18, "{results:?}");
+    for (_, retry, body) in &refused {
+        assert_eq!(body["error"]["code"], "too_many_uploads", "{body}");
+        assert!(
+            retry
+                .as_deref()
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_some_and(|s| s > 0),
+            "Retry-After: {retry:?}"
+        );
+    }
+    // The two admitted ones ran into the reserve and stopped there.
+    let full: Vec<_> = results.iter().filter(|r| r.0 == 507).collect();
+    assert_eq!(full.len(), 2, "{results:?}");
+    eprintln!(
+        "peak staged: {} MiB of a {} MiB budget",
+        peak / MIB,
+        budget / MIB
+    );
+    assert!(peak > 0, "the admitted uploads were written");
+    assert!(
+        peak <= budget + 8 * MIB,
+        "staged {} MiB with a budget of {} MiB",
+        peak / MIB,
+        budget / MIB
+    );
+    assert_eq!(bytes_under(&staging), 0, "nothing half-written is left");
+    assert_eq!(d.state.intake.in_flight(), 0);
+    assert_eq!(d.state.intake.reserve.claimed(), 0);
+    // The database is intact and intake works for everyone else.
+    let ids = upload_n(&d, 1).await;
+    let done = d.wait_settled(&ids, Duration::from_secs(90)).await;
+    assert_eq!(done[0]["state"], "evaluated", "{}", done[0]);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daily_byte_quota_refuses_with_retry_after_and_writes_nothing() {
+    let d = TestDaemon::start(&[], |c| c.intake.max_bytes_per_user_per_day = 1).await;
+    let tok = d.token(Role::Learner, "quota", "sandbox");
+    let f = tone(d.dir.path(), "first.wav", 0.5);
+    let (status, body) = d.upload(&tok, "sandbox-oral-1", &f).await;
+    assert_eq!(status, 201, "{body}");
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v1/assignments/sandbox-oral-1/submissions?filename=second.wav",
+            d.url
+        ))
+        .bearer_auth(&tok)
+        .body(std::fs::read(&f).expect("read"))
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(resp.status().as_u16(), 429);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .expect("Retry-After in seconds");
+    assert!(retry > 0 && retry <= 24 * 3600, "{retry}");
+    let body: serde_json::Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "daily_quota", "{body}");
+    let subs: i64 = d
+        .state
+        .store
+        .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM submissions", [], |r| r.get(0))?))
+        .await
+        .expect("count");
+    assert_eq!(subs, 1, "the refused upload left nothing");
+    // Another student is not affected.
+    let other = d.token(Role::Learner, "other", "sandbox");
+    assert_eq!(d.upload(&other, "sandbox-oral-1", &f).await.0, 201);
+    d.stop().await;
+}

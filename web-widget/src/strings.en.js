@@ -70,6 +70,7 @@ export default {
     'The upload was interrupted. Your recording is still here: check your connection and retry.',
   retryUpload: 'Retry upload',
   uploadRefused: (why) => `The upload was not accepted: ${why}`,
+  uploadLater: (why) => `Not now: ${why} Your recording is kept here; press “Retry upload” when you are ready.`,
 
   // Student: live status (the two-phase sketch)
   systemStatus: (phase) => `System status: ${phase}`,

@@ -174,6 +174,10 @@ export function mount(panel, ctx) {
           const retry = h('button', { type: 'button', class: 'primary', 'data-testid': 'upload-retry', text: S.retryUpload, on: { click: () => send(blob, filename, key) } });
           clear(progress, notice('error', S.uploadInterrupted), retry);
           retry.focus();
+        } else if (e.status === 429) {
+          // A fair-use limit that passes with time: keep the recording.
+          const retry = h('button', { type: 'button', class: 'primary', 'data-testid': 'upload-retry', text: S.retryUpload, on: { click: () => send(blob, filename, key) } });
+          clear(progress, notice('error', S.uploadLater(e.message)), retry);
         } else {
           clear(progress, notice('error', S.uploadRefused(e.message)));
         }

@@ -27,7 +27,7 @@ use crate::domain::{
 };
 use crate::error::{Error, Result};
 use crate::eta::{QueueEntry, Snapshot};
-use crate::intake::{self, IntakeLimits, UploadHint};
+use crate::intake::{self, IntakeError, IntakeLimits, UploadHint};
 use crate::jobs::{self, BatchProgress};
 
 #[derive(Serialize)]
@@ -261,6 +261,32 @@ pub(super) async fn upload(
     result
 }
 
+/// `intake.max_bytes_per_user_per_day`: the user's uploads in the last 24
+/// hours (what is stored of them; deleted media still counts).
+async fn daily_quota(st: &AppState, c: &Claims) -> Result<()> {
+    let limit = st.config.intake.max_bytes_per_user_per_day;
+    if limit == 0 {
+        return Ok(());
+    }
+    let user = c.sub.clone();
+    let since = crate::clock::now_ms() - 24 * 3600 * 1000;
+    let (used, oldest) = st
+        .store
+        .read(move |conn| domain::uploaded_since(conn, &user, since))
+        .await?;
+    if used < limit {
+        return Ok(());
+    }
+    let retry_after_secs = oldest
+        .map(|t| ((t + 24 * 3600 * 1000 - crate::clock::now_ms()) / 1000).max(1) as u64)
+        .unwrap_or(3600);
+    Err(Error::Intake(IntakeError::DailyQuota {
+        used_mib: used / (1024 * 1024),
+        limit_mib: limit / (1024 * 1024),
+        retry_after_secs,
+    }))
+}
+
 async fn upload_inner(
     st: &AppState,
     c: &Claims,
@@ -284,6 +310,10 @@ async fn upload_inner(
         return Ok((StatusCode::OK, Json(view(st, c, sub, None))));
     }
     let limits = IntakeLimits::from(&st.config.intake);
+    // Fair use, before a byte is written: uploads at once (this user's and
+    // everyone's), then bytes in the last 24 hours.
+    let _admitted = st.intake.admit(&c.sub, &limits)?;
+    daily_quota(st, c).await?;
     let staging = st.config.staging_dir();
     let content_type = req
         .headers()
@@ -319,7 +349,14 @@ async fn upload_inner(
                     content_type: field.content_type().map(str::to_owned),
                     content_length: None,
                 };
-                break intake::receive(Box::pin(field), &hint, &limits, &staging).await?;
+                break intake::receive_reserved(
+                    Box::pin(field),
+                    &hint,
+                    &limits,
+                    &staging,
+                    &st.intake.reserve,
+                )
+                .await?;
             }
         }
     } else {
@@ -329,7 +366,14 @@ async fn upload_inner(
             content_length,
         };
         let stream = req.into_body().into_data_stream();
-        intake::receive(Box::pin(stream), &hint, &limits, &staging).await?
+        intake::receive_reserved(
+            Box::pin(stream),
+            &hint,
+            &limits,
+            &staging,
+            &st.intake.reserve,
+        )
+        .await?
     };
     let sub_id = new_id("sub");
     let final_dir = st.config.media_dir().join(&sub_id);

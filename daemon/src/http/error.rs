@@ -45,6 +45,9 @@ fn intake_status(e: &IntakeError) -> StatusCode {
         | IntakeError::Undecodable { .. }
         | IntakeError::Timeout { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         IntakeError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+        IntakeError::TooManyUploads { .. }
+        | IntakeError::IntakeBusy { .. }
+        | IntakeError::DailyQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
         IntakeError::ToolMissing(_) | IntakeError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -134,6 +137,12 @@ impl IntoResponse for Error {
             Json(serde_json::json!({ "error": { "code": code, "message": message } })),
         )
             .into_response();
+        if let Error::Intake(e) = &self
+            && let Some(secs) = e.retry_after_secs()
+        {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -195,9 +204,12 @@ mod tests {
             IntakeError::Interrupted(_) => 9,
             IntakeError::ToolMissing(_) => 10,
             IntakeError::Io(_) => 11,
+            IntakeError::TooManyUploads { .. } => 12,
+            IntakeError::IntakeBusy { .. } => 13,
+            IntakeError::DailyQuota { .. } => 14,
         }
     }
-    const INTAKE_VARIANTS: usize = 12;
+    const INTAKE_VARIANTS: usize = 15;
 
     fn plugin_variant(e: &viva_plugins::Error) -> usize {
         use viva_plugins::Error as E;
@@ -371,6 +383,30 @@ mod tests {
                 "media_tools_missing",
             ),
             intake(IntakeError::Io(io()), 500, "internal"),
+            intake(
+                IntakeError::TooManyUploads {
+                    limit: 2,
+                    retry_after_secs: 10,
+                },
+                429,
+                "too_many_uploads",
+            ),
+            intake(
+                IntakeError::IntakeBusy {
+                    retry_after_secs: 5,
+                },
+                429,
+                "intake_busy",
+            ),
+            intake(
+                IntakeError::DailyQuota {
+                    used_mib: 1,
+                    limit_mib: 1,
+                    retry_after_secs: 60,
+                },
+                429,
+                "daily_quota",
+            ),
             // Plugins.
             plugin(P::TooLarge { size: 2, limit: 1 }, 413, "plugin_too_large"),
             plugin(P::NotAComponent(s("x")), 400, "not_a_component"),

@@ -42,6 +42,8 @@ pub struct AppState {
     pub plugins: Arc<crate::plugins::PluginRegistry>,
     pub lti: crate::lti::Lti,
     pub shutting_down: Arc<AtomicBool>,
+    /// Uploads in flight (per user and in all) and their disk reserve.
+    pub intake: crate::intake::Admission,
 }
 
 /// Every route of the daemon.
