@@ -46,6 +46,7 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub plugins: PluginsConfig,
     pub lti: LtiConfig,
+    pub limits: LimitsConfig,
 }
 
 impl Default for Config {
@@ -63,6 +64,48 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             plugins: Default::default(),
             lti: Default::default(),
+            limits: Default::default(),
+        }
+    }
+}
+
+/// Rate limits, stream caps and request timeouts (`[limits]`); 0 turns a
+/// limit off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Header a reverse proxy sets to the client's address (its last entry
+    /// counts), e.g. "X-Forwarded-For"; empty: the peer's address.
+    pub client_ip_header: String,
+    /// `/lti/login` requests per client address per minute.
+    pub login_per_ip_per_minute: u32,
+    /// Upload requests per client address, and per user, per minute.
+    pub uploads_per_ip_per_minute: u32,
+    pub uploads_per_user_per_minute: u32,
+    /// Ticket requests per client address, and per user, per minute.
+    pub tickets_per_ip_per_minute: u32,
+    pub tickets_per_user_per_minute: u32,
+    /// Live status streams (`/api/v1/events`) per user and in all.
+    pub max_streams_per_user: usize,
+    pub max_streams: usize,
+    /// Longest a request may take to answer, uploads excepted (their body
+    /// is the work); streams answer at once and are not cut.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            client_ip_header: String::new(),
+            login_per_ip_per_minute: 120,
+            uploads_per_ip_per_minute: 600,
+            uploads_per_user_per_minute: 30,
+            tickets_per_ip_per_minute: 3000,
+            tickets_per_user_per_minute: 120,
+            max_streams_per_user: 8,
+            max_streams: 20_000,
+            request_timeout: Duration::from_secs(60),
         }
     }
 }

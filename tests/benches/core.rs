@@ -417,6 +417,8 @@ fn sched_config(c: &mut Config) {
     // not the fair-use limits.
     c.intake.max_uploads_per_user = 0;
     c.intake.max_bytes_per_user_per_day = 0;
+    c.limits.uploads_per_user_per_minute = 0;
+    c.limits.uploads_per_ip_per_minute = 0;
 }
 
 fn instant_env() -> Vec<(&'static str, String)> {
@@ -1264,6 +1266,7 @@ async fn bench_sse(
     let extra = format!(
         "[sandbox]\nenabled = true\n\
          [intake]\nmin_free_bytes = 67108864\n\
+         [limits]\nmax_streams_per_user = 0\ntickets_per_user_per_minute = 0\ntickets_per_ip_per_minute = 0\n\
          [scheduler]\nstt_batch_size = 10\nbatch_window = \"1s\"\n\
          [workers.stt]\ncommand = {fake}\nargs = [\"--kind\", \"stt\"]\nmodel = \"fake\"\nmodel_path = \"/dev/null\"\n\
          env = {{ FAKE_STT_FIXED_MS = \"300\" }}\n\

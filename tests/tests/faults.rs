@@ -619,3 +619,118 @@ async fn a_daily_byte_quota_refuses_with_retry_after_and_writes_nothing() {
     assert_eq!(d.upload(&other, "sandbox-oral-1", &f).await.0, 201);
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ticket_floods_are_rate_limited_and_bounded() {
+    let d = TestDaemon::start(&[], |c| {
+        c.limits.tickets_per_user_per_minute = 100;
+        // Everyone here is 127.0.0.1: only the per-user limit is under test.
+        c.limits.tickets_per_ip_per_minute = 0;
+        c.limits.max_streams_per_user = 3;
+    })
+    .await;
+    let tok = d.token(Role::Learner, "flooder", "sandbox");
+    let client = reqwest::Client::new();
+    let url = format!("{}/api/v1/tickets", d.url);
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let (client, url, tok) = (client.clone(), url.clone(), tok.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for _ in (w..10_000).step_by(16) {
+                let r = client
+                    .post(&url)
+                    .bearer_auth(&tok)
+                    .json(&serde_json::json!({"scope": "events"}))
+                    .send()
+                    .await
+                    .expect("ticket");
+                let retry = r.headers().get("retry-after").is_some();
+                out.push((r.status().as_u16(), retry));
+            }
+            out
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.extend(
+            tokio::time::timeout(Duration::from_secs(300), t)
+                .await
+                .expect("the flood finished")
+                .expect("join"),
+        );
+    }
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    let limited = results.iter().filter(|r| r.0 == 429 && r.1).count();
+    assert_eq!(
+        ok + limited,
+        10_000,
+        "every answer is 200 or 429 with Retry-After"
+    );
+    assert!(
+        (100..=110).contains(&ok),
+        "about one minute's allowance: {ok}"
+    );
+    assert!(
+        d.state.sessions.tickets_held() <= viva_daemon::TICKETS_PER_USER,
+        "unredeemed tickets are bounded: {}",
+        d.state.sessions.tickets_held()
+    );
+    // Another user is not affected.
+    let other = d.token(Role::Learner, "calm", "sandbox");
+    let r = client
+        .post(&url)
+        .bearer_auth(&other)
+        .json(&serde_json::json!({"scope": "events"}))
+        .send()
+        .await
+        .expect("ticket");
+    assert_eq!(r.status().as_u16(), 200);
+
+    // Live status streams: three per user, the fourth is refused until one closes.
+    let events = format!("{}/api/v1/events", d.url);
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let r = client
+            .get(&events)
+            .bearer_auth(&other)
+            .send()
+            .await
+            .expect("events");
+        assert_eq!(r.status().as_u16(), 200);
+        open.push(r);
+    }
+    let r = client
+        .get(&events)
+        .bearer_auth(&other)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(r.status().as_u16(), 429);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "too_many_streams", "{body}");
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client
+            .get(&events)
+            .bearer_auth(&other)
+            .send()
+            .await
+            .expect("events");
+        if r.status().as_u16() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a closed stream gives its place back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Open streams would hold the graceful shutdown.
+    drop(open);
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(60), d.stop())
+        .await
+        .expect("the daemon stopped");
+}

@@ -21,6 +21,7 @@ use super::access::{
     Session, TicketQuery, claims_from, context_for, load_assignment, load_media, load_readable,
     require_manage,
 };
+use super::limits::{ClientIp, Limited};
 use crate::auth::Claims;
 use crate::domain::{
     self, AssignmentInput, Role, Submission, SubmissionFilter, SubmissionState, new_id,
@@ -246,11 +247,15 @@ pub(super) struct UploadQuery {
 pub(super) async fn upload(
     State(st): State<AppState>,
     Session(c): Session,
+    ClientIp(ip): ClientIp,
     Path(assignment_id): Path<String>,
     Query(q): Query<UploadQuery>,
     req: Request,
 ) -> Result<(StatusCode, Json<SubmissionView>)> {
-    let result = upload_inner(&st, &c, assignment_id, q, req).await;
+    let result = match st.limits.check(Limited::Upload, ip, Some(&c.sub)) {
+        Ok(()) => upload_inner(&st, &c, assignment_id, q, req).await,
+        Err(e) => Err(e),
+    };
     match &result {
         Ok(_) => st.metrics.uploads.inc(),
         Err(e) => {
@@ -620,8 +625,10 @@ pub(super) struct TicketResponse {
 pub(super) async fn ticket(
     State(st): State<AppState>,
     Session(c): Session,
+    ClientIp(ip): ClientIp,
     Json(req): Json<TicketRequest>,
 ) -> Result<Json<TicketResponse>> {
+    st.limits.check(Limited::Ticket, ip, Some(&c.sub))?;
     if let Some(id) = req.scope.strip_prefix("media:") {
         load_readable(&st, &c, id.to_owned()).await?;
     } else if req.scope != "events" {
@@ -675,6 +682,8 @@ pub(super) async fn events(
     Query(q): Query<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
     let c = claims_from(&st, &headers, q.ticket.as_deref(), "events")?;
+    // Held by the stream: its place is given back when the client goes.
+    let slot = st.limits.open_stream(&c.sub)?;
     let rx = st.scheduler.subscribe();
     let stream: futures::stream::BoxStream<'static, std::result::Result<Event, Infallible>> =
         match q.submission {
@@ -684,6 +693,12 @@ pub(super) async fn events(
             }
             None => global_stream(rx).boxed(),
         };
+    let stream = stream
+        .map(move |e| {
+            let _held = &slot;
+            e
+        })
+        .boxed();
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 

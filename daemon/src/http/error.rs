@@ -25,6 +25,7 @@ pub(crate) fn status_and_code(e: &Error) -> (StatusCode, &'static str) {
         Error::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
         Error::Conflict { code, .. } => (StatusCode::CONFLICT, code),
         Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        Error::TooManyRequests { code, .. } => (StatusCode::TOO_MANY_REQUESTS, code),
         Error::Config(_)
         | Error::Db(_)
         | Error::SchemaTooNew { .. }
@@ -137,9 +138,14 @@ impl IntoResponse for Error {
             Json(serde_json::json!({ "error": { "code": code, "message": message } })),
         )
             .into_response();
-        if let Error::Intake(e) = &self
-            && let Some(secs) = e.retry_after_secs()
-        {
+        let retry_after = match &self {
+            Error::Intake(e) => e.retry_after_secs(),
+            Error::TooManyRequests {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -186,9 +192,10 @@ mod tests {
             Error::Conflict { .. } => 12,
             Error::Unavailable(_) => 13,
             Error::Internal(_) => 14,
+            Error::TooManyRequests { .. } => 15,
         }
     }
-    const ERROR_VARIANTS: usize = 15;
+    const ERROR_VARIANTS: usize = 16;
 
     fn intake_variant(e: &IntakeError) -> usize {
         match e {
@@ -336,6 +343,15 @@ mod tests {
                 "not_failed",
             ),
             (Error::Unavailable(s("x")), 503, "unavailable"),
+            (
+                Error::TooManyRequests {
+                    code: "rate_limited",
+                    message: s("x"),
+                    retry_after_secs: 1,
+                },
+                429,
+                "rate_limited",
+            ),
             (Error::Internal(s("secret detail")), 500, "internal"),
             // Intake.
             intake(IntakeError::Empty, 400, "empty_upload"),
