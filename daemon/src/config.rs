@@ -88,8 +88,9 @@ pub struct LimitsConfig {
     /// Live status streams (`/api/v1/events`) per user and in all.
     pub max_streams_per_user: usize,
     pub max_streams: usize,
-    /// Longest a request may take to answer, uploads excepted (their body
-    /// is the work); streams answer at once and are not cut.
+    /// Longest a request may take to answer, uploads (their body is the
+    /// work), previews and purges excepted; streams answer at once and are
+    /// not cut.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
 }

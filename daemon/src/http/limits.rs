@@ -223,16 +223,21 @@ pub(crate) async fn login_limit(
 }
 
 /// `limits.request_timeout` for every route but uploads (whose body is the
-/// work); a stream answers at once, so its body is never cut.
+/// work), previews and purges; a stream answers at once, so its body is
+/// never cut.
 pub(crate) async fn request_timeout(
     State(st): State<AppState>,
     req: Request,
     next: Next,
 ) -> Response {
     let t = st.config.limits.request_timeout;
+    let path = req.uri().path();
     let upload = req.method() == Method::POST
-        && (req.uri().path().ends_with("/submissions") || req.uri().path() == "/api/v1/plugins");
-    if t.is_zero() || upload {
+        && (path.ends_with("/submissions") || path == "/api/v1/plugins");
+    // A first preview transcodes (bounded by the intake timeout; cutting it
+    // would only restart it on the next view), a purge deletes media.
+    let long = path.ends_with("/preview") || path == "/api/v1/admin/purge";
+    if t.is_zero() || upload || long {
         return next.run(req).await;
     }
     match tokio::time::timeout(t, next.run(req)).await {
