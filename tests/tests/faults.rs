@@ -3,6 +3,7 @@
 //! to load a model file that begins with `CORRUPT`, like a real worker on a
 //! corrupt GGUF), the real `viva` CLI for the administrator's retry.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use viva_daemon::Role;
@@ -733,4 +734,132 @@ async fn ticket_floods_are_rate_limited_and_bounded() {
     tokio::time::timeout(Duration::from_secs(60), d.stop())
         .await
         .expect("the daemon stopped");
+}
+
+/// This process's resident set (the in-process daemon's, with the test's).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_login_floods_stay_bounded_and_real_logins_work() {
+    let d = TestDaemon::start(&[], |c| {
+        c.public_url = Some("https://viva.example.edu".into());
+        // The login-state store's own bounds are under test, not the rate limit.
+        c.limits.login_per_ip_per_minute = 0;
+    })
+    .await;
+    let admin = d.token(Role::Admin, "root", "sandbox");
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let reg = serde_json::json!({
+        "issuer": "https://moodle.example.edu",
+        "client_id": "abc",
+        "name": "Moodle",
+        "auth_login_url": "https://moodle.example.edu/mod/lti/auth.php",
+        "auth_token_url": "https://moodle.example.edu/mod/lti/token.php",
+        "key_set_url": "https://moodle.example.edu/mod/lti/certs.php",
+        "deployments": ["1"],
+    });
+    let r = client
+        .post(format!("{}/api/v1/admin/platforms", d.url))
+        .bearer_auth(&admin)
+        .json(&reg)
+        .send()
+        .await
+        .expect("add platform");
+    assert_eq!(
+        r.status().as_u16(),
+        201,
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+    let login = |hint: String, message: String| {
+        client
+            .get(format!("{}/lti/login", d.url))
+            .query(&[
+                ("iss", "https://moodle.example.edu"),
+                ("client_id", "abc"),
+                ("target_link_uri", "https://viva.example.edu/lti/launch"),
+                ("login_hint", hint.as_str()),
+                ("lti_message_hint", message.as_str()),
+            ])
+            .send()
+    };
+    let real = login("2".into(), "m".into()).await.expect("login");
+    assert_eq!(
+        real.status().as_u16(),
+        302,
+        "a real login works before the flood"
+    );
+    let before = rss_bytes();
+    let big = "x".repeat(4000);
+    let mut tasks = Vec::new();
+    for w in 0..16usize {
+        let (client, url, big) = (client.clone(), d.url.clone(), big.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut codes = HashMap::new();
+            for i in (w..100_000).step_by(16) {
+                let r = client
+                    .get(format!("{url}/lti/login"))
+                    .query(&[
+                        ("iss", "https://moodle.example.edu"),
+                        ("client_id", "abc"),
+                        ("target_link_uri", "https://viva.example.edu/lti/launch"),
+                        ("login_hint", big.as_str()),
+                        (
+                            "lti_message_hint",
+                            &big[..if i % 2 == 0 { 3000 } else { 4000 }],
+                        ),
+                    ])
+                    .send()
+                    .await
+                    .expect("forged login");
+                *codes.entry(r.status().as_u16()).or_insert(0usize) += 1;
+            }
+            codes
+        }));
+    }
+    let mut codes: HashMap<u16, usize> = HashMap::new();
+    for t in tasks {
+        let c = tokio::time::timeout(Duration::from_secs(500), t)
+            .await
+            .expect("the flood finished")
+            .expect("join");
+        for (k, v) in c {
+            *codes.entry(k).or_default() += v;
+        }
+    }
+    let growth = rss_bytes().saturating_sub(before);
+    eprintln!(
+        "forged logins: {codes:?}; RSS growth {} MiB",
+        growth / (1024 * 1024)
+    );
+    assert_eq!(codes.values().sum::<usize>(), 100_000);
+    assert!(
+        growth < 64 * 1024 * 1024,
+        "RSS grew by {} MiB",
+        growth / (1024 * 1024)
+    );
+    let real = login("2".into(), "m".into()).await.expect("login");
+    assert_eq!(
+        real.status().as_u16(),
+        302,
+        "a real login still works after the flood"
+    );
+    let location = real.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    assert!(location.contains("state="), "{location}");
+    d.stop().await;
 }
