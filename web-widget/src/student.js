@@ -270,7 +270,8 @@ export function mount(panel, ctx) {
       pos.textContent = ev.position ? S.position(ev.position, qn) : phase === 'scoring' ? S.scoringNow : '';
       pos.hidden = !pos.textContent;
       eta.textContent = ev.eta_seconds == null ? '' : ev.eta_seconds < 60 ? S.etaSoon : S.eta(S.duration(ev.eta_seconds));
-      eta.hidden = !eta.textContent;
+      // A paused submission has no honest ETA: its model must start first.
+      eta.hidden = !eta.textContent || !!ev.paused;
       then.textContent = phase === 'stt' ? S.thenEvaluation : '';
       then.hidden = !then.textContent;
       paused.textContent = ev.paused || '';
