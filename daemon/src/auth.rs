@@ -121,7 +121,77 @@ pub struct Sessions {
     decoding: Arc<DecodingKey>,
     ttl: Duration,
     ticket_ttl: Duration,
-    tickets: Arc<Mutex<HashMap<String, Ticket>>>,
+    tickets: Arc<Mutex<Tickets>>,
+}
+
+/// Tickets not yet redeemed, bounded: at most [`TICKETS_PER_USER`] per user
+/// and [`TICKETS_MAX`] in all (the oldest go first), expired ones dropped
+/// from the front of the expiry order on every mint (O(log n)).
+#[derive(Default)]
+struct Tickets {
+    by_id: HashMap<String, Ticket>,
+    /// (expiry, sequence) → ticket: expiry and global eviction order.
+    order: std::collections::BTreeMap<(i64, u64), String>,
+    /// user → their tickets by sequence, oldest first.
+    by_user: HashMap<String, std::collections::BTreeMap<u64, String>>,
+    seq: u64,
+}
+
+/// Unredeemed tickets one user may hold (the widget needs two or three).
+pub const TICKETS_PER_USER: usize = 32;
+/// Unredeemed tickets in all.
+pub const TICKETS_MAX: usize = 100_000;
+
+impl Tickets {
+    fn remove(&mut self, id: &str) -> Option<Ticket> {
+        let t = self.by_id.remove(id)?;
+        self.order.remove(&(t.expires_at_ms, t.seq));
+        if let Some(mine) = self.by_user.get_mut(&t.claims.sub) {
+            mine.remove(&t.seq);
+            if mine.is_empty() {
+                self.by_user.remove(&t.claims.sub);
+            }
+        }
+        Some(t)
+    }
+
+    fn insert(&mut self, id: String, mut t: Ticket, now: i64) {
+        while let Some(((exp, _), oldest)) = self.order.first_key_value() {
+            if *exp > now && self.by_id.len() < TICKETS_MAX {
+                break;
+            }
+            let oldest = oldest.clone();
+            self.remove(&oldest);
+        }
+        let user = t.claims.sub.clone();
+        while self
+            .by_user
+            .get(&user)
+            .is_some_and(|m| m.len() >= TICKETS_PER_USER)
+        {
+            let Some(oldest) = self
+                .by_user
+                .get(&user)
+                .and_then(|m| m.first_key_value())
+                .map(|(_, id)| id.clone())
+            else {
+                break;
+            };
+            self.remove(&oldest);
+        }
+        self.seq += 1;
+        t.seq = self.seq;
+        self.order.insert((t.expires_at_ms, t.seq), id.clone());
+        self.by_user
+            .entry(user)
+            .or_default()
+            .insert(t.seq, id.clone());
+        self.by_id.insert(id, t);
+    }
+
+    fn len(&self) -> usize {
+        self.by_id.len()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +199,7 @@ struct Ticket {
     claims: Claims,
     scope: String,
     expires_at_ms: i64,
+    seq: u64,
 }
 
 pub fn key_path(data_dir: &Path) -> PathBuf {
@@ -194,7 +265,7 @@ impl Sessions {
             decoding: Arc::new(DecodingKey::from_secret(key)),
             ttl,
             ticket_ttl,
-            tickets: Arc::new(Mutex::new(HashMap::new())),
+            tickets: Arc::new(Mutex::new(Tickets::default())),
         }
     }
 
@@ -268,17 +339,23 @@ impl Sessions {
         let ticket = hex::encode(rand::random::<[u8; 24]>());
         let now = crate::clock::now_ms();
         if let Ok(mut t) = self.tickets.lock() {
-            t.retain(|_, v| v.expires_at_ms > now);
             t.insert(
                 ticket.clone(),
                 Ticket {
                     claims: claims.clone(),
                     scope: scope.to_owned(),
                     expires_at_ms: now + self.ticket_ttl.as_millis() as i64,
+                    seq: 0,
                 },
+                now,
             );
         }
         (ticket, self.ticket_ttl)
+    }
+
+    /// Unredeemed tickets kept now.
+    pub fn tickets_held(&self) -> usize {
+        self.tickets.lock().map(|t| t.len()).unwrap_or(0)
     }
 
     /// Consumes a ticket: valid once, within its lifetime, for its scope.
@@ -371,6 +448,29 @@ mod tests {
         let (t, _) = s.ticket(&claims, "events");
         assert_eq!(s.redeem(&t, "events").expect("ok").sub, "a");
         assert!(s.redeem(&t, "events").is_err(), "second use");
+    }
+
+    #[test]
+    fn tickets_are_bounded_per_user_and_the_newest_work() {
+        let s = sessions();
+        let (_, a) = s.mint("a", "c", &[Role::Learner], None).expect("mint");
+        let (_, b) = s.mint("b", "c", &[Role::Learner], None).expect("mint");
+        let (tb, _) = s.ticket(&b, "events");
+        let mut last = String::new();
+        for _ in 0..10_000 {
+            last = s.ticket(&a, "events").0;
+        }
+        assert_eq!(
+            s.tickets_held(),
+            TICKETS_PER_USER + 1,
+            "one user cannot fill the map"
+        );
+        assert_eq!(s.redeem(&last, "events").expect("newest").sub, "a");
+        assert_eq!(
+            s.redeem(&tb, "events").expect("b's ticket survives").sub,
+            "b"
+        );
+        assert_eq!(s.tickets_held(), TICKETS_PER_USER - 1);
     }
 
     #[test]

@@ -110,6 +110,24 @@ enum Command {
         #[command(subcommand)]
         action: platform::PlatformAction,
     },
+    /// Act on a running daemon's model workers.
+    Workers {
+        #[command(subcommand)]
+        action: WorkersAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkersAction {
+    /// Try a role whose model cannot start again now ("stt" or an
+    /// evaluator's role), after fixing its model file or options.
+    Retry {
+        role: String,
+        #[arg(long, env = "VIVA_URL")]
+        url: Option<String>,
+        #[arg(long, env = "VIVA_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -218,6 +236,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .context("no --token given and no local session key to mint one")?,
             };
             runtime()?.block_on(status(&url, &token, *json))
+        }
+        Command::Workers {
+            action: WorkersAction::Retry { role, url, token },
+        } => {
+            let config = load_config(&cli, vec![])?;
+            let url = url.clone().unwrap_or_else(|| config.public_url());
+            let token = match token {
+                Some(t) => t.clone(),
+                None => mint(&config, "cli-admin", "sandbox", &[Role::Admin], None)
+                    .context("no --token given and no local session key to mint one")?,
+            };
+            runtime()?.block_on(retry_worker(&url, &token, role))
         }
         Command::Submit {
             file,
@@ -372,6 +402,33 @@ async fn status(url: &str, token: &str, json: bool) -> anyhow::Result<ExitCode> 
         for (slot, e) in errs {
             println!("problem  {slot}: {}", e.as_str().unwrap_or("?"));
         }
+    }
+    for u in v["unavailable"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "paused   role {} cannot start ({} tries): its submissions wait; `viva workers retry {}` after fixing it",
+            u["role"].as_str().unwrap_or("?"),
+            u["failures"],
+            u["role"].as_str().unwrap_or("?"),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn retry_worker(url: &str, token: &str, role: &str) -> anyhow::Result<ExitCode> {
+    let resp = client()?
+        .post(format!("{url}/api/v1/admin/workers/{role}/retry"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the daemon at {url}; is `viva serve` running?"))?;
+    if !resp.status().is_success() {
+        return Err(api_error(resp).await);
+    }
+    let v: serde_json::Value = resp.json().await?;
+    if v["was_unavailable"].as_bool() == Some(true) {
+        println!("worker {role}: trying to start it again now; see `viva status`");
+    } else {
+        println!("worker {role} was not marked unavailable; it will be started when needed");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -46,6 +46,7 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub plugins: PluginsConfig,
     pub lti: LtiConfig,
+    pub limits: LimitsConfig,
 }
 
 impl Default for Config {
@@ -63,6 +64,49 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             plugins: Default::default(),
             lti: Default::default(),
+            limits: Default::default(),
+        }
+    }
+}
+
+/// Rate limits, stream caps and request timeouts (`[limits]`); 0 turns a
+/// limit off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Header a reverse proxy sets to the client's address (its last entry
+    /// counts), e.g. "X-Forwarded-For"; empty: the peer's address.
+    pub client_ip_header: String,
+    /// `/lti/login` requests per client address per minute.
+    pub login_per_ip_per_minute: u32,
+    /// Upload requests per client address, and per user, per minute.
+    pub uploads_per_ip_per_minute: u32,
+    pub uploads_per_user_per_minute: u32,
+    /// Ticket requests per client address, and per user, per minute.
+    pub tickets_per_ip_per_minute: u32,
+    pub tickets_per_user_per_minute: u32,
+    /// Live status streams (`/api/v1/events`) per user and in all.
+    pub max_streams_per_user: usize,
+    pub max_streams: usize,
+    /// Longest a request may take to answer, uploads (their body is the
+    /// work), previews and purges excepted; streams answer at once and are
+    /// not cut.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            client_ip_header: String::new(),
+            login_per_ip_per_minute: 120,
+            uploads_per_ip_per_minute: 600,
+            uploads_per_user_per_minute: 30,
+            tickets_per_ip_per_minute: 3000,
+            tickets_per_user_per_minute: 120,
+            max_streams_per_user: 8,
+            max_streams: 20_000,
+            request_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -88,6 +132,15 @@ pub struct IntakeConfig {
     /// Limit for each ffprobe/ffmpeg run on an upload.
     #[serde(with = "humantime_serde")]
     pub normalize_timeout: Duration,
+    /// Preview transcodes (for formats browsers cannot play) running at once,
+    /// over all submissions; each submission has at most one.
+    pub preview_concurrency: usize,
+    /// Uploads one user may send at once; more get 429 (0 = no limit).
+    pub max_uploads_per_user: usize,
+    /// Uploads received at once over all users; more get 429 (0 = no limit).
+    pub max_uploads_in_flight: usize,
+    /// Bytes one user may upload in 24 hours; more get 429 (0 = no limit).
+    pub max_bytes_per_user_per_day: u64,
 }
 
 impl Default for IntakeConfig {
@@ -99,6 +152,10 @@ impl Default for IntakeConfig {
             ffmpeg: PathBuf::from("ffmpeg"),
             ffprobe: PathBuf::from("ffprobe"),
             normalize_timeout: Duration::from_secs(10 * 60),
+            preview_concurrency: 2,
+            max_uploads_per_user: 2,
+            max_uploads_in_flight: 32,
+            max_bytes_per_user_per_day: 8 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -145,6 +202,14 @@ pub struct SchedulerConfig {
     /// Stop a phase's idle workers after this long with nothing to do (0 = keep).
     #[serde(with = "humantime_serde")]
     pub idle_unload_after: Duration,
+    /// Consecutive load failures after which a worker's role is
+    /// *unavailable*: the scheduler serves every other role and phase, and
+    /// the jobs waiting on it wait (they never fail because a model is down).
+    pub unavailable_after_failures: u32,
+    /// An unavailable role is probed again after a backoff that doubles from
+    /// 15 s up to this (and at once on `viva workers retry ROLE`).
+    #[serde(with = "humantime_serde")]
+    pub unavailable_probe_max: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -162,6 +227,8 @@ impl Default for SchedulerConfig {
             retry_backoff: Duration::from_secs(2),
             lease: Duration::from_secs(60),
             idle_unload_after: Duration::from_secs(600),
+            unavailable_after_failures: 3,
+            unavailable_probe_max: Duration::from_secs(300),
         }
     }
 }

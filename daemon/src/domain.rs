@@ -631,6 +631,18 @@ pub(crate) fn audit_entries(
     Ok(rows)
 }
 
+/// Bytes `user` uploaded since `since_ms`, and when the oldest of those
+/// uploads was made (for fair-use limits).
+pub fn uploaded_since(conn: &Connection, user: &str, since_ms: i64) -> Result<(u64, Option<i64>)> {
+    let (bytes, oldest): (i64, Option<i64>) = conn.query_row(
+        "SELECT COALESCE(SUM(size_bytes), 0), MIN(created_at) FROM submissions
+         WHERE user_id = ?1 AND created_at >= ?2",
+        rusqlite::params![user, since_ms],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok((u64::try_from(bytes).unwrap_or(0), oldest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,6 +48,13 @@ pub enum Error {
     Conflict { code: &'static str, message: String },
     #[error("{0}")]
     Unavailable(String),
+    /// A rate limit or cap: try again after `retry_after_secs`.
+    #[error("{message}")]
+    TooManyRequests {
+        code: &'static str,
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -645,6 +645,29 @@ pub struct QueueEntry {
     pub eta_seconds: f64,
     pub stt_eta_seconds: f64,
     pub retrying: bool,
+    /// Why this submission waits although it could run: the model it needs
+    /// cannot start (see [`Unavailable`]). Plain words for the student.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
+}
+
+/// A worker role whose model cannot load (its circuit breaker is open): the
+/// scheduler serves everything else meanwhile and probes it with backoff.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Unavailable {
+    /// The scheduler slot: "stt" or "evaluator:<role>".
+    pub slot: String,
+    /// What `viva workers retry` takes: "stt" or the evaluator's role.
+    pub role: String,
+    /// The worker's own error from its last try.
+    pub error: String,
+    /// Consecutive failed starts.
+    pub failures: u32,
+    pub since_ms: i64,
+    /// When it is tried again by itself.
+    pub next_probe_ms: i64,
+    /// The reason waiting submissions show.
+    pub reason: String,
 }
 
 /// The published state of the whole queue.
@@ -663,6 +686,8 @@ pub struct Snapshot {
     pub score_queue: usize,
     pub workers: Vec<ProcessInfo>,
     pub worker_errors: BTreeMap<String, String>,
+    /// Roles that cannot start now, by role ("stt" or the evaluator's name).
+    pub unavailable: BTreeMap<String, Unavailable>,
     pub ready: bool,
     pub entries: BTreeMap<String, QueueEntry>,
     pub stats: StatsView,
@@ -750,6 +775,7 @@ pub fn entries(inp: &PlanInput<'_>, stats: &ServiceStats) -> BTreeMap<String, Qu
                     eta_seconds: ((p.done_ms - now) as f64 / 1000.0).max(0.0),
                     stt_eta_seconds: ((p.stt_done_ms - now) as f64 / 1000.0).max(0.0),
                     retrying: retrying.contains(s.id.as_str()),
+                    paused: None,
                 },
             );
         }

@@ -15,10 +15,12 @@
 //! cannot make them read other files or the network. The staged file has no extension
 //! while it is probed, so ffmpeg's format detection looks at the bytes only.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsString};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -82,6 +84,12 @@ pub struct IntakeLimits {
     pub ffprobe: PathBuf,
     /// Time limit for each ffprobe/ffmpeg run (default 10 min).
     pub timeout: Duration,
+    /// Preview transcodes at once over all submissions (default 2).
+    pub preview_concurrency: usize,
+    /// Uploads one user may send at once (default 2; 0 = no limit).
+    pub max_uploads_per_user: usize,
+    /// Uploads received at once over all users (default 32; 0 = no limit).
+    pub max_uploads_in_flight: usize,
 }
 
 /// The defaults of `[intake]` (the configuration owns them).
@@ -100,6 +108,9 @@ impl From<&crate::config::IntakeConfig> for IntakeLimits {
             ffmpeg: c.ffmpeg.clone(),
             ffprobe: c.ffprobe.clone(),
             timeout: c.normalize_timeout,
+            preview_concurrency: c.preview_concurrency,
+            max_uploads_per_user: c.max_uploads_per_user,
+            max_uploads_in_flight: c.max_uploads_in_flight,
         }
     }
 }
@@ -189,6 +200,18 @@ pub enum IntakeError {
         "the server is running out of storage space and cannot accept uploads right now; try again later, and tell your instructor if this keeps happening"
     )]
     DiskFull { free_bytes: u64 },
+    #[error("you already have {limit} uploads in progress; wait for one to finish, then try again")]
+    TooManyUploads { limit: usize, retry_after_secs: u64 },
+    #[error("the server is receiving many uploads right now; try again in a few seconds")]
+    IntakeBusy { retry_after_secs: u64 },
+    #[error(
+        "you have uploaded {used_mib} MiB in the last 24 hours, the daily limit is {limit_mib} MiB; try again later"
+    )]
+    DailyQuota {
+        used_mib: u64,
+        limit_mib: u64,
+        retry_after_secs: u64,
+    },
     #[error("the upload was interrupted: {0}")]
     Interrupted(String),
     #[error(
@@ -212,6 +235,9 @@ impl IntakeError {
             Self::Undecodable { .. } => "undecodable",
             Self::Timeout { .. } => "processing_timeout",
             Self::DiskFull { .. } => "insufficient_storage",
+            Self::TooManyUploads { .. } => "too_many_uploads",
+            Self::IntakeBusy { .. } => "intake_busy",
+            Self::DailyQuota { .. } => "daily_quota",
             Self::Interrupted(_) => "upload_interrupted",
             Self::ToolMissing(_) => "media_tools_missing",
             Self::Io(_) => "internal",
@@ -288,12 +314,31 @@ impl StagedMedia {
 }
 
 /// Receives an upload into a new random staging directory under `staging_root`
-/// (created if missing).
+/// (created if missing), with a reserve of its own (tests).
+#[cfg(test)]
 pub async fn receive<S, E>(
+    stream: S,
+    hint: &UploadHint,
+    limits: &IntakeLimits,
+    staging_root: &Path,
+) -> Result<StagedMedia, IntakeError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    receive_reserved(stream, hint, limits, staging_root, &DiskReserve::default()).await
+}
+
+/// Receives an upload into a new random staging directory under
+/// `staging_root` (created if missing), with the free-space reserve shared
+/// by every upload in flight: each claims the space it may write before its next check, so
+/// parallel uploads never cross `min_free_bytes` together.
+pub async fn receive_reserved<S, E>(
     mut stream: S,
     hint: &UploadHint,
     limits: &IntakeLimits,
     staging_root: &Path,
+    reserve: &DiskReserve,
 ) -> Result<StagedMedia, IntakeError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -310,7 +355,8 @@ where
     let free = free_bytes_async(staging_root).await?;
     let needed = limits
         .min_free_bytes
-        .saturating_add(hint.content_length.unwrap_or(0));
+        .saturating_add(hint.content_length.unwrap_or(0))
+        .saturating_add(reserve.claimed());
     if free < needed {
         return Err(IntakeError::DiskFull { free_bytes: free });
     }
@@ -325,7 +371,8 @@ where
         return Err(io::Error::other("staging directory vanished").into());
     };
 
-    match stage(&mut stream, hint, limits, dir).await {
+    let mut claim = reserve.claim();
+    match stage(&mut stream, hint, limits, dir, &mut claim).await {
         Ok(staged) => {
             tracing::info!(
                 sha256 = %staged.sha256,
@@ -493,13 +540,16 @@ async fn stage<S, E>(
     hint: &UploadHint,
     limits: &IntakeLimits,
     dir: &Path,
+    claim: &mut Claim,
 ) -> Result<Staged, IntakeError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
     let raw = dir.join(ORIGINAL_STEM);
-    let received = stream_to_file(stream, limits, dir, &raw).await?;
+    let received = stream_to_file(stream, limits, dir, &raw, hint.content_length, claim).await?;
+    // What is written is on the disk now (statvfs sees it): hand the rest back.
+    claim.release();
     let magic = detect_magic(&received.head);
     tracing::debug!(
         ?magic,
@@ -591,6 +641,8 @@ async fn stream_to_file<S, E>(
     limits: &IntakeLimits,
     dir: &Path,
     path: &Path,
+    declared: Option<u64>,
+    claim: &mut Claim,
 ) -> Result<Received, IntakeError>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -605,7 +657,15 @@ where
     let mut hasher = Sha256::new();
     let mut total: u64 = 0;
     let mut head = Vec::with_capacity(HEAD_LEN);
-    let mut next_space_check = SPACE_CHECK_INTERVAL;
+    // Claim the space the first segment may take before writing it.
+    let segment = |written: u64| match declared {
+        Some(d) => d.saturating_sub(written).clamp(1, SPACE_CHECK_INTERVAL),
+        None => SPACE_CHECK_INTERVAL,
+    };
+    let mut claimed_until = segment(0);
+    claim
+        .extend(dir, limits.min_free_bytes, claimed_until)
+        .await?;
 
     while let Some(item) = stream.next().await {
         let chunk = item.map_err(|e| IntakeError::Interrupted(e.to_string()))?;
@@ -622,18 +682,18 @@ where
             let take = chunk.len().min(HEAD_LEN - head.len());
             head.extend_from_slice(&chunk[..take]);
         }
+        if new_total > claimed_until {
+            // The next segment: free space must hold it on top of the
+            // reserve and of every other upload's claim.
+            let seg = segment(total).max(new_total - total);
+            claim.extend(dir, limits.min_free_bytes, seg).await?;
+            claimed_until = total.saturating_add(seg);
+        }
         hasher.update(&chunk);
         if let Err(e) = out.write_all(&chunk).await {
             return Err(storage_error(e, dir).await);
         }
         total = new_total;
-        if total >= next_space_check {
-            next_space_check = total.saturating_add(SPACE_CHECK_INTERVAL);
-            let free = free_bytes_async(dir).await?;
-            if free < limits.min_free_bytes {
-                return Err(IntakeError::DiskFull { free_bytes: free });
-            }
-        }
     }
     if let Err(e) = out.flush().await {
         return Err(storage_error(e, dir).await);
@@ -1130,6 +1190,157 @@ fn parse_wav_header(buf: &[u8]) -> Option<WavHeader> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Fair use: admission of uploads and the shared free-space reserve
+// ---------------------------------------------------------------------------------------
+
+/// Space promised to uploads in flight. Free space (statvfs) already counts
+/// what they wrote; the claims are what they may write before their next
+/// check, so checks made together cannot each spend the same free bytes.
+#[derive(Clone, Default)]
+pub struct DiskReserve {
+    /// Serialises the check-and-claim (the statvfs read and the update).
+    gate: Arc<tokio::sync::Mutex<()>>,
+    claimed: Arc<std::sync::Mutex<u64>>,
+}
+
+impl DiskReserve {
+    fn claim(&self) -> Claim {
+        Claim {
+            reserve: self.clone(),
+            held: 0,
+        }
+    }
+
+    /// Bytes claimed by uploads in flight now.
+    pub fn claimed(&self) -> u64 {
+        *self.claimed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One upload's claim on the reserve; given back when dropped.
+pub(crate) struct Claim {
+    reserve: DiskReserve,
+    held: u64,
+}
+
+impl Claim {
+    /// Replaces this claim by `bytes` if the free space holds them on top of
+    /// `min_free` and every other claim; else `DiskFull`.
+    async fn extend(&mut self, dir: &Path, min_free: u64, bytes: u64) -> Result<(), IntakeError> {
+        let _gate = self.reserve.gate.lock().await;
+        let free = free_bytes_async(dir).await?;
+        let mut claimed = self
+            .reserve
+            .claimed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let others = claimed.saturating_sub(self.held);
+        if free < min_free.saturating_add(others).saturating_add(bytes) {
+            return Err(IntakeError::DiskFull { free_bytes: free });
+        }
+        *claimed = others.saturating_add(bytes);
+        self.held = bytes;
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        let mut claimed = self
+            .reserve
+            .claimed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *claimed = claimed.saturating_sub(self.held);
+        self.held = 0;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Who is uploading now: per-user and global counts of uploads in flight
+/// (entries exist only while a user has one, so the map is bounded by the
+/// uploads in flight), and the shared disk reserve.
+#[derive(Clone, Default)]
+pub struct Admission {
+    counts: Arc<std::sync::Mutex<(usize, HashMap<String, usize>)>>,
+    pub reserve: DiskReserve,
+}
+
+/// An admitted upload; its slot is given back when dropped.
+pub struct Admitted {
+    admission: Admission,
+    user: String,
+}
+
+impl Admission {
+    /// Admits one upload of `user`, or says when to try again.
+    pub fn admit(&self, user: &str, limits: &IntakeLimits) -> Result<Admitted, IntakeError> {
+        let mut guard = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, per_user) = &mut *guard;
+        let mine = per_user.get(user).copied().unwrap_or(0);
+        if limits.max_uploads_per_user > 0 && mine >= limits.max_uploads_per_user {
+            return Err(IntakeError::TooManyUploads {
+                limit: limits.max_uploads_per_user,
+                retry_after_secs: 10,
+            });
+        }
+        if limits.max_uploads_in_flight > 0 && *total >= limits.max_uploads_in_flight {
+            return Err(IntakeError::IntakeBusy {
+                retry_after_secs: 5,
+            });
+        }
+        *total += 1;
+        per_user.insert(user.to_owned(), mine + 1);
+        Ok(Admitted {
+            admission: self.clone(),
+            user: user.to_owned(),
+        })
+    }
+
+    /// Uploads in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.counts.lock().map(|c| c.0).unwrap_or(0)
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut guard = self
+            .admission
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (total, per_user) = &mut *guard;
+        *total = total.saturating_sub(1);
+        if let Some(n) = per_user.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                per_user.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl IntakeError {
+    /// When a refused client may try again (limits that pass with time).
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Self::TooManyUploads {
+                retry_after_secs, ..
+            }
+            | Self::IntakeBusy { retry_after_secs }
+            | Self::DailyQuota {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Playable previews
 // ---------------------------------------------------------------------------------------
 
@@ -1168,17 +1379,41 @@ pub fn playable(info: &serde_json::Value, ext: &str) -> Playable {
     }
 }
 
-/// One transcode at a time: the machine's cores belong to the models.
-fn transcode_lock() -> &'static tokio::sync::Mutex<()> {
-    static LOCK: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
-    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+/// A bound on transcodes at once over all submissions: the machine's cores
+/// belong to the models. Sized by the first caller's limits.
+fn transcode_slots(n: usize) -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| tokio::sync::Semaphore::new(n.max(1)))
 }
+
+/// One transcode per submission at a time: the lock of one media directory.
+/// Entries live while someone holds or waits for them (weak references,
+/// pruned on each call), so the map is bounded by requests in flight.
+fn dir_lock(dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
+    type Locks = std::sync::Mutex<HashMap<PathBuf, std::sync::Weak<tokio::sync::Mutex<()>>>>;
+    static LOCKS: std::sync::OnceLock<Locks> = std::sync::OnceLock::new();
+    let locks = LOCKS.get_or_init(Default::default);
+    let mut map = locks.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(l) = map.get(dir).and_then(std::sync::Weak::upgrade) {
+        return l;
+    }
+    map.retain(|_, w| w.strong_count() > 0);
+    let l = Arc::new(tokio::sync::Mutex::new(()));
+    map.insert(dir.to_path_buf(), Arc::downgrade(&l));
+    l
+}
+
+/// Where a failed transcode leaves its reason: later views answer with it
+/// at once instead of running ffmpeg again (deleted with the media).
+const PREVIEW_FAILED: &str = "preview.failed";
 
 /// Transcodes a stored upload to `<dir>/preview.mp4` (H.264/AAC) once; later
 /// calls reuse it. Runs ffmpeg like every other run here: guarded input
 /// (file protocol, known demuxers), a time limit, a bounded stderr.
 /// `Timeout` when it takes longer than `timeout`, `Undecodable` when ffmpeg
-/// fails.
+/// fails; either is remembered in `<dir>/preview.failed` and returned again
+/// without a new run. One run per submission at a time (others wait for its
+/// result), at most `limits.preview_concurrency` over all.
 pub async fn transcode_preview(
     limits: &IntakeLimits,
     input: &Path,
@@ -1186,10 +1421,45 @@ pub async fn transcode_preview(
     timeout: Duration,
 ) -> Result<PathBuf, IntakeError> {
     let out = dir.join("preview.mp4");
-    let _guard = transcode_lock().lock().await;
+    let failed = dir.join(PREVIEW_FAILED);
+    let lock = dir_lock(dir);
+    let _guard = lock.lock().await;
     if tokio::fs::metadata(&out).await.is_ok() {
         return Ok(out);
     }
+    if let Ok(reason) = tokio::fs::read_to_string(&failed).await {
+        return Err(match reason.strip_prefix("timeout ") {
+            Some(secs) => IntakeError::Timeout {
+                seconds: secs.trim().parse().unwrap_or(0),
+            },
+            None => IntakeError::Undecodable { detail: reason },
+        });
+    }
+    let _slot = transcode_slots(limits.preview_concurrency)
+        .acquire()
+        .await
+        .map_err(|_| io::Error::other("the transcode slots are closed"))?;
+    let result = run_preview(limits, input, &out, dir, timeout).await;
+    let remembered = match &result {
+        Err(IntakeError::Timeout { seconds }) => Some(format!("timeout {seconds}")),
+        Err(IntakeError::Undecodable { detail }) => Some(detail.clone()),
+        _ => None,
+    };
+    if let Some(r) = remembered
+        && let Err(e) = tokio::fs::write(&failed, r).await
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not remember a failed preview");
+    }
+    result
+}
+
+async fn run_preview(
+    limits: &IntakeLimits,
+    input: &Path,
+    out: &Path,
+    dir: &Path,
+    timeout: Duration,
+) -> Result<PathBuf, IntakeError> {
     let tmp = dir.join("preview.tmp.mp4");
     let args = ffmpeg_args(
         &["-hide_banner", "-y"],
@@ -1238,8 +1508,8 @@ pub async fn transcode_preview(
         tracing::warn!(input = %input.display(), error = %detail, "preview transcode failed");
         return Err(IntakeError::Undecodable { detail });
     }
-    tokio::fs::rename(&tmp, &out).await?;
-    Ok(out)
+    tokio::fs::rename(&tmp, out).await?;
+    Ok(out.to_path_buf())
 }
 
 // ---------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ use std::sync::atomic::AtomicBool;
 
 use tokio_util::sync::CancellationToken;
 
+pub use auth::TICKETS_PER_USER;
 pub use clock::now_ms;
 pub use config::Config;
 pub use domain::{Role, sandbox_assignment};
@@ -214,6 +215,7 @@ impl Daemon {
             scorer,
         );
         tracing::info!(%instance, policy = ?config.effective_policy(), "daemon built");
+        let limits = Arc::new(http::RateLimits::new(&config.limits));
         Ok(Daemon {
             state: AppState {
                 config: Arc::new(config),
@@ -224,6 +226,8 @@ impl Daemon {
                 plugins,
                 lti,
                 shutting_down: Arc::new(AtomicBool::new(false)),
+                intake: Default::default(),
+                limits,
             },
             scheduler,
             _lock: lock,
@@ -257,6 +261,8 @@ impl Daemon {
         let sd = shutdown.clone();
         let addr = listener.local_addr().ok();
         tracing::info!(?addr, "listening");
+        // The peer address feeds the per-client rate limits.
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         let server = axum::serve(listener, app).with_graceful_shutdown(async move {
             sd.cancelled().await;
             flag.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -14,6 +14,7 @@ pub struct Metrics {
     pub stage_seconds: HistogramVec,
     pub jobs: IntCounterVec,
     pub worker_restarts: IntCounterVec,
+    pub worker_unavailable: IntGaugeVec,
     pub uploads: IntCounter,
     pub uploads_rejected: IntCounterVec,
 }
@@ -54,6 +55,13 @@ impl Metrics {
             Opts::new("worker_restarts_total", "Unexpected worker exits, by slot"),
             &["slot"],
         )?;
+        let worker_unavailable = IntGaugeVec::new(
+            Opts::new(
+                "worker_unavailable",
+                "1 while a worker's role cannot load its model (the circuit breaker is open), by slot",
+            ),
+            &["slot"],
+        )?;
         let uploads = IntCounter::new("uploads_total", "Accepted uploads")?;
         let uploads_rejected = IntCounterVec::new(
             Opts::new("uploads_rejected_total", "Rejected uploads by error code"),
@@ -65,6 +73,7 @@ impl Metrics {
         registry.register(Box::new(stage_seconds.clone()))?;
         registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(worker_restarts.clone()))?;
+        registry.register(Box::new(worker_unavailable.clone()))?;
         registry.register(Box::new(uploads.clone()))?;
         registry.register(Box::new(uploads_rejected.clone()))?;
         Ok(Metrics {
@@ -75,6 +84,7 @@ impl Metrics {
             stage_seconds,
             jobs,
             worker_restarts,
+            worker_unavailable,
             uploads,
             uploads_rejected,
         })

@@ -9,7 +9,14 @@
 //! retries and backoff; each score carries the time of the state change it
 //! reports (the row's creation), so a retried or late POST never regresses
 //! what the platform shows. A `pending` row is skipped once a `released` row
-//! exists. Platform refusals (Moodle's 400 for users who cannot be graded,
+//! exists.
+//!
+//! Grades never go backwards on the platform: while a newer attempt waits
+//! for review, the gradebook keeps the grade released for an earlier attempt
+//! of the same assignment. Its `PendingManual` (no `scoreGiven`, a newer
+//! timestamp) would make Moodle and Canvas show "no grade", so it is not
+//! sent (the row is recorded as delivered with that note); the newer
+//! attempt's grade replaces the old one when it is released. Platform refusals (Moodle's 400 for users who cannot be graded,
 //! for instance) are recorded on the row and shown to instructors at
 //! `GET /api/v1/submissions/{id}/passback`.
 
@@ -221,6 +228,20 @@ async fn deliver(st: &Passback, row: &Row) -> Outcome {
                     )
                     .optional()?
                     .is_some();
+            // An earlier attempt's grade is out: keep it until this one is.
+            let keeps_earlier = kind == "pending"
+                && conn
+                    .query_row(
+                        "SELECT 1 FROM submissions s
+                         JOIN submissions o ON o.assignment_id = s.assignment_id
+                              AND o.user_id = s.user_id AND o.attempt < s.attempt
+                         JOIN grade_outbox g ON g.submission_id = o.id AND g.kind = 'released'
+                         WHERE s.id = ?1 LIMIT 1",
+                        [&sid],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some();
             let targets = lti::passback_targets(conn, &sid)?;
             let mut out = Vec::new();
             for (link, sub) in targets {
@@ -231,10 +252,10 @@ async fn deliver(st: &Passback, row: &Row) -> Outcome {
                 };
                 out.push((link, sub, reg, assignment));
             }
-            Ok((superseded, out))
+            Ok((superseded, keeps_earlier, out))
         })
         .await;
-    let (superseded, targets) = match lookup {
+    let (superseded, keeps_earlier, targets) = match lookup {
         Ok(v) => v,
         Err(e) => {
             return Outcome::Failed(LtiError::Http {
@@ -245,6 +266,11 @@ async fn deliver(st: &Passback, row: &Row) -> Outcome {
     };
     if superseded {
         return Outcome::Delivered(Some("superseded by the release".into()));
+    }
+    if keeps_earlier {
+        return Outcome::Delivered(Some(
+            "not sent: the gradebook keeps the released grade of an earlier attempt until this one is released".into(),
+        ));
     }
     if targets.is_empty() {
         return Outcome::Delivered(Some("not launched from a platform: nothing to send".into()));

@@ -34,7 +34,7 @@ use crate::clock::now_ms;
 use crate::config::{Config, Policy, SchedulerConfig, WorkerConfig};
 use crate::domain::{Assignment, ReleasePolicy, get_assignment};
 use crate::error::{Error, Result};
-use crate::eta::{PlanInput, ServiceStats, Snapshot, StatsView};
+use crate::eta::{PlanInput, ServiceStats, Snapshot, StatsView, Unavailable};
 use crate::jobs::{self, Claimed, FailOutcome, OpenBatch, PendingJob, Stage};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -131,11 +131,24 @@ pub struct SchedulerHandle {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     pub supervisor: Supervisor,
     phases: Arc<std::sync::Mutex<VecDeque<PhaseChange>>>,
+    retries: mpsc::UnboundedSender<String>,
 }
 
 impl SchedulerHandle {
     /// Wakes the scheduler (new upload, retry request …).
     pub fn poke(&self) {
+        self.notify.notify_one();
+    }
+
+    /// An administrator's "try again" for a role that cannot start ("stt"
+    /// or an evaluator's role): its next start is due now.
+    pub fn retry_worker(&self, role: &str) {
+        let slot = if role == "stt" {
+            "stt".to_owned()
+        } else {
+            format!("evaluator:{role}")
+        };
+        let _ = self.retries.send(slot);
         self.notify.notify_one();
     }
 
@@ -169,6 +182,12 @@ struct Slot {
     state: SlotState,
     in_flight: usize,
     failures: u32,
+    /// Consecutive failed starts (a successful load resets it): past
+    /// `unavailable_after_failures` the slot's circuit breaker opens.
+    load_failures: u32,
+    /// Since when the breaker is open: the role cannot start, its jobs wait
+    /// and the scheduler serves everything else; probed at `next_start_ms`.
+    unavailable_since: Option<i64>,
     next_start_ms: i64,
     idle_since: Instant,
     last_error: Option<String>,
@@ -210,6 +229,7 @@ pub struct Scheduler {
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     exits_rx: mpsc::UnboundedReceiver<WorkerExit>,
+    retries_rx: mpsc::UnboundedReceiver<String>,
     notify: Arc<Notify>,
     snapshot_tx: watch::Sender<Arc<Snapshot>>,
     phases: Arc<std::sync::Mutex<VecDeque<PhaseChange>>>,
@@ -240,6 +260,7 @@ impl Scheduler {
             exits_tx,
         );
         let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (retries_tx, retries_rx) = mpsc::unbounded_channel();
         let notify = Arc::new(Notify::new());
         let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
         let phases = Arc::new(std::sync::Mutex::new(VecDeque::new()));
@@ -261,6 +282,7 @@ impl Scheduler {
             snapshot: snapshot_rx,
             supervisor: supervisor.clone(),
             phases: phases.clone(),
+            retries: retries_tx,
         };
         let scheduler = Scheduler {
             store,
@@ -277,6 +299,7 @@ impl Scheduler {
             events_tx,
             events_rx,
             exits_rx,
+            retries_rx,
             notify,
             snapshot_tx,
             phases,
@@ -322,6 +345,7 @@ impl Scheduler {
                 _ = self.notify.notified() => {}
                 Some(ev) = self.events_rx.recv() => self.handle(ev).await,
                 Some(exit) = self.exits_rx.recv() => self.handle_exit(exit),
+                Some(slot) = self.retries_rx.recv() => self.retry_now(&slot),
                 _ = tokio::time::sleep(sleep_for) => {}
                 _ = renew.tick() => self.renew_leases().await,
             }
@@ -447,7 +471,11 @@ impl Scheduler {
 
     async fn step_two_phase(&mut self, pending: &[PendingJob]) -> Result<bool> {
         let now = now_ms();
-        if let Some(batch) = self.batch.clone() {
+        // A role that cannot start holds nothing up: while its breaker is
+        // open (and no probe is due) its jobs are left out of the decision,
+        // so the other phase and the other roles keep being served.
+        let stt_paused = self.paused("stt", now);
+        if let Some(batch) = self.batch.clone().filter(|_| !stt_paused) {
             self.set_phase(Phase::Stt);
             if !batch.closed {
                 let window_ms = self.cfg.batch_window.as_millis() as i64;
@@ -504,8 +532,12 @@ impl Scheduler {
             }
             return Ok(false);
         }
-        let eval_pending: Vec<&PendingJob> =
-            pending.iter().filter(|j| j.stage == Stage::Eval).collect();
+        let eval_pending: Vec<&PendingJob> = pending
+            .iter()
+            .filter(|j| {
+                j.stage == Stage::Eval && !self.paused(&format!("evaluator:{}", j.role), now)
+            })
+            .collect();
         if !eval_pending.is_empty() {
             self.set_phase(Phase::Evaluation);
             if self.ensure_only(WorkerKind::Evaluator) {
@@ -515,7 +547,7 @@ impl Scheduler {
         }
         let waiting: Vec<&PendingJob> = pending
             .iter()
-            .filter(|j| j.stage == Stage::Stt && j.batch_id.is_none())
+            .filter(|j| j.stage == Stage::Stt && j.batch_id.is_none() && !stt_paused)
             .collect();
         if let Some(first) = waiting.first() {
             let open_at = first.submitted_at + self.cfg.min_batch_wait.as_millis() as i64;
@@ -566,6 +598,21 @@ impl Scheduler {
             self.dispatch_evals(&eval).await?;
         }
         Ok(false)
+    }
+
+    /// Whether `slot`'s breaker is open and its next probe not yet due.
+    fn paused(&self, slot: &str, now: i64) -> bool {
+        self.slots
+            .get(slot)
+            .is_some_and(|s| s.unavailable_since.is_some() && now < s.next_start_ms)
+    }
+
+    /// An administrator asked to try a slot again: its next start is due now.
+    fn retry_now(&mut self, slot: &str) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            tracing::info!(%slot, "an administrator asked to try this worker again");
+            s.next_start_ms = 0;
+        }
     }
 
     /// Two-phase rule: stop the other kind's workers, and start ours only
@@ -948,15 +995,43 @@ impl Scheduler {
                         s.state = SlotState::Ready(h);
                         s.idle_since = Instant::now();
                         s.last_error = None;
+                        s.load_failures = 0;
+                        if s.unavailable_since.take().is_some() {
+                            tracing::info!(%slot, "worker available again: its waiting jobs resume");
+                            self.metrics
+                                .worker_unavailable
+                                .with_label_values(&[&slot])
+                                .set(0);
+                        }
                         self.stats.observe_start(s.spec_kind.as_str(), seconds);
                     }
                     Err(e) => {
                         s.failures += 1;
-                        let backoff = (1000i64 << s.failures.min(6)).min(60_000);
-                        s.next_start_ms = now_ms() + backoff;
+                        s.load_failures += 1;
+                        let now = now_ms();
+                        let threshold = self.cfg.unavailable_after_failures.max(1);
+                        let backoff = if s.load_failures >= threshold {
+                            // Breaker open: probe with backoff, from 15 s up
+                            // to `unavailable_probe_max`.
+                            let max = self.cfg.unavailable_probe_max.as_millis() as i64;
+                            (15_000i64 << (s.load_failures - threshold).min(10)).min(max.max(1))
+                        } else {
+                            (1000i64 << s.failures.min(6)).min(60_000)
+                        };
+                        s.next_start_ms = now + backoff;
                         s.state = SlotState::Down;
                         s.last_error = Some(e.to_string());
                         tracing::error!(%slot, error = %e, backoff_ms = backoff, "worker failed to start");
+                        if s.load_failures >= threshold && s.unavailable_since.is_none() {
+                            s.unavailable_since = Some(now);
+                            tracing::error!(%slot, failures = s.load_failures, error = %e, "worker unavailable: its jobs wait, everything else goes on");
+                            self.metrics
+                                .worker_unavailable
+                                .with_label_values(&[&slot])
+                                .set(1);
+                        }
+                        let t = s.next_start_ms;
+                        self.wake_at(t);
                     }
                 }
             }
@@ -1261,7 +1336,31 @@ impl Scheduler {
             stt_ready,
             eval_ready,
         };
-        let entries = crate::eta::entries(&inp, &self.stats);
+        let mut entries = crate::eta::entries(&inp, &self.stats);
+        let unavailable = self.unavailable();
+        if !unavailable.is_empty() {
+            let mut waits_on: HashMap<&str, Vec<&str>> = HashMap::new();
+            for j in &pending {
+                let role = match j.stage {
+                    Stage::Stt => "stt",
+                    Stage::Eval => j.role.as_str(),
+                    Stage::Score => continue,
+                };
+                if !j.running && unavailable.contains_key(role) {
+                    waits_on
+                        .entry(j.submission_id.as_str())
+                        .or_default()
+                        .push(role);
+                }
+            }
+            for (id, entry) in entries.iter_mut() {
+                if let Some(role) = waits_on.get(id.as_str()).and_then(|r| r.first())
+                    && let Some(u) = unavailable.get(*role)
+                {
+                    entry.paused = Some(u.reason.clone());
+                }
+            }
+        }
         let count = |stage: Stage| pending.iter().filter(|j| j.stage == stage).count();
         let (stt_q, eval_q, score_q) = (count(Stage::Stt), count(Stage::Eval), count(Stage::Score));
         self.metrics
@@ -1297,12 +1396,47 @@ impl Scheduler {
                 .iter()
                 .filter_map(|(n, s)| s.last_error.clone().map(|e| (n.clone(), e)))
                 .collect(),
+            unavailable,
             ready: self.slots.contains_key("stt") && !self.roles.is_empty(),
             entries,
             stats: StatsView::from(&self.stats),
         };
         self.snapshot_tx.send_replace(Arc::new(snapshot));
         Ok(())
+    }
+}
+
+impl Scheduler {
+    /// Roles whose breaker is open, keyed as `viva workers retry` takes them.
+    fn unavailable(&self) -> BTreeMap<String, Unavailable> {
+        self.slots
+            .iter()
+            .filter_map(|(name, s)| {
+                let since = s.unavailable_since?;
+                let (role, reason) = match &s.role {
+                    None => (
+                        "stt".to_owned(),
+                        "transcription paused: the speech-to-text model cannot start; your instructor has been told".to_owned(),
+                    ),
+                    Some(r) => (
+                        r.clone(),
+                        format!("evaluation paused: the evaluator \"{r}\" cannot start; your instructor has been told"),
+                    ),
+                };
+                Some((
+                    role.clone(),
+                    Unavailable {
+                        slot: name.clone(),
+                        role,
+                        error: s.last_error.clone().unwrap_or_default(),
+                        failures: s.load_failures,
+                        since_ms: since,
+                        next_probe_ms: s.next_start_ms,
+                        reason,
+                    },
+                ))
+            })
+            .collect()
     }
 }
 
@@ -1315,6 +1449,8 @@ impl Slot {
             state: SlotState::Down,
             in_flight: 0,
             failures: 0,
+            load_failures: 0,
+            unavailable_since: None,
             next_start_ms: 0,
             idle_since: Instant::now(),
             last_error: None,

@@ -39,7 +39,7 @@ pub use http::{HttpClient, UrlPolicy};
 pub use jwks::JwksCache;
 pub use keys::ToolKeys;
 pub use launch::{Launch, MessageType};
-pub use login::{LoginRequest, LoginState, MemoryStateStore, StateStore};
+pub use login::{LoginRequest, LoginState, MemoryStateStore, StateLimits, StateStore};
 pub use registration::{Registration, ToolUrls};
 pub use roles::Access;
 pub use services::ServiceClient;

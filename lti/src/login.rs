@@ -10,7 +10,7 @@
 //! must present, from a cookie or from the platform's client-side storage.
 //! States are single use and live at most [`STATE_TTL_SECS`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -142,53 +142,205 @@ pub trait StateStore: Send + Sync {
     fn take(&self, state: &str) -> Option<LoginState>;
 }
 
-/// An in-memory [`StateStore`] with a cap on its size.
+/// Bounds of a [`MemoryStateStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateLimits {
+    /// States kept at once, over all platforms.
+    pub max_states: usize,
+    /// Their approximate size in bytes, over all platforms.
+    pub max_bytes: usize,
+    /// One state's approximate size: larger login requests are refused.
+    pub max_state_bytes: usize,
+    /// States of one issuer (platform) at once: a flood of logins naming one
+    /// platform evicts that platform's oldest states, never another's.
+    pub max_per_issuer: usize,
+}
+
+impl Default for StateLimits {
+    fn default() -> Self {
+        StateLimits {
+            max_states: 50_000,
+            max_bytes: 32 * 1024 * 1024,
+            max_state_bytes: 8 * 1024,
+            max_per_issuer: 25_000,
+        }
+    }
+}
+
+struct Entry {
+    seq: u64,
+    size: usize,
+    value: LoginState,
+}
+
+#[derive(Default)]
+struct IssuerUse {
+    order: BTreeMap<u64, String>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    states: HashMap<String, Entry>,
+    /// Insertion order (≈ creation order): expiry and eviction take the
+    /// oldest first in O(log n).
+    order: BTreeMap<u64, String>,
+    by_issuer: HashMap<String, IssuerUse>,
+    bytes: usize,
+    next_seq: u64,
+}
+
+impl Inner {
+    fn remove(&mut self, state: &str) -> Option<LoginState> {
+        let e = self.states.remove(state)?;
+        self.order.remove(&e.seq);
+        self.bytes = self.bytes.saturating_sub(e.size);
+        if let Some(u) = self.by_issuer.get_mut(&e.value.issuer) {
+            u.order.remove(&e.seq);
+            u.bytes = u.bytes.saturating_sub(e.size);
+            if u.order.is_empty() {
+                self.by_issuer.remove(&e.value.issuer);
+            }
+        }
+        Some(e.value)
+    }
+
+    fn oldest(&self) -> Option<String> {
+        self.order.first_key_value().map(|(_, k)| k.clone())
+    }
+
+    fn oldest_of(&self, issuer: &str) -> Option<String> {
+        self.by_issuer
+            .get(issuer)?
+            .order
+            .first_key_value()
+            .map(|(_, k)| k.clone())
+    }
+}
+
+/// An in-memory [`StateStore`], bounded: a cap on each state's size, on the
+/// states of one platform and on all of them (count and bytes). When full,
+/// the oldest states go first (a flood of forged logins delays nobody's real
+/// login by more than pushing out older forged ones); expired ones are
+/// dropped from the front on every insert.
 pub struct MemoryStateStore {
-    map: Mutex<HashMap<String, LoginState>>,
-    max: usize,
+    inner: Mutex<Inner>,
+    limits: StateLimits,
 }
 
 impl MemoryStateStore {
+    /// A store of at most `max` states, the other limits at their defaults.
     pub fn new(max: usize) -> MemoryStateStore {
+        MemoryStateStore::with_limits(StateLimits {
+            max_states: max,
+            max_per_issuer: max.div_ceil(2).max(1),
+            ..StateLimits::default()
+        })
+    }
+
+    pub fn with_limits(limits: StateLimits) -> MemoryStateStore {
         MemoryStateStore {
-            map: Mutex::new(HashMap::new()),
-            max,
+            inner: Mutex::new(Inner::default()),
+            limits,
         }
+    }
+
+    /// States kept now, and their approximate size in bytes.
+    pub fn usage(&self) -> (usize, usize) {
+        self.inner
+            .lock()
+            .map(|i| (i.states.len(), i.bytes))
+            .unwrap_or((0, 0))
     }
 }
 
 impl Default for MemoryStateStore {
     fn default() -> Self {
-        MemoryStateStore::new(100_000)
+        MemoryStateStore::with_limits(StateLimits::default())
     }
+}
+
+/// What a state costs in memory, near enough: its strings and a fixed overhead.
+fn approx_size(state: &str, v: &LoginState) -> usize {
+    let r = &v.request;
+    let opt = |o: &Option<String>| o.as_ref().map_or(0, String::len);
+    256 + state.len()
+        + v.issuer.len()
+        + v.client_id.len()
+        + v.nonce.len()
+        + v.binding.len()
+        + r.iss.len()
+        + r.login_hint.len()
+        + r.target_link_uri.len()
+        + opt(&r.lti_message_hint)
+        + opt(&r.client_id)
+        + opt(&r.lti_deployment_id)
+        + opt(&r.lti_storage_target)
 }
 
 impl StateStore for MemoryStateStore {
     fn put(&self, state: &str, value: LoginState) -> Result<()> {
-        let mut map = self
-            .map
-            .lock()
-            .map_err(|_| LtiError::Keys("state store poisoned".into()))?;
-        if map.len() >= self.max {
-            let now = value.created_at;
-            map.retain(|_, v| !v.expired(now));
-        }
-        if map.len() >= self.max {
+        let size = approx_size(state, &value);
+        if size > self.limits.max_state_bytes {
             return Err(LtiError::InvalidParam {
-                name: "state",
-                reason: "too many launches in progress; try again in a few minutes".into(),
+                name: "login",
+                reason: "the login request is too large".into(),
             });
         }
-        map.insert(state.to_owned(), value);
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| LtiError::Keys("state store poisoned".into()))?;
+        let now = value.created_at;
+        // Expired states leave from the front (insertion order).
+        while let Some(k) = inner.oldest() {
+            if !inner.states.get(&k).is_some_and(|e| e.value.expired(now)) {
+                break;
+            }
+            inner.remove(&k);
+        }
+        let l = self.limits;
+        let issuer = value.issuer.clone();
+        let issuer_bytes = l.max_bytes / 2;
+        while inner.by_issuer.get(&issuer).is_some_and(|u| {
+            u.order.len() >= l.max_per_issuer.max(1) || u.bytes + size > issuer_bytes
+        }) {
+            let Some(k) = inner.oldest_of(&issuer) else {
+                break;
+            };
+            inner.remove(&k);
+        }
+        while !inner.states.is_empty()
+            && (inner.states.len() >= l.max_states.max(1) || inner.bytes + size > l.max_bytes)
+        {
+            let Some(k) = inner.oldest() else { break };
+            inner.remove(&k);
+        }
+        inner.remove(state);
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
+        inner.order.insert(seq, state.to_owned());
+        let u = inner.by_issuer.entry(issuer).or_default();
+        u.order.insert(seq, state.to_owned());
+        u.bytes += size;
+        inner.bytes += size;
+        inner
+            .states
+            .insert(state.to_owned(), Entry { seq, size, value });
         Ok(())
     }
 
     fn peek(&self, state: &str) -> Option<LoginState> {
-        self.map.lock().ok()?.get(state).cloned()
+        self.inner
+            .lock()
+            .ok()?
+            .states
+            .get(state)
+            .map(|e| e.value.clone())
     }
 
     fn take(&self, state: &str) -> Option<LoginState> {
-        self.map.lock().ok()?.remove(state)
+        self.inner.lock().ok()?.remove(state)
     }
 }
 
@@ -407,7 +559,7 @@ mod tests {
         let req = LoginRequest::from_params(params(&[("lti_deployment_id", "99")])).expect("req");
         let e = begin_login(&req, &registration(), &tool, &store, 0).expect_err("deployment");
         assert_eq!(e.code(), "unknown_deployment");
-        assert!(store.map.lock().expect("lock").is_empty(), "no state kept");
+        assert_eq!(store.usage().0, 0, "no state kept");
     }
 
     #[test]
@@ -437,10 +589,70 @@ mod tests {
         let store = MemoryStateStore::new(2);
         let tool = ToolUrls::new("https://viva.example.edu").expect("tool");
         let req = LoginRequest::from_params(params(&[])).expect("req");
-        begin_login(&req, &registration(), &tool, &store, 0).expect("1");
+        let first = begin_login(&req, &registration(), &tool, &store, 0).expect("1");
         begin_login(&req, &registration(), &tool, &store, 0).expect("2");
-        assert!(begin_login(&req, &registration(), &tool, &store, 1).is_err());
+        // Full: the oldest goes, the new login works.
+        let third = begin_login(&req, &registration(), &tool, &store, 1).expect("3");
+        assert!(store.peek(&first.state).is_none(), "the oldest was evicted");
+        assert!(store.peek(&third.state).is_some());
+        assert_eq!(store.usage().0, 1, "one platform holds at most half");
         // Old ones expire and make room.
         begin_login(&req, &registration(), &tool, &store, STATE_TTL_SECS + 5).expect("room");
+        assert!(store.peek(&third.state).is_none(), "expired");
+    }
+
+    #[test]
+    fn a_flood_of_large_forged_logins_stays_bounded_and_real_logins_work() {
+        let limits = StateLimits::default();
+        let store = MemoryStateStore::default();
+        let tool = ToolUrls::new("https://viva.example.edu").expect("tool");
+        // Another platform's student logged in just before the flood.
+        let mut canvas = registration();
+        canvas.issuer = "https://canvas.example.edu".into();
+        canvas.auth_login_url = "https://canvas.example.edu/api/lti/authorize_redirect".into();
+        let creq = LoginRequest::from_params(vec![
+            ("iss", "https://canvas.example.edu"),
+            ("login_hint", "7"),
+            ("target_link_uri", "https://viva.example.edu/lti/launch"),
+        ])
+        .expect("req");
+        let other = begin_login(&creq, &canvas, &tool, &store, 10).expect("canvas login");
+        let big = "x".repeat(MAX_PARAM - 1);
+        let bigger = "y".repeat(3000);
+        let forged = LoginRequest::from_params(vec![
+            ("iss", "https://moodle.example.edu"),
+            ("login_hint", big.as_str()),
+            ("target_link_uri", "https://viva.example.edu/lti/launch"),
+            ("lti_message_hint", bigger.as_str()),
+        ])
+        .expect("forged");
+        let huge = LoginRequest::from_params(vec![
+            ("iss", "https://moodle.example.edu"),
+            ("login_hint", big.as_str()),
+            ("target_link_uri", "https://viva.example.edu/lti/launch"),
+            ("lti_message_hint", big.as_str()),
+        ])
+        .expect("huge");
+        let mut refused = 0;
+        for i in 0..100_000u64 {
+            let req = if i % 2 == 0 { &forged } else { &huge };
+            if begin_login(req, &registration(), &tool, &store, 10 + i / 1000).is_err() {
+                refused += 1;
+            }
+            let (n, bytes) = store.usage();
+            assert!(
+                n <= limits.max_states && bytes <= limits.max_bytes,
+                "{n} states, {bytes} bytes"
+            );
+        }
+        assert_eq!(refused, 50_000, "states over the per-state cap are refused");
+        assert!(
+            store.peek(&other.state).is_some(),
+            "another platform's login survives"
+        );
+        let real = LoginRequest::from_params(params(&[])).expect("req");
+        let s = begin_login(&real, &registration(), &tool, &store, 200).expect("real login");
+        let got = check_binding(&store, &s.state, Some(&s.binding), 201).expect("bound");
+        assert_eq!(got.request, real);
     }
 }

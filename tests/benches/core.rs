@@ -1,7 +1,7 @@
 //! Benchmarks of Viva's core, printed as tables against targets (not a test).
 //!
 //! ```text
-//! cargo bench -p viva-tests --bench core [-- scheduler|upload|sse ...]
+//! cargo bench -p viva-tests --bench core [-- scheduler|upload|sse|burst ...]
 //! ```
 //!
 //! 1. **Scheduler overhead with instant workers**: an in-process daemon with
@@ -18,6 +18,12 @@
 //!    latency (`BENCH_STATUS_REQUESTS`, 500, issued open-loop every 10 ms)
 //!    while uploads make status events flow, and the fan-out spread of each
 //!    event across subscribers.
+//! 4. **A burst of uploads**: `BENCH_BURST_STUDENTS` (300) students, each
+//!    with their own session, upload `BENCH_BURST_CLIP_S` (30) s clips within
+//!    `BENCH_BURST_WINDOW_S` (60) s to a separate `viva serve` with fake
+//!    workers and the default fair-use limits, retrying after Retry-After:
+//!    accepted, told to retry, lost (target 0), GET /api/v1/status p99
+//!    during the burst (target 200 ms), daemon RSS peak.
 //!
 //! The separate daemon is `target/<profile>/viva` when it exists and is newer
 //! than the daemon's sources (`cargo build --release -p viva-daemon`), else
@@ -218,6 +224,13 @@ async fn run_all() -> anyhow::Result<ExitCode> {
         }
         results.push(("3. sse".into(), r));
     }
+    if wanted("burst") {
+        let r = bench_burst(&viva, &fake).await;
+        if let Ok(s) = &r {
+            print_section(s);
+        }
+        results.push(("4. burst".into(), r));
+    }
 
     println!();
     let (mut pass, mut fail, mut errors) = (Vec::new(), Vec::new(), Vec::new());
@@ -414,6 +427,12 @@ fn sched_config(c: &mut Config) {
     c.scheduler.stt_batch_size = 50;
     c.scheduler.batch_window = Duration::from_secs(1);
     c.scheduler.eval_batch_size = 4;
+    // One learner uploads from several tasks: this measures the scheduler,
+    // not the fair-use limits.
+    c.intake.max_uploads_per_user = 0;
+    c.intake.max_bytes_per_user_per_day = 0;
+    c.limits.uploads_per_user_per_minute = 0;
+    c.limits.uploads_per_ip_per_minute = 0;
 }
 
 fn instant_env() -> Vec<(&'static str, String)> {
@@ -1231,6 +1250,7 @@ async fn bench_sse(
     let extra = format!(
         "[sandbox]\nenabled = true\n\
          [intake]\nmin_free_bytes = 67108864\n\
+         [limits]\nmax_streams_per_user = 0\ntickets_per_user_per_minute = 0\ntickets_per_ip_per_minute = 0\n\
          [scheduler]\nstt_batch_size = 10\nbatch_window = \"1s\"\n\
          [workers.stt]\ncommand = {fake}\nargs = [\"--kind\", \"stt\"]\nmodel = \"fake\"\nmodel_path = \"/dev/null\"\n\
          env = {{ FAKE_STT_FIXED_MS = \"300\" }}\n\
@@ -1461,5 +1481,197 @@ async fn sse_inner(
         title: format!("3. Status latency with {subs} SSE subscribers"),
         rows,
         notes,
+    })
+}
+
+// ---------------------------------------------------------------- 4. burst
+
+/// `BENCH_BURST_STUDENTS` (300) students, each with their own session, upload
+/// a `BENCH_BURST_CLIP_S` (30) s clip at evenly spread times within
+/// `BENCH_BURST_WINDOW_S` (60) s to a separate `viva serve` with fake
+/// workers and the default fair-use limits. An upload told to wait (429,
+/// 503, 507) is retried after its Retry-After with the same Idempotency-Key.
+/// Meanwhile an instructor polls GET /api/v1/status every 50 ms (open loop).
+/// Reported: accepted, told to retry, lost (never accepted, or missing or
+/// failed once drained), status p50/p99, daemon RSS peak (VmHWM).
+async fn bench_burst(viva: &VivaCmd, fake: &Path) -> anyhow::Result<Section> {
+    let students = env_num("BENCH_BURST_STUDENTS", 300usize).max(1);
+    let clip_s = env_num("BENCH_BURST_CLIP_S", 30.0f64);
+    let window = Duration::from_secs_f64(env_num("BENCH_BURST_WINDOW_S", 60.0f64));
+    let root = tempfile::tempdir()?;
+    let fake = toml_str(&fake.display().to_string());
+    let extra = format!(
+        "[sandbox]\nenabled = true\n\
+         [intake]\nmin_free_bytes = 67108864\n\
+         [scheduler]\nstt_batch_size = 10\nbatch_window = \"2s\"\n\
+         [workers.stt]\ncommand = {fake}\nargs = [\"--kind\", \"stt\", \"--max-parallel\", \"2\"]\nmodel = \"fake\"\nmodel_path = \"/dev/null\"\n\
+         env = {{ FAKE_STT_FIXED_MS = \"50\", FAKE_STT_MS_PER_AUDIO_SEC = \"2\" }}\n\
+         [workers.evaluators.a]\ncommand = {fake}\nargs = [\"--kind\", \"evaluator\"]\nmodel = \"fake\"\nmodel_path = \"/dev/null\"\n\
+         env = {{ FAKE_EVAL_FIXED_MS = \"50\", FAKE_EVAL_MS_PER_ITEM = \"10\" }}\n\
+         [workers.evaluators.b]\ncommand = {fake}\nargs = [\"--kind\", \"evaluator\"]\nmodel = \"fake\"\nmodel_path = \"/dev/null\"\n\
+         env = {{ FAKE_EVAL_FIXED_MS = \"50\", FAKE_EVAL_MS_PER_ITEM = \"10\" }}\n"
+    );
+    let served = serve(viva, root.path(), &extra).await?;
+    let result = burst_inner(&served, viva, root.path(), students, clip_s, window).await;
+    served.stop().await;
+    result
+}
+
+async fn burst_inner(
+    served: &Served,
+    viva: &VivaCmd,
+    root: &Path,
+    students: usize,
+    clip_s: f64,
+    window: Duration,
+) -> anyhow::Result<Section> {
+    let wav = Arc::new(std::fs::read(tone(root, "clip.wav", clip_s))?);
+    let teacher = served.mint(viva, "instructor", "burst-teacher").await?;
+    let mut tokens = Vec::with_capacity(students);
+    for i in 0..students {
+        tokens.push(
+            served
+                .mint(viva, "learner", &format!("burst-{i:04}"))
+                .await?,
+        );
+    }
+    let start_rss = rss(served.pid).map(|(r, _)| r).unwrap_or(0);
+    let client = reqwest::Client::new();
+    let every = Duration::from_millis(50);
+    let polls = (window.as_millis() / every.as_millis()).max(1) as usize;
+    let status = {
+        let (client, url, teacher) = (client.clone(), served.url.clone(), teacher.clone());
+        tokio::spawn(async move { status_load(&client, &url, &teacher, polls, every).await })
+    };
+    let retries = Arc::new(AtomicUsize::new(0));
+    let t0 = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(students);
+    for (i, token) in tokens.into_iter().enumerate() {
+        let at = t0 + window.mul_f64(i as f64 / students as f64);
+        let (client, url, wav, retries) = (
+            client.clone(),
+            served.url.clone(),
+            wav.clone(),
+            retries.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            let key = format!("burst-{i:04}-clip");
+            for _ in 0..20 {
+                let resp = client
+                    .post(format!(
+                        "{url}/api/v1/assignments/sandbox-oral-1/submissions"
+                    ))
+                    .query(&[("filename", "clip.wav")])
+                    .header("Idempotency-Key", &key)
+                    .bearer_auth(&token)
+                    .body(wav.as_ref().clone())
+                    .send()
+                    .await;
+                let Ok(resp) = resp else {
+                    retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                };
+                let code = resp.status().as_u16();
+                let wait = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1);
+                let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                match code {
+                    200 | 201 => {
+                        return (token, body["id"].as_str().map(str::to_owned));
+                    }
+                    429 | 503 | 507 => {
+                        retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_secs(wait.min(10))).await;
+                    }
+                    _ => return (token, None),
+                }
+            }
+            (token, None)
+        }));
+    }
+    let mut accepted = Vec::new();
+    for t in tasks {
+        let (token, id) = t.await.context("upload task panicked")?;
+        if let Some(id) = id {
+            accepted.push((token, id));
+        }
+    }
+    let intake_s = t0.elapsed().as_secs_f64();
+    let lat = status.await.context("status task panicked")??;
+    // Drain: every accepted submission evaluated (none lost, none failed).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut settled = 0usize;
+    let mut failed = 0usize;
+    for (token, id) in &accepted {
+        loop {
+            let v = get_json(
+                &client,
+                &format!("{}/api/v1/submissions/{id}", served.url),
+                token,
+            )
+            .await?;
+            match v["state"].as_str() {
+                Some("evaluated" | "awaiting_review" | "released") => {
+                    settled += 1;
+                    break;
+                }
+                Some("failed") => {
+                    failed += 1;
+                    break;
+                }
+                _ if Instant::now() > deadline => bail!("{id} did not settle: {v}"),
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+    let drained_s = t0.elapsed().as_secs_f64();
+    let (_, hwm) = rss(served.pid).unwrap_or((0, 0));
+    let lost = students - settled;
+    Ok(Section {
+        title: format!(
+            "4. Burst: {students} students upload {clip_s:.0} s clips within {:.0} s (fake workers)",
+            window.as_secs_f64()
+        ),
+        rows: vec![
+            Row::info("accepted", accepted.len() as f64, "uploads"),
+            Row::info(
+                "told to retry (429/503/507) or reconnect",
+                retries.load(Ordering::Relaxed) as f64,
+                "answers",
+            ),
+            Row::target(
+                "lost (never accepted, or failed)",
+                lost as f64,
+                "uploads",
+                Goal::AtMost(0.0),
+            ),
+            Row::info("failed after acceptance", failed as f64, "uploads"),
+            Row::info("last upload accepted after", intake_s, "s"),
+            Row::info("all evaluated after", drained_s, "s"),
+            Row::info(
+                "GET /api/v1/status p50 during the burst",
+                pct(&lat, 0.5),
+                "ms",
+            ),
+            Row::target(
+                "GET /api/v1/status p99 during the burst",
+                pct(&lat, 0.99),
+                "ms",
+                Goal::AtMost(200.0),
+            ),
+            Row::info("daemon RSS at start", start_rss as f64 / MIB, "MiB"),
+            Row::info("daemon RSS peak (VmHWM)", hwm as f64 / MIB, "MiB"),
+        ],
+        notes: vec![format!(
+            "{} status requests, open loop every {} ms",
+            lat.len(),
+            every.as_millis()
+        )],
     })
 }

@@ -781,6 +781,66 @@ async fn registration_launches_deep_linking_grades_and_roster_against_a_real_pla
     assert_eq!(sub["state"], "released");
     assert_eq!(sub["score"]["total"], 9.0);
 
+    // ---- A newer attempt awaiting review never blanks the released grade -------------
+    let learner_scores = |log: &Value| -> Vec<Value> {
+        log["scores"]
+            .as_array()
+            .expect("scores")
+            .iter()
+            .filter(|s| s["body"]["userId"] == "learner-1" && s["refused"].is_null())
+            .cloned()
+            .collect()
+    };
+    let before = learner_scores(&env.platform_log().await).len();
+    let retake = env
+        .scored_submission(&learner_user, &assignment, 7, "pending")
+        .await;
+    let rows = wait_for(
+        "the retake's pending row",
+        Duration::from_secs(15),
+        || async {
+            let rows = env.outbox(&retake).await;
+            (rows[0]["state"] == "delivered").then(|| json!(rows))
+        },
+    )
+    .await;
+    assert!(
+        rows[0]["last_error"]
+            .as_str()
+            .is_some_and(|n| n.contains("keeps the released grade")),
+        "{rows}"
+    );
+    // The platform's record: nothing after the FullyGraded 9/16 until release.
+    let seen = learner_scores(&env.platform_log().await);
+    assert_eq!(
+        seen.len(),
+        before,
+        "no PendingManual for the retake: {seen:?}"
+    );
+    let last = seen.last().expect("a score");
+    assert_eq!(last["body"]["gradingProgress"], "FullyGraded");
+    assert_eq!(last["body"]["scoreGiven"], 9.0);
+    let (status, _) = env
+        .api(
+            reqwest::Method::POST,
+            &teacher_token,
+            &format!("/api/v1/submissions/{retake}/release"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let replaced = wait_for("the retake's grade", Duration::from_secs(15), || async {
+        let seen = learner_scores(&env.platform_log().await);
+        (seen.len() > before).then(|| seen[before].clone())
+    })
+    .await;
+    assert_eq!(replaced["body"]["gradingProgress"], "FullyGraded");
+    assert_eq!(replaced["body"]["scoreGiven"], 9.0);
+    assert!(
+        replaced["body"]["timestamp"].as_str() > last["body"]["timestamp"].as_str(),
+        "{replaced} after {last}"
+    );
+
     // ---- Retries: a 503 is retried; a non-gradable user is recorded --------------------
     env.platform_post("/control/fail-scores", json!({"statuses": [503]}))
         .await;

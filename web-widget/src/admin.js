@@ -38,6 +38,12 @@ export function mount(panel, ctx) {
     return [
       h('h2', { text: S.adminTabs.health }),
       h('p', { 'data-testid': 'health' }, h('span', { class: `badge ${sys.ready ? 'ok' : 'warn'}`, text: sys.ready ? S.ready : S.notReady })),
+      ...(sys.unavailable || []).map((u) => h('div', { class: 'notice warn', 'data-testid': 'unavailable' },
+        h('p', { text: S.unavailableAlert(u.role === 'stt' ? S.stt : S.evaluatorRole(u.role), u.failures, u.error) }),
+        h('button', { type: 'button', 'data-testid': 'retry-worker', text: S.tryAgain, 'aria-label': `${S.tryAgain}: ${u.role}`, on: { click: async (e) => {
+          e.target.disabled = true;
+          try { await api.post(`/api/v1/admin/workers/${enc(u.role)}/retry`); e.target.textContent = S.tryingAgain; } catch (err) { e.target.disabled = false; e.target.textContent = errorText(err); }
+        } } }))),
       sys.problems.length ? h('div', { class: 'notice warn' }, h('h3', { text: S.problems }), h('ul', {}, sys.problems.map((x) => h('li', { text: x })))) : null,
       h('dl', { class: 'facts' },
         h('dt', { text: S.version }), h('dd', { text: sys.version }),

@@ -86,6 +86,7 @@ export function mount(panel, ctx) {
         const where = r.position ? (r.running ? S.running(S.queueName[r.phase] || r.phase) : S.inQueue(S.queueName[r.phase] || r.phase, r.position, r.queue_length)) : '';
         const status = h('div', {}, h('span', { class: `badge s-${r.state}`, text: state }), where ? h('div', { class: 'muted', text: where }) : null,
           r.retrying ? h('div', { class: 'muted', text: S.retrying }) : null,
+          r.paused ? h('p', { class: 'reason', 'data-testid': 'paused', text: r.paused }) : null,
           r.failure_reason ? h('p', { class: 'reason', text: r.failure_reason }) : null);
         const eta = r.eta_seconds != null ? (r.eta_seconds < 60 ? S.etaSoon : S.eta(S.duration(r.eta_seconds))) : '';
         const score = r.total != null ? h('div', {}, `${fmtPoints(r.total)} / ${fmtPoints(r.max)}`, r.needs_review ? h('span', { class: 'badge warn', text: S.needsReview }) : null) : '—';
@@ -107,7 +108,8 @@ export function mount(panel, ctx) {
       });
       const sys = h('p', {}, S.systemStatus(S.systemPhase[d.system_phase] || d.system_phase),
         d.batch ? ` — ${S.batchProgress(d.batch.stt_done, d.batch.size)}` : '', '. ', S.counts(d.counts));
-      clear(wrap, sys, h('div', { class: 'buttons' }, relAll),
+      const alerts = (d.unavailable || []).map((u) => notice('warn', S.modelDown(u.role === 'stt' ? S.stt : S.evaluatorRole(u.role), u.error)));
+      clear(wrap, ...alerts, sys, h('div', { class: 'buttons' }, relAll),
         d.rows.length ? table(S.queueTitle, [S.student, S.attempt, S.status, S.score, S.actions], rows) : h('p', { text: S.noSubmissions }));
     }
     function openReview(r) {

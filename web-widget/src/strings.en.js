@@ -70,6 +70,7 @@ export default {
     'The upload was interrupted. Your recording is still here: check your connection and retry.',
   retryUpload: 'Retry upload',
   uploadRefused: (why) => `The upload was not accepted: ${why}`,
+  uploadLater: (why) => `Not now: ${why} Your recording is kept here; press “Retry upload” when you are ready.`,
 
   // Student: live status (the two-phase sketch)
   systemStatus: (phase) => `System status: ${phase}`,
@@ -250,6 +251,10 @@ export default {
   ready: 'Ready',
   notReady: 'Not ready',
   problems: 'Problems',
+  unavailableAlert: (who, n, error) => `${who} cannot start (${n} tries): its submissions wait and nothing else is held up. Fix the model file or its options, then try again. The worker said: ${error}`,
+  modelDown: (who, error) => `${who} cannot start, so the submissions that need it are paused (none is lost or failed; they continue once it starts). Your administrator has been told. The worker said: ${error}`,
+  tryAgain: 'Try again now',
+  tryingAgain: 'Trying again…',
   version: 'Version',
   policy: 'Scheduling policy',
   phaseNow: 'Current phase',

@@ -174,6 +174,10 @@ export function mount(panel, ctx) {
           const retry = h('button', { type: 'button', class: 'primary', 'data-testid': 'upload-retry', text: S.retryUpload, on: { click: () => send(blob, filename, key) } });
           clear(progress, notice('error', S.uploadInterrupted), retry);
           retry.focus();
+        } else if (e.status === 429) {
+          // A fair-use limit that passes with time: keep the recording.
+          const retry = h('button', { type: 'button', class: 'primary', 'data-testid': 'upload-retry', text: S.retryUpload, on: { click: () => send(blob, filename, key) } });
+          clear(progress, notice('error', S.uploadLater(e.message)), retry);
         } else {
           clear(progress, notice('error', S.uploadRefused(e.message)));
         }
@@ -243,7 +247,8 @@ export function mount(panel, ctx) {
     const pos = h('li', { 'data-testid': 'position' });
     const eta = h('li', { 'data-testid': 'eta' });
     const then = h('li', { 'data-testid': 'then' });
-    const user = h('ul', { class: 'user-status' }, uploaded, pos, eta, then);
+    const paused = h('li', { 'data-testid': 'paused', class: 'reason', hidden: true });
+    const user = h('ul', { class: 'user-status' }, uploaded, pos, eta, then, paused);
     const bTitle = h('p', { 'data-testid': 'batch-title' });
     const bBar = h('progress', { max: '1', value: '0', 'aria-label': S.batchLabel });
     const bText = h('p', { 'data-testid': 'batch-progress' });
@@ -265,9 +270,12 @@ export function mount(panel, ctx) {
       pos.textContent = ev.position ? S.position(ev.position, qn) : phase === 'scoring' ? S.scoringNow : '';
       pos.hidden = !pos.textContent;
       eta.textContent = ev.eta_seconds == null ? '' : ev.eta_seconds < 60 ? S.etaSoon : S.eta(S.duration(ev.eta_seconds));
-      eta.hidden = !eta.textContent;
+      // A paused submission has no honest ETA: its model must start first.
+      eta.hidden = !eta.textContent || !!ev.paused;
       then.textContent = phase === 'stt' ? S.thenEvaluation : '';
       then.hidden = !then.textContent;
+      paused.textContent = ev.paused || '';
+      paused.hidden = !ev.paused;
       const b = ev.batch;
       batch.hidden = !(b && phase === 'stt');
       if (b) {
@@ -283,7 +291,7 @@ export function mount(panel, ctx) {
     };
     update({
       phase: sub.phase, system_phase: sub.system_phase, position: sub.queue && sub.queue.position,
-      eta_seconds: sub.queue && sub.queue.eta_seconds, batch: sub.batch,
+      eta_seconds: sub.queue && sub.queue.eta_seconds, batch: sub.batch, paused: sub.queue && sub.queue.paused,
     });
     const s = api.stream(`/api/v1/events?submission=${encodeURIComponent(sub.id)}`, (name, ev) => {
       if (name === 'status') update(ev);

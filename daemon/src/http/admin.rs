@@ -52,6 +52,12 @@ pub(crate) async fn readiness_problems(st: &AppState) -> Vec<String> {
     for (slot, err) in &snap.worker_errors {
         problems.push(format!("worker {slot}: {err}"));
     }
+    for (role, u) in &snap.unavailable {
+        problems.push(format!(
+            "role {role} is unavailable after {} failed starts (its submissions wait; `viva workers retry {role}` tries again now): {}",
+            u.failures, u.error
+        ));
+    }
     let db_ok = st
         .store
         .read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
@@ -152,6 +158,8 @@ pub(super) struct System {
     queues: serde_json::Value,
     models: Vec<ModelRow>,
     worker_errors: std::collections::BTreeMap<String, String>,
+    /// Roles whose model cannot start (the alert, with the worker's error).
+    unavailable: Vec<crate::eta::Unavailable>,
     phase_history: Vec<crate::scheduler::PhaseChange>,
     process_history: Vec<crate::workers::ProcessEvent>,
     stats: crate::eta::StatsView,
@@ -236,10 +244,37 @@ pub(super) async fn system(
         }),
         models,
         worker_errors: snap.worker_errors.clone(),
+        unavailable: snap.unavailable.values().cloned().collect(),
         phase_history,
         process_history,
         stats: snap.stats.clone(),
     }))
+}
+
+/// `POST /api/v1/admin/workers/{role}/retry`: an administrator's "try
+/// again" for a role ("stt" or an evaluator's name) that cannot start.
+pub(super) async fn retry_worker(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Path(role): Path<String>,
+) -> Result<Json<serde_json::Value>> {
+    require_admin(&c)?;
+    let known = if role == "stt" {
+        st.config.workers.stt.is_some()
+    } else {
+        st.config.workers.evaluators.contains_key(&role)
+    };
+    if !known {
+        return Err(Error::NotFound("worker role"));
+    }
+    let was_unavailable = st.scheduler.snapshot().unavailable.contains_key(&role);
+    st.scheduler.retry_worker(&role);
+    tracing::info!(%role, by = %c.sub, "worker retry requested");
+    Ok(Json(serde_json::json!({
+        "role": role,
+        "was_unavailable": was_unavailable,
+        "retrying": true,
+    })))
 }
 
 #[derive(Serialize)]

@@ -21,13 +21,14 @@ use super::access::{
     Session, TicketQuery, claims_from, context_for, load_assignment, load_media, load_readable,
     require_manage,
 };
+use super::limits::{ClientIp, Limited};
 use crate::auth::Claims;
 use crate::domain::{
     self, AssignmentInput, Role, Submission, SubmissionFilter, SubmissionState, new_id,
 };
 use crate::error::{Error, Result};
 use crate::eta::{QueueEntry, Snapshot};
-use crate::intake::{self, IntakeLimits, UploadHint};
+use crate::intake::{self, IntakeError, IntakeLimits, UploadHint};
 use crate::jobs::{self, BatchProgress};
 
 #[derive(Serialize)]
@@ -88,6 +89,10 @@ pub(super) struct StatusView {
     worker_errors: Option<std::collections::BTreeMap<String, String>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     stats: Option<crate::eta::StatsView>,
+    /// Staff only: roles whose model cannot start (their submissions wait,
+    /// paused; a learner's own submission says so in plain words).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unavailable: Option<Vec<crate::eta::Unavailable>>,
     /// Instructors and admins: unfinished submissions of their context.
     #[serde(skip_serializing_if = "Option::is_none")]
     entries: Option<Vec<QueueEntry>>,
@@ -141,6 +146,7 @@ pub(super) async fn status(
         workers: staff.then(|| snap.workers.clone()),
         worker_errors: staff.then(|| snap.worker_errors.clone()),
         stats: staff.then(|| snap.stats.clone()),
+        unavailable: staff.then(|| snap.unavailable.values().cloned().collect()),
         entries,
     }))
 }
@@ -255,11 +261,15 @@ pub(super) struct UploadQuery {
 pub(super) async fn upload(
     State(st): State<AppState>,
     Session(c): Session,
+    ClientIp(ip): ClientIp,
     Path(assignment_id): Path<String>,
     Query(q): Query<UploadQuery>,
     req: Request,
 ) -> Result<(StatusCode, Json<SubmissionView>)> {
-    let result = upload_inner(&st, &c, assignment_id, q, req).await;
+    let result = match st.limits.check(Limited::Upload, ip, Some(&c.sub)) {
+        Ok(()) => upload_inner(&st, &c, assignment_id, q, req).await,
+        Err(e) => Err(e),
+    };
     match &result {
         Ok(_) => st.metrics.uploads.inc(),
         Err(e) => {
@@ -268,6 +278,32 @@ pub(super) async fn upload(
         }
     }
     result
+}
+
+/// `intake.max_bytes_per_user_per_day`: the user's uploads in the last 24
+/// hours (what is stored of them; deleted media still counts).
+async fn daily_quota(st: &AppState, c: &Claims) -> Result<()> {
+    let limit = st.config.intake.max_bytes_per_user_per_day;
+    if limit == 0 {
+        return Ok(());
+    }
+    let user = c.sub.clone();
+    let since = crate::clock::now_ms() - 24 * 3600 * 1000;
+    let (used, oldest) = st
+        .store
+        .read(move |conn| domain::uploaded_since(conn, &user, since))
+        .await?;
+    if used < limit {
+        return Ok(());
+    }
+    let retry_after_secs = oldest
+        .map(|t| ((t + 24 * 3600 * 1000 - crate::clock::now_ms()) / 1000).max(1) as u64)
+        .unwrap_or(3600);
+    Err(Error::Intake(IntakeError::DailyQuota {
+        used_mib: used / (1024 * 1024),
+        limit_mib: limit / (1024 * 1024),
+        retry_after_secs,
+    }))
 }
 
 async fn upload_inner(
@@ -294,6 +330,10 @@ async fn upload_inner(
         return Ok((StatusCode::OK, Json(view(st, &c, sub, None))));
     }
     let limits = IntakeLimits::from(&st.config.intake);
+    // Fair use, before a byte is written: uploads at once (this user's and
+    // everyone's), then bytes in the last 24 hours.
+    let _admitted = st.intake.admit(&c.sub, &limits)?;
+    daily_quota(st, &c).await?;
     let staging = st.config.staging_dir();
     let content_type = req
         .headers()
@@ -329,7 +369,14 @@ async fn upload_inner(
                     content_type: field.content_type().map(str::to_owned),
                     content_length: None,
                 };
-                break intake::receive(Box::pin(field), &hint, &limits, &staging).await?;
+                break intake::receive_reserved(
+                    Box::pin(field),
+                    &hint,
+                    &limits,
+                    &staging,
+                    &st.intake.reserve,
+                )
+                .await?;
             }
         }
     } else {
@@ -339,7 +386,14 @@ async fn upload_inner(
             content_length,
         };
         let stream = req.into_body().into_data_stream();
-        intake::receive(Box::pin(stream), &hint, &limits, &staging).await?
+        intake::receive_reserved(
+            Box::pin(stream),
+            &hint,
+            &limits,
+            &staging,
+            &st.intake.reserve,
+        )
+        .await?
     };
     let sub_id = new_id("sub");
     let final_dir = st.config.media_dir().join(&sub_id);
@@ -584,8 +638,10 @@ pub(super) struct TicketResponse {
 pub(super) async fn ticket(
     State(st): State<AppState>,
     Session(mut c): Session,
+    ClientIp(ip): ClientIp,
     Json(req): Json<TicketRequest>,
 ) -> Result<Json<TicketResponse>> {
+    st.limits.check(Limited::Ticket, ip, Some(&c.sub))?;
     if let Some(id) = req.scope.strip_prefix("media:") {
         load_readable(&st, &mut c, id.to_owned()).await?;
     } else if req.scope != "events" {
@@ -619,6 +675,8 @@ struct SubmissionEvent {
     eta_seconds: Option<f64>,
     batch: Option<BatchProgress>,
     failure_reason: Option<String>,
+    /// Why it waits although it could run (its model cannot start).
+    paused: Option<String>,
 }
 
 /// What the global stream sends on every change.
@@ -637,6 +695,8 @@ pub(super) async fn events(
     Query(q): Query<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
     let mut c = claims_from(&st, &headers, q.ticket.as_deref(), "events")?;
+    // Held by the stream: its place is given back when the client goes.
+    let slot = st.limits.open_stream(&c.sub)?;
     let rx = st.scheduler.subscribe();
     let stream: futures::stream::BoxStream<'static, std::result::Result<Event, Infallible>> =
         match q.submission {
@@ -646,6 +706,12 @@ pub(super) async fn events(
             }
             None => global_stream(rx).boxed(),
         };
+    let stream = stream
+        .map(move |e| {
+            let _held = &slot;
+            e
+        })
+        .boxed();
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
@@ -749,6 +815,7 @@ fn submission_stream(
                 eta_seconds: entry.as_ref().map(|e| e.eta_seconds),
                 batch,
                 failure_reason: s.sub.failure_reason.clone(),
+                paused: entry.as_ref().and_then(|e| e.paused.clone()),
             };
             let settled =
                 entry.is_none() && (state.is_settled() || state == SubmissionState::Evaluated);

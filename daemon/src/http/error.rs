@@ -25,6 +25,7 @@ pub(crate) fn status_and_code(e: &Error) -> (StatusCode, &'static str) {
         Error::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
         Error::Conflict { code, .. } => (StatusCode::CONFLICT, code),
         Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        Error::TooManyRequests { code, .. } => (StatusCode::TOO_MANY_REQUESTS, code),
         Error::Config(_)
         | Error::Db(_)
         | Error::SchemaTooNew { .. }
@@ -45,6 +46,9 @@ fn intake_status(e: &IntakeError) -> StatusCode {
         | IntakeError::Undecodable { .. }
         | IntakeError::Timeout { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         IntakeError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+        IntakeError::TooManyUploads { .. }
+        | IntakeError::IntakeBusy { .. }
+        | IntakeError::DailyQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
         IntakeError::ToolMissing(_) | IntakeError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -134,6 +138,17 @@ impl IntoResponse for Error {
             Json(serde_json::json!({ "error": { "code": code, "message": message } })),
         )
             .into_response();
+        let retry_after = match &self {
+            Error::Intake(e) => e.retry_after_secs(),
+            Error::TooManyRequests {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -177,9 +192,10 @@ mod tests {
             Error::Conflict { .. } => 12,
             Error::Unavailable(_) => 13,
             Error::Internal(_) => 14,
+            Error::TooManyRequests { .. } => 15,
         }
     }
-    const ERROR_VARIANTS: usize = 15;
+    const ERROR_VARIANTS: usize = 16;
 
     fn intake_variant(e: &IntakeError) -> usize {
         match e {
@@ -195,9 +211,12 @@ mod tests {
             IntakeError::Interrupted(_) => 9,
             IntakeError::ToolMissing(_) => 10,
             IntakeError::Io(_) => 11,
+            IntakeError::TooManyUploads { .. } => 12,
+            IntakeError::IntakeBusy { .. } => 13,
+            IntakeError::DailyQuota { .. } => 14,
         }
     }
-    const INTAKE_VARIANTS: usize = 12;
+    const INTAKE_VARIANTS: usize = 15;
 
     fn plugin_variant(e: &viva_plugins::Error) -> usize {
         use viva_plugins::Error as E;
@@ -324,6 +343,15 @@ mod tests {
                 "not_failed",
             ),
             (Error::Unavailable(s("x")), 503, "unavailable"),
+            (
+                Error::TooManyRequests {
+                    code: "rate_limited",
+                    message: s("x"),
+                    retry_after_secs: 1,
+                },
+                429,
+                "rate_limited",
+            ),
             (Error::Internal(s("secret detail")), 500, "internal"),
             // Intake.
             intake(IntakeError::Empty, 400, "empty_upload"),
@@ -371,6 +399,30 @@ mod tests {
                 "media_tools_missing",
             ),
             intake(IntakeError::Io(io()), 500, "internal"),
+            intake(
+                IntakeError::TooManyUploads {
+                    limit: 2,
+                    retry_after_secs: 10,
+                },
+                429,
+                "too_many_uploads",
+            ),
+            intake(
+                IntakeError::IntakeBusy {
+                    retry_after_secs: 5,
+                },
+                429,
+                "intake_busy",
+            ),
+            intake(
+                IntakeError::DailyQuota {
+                    used_mib: 1,
+                    limit_mib: 1,
+                    retry_after_secs: 60,
+                },
+                429,
+                "daily_quota",
+            ),
             // Plugins.
             plugin(P::TooLarge { size: 2, limit: 1 }, 413, "plugin_too_large"),
             plugin(P::NotAComponent(s("x")), 400, "not_a_component"),

@@ -13,6 +13,7 @@ mod admin;
 mod api;
 mod error;
 mod html;
+mod limits;
 mod lti;
 mod plugins;
 mod review;
@@ -23,6 +24,7 @@ use std::sync::atomic::AtomicBool;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{delete, get, post};
 
 use crate::auth::Sessions;
@@ -42,7 +44,13 @@ pub struct AppState {
     pub plugins: Arc<crate::plugins::PluginRegistry>,
     pub lti: crate::lti::Lti,
     pub shutting_down: Arc<AtomicBool>,
+    /// Uploads in flight (per user and in all) and their disk reserve.
+    pub intake: crate::intake::Admission,
+    /// Rate limits and stream caps.
+    pub limits: Arc<RateLimits>,
 }
+
+pub use limits::RateLimits;
 
 /// Every route of the daemon.
 pub fn router(state: AppState) -> Router {
@@ -129,6 +137,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/admin/plugin-failures", get(admin::plugin_failures))
         .route("/api/v1/admin/timeline", get(admin::timeline))
         .route(
+            "/api/v1/admin/workers/{role}/retry",
+            post(admin::retry_worker),
+        )
+        .route(
             "/api/v1/admin/platforms",
             get(lti::list_platforms)
                 .post(lti::add_platform)
@@ -136,12 +148,24 @@ pub fn router(state: AppState) -> Router {
         )
         // LTI 1.3: the platform's messages (no session), and the roster.
         .route("/api/v1/admin/platforms/invites", post(lti::create_invite))
-        .route("/lti/login", get(lti::login_get).post(lti::login_post))
+        .route(
+            "/lti/login",
+            get(lti::login_get)
+                .post(lti::login_post)
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    limits::login_limit,
+                )),
+        )
         .route("/lti/launch", post(lti::launch))
         .route("/lti/jwks.json", get(lti::jwks))
         .route("/lti/register", get(lti::register))
         .route("/lti/canvas.json", get(lti::canvas_json))
         .route("/lti/deep-link", post(lti::deep_link))
         .route("/api/v1/lti/members", get(lti::members))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::request_timeout,
+        ))
         .with_state(state)
 }

@@ -190,6 +190,8 @@ struct DashboardRow {
     eta_seconds: Option<f64>,
     running: bool,
     retrying: bool,
+    /// Why it waits although it could run (its model cannot start).
+    paused: Option<String>,
     failure_code: Option<String>,
     failure_reason: Option<String>,
     needs_review: bool,
@@ -208,6 +210,9 @@ pub(super) struct Dashboard {
     batch: Option<crate::jobs::BatchProgress>,
     stt_queue: usize,
     eval_queue: usize,
+    /// Models that cannot start now, with the worker's own error: the
+    /// instructor's alert (their students' submissions wait, paused).
+    unavailable: Vec<crate::eta::Unavailable>,
     counts: std::collections::BTreeMap<&'static str, usize>,
     rows: Vec<DashboardRow>,
 }
@@ -261,6 +266,7 @@ pub(super) async fn dashboard(
                 eta_seconds: q.map(|q| q.eta_seconds),
                 running: q.is_some_and(|q| q.running),
                 retrying: q.is_some_and(|q| q.retrying),
+                paused: q.and_then(|q| q.paused.clone()),
                 needs_review: score
                     .and_then(|v| v["needs_review"].as_bool())
                     .unwrap_or(false),
@@ -297,6 +303,7 @@ pub(super) async fn dashboard(
         batch: snap.batch.clone(),
         stt_queue: snap.stt_queue,
         eval_queue: snap.eval_queue,
+        unavailable: snap.unavailable.values().cloned().collect(),
         counts,
         rows,
     }))

@@ -19,6 +19,9 @@
 //! - `FAKE_LOAD_MS`: time to "load the model"; `FAKE_LOAD_GATE=/path`: keep
 //!   loading until that file exists. `FAKE_LOAD_FAIL`: when set
 //!   and not empty, loading fails with an `Error` frame and the worker exits 1.
+//!   So does a model file (`model.path`) that is missing or whose contents
+//!   begin with `CORRUPT` (a broken model file: `/dev/null`, the default,
+//!   loads).
 //! - `FAKE_STT_FIXED_MS` + `FAKE_STT_MS_PER_AUDIO_SEC` × audio seconds: the
 //!   duration of a transcription. `FAKE_EVAL_FIXED_MS` +
 //!   `FAKE_EVAL_MS_PER_ITEM` × items: the duration of an evaluation.
@@ -453,6 +456,19 @@ fn run() -> anyhow::Result<()> {
         while !Path::new(&gate).exists() {
             sleep_ms(20.0);
         }
+    }
+    let corrupt = match std::fs::read(&model.path) {
+        Ok(bytes) => bytes.starts_with(b"CORRUPT"),
+        Err(_) => true,
+    };
+    if corrupt {
+        worker.send(&WorkerMessage::Error {
+            job_id: None,
+            code: "model_load_failed".into(),
+            message: format!("cannot load {}: not a valid model file", model.path),
+            retryable: false,
+        });
+        worker.exit(1);
     }
     if std::env::var_os("FAKE_LOAD_FAIL").is_some_and(|v| !v.is_empty()) {
         worker.send(&WorkerMessage::Error {
