@@ -214,15 +214,19 @@ impl TestDaemon {
                 fake_worker_config("evaluator", env, &fake_log, &db),
             );
         }
+        // Bound first, as `viva serve` does: the links the daemon hands out
+        // (public_url's default) carry the real port.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let bound = listener.local_addr().expect("addr");
+        config.listen = bound;
         customize(&mut config);
         let daemon = viva_daemon::Daemon::build_with(config, scoring)
             .await
             .expect("daemon builds");
         let state = daemon.state.clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let url = format!("http://{bound}");
         let shutdown = CancellationToken::new();
         let join = tokio::spawn(daemon.serve(listener, shutdown.clone()));
         TestDaemon {

@@ -3,7 +3,7 @@
 // report, override, release, audit log), the rubric editor with the plugin's
 // generated configuration form, and who has not submitted.
 import S from './strings.en.js';
-import { h, clear, announce, notice, tabs, table, fmtDate, fmtPoints, fmtBytes, errorText, uid, field } from './ui.js';
+import { h, clear, announce, notice, tabs, table, fmtDate, fmtPoints, fmtBytes, errorText, uid, field, checkField } from './ui.js';
 import { mediaPanel, reportOf } from './student.js';
 import { schemaForm } from './schemaform.js';
 
@@ -200,7 +200,7 @@ export function mount(panel, ctx) {
       const saveBtn = h('button', { type: 'submit', class: 'primary', 'data-testid': 'save-override', text: S.saveOverride, disabled: locked });
       const relBtn = h('button', { type: 'button', class: 'primary', 'data-testid': 'release', text: S.release, disabled: locked });
       const form = h('form', { 'data-testid': 'override-form', novalidate: true }, inputs.map((x) => x.el), field(S.overallFeedbackLabel, overall), field(S.note, note),
-        field(S.shareNote, shareNote), h('div', { class: 'buttons' }, saveBtn, relBtn));
+        checkField(S.shareNote, shareNote), h('div', { class: 'buttons' }, saveBtn, relBtn));
       form.addEventListener('submit', async (e) => {
         e.preventDefault();
         const body = {

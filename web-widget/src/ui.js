@@ -80,6 +80,12 @@ export function field(labelText, control, help) {
   return wrap;
 }
 
+// A checkbox with its label beside it (after it, as forms usually place it).
+export function checkField(labelText, box) {
+  const id = box.id || (box.id = uid('f'));
+  return h('div', { class: 'field check' }, box, h('label', { for: id, text: labelText }));
+}
+
 // Accessible tabs (WAI-ARIA tabs pattern: arrow keys move between tabs).
 // tabs = [{id, label, render(panel)}]; returns the container.
 export function tabs(label, list, initial) {
