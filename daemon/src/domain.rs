@@ -146,6 +146,8 @@ pub struct Assignment {
     pub plugin: String,
     pub plugin_config: serde_json::Value,
     pub release_policy: ReleasePolicy,
+    /// Attempts each student has (`None`: unlimited).
+    pub max_attempts: Option<u32>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -165,6 +167,9 @@ pub struct AssignmentInput {
     pub plugin_config: Option<serde_json::Value>,
     #[serde(default)]
     pub release_policy: Option<ReleasePolicy>,
+    /// Attempts each student has (absent or null: unlimited).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
 }
 
 pub const DEFAULT_PLUGIN: &str = "weighted-criteria";
@@ -189,6 +194,12 @@ impl AssignmentInput {
         self.rubric
             .validate()
             .map_err(|e| Error::bad_request("invalid_rubric", e.to_string()))?;
+        if self.max_attempts == Some(0) {
+            return Err(Error::bad_request(
+                "invalid_assignment",
+                "max_attempts must be at least 1 (leave it out for unlimited attempts)",
+            ));
+        }
         if let Some(cfg) = &self.plugin_config
             && !cfg.is_object()
         {
@@ -269,6 +280,7 @@ fn assignment_from_row(r: &Row<'_>) -> rusqlite::Result<(Assignment, String, Str
             plugin: r.get("plugin")?,
             plugin_config: serde_json::Value::Null,
             release_policy: ReleasePolicy::parse(&r.get::<_, String>("release_policy")?),
+            max_attempts: r.get("max_attempts")?,
             created_at: r.get("created_at")?,
             updated_at: r.get("updated_at")?,
         },
@@ -321,10 +333,10 @@ pub fn upsert_assignment(
         .to_string();
     tx.execute(
         "INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, plugin_config,
-                                  release_policy, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+                                  release_policy, created_at, updated_at, max_attempts)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)
          ON CONFLICT(id) DO UPDATE SET title = ?3, prompt = ?4, rubric = ?5, plugin = ?6,
-             plugin_config = ?7, release_policy = ?8, updated_at = ?9",
+             plugin_config = ?7, release_policy = ?8, updated_at = ?9, max_attempts = ?10",
         params![
             id,
             context_id,
@@ -334,10 +346,32 @@ pub fn upsert_assignment(
             input.plugin.as_deref().unwrap_or(DEFAULT_PLUGIN),
             cfg,
             input.release_policy.unwrap_or_default().as_str(),
-            now
+            now,
+            input.max_attempts
         ],
     )?;
     get_assignment(tx, id)?.ok_or(Error::NotFound("assignment"))
+}
+
+/// How many attempts `user` has made at `assignment` (their highest
+/// attempt number).
+pub fn attempts_made(conn: &Connection, assignment: &str, user: &str) -> Result<u32> {
+    Ok(conn.query_row(
+        "SELECT COALESCE(MAX(attempt), 0) FROM submissions WHERE assignment_id = ?1 AND user_id = ?2",
+        params![assignment, user],
+        |r| r.get(0),
+    )?)
+}
+
+/// The refusal of an attempt past an assignment's limit.
+pub fn attempts_used_up(max: u32) -> Error {
+    Error::Conflict {
+        code: "attempts_used_up",
+        message: format!(
+            "you have used all {max} attempt{} at this assignment; ask your instructor if you need another",
+            if max == 1 { "" } else { "s" }
+        ),
+    }
 }
 
 /// Deletes an assignment; refused while it has submissions (grades must not vanish).
@@ -592,6 +626,7 @@ pub fn sandbox_assignment() -> AssignmentInput {
         plugin: None,
         plugin_config: None,
         release_policy: Some(ReleasePolicy::Manual),
+        max_attempts: None,
     }
 }
 

@@ -122,6 +122,8 @@ pub(crate) struct NewSubmission {
     pub duration_seconds: f64,
     /// ffprobe's findings, JSON.
     pub media_info: String,
+    /// The assignment's attempt limit (`None`: unlimited).
+    pub max_attempts: Option<u32>,
 }
 
 /// → `queued`: an accepted upload becomes the student's next attempt with its
@@ -149,12 +151,14 @@ pub(crate) fn accept_upload(tx: &Transaction<'_>, n: &NewSubmission) -> Result<O
         n.user_name.as_deref(),
         &n.roles,
     )?;
-    let attempt: i64 = tx.query_row(
-        "SELECT COALESCE(MAX(attempt), 0) + 1 FROM submissions
-         WHERE assignment_id = ?1 AND user_id = ?2",
-        params![n.assignment_id, n.user_id],
-        |r| r.get(0),
-    )?;
+    // Checked again here, in the transaction that writes the attempt: two
+    // uploads at once cannot both take the last one.
+    let attempt = domain::attempts_made(tx, &n.assignment_id, &n.user_id)? + 1;
+    if let Some(max) = n.max_attempts
+        && attempt > max
+    {
+        return Err(domain::attempts_used_up(max));
+    }
     let now = now_ms();
     tx.execute(
         "INSERT INTO submissions (id, assignment_id, user_id, attempt, state, original_name,

@@ -244,6 +244,11 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE lti_users_new RENAME TO lti_users;
     CREATE INDEX lti_users_by_user ON lti_users(user_id);
     "#,
+    // 9: an instructor may cap the attempts a student has at an assignment
+    // (NULL: unlimited, the default).
+    r#"
+    ALTER TABLE assignments ADD COLUMN max_attempts INTEGER CHECK (max_attempts IS NULL OR max_attempts > 0);
+    "#,
 ];
 
 /// The schema version this build understands.
@@ -718,6 +723,27 @@ mod tests {
                 ("a".to_string(), 2, 50.0, 5.0),
                 ("b".to_string(), 1, 20.0, 2.0),
             ]
+        );
+    }
+
+    #[test]
+    fn migration_9_adds_an_optional_attempt_limit_to_assignments() {
+        let (_d, conn, _) = db_at(9);
+        conn.execute_batch(COURSE).expect("course");
+        let max: Option<i64> = conn
+            .query_row(
+                "SELECT max_attempts FROM assignments WHERE id = 'a'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("read");
+        assert_eq!(max, None, "existing assignments stay unlimited");
+        conn.execute("UPDATE assignments SET max_attempts = 3 WHERE id = 'a'", [])
+            .expect("a limit");
+        assert!(
+            conn.execute("UPDATE assignments SET max_attempts = 0 WHERE id = 'a'", [])
+                .is_err(),
+            "zero attempts is no assignment"
         );
     }
 

@@ -260,6 +260,88 @@ async fn intake_accepts_real_media_and_rejects_bad_input_cleanly() {
 /// try made, for that student only; a new key makes a new attempt; a
 /// malformed key is refused before anything is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_past_the_assignments_limit_is_refused_and_nothing_is_kept() {
+    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", "50".into())], |_| {}).await;
+    let teacher = d.token(Role::Instructor, "teacher", "sandbox");
+    let alice = d.token(Role::Learner, "alice", "sandbox");
+    let bob = d.token(Role::Learner, "bob", "sandbox");
+    let http = reqwest::Client::new();
+    let (_, a) = d.get(&teacher, "/api/v1/assignments/sandbox-oral-1").await;
+    assert_eq!(
+        a["max_attempts"],
+        serde_json::Value::Null,
+        "unlimited by default"
+    );
+    let put = |max: serde_json::Value| {
+        let body = serde_json::json!({
+            "title": a["title"], "prompt": a["prompt"], "rubric": a["rubric"],
+            "plugin": a["plugin"], "plugin_config": a["plugin_config"],
+            "release_policy": a["release_policy"], "max_attempts": max,
+        });
+        let (http, url, teacher) = (http.clone(), d.url.clone(), teacher.clone());
+        async move {
+            let r = http
+                .put(format!("{url}/api/v1/assignments/sandbox-oral-1"))
+                .bearer_auth(&teacher)
+                .json(&body)
+                .send()
+                .await
+                .expect("put");
+            let status = r.status().as_u16();
+            (
+                status,
+                r.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    let (status, body) = put(serde_json::json!(0)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_assignment"))
+    );
+    let (status, body) = put(serde_json::json!(2)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["max_attempts"], 2);
+    // A learner cannot lift it.
+    let r = http
+        .put(format!("{}/api/v1/assignments/sandbox-oral-1", d.url))
+        .bearer_auth(&alice)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .expect("put");
+    assert!(r.status().is_client_error());
+
+    let clip = tone(d.dir.path(), "answer.wav", 1.0);
+    for attempt in 1..=2 {
+        let (status, v) = d.upload(&alice, "sandbox-oral-1", &clip).await;
+        assert_eq!(status, 201, "attempt {attempt}: {v}");
+        assert_eq!(v["attempt"], attempt);
+    }
+    let media = d.dir.path().join("var/media");
+    let staging = d.dir.path().join("var/staging");
+    let (status, v) = d.upload(&alice, "sandbox-oral-1", &clip).await;
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["error"]["code"], "attempts_used_up");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("all 2 attempts"), "{message}");
+    assert!(message.contains("ask your instructor"), "{message}");
+    assert_eq!(submission_count(&d).await, 2, "nothing of the third kept");
+    assert_eq!(dir_entries(&media), 2);
+    assert_eq!(dir_entries(&staging), 0);
+    // Another student has their own attempts.
+    let (status, v) = d.upload(&bob, "sandbox-oral-1", &clip).await;
+    assert_eq!(status, 201, "{v}");
+    // The instructor lifts the limit: alice's third attempt is taken.
+    let (status, _) = put(serde_json::Value::Null).await;
+    assert_eq!(status, 200);
+    let (status, v) = d.upload(&alice, "sandbox-oral-1", &clip).await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["attempt"], 3);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_upload_with_its_key_makes_one_submission() {
     let d = TestDaemon::start(&[], |c| {
         c.workers.stt = None;

@@ -251,6 +251,7 @@ export function mount(panel, ctx) {
     const title = h('input', { type: 'text', value: a.title, required: true, 'data-testid': 'assignment-title' });
     const promptEl = h('textarea', { rows: '3', value: a.prompt, required: true, 'data-testid': 'assignment-prompt' });
     const policy = h('select', { 'data-testid': 'release-policy' }, Object.entries(S.policies).map(([k, v]) => h('option', { value: k, text: v, selected: k === a.release_policy })));
+    const attempts = h('input', { type: 'number', min: '1', step: '1', inputmode: 'numeric', 'data-testid': 'max-attempts', value: a.max_attempts == null ? '' : String(a.max_attempts) });
     const crit = h('div', { class: 'criteria', 'data-testid': 'criteria-editor' });
     const maxLine = h('p', { class: 'muted', 'aria-live': 'polite' });
     const maxTotal = () => model.criteria.reduce((t, c) => t + (Number(c.weight) || 0) * Math.max(0, ...c.levels.map((l) => Number(l.points) || 0)), 0);
@@ -348,7 +349,7 @@ export function mount(panel, ctx) {
     const save = h('button', { type: 'submit', class: 'primary', 'data-testid': 'save-assignment', text: S.saveAssignment });
     const formEl = h('form', { class: 'rubric-form', novalidate: true },
       h('h2', { text: S.rubricTitle }), msg,
-      field(S.title, title), field(S.prompt, promptEl), field(S.releasePolicy, policy),
+      field(S.title, title), field(S.prompt, promptEl), field(S.releasePolicy, policy), field(S.maxAttempts, attempts, S.maxAttemptsHelp),
       h('fieldset', { class: 'criteria-set' }, h('legend', { text: S.criteria }), crit, maxLine, h('div', { class: 'buttons' }, addCrit, exportBtn),
         field(S.importRubric, importInput)),
       h('fieldset', { class: 'plugin-set' }, h('legend', { text: S.plugin }), field(S.plugin, pluginSel), h('h3', { text: S.pluginConfig }), cfgHolder, cfgMsg),
@@ -358,6 +359,7 @@ export function mount(panel, ctx) {
       if (!(await validate())) { announce(cfgMsg.textContent, true); return; }
       const body = {
         title: title.value, prompt: promptEl.value, release_policy: policy.value,
+        max_attempts: attempts.value.trim() === '' ? null : Number(attempts.value),
         rubric: { criteria: model.criteria.map((c) => ({ ...c, weight: Number(c.weight), levels: c.levels.map((l) => ({ ...l, points: Number(l.points) })) })) },
         plugin: pluginSel.value, plugin_config: form ? form.value() : {},
       };

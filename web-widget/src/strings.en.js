@@ -200,6 +200,8 @@ export default {
   title: 'Title',
   prompt: 'Question students answer',
   releasePolicy: 'When grades reach students',
+  maxAttempts: 'Attempts each student has',
+  maxAttemptsHelp: 'Leave empty for unlimited attempts. A student who has used them all is told so, in plain words, when they submit another; nothing of it is kept.',
   policies: {
     manual: 'After I release them',
     'auto-unless-flagged': 'At once, unless flagged for review',

@@ -329,6 +329,18 @@ async fn upload_inner(
         tracing::info!(submission = %sub.id, "upload retried with a known idempotency key");
         return Ok((StatusCode::OK, Json(view(st, &c, sub, None))));
     }
+    // An attempt past the assignment's limit is refused before a byte is
+    // read (and again when the attempt is written, against a race).
+    if let Some(max) = assignment.max_attempts {
+        let (a, u) = (assignment.id.clone(), c.sub.clone());
+        let made = st
+            .store
+            .read(move |conn| domain::attempts_made(conn, &a, &u))
+            .await?;
+        if made >= max {
+            return Err(domain::attempts_used_up(max));
+        }
+    }
     let limits = IntakeLimits::from(&st.config.intake);
     // Fair use, before a byte is written: uploads at once (this user's and
     // everyone's), then bytes in the last 24 hours.
@@ -420,6 +432,7 @@ async fn upload_inner(
         size_bytes,
         duration_seconds: info.duration_seconds,
         media_info: media_json,
+        max_attempts: assignment.max_attempts,
     };
     let insert = st
         .store

@@ -518,6 +518,7 @@ fn resolve_assignment(
         plugin: Some(a.plugin.clone()),
         plugin_config: Some(a.plugin_config.clone()),
         release_policy: Some(a.release_policy),
+        max_attempts: a.max_attempts,
     };
     domain::upsert_assignment(tx, context, &id, &input)?;
     domain::audit(
