@@ -28,6 +28,8 @@ use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
 
+use crate::slots::{Full, Slot, Slots};
+
 /// Name of the staged original while it is received and probed (no extension on purpose:
 /// ffmpeg must detect the container from its bytes, not from a name the client chose).
 const ORIGINAL_STEM: &str = "original";
@@ -1260,67 +1262,40 @@ impl Drop for Claim {
     }
 }
 
-/// Who is uploading now: per-user and global counts of uploads in flight
-/// (entries exist only while a user has one, so the map is bounded by the
-/// uploads in flight), and the shared disk reserve.
+/// Who is uploading now: per-user and global places of uploads in flight,
+/// and the shared disk reserve.
 #[derive(Clone, Default)]
 pub struct Admission {
-    counts: Arc<std::sync::Mutex<(usize, HashMap<String, usize>)>>,
+    uploads: Slots,
     pub reserve: DiskReserve,
 }
 
-/// An admitted upload; its slot is given back when dropped.
-pub struct Admitted {
-    admission: Admission,
-    user: String,
-}
+/// An admitted upload; its place is given back when dropped.
+pub type Admitted = Slot;
 
 impl Admission {
     /// Admits one upload of `user`, or says when to try again.
     pub fn admit(&self, user: &str, limits: &IntakeLimits) -> Result<Admitted, IntakeError> {
-        let mut guard = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let (total, per_user) = &mut *guard;
-        let mine = per_user.get(user).copied().unwrap_or(0);
-        if limits.max_uploads_per_user > 0 && mine >= limits.max_uploads_per_user {
-            return Err(IntakeError::TooManyUploads {
-                limit: limits.max_uploads_per_user,
-                retry_after_secs: 10,
-            });
-        }
-        if limits.max_uploads_in_flight > 0 && *total >= limits.max_uploads_in_flight {
-            return Err(IntakeError::IntakeBusy {
-                retry_after_secs: 5,
-            });
-        }
-        *total += 1;
-        per_user.insert(user.to_owned(), mine + 1);
-        Ok(Admitted {
-            admission: self.clone(),
-            user: user.to_owned(),
-        })
+        self.uploads
+            .take(
+                user,
+                limits.max_uploads_per_user,
+                limits.max_uploads_in_flight,
+            )
+            .map_err(|full| match full {
+                Full::Key(_) => IntakeError::TooManyUploads {
+                    limit: limits.max_uploads_per_user,
+                    retry_after_secs: 10,
+                },
+                Full::All => IntakeError::IntakeBusy {
+                    retry_after_secs: 5,
+                },
+            })
     }
 
     /// Uploads in flight now.
     pub fn in_flight(&self) -> usize {
-        self.counts.lock().map(|c| c.0).unwrap_or(0)
-    }
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut guard = self
-            .admission
-            .counts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let (total, per_user) = &mut *guard;
-        *total = total.saturating_sub(1);
-        if let Some(n) = per_user.get_mut(&self.user) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                per_user.remove(&self.user);
-            }
-        }
+        self.uploads.held()
     }
 }
 

@@ -5,7 +5,7 @@
 //! supervises model [`workers`] and scores with rubric [`plugins`]) and
 //! serves the [`api`] until shutdown.
 
-// Modules import one way, bottom to top: clock, config, metrics, intake,
+// Modules import one way, bottom to top: clock, slots, config, metrics, intake,
 // workers, error, store, domain, grades, jobs, eta, auth, scheduler,
 // plugins, lti, passback, retention, http, cli (scripts/check-layout
 // enforces it; ARCHITECTURE.md says what each owns).
@@ -26,6 +26,7 @@ mod passback;
 mod plugins;
 mod retention;
 mod scheduler;
+mod slots;
 mod store;
 pub mod workers;
 

@@ -8,11 +8,9 @@
 //! client usually holds. Keys whose bucket is full again are dropped every
 //! few hundred checks, so the maps hold the clients of about the last minute.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::Method;
@@ -25,6 +23,7 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use super::AppState;
 use crate::config::LimitsConfig;
 use crate::error::Error;
+use crate::slots::{Full, Slot, Slots};
 
 /// Which limited route a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +55,7 @@ pub struct RateLimits {
     ticket_user: Option<Limiter>,
     clock: DefaultClock,
     checks: AtomicU64,
-    streams: Mutex<(usize, HashMap<String, usize>)>,
+    streams: Slots,
     max_streams: usize,
     max_streams_per_user: usize,
 }
@@ -71,7 +70,7 @@ impl RateLimits {
             ticket_user: Limiter::new(c.tickets_per_user_per_minute),
             clock: DefaultClock::default(),
             checks: AtomicU64::new(0),
-            streams: Mutex::new((0, HashMap::new())),
+            streams: Slots::default(),
             max_streams: c.max_streams,
             max_streams_per_user: c.max_streams_per_user,
         }
@@ -154,60 +153,32 @@ impl RateLimits {
     }
 
     /// Opens an event stream for `user`, or says no (per user and in all).
-    pub(crate) fn open_stream(self: &Arc<Self>, user: &str) -> Result<StreamSlot, Error> {
-        let mut guard = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        let (total, per_user) = &mut *guard;
-        let mine = per_user.get(user).copied().unwrap_or(0);
-        let over_user = self.max_streams_per_user > 0 && mine >= self.max_streams_per_user;
-        let over_all = self.max_streams > 0 && *total >= self.max_streams;
-        if over_user || over_all {
-            return Err(Error::TooManyRequests {
+    pub(crate) fn open_stream(&self, user: &str) -> Result<StreamSlot, Error> {
+        self.streams
+            .take(user, self.max_streams_per_user, self.max_streams)
+            .map_err(|full| Error::TooManyRequests {
                 code: "too_many_streams",
-                message: if over_user {
-                    format!("you have {mine} live status streams open; close a tab and try again")
-                } else {
-                    "the server has too many live status streams open; try again in a minute".into()
+                message: match full {
+                    Full::Key(mine) => format!(
+                        "you have {mine} live status streams open; close a tab and try again"
+                    ),
+                    Full::All => {
+                        "the server has too many live status streams open; try again in a minute"
+                            .into()
+                    }
                 },
                 retry_after_secs: 30,
-            });
-        }
-        *total += 1;
-        per_user.insert(user.to_owned(), mine + 1);
-        Ok(StreamSlot {
-            limits: self.clone(),
-            user: user.to_owned(),
-        })
+            })
     }
 
     /// Open event streams in all.
     pub fn streams(&self) -> usize {
-        self.streams.lock().map(|s| s.0).unwrap_or(0)
+        self.streams.held()
     }
 }
 
 /// An open event stream's place; given back when the stream is dropped.
-pub(crate) struct StreamSlot {
-    limits: Arc<RateLimits>,
-    user: String,
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        let mut guard = self
-            .limits
-            .streams
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let (total, per_user) = &mut *guard;
-        *total = total.saturating_sub(1);
-        if let Some(n) = per_user.get_mut(&self.user) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                per_user.remove(&self.user);
-            }
-        }
-    }
-}
+pub(crate) type StreamSlot = Slot;
 
 /// `/lti/login`: per client address (no user is known yet).
 pub(crate) async fn login_limit(
