@@ -83,10 +83,7 @@ mod tests {
         drop(a1);
         assert_eq!(s.held(), 2);
         let _c1 = s.take("c", 2, 3).expect("a place came back");
-        assert!(
-            s.take("d", 0, 0).is_err(),
-            "all taken: total cap 3 is not 0"
-        );
+        assert_eq!(s.take("d", 2, 3).err(), Some(Full::All), "full again");
         let unlimited = Slots::default();
         let many: Vec<Slot> = (0..100)
             .map(|_| unlimited.take("k", 0, 0).expect("no caps"))
