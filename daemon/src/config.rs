@@ -93,6 +93,10 @@ pub struct LimitsConfig {
     /// not cut.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Longest a client may take to send a request's headers, and the
+    /// longest a kept-alive connection may sit idle between requests.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -107,6 +111,7 @@ impl Default for LimitsConfig {
             max_streams_per_user: 8,
             max_streams: 20_000,
             request_timeout: Duration::from_secs(60),
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -141,6 +146,10 @@ pub struct IntakeConfig {
     pub max_uploads_in_flight: usize,
     /// Bytes one user may upload in 24 hours; more get 429 (0 = no limit).
     pub max_bytes_per_user_per_day: u64,
+    /// An upload whose body sends nothing for this long is cut (408,
+    /// `upload_stalled`); its place and disk reserve are given back.
+    #[serde(with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
 }
 
 impl Default for IntakeConfig {
@@ -156,6 +165,7 @@ impl Default for IntakeConfig {
             max_uploads_per_user: 2,
             max_uploads_in_flight: 32,
             max_bytes_per_user_per_day: 8 * 1024 * 1024 * 1024,
+            body_idle_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -92,6 +92,8 @@ pub struct IntakeLimits {
     pub max_uploads_per_user: usize,
     /// Uploads received at once over all users (default 32; 0 = no limit).
     pub max_uploads_in_flight: usize,
+    /// An upload that sends nothing for this long is cut (default 60 s; 0 = never).
+    pub body_idle_timeout: Duration,
 }
 
 /// The defaults of `[intake]` (the configuration owns them).
@@ -113,6 +115,7 @@ impl From<&crate::config::IntakeConfig> for IntakeLimits {
             preview_concurrency: c.preview_concurrency,
             max_uploads_per_user: c.max_uploads_per_user,
             max_uploads_in_flight: c.max_uploads_in_flight,
+            body_idle_timeout: c.body_idle_timeout,
         }
     }
 }
@@ -217,6 +220,10 @@ pub enum IntakeError {
     #[error("the upload was interrupted: {0}")]
     Interrupted(String),
     #[error(
+        "the upload stopped: nothing arrived for {seconds} seconds; check your connection and upload again"
+    )]
+    Stalled { seconds: u64 },
+    #[error(
         "the server cannot process audio or video because its media tools are missing ({0}); an administrator must install ffmpeg (apt-get install ffmpeg)"
     )]
     ToolMissing(String),
@@ -241,6 +248,7 @@ impl IntakeError {
             Self::IntakeBusy { .. } => "intake_busy",
             Self::DailyQuota { .. } => "daily_quota",
             Self::Interrupted(_) => "upload_interrupted",
+            Self::Stalled { .. } => "upload_stalled",
             Self::ToolMissing(_) => "media_tools_missing",
             Self::Io(_) => "internal",
         }
@@ -669,7 +677,18 @@ where
         .extend(dir, limits.min_free_bytes, claimed_until)
         .await?;
 
-    while let Some(item) = stream.next().await {
+    let idle = limits.body_idle_timeout;
+    loop {
+        let item = if idle.is_zero() {
+            stream.next().await
+        } else {
+            tokio::time::timeout(idle, stream.next())
+                .await
+                .map_err(|_| IntakeError::Stalled {
+                    seconds: idle.as_secs(),
+                })?
+        };
+        let Some(item) = item else { break };
         let chunk = item.map_err(|e| IntakeError::Interrupted(e.to_string()))?;
         if chunk.is_empty() {
             continue;
@@ -2442,6 +2461,33 @@ mod tests {
         assert_empty(&root).await;
     }
 
+    /// A client that sends a first chunk and then nothing (a slow-body
+    /// attack, or a dead connection the kernel has not noticed) is cut after
+    /// `body_idle_timeout`, and its staging directory and reserve are gone.
+    #[tokio::test]
+    async fn stalled_body_is_cut_and_cleaned_up() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("staging");
+        let first = futures::stream::iter(vec![Ok::<_, io::Error>(Bytes::from_static(
+            b"RIFF....WAVEfmt ",
+        ))]);
+        let stream = first.chain(futures::stream::pending());
+        let reserve = DiskReserve::default();
+        let limits = IntakeLimits {
+            body_idle_timeout: Duration::from_millis(200),
+            ..limits()
+        };
+        let started = std::time::Instant::now();
+        let e = assert_err(
+            receive_reserved(Box::pin(stream), &hint("a.wav"), &limits, &root, &reserve).await,
+            "upload_stalled",
+        );
+        assert!(started.elapsed() < Duration::from_secs(10), "cut late");
+        assert!(e.to_string().contains("nothing arrived"), "{e}");
+        assert_eq!(reserve.claimed(), 0, "the stalled upload's claim is given back");
+        assert_empty(&root).await;
+    }
+
     #[tokio::test]
     async fn hung_tool_times_out_and_is_killed() {
         use std::os::unix::fs::PermissionsExt;
@@ -2658,6 +2704,11 @@ mod tests {
                 IntakeError::Interrupted("x".into()),
                 "upload_interrupted",
                 400,
+            ),
+            (
+                IntakeError::Stalled { seconds: 60 },
+                "upload_stalled",
+                408,
             ),
             (
                 IntakeError::ToolMissing("x".into()),

@@ -262,14 +262,14 @@ impl Daemon {
         let sd = shutdown.clone();
         let addr = listener.local_addr().ok();
         tracing::info!(?addr, "listening");
-        // The peer address feeds the per-client rate limits.
-        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        // Header-read and idle timeouts; the peer address feeds the
+        // per-client rate limits.
+        http::serve(listener, app, &state.config.limits, async move {
             sd.cancelled().await;
             flag.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::info!("shutting down: no new uploads; finishing requests");
-        });
-        let served = server.await;
+        })
+        .await;
         sched_stop.cancel();
         match sched.await {
             Ok(Ok(())) => {}
@@ -278,7 +278,7 @@ impl Daemon {
         }
         sweeper.abort();
         passback.abort();
-        served.map_err(Error::io("serving HTTP"))
+        Ok(())
     }
 }
 

@@ -863,3 +863,96 @@ async fn forged_login_floods_stay_bounded_and_real_logins_work() {
     assert!(location.contains("state="), "{location}");
     d.stop().await;
 }
+
+/// Reads from a raw connection until the server closes it (or `deadline`
+/// passes: then the test fails); returns what the server sent.
+async fn read_until_closed(conn: &mut tokio::net::TcpStream, deadline: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = Instant::now() + deadline;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, conn.read(&mut buf)).await {
+            Err(_) => panic!(
+                "the server kept the connection open past {deadline:?}; it sent: {}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Slow clients hold nothing: connections that send nothing, or their
+/// headers a few bytes at a time, are closed after `header_read_timeout`,
+/// while other clients are served; an upload whose body stops is cut with
+/// 408 `upload_stalled` after `body_idle_timeout`, and the student's upload
+/// place is given back (their next upload, with one place, is accepted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_hold_nothing() {
+    use tokio::io::AsyncWriteExt;
+    let d = TestDaemon::start(&[], |c| {
+        c.limits.header_read_timeout = Duration::from_secs(1);
+        c.intake.body_idle_timeout = Duration::from_secs(1);
+        c.intake.max_uploads_per_user = 1;
+    })
+    .await;
+    let addr = d.url.trim_start_matches("http://").to_owned();
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        idle.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    // Meanwhile everyone else is served.
+    let ok = reqwest::get(format!("{}/healthz", d.url))
+        .await
+        .expect("healthz");
+    assert_eq!(ok.status().as_u16(), 200);
+    let started = Instant::now();
+    // One more header line a little later: dribbling bytes does not reset the clock.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = slow.write_all(b"X-Slow: 1\r\n").await;
+    let sent = read_until_closed(&mut slow, Duration::from_secs(10)).await;
+    assert!(
+        !String::from_utf8_lossy(&sent).contains("200 OK"),
+        "a request whose headers never ended was answered"
+    );
+    for conn in &mut idle {
+        read_until_closed(conn, Duration::from_secs(10)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "idle connections were closed late: {:?}",
+        started.elapsed()
+    );
+
+    // A stalled upload body: headers promise 1 MB, 16 bytes come, then nothing.
+    let tok = d.token(Role::Learner, "slowpoke", "sandbox");
+    let mut up = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /api/v1/assignments/sandbox-oral-1/submissions?filename=a.wav HTTP/1.1\r\n\
+         Host: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: 1000000\r\n\r\nRIFF....WAVEfmt "
+    );
+    up.write_all(head.as_bytes()).await.expect("write");
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut up, Duration::from_secs(15)).await)
+        .into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("upload_stalled"), "{answer}");
+    // The place is back: the same student (one place) uploads at once.
+    let f = tone(d.dir.path(), "after.wav", 0.5);
+    let (status, body) = d.upload(&tok, "sandbox-oral-1", &f).await;
+    assert_eq!(status, 201, "{body}");
+    d.stop().await;
+}

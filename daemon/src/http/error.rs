@@ -39,6 +39,7 @@ fn intake_status(e: &IntakeError) -> StatusCode {
     match e {
         IntakeError::Empty | IntakeError::Interrupted(_) => StatusCode::BAD_REQUEST,
         IntakeError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        IntakeError::Stalled { .. } => StatusCode::REQUEST_TIMEOUT,
         IntakeError::NotMedia => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         IntakeError::NoAudio
         | IntakeError::Silent { .. }
@@ -214,9 +215,10 @@ mod tests {
             IntakeError::TooManyUploads { .. } => 12,
             IntakeError::IntakeBusy { .. } => 13,
             IntakeError::DailyQuota { .. } => 14,
+            IntakeError::Stalled { .. } => 15,
         }
     }
-    const INTAKE_VARIANTS: usize = 15;
+    const INTAKE_VARIANTS: usize = 16;
 
     fn plugin_variant(e: &viva_plugins::Error) -> usize {
         use viva_plugins::Error as E;
@@ -392,6 +394,11 @@ mod tests {
                 IntakeError::Interrupted(s("reset")),
                 400,
                 "upload_interrupted",
+            ),
+            intake(
+                IntakeError::Stalled { seconds: 60 },
+                408,
+                "upload_stalled",
             ),
             intake(
                 IntakeError::ToolMissing(s("ffmpeg")),

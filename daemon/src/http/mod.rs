@@ -17,6 +17,7 @@ mod limits;
 mod lti;
 mod plugins;
 mod review;
+mod serve;
 pub mod widget;
 
 use std::sync::Arc;
@@ -51,6 +52,7 @@ pub struct AppState {
 }
 
 pub use limits::RateLimits;
+pub use serve::serve;
 
 /// Every route of the daemon.
 pub fn router(state: AppState) -> Router {
