@@ -17,7 +17,7 @@
 //! evaluator call sizes and the order roles are served in are re-stated here.
 //! A change to the scheduler's policy needs the same change in [`plan`].
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::Serialize;
 
@@ -282,6 +282,22 @@ pub struct PlanInput<'a> {
     pub roles: &'a [String],
     pub stt_ready: bool,
     pub eval_ready: bool,
+    /// Roles whose model cannot start ("stt" or an evaluator's name): their
+    /// waiting jobs do not run, so the plan leaves them out, and a submission
+    /// that waits on one has no ETA (it depends on when the model is fixed).
+    pub unavailable: &'a BTreeSet<String>,
+}
+
+impl PlanInput<'_> {
+    /// A job that waits on a model that cannot start.
+    fn blocked(&self, j: &PendingJob) -> bool {
+        !j.running
+            && match j.stage {
+                Stage::Stt => self.unavailable.contains("stt"),
+                Stage::Eval => self.unavailable.contains(&j.role),
+                Stage::Score => false,
+            }
+    }
 }
 
 /// Predicted times (ms since the epoch) for one submission.
@@ -429,7 +445,15 @@ fn run_evals(
 /// Predicts when each unfinished submission will be done.
 pub fn plan(inp: &PlanInput<'_>, stats: &ServiceStats) -> HashMap<String, Prediction> {
     let now = inp.now_ms as f64 / 1000.0;
-    let subs = group(inp.jobs);
+    // Jobs waiting on a model that cannot start take no time from the
+    // others: the scheduler serves every other phase and role meanwhile.
+    let runnable: Vec<PendingJob> = inp
+        .jobs
+        .iter()
+        .filter(|j| !inp.blocked(j))
+        .cloned()
+        .collect();
+    let subs = group(&runnable);
     let stt_time = |s: &Sub| -> f64 {
         let full = stats.stt.predict(s.duration);
         match s.stt {
@@ -485,7 +509,7 @@ pub fn plan(inp: &PlanInput<'_>, stats: &ServiceStats) -> HashMap<String, Predic
             let s = &subs[i];
             let a = avail.get(&i).copied().unwrap_or(floor).max(floor);
             if s.stt.is_some() {
-                for role in inp.roles {
+                for role in inp.roles.iter().filter(|r| !inp.unavailable.contains(*r)) {
                     items.push((i, role.clone(), a, s.duration));
                 }
             } else {
@@ -642,8 +666,11 @@ pub struct QueueEntry {
     pub queue_length: usize,
     pub batch_id: Option<i64>,
     pub running: bool,
-    pub eta_seconds: f64,
-    pub stt_eta_seconds: f64,
+    /// Seconds until the result; none while the submission waits on a
+    /// model that cannot start (see `paused`).
+    pub eta_seconds: Option<f64>,
+    /// Seconds until the transcript; none while the STT model cannot start.
+    pub stt_eta_seconds: Option<f64>,
     pub retrying: bool,
     /// Why this submission waits although it could run: the model it needs
     /// cannot start (see [`Unavailable`]). Plain words for the student.
@@ -747,6 +774,18 @@ pub fn entries(inp: &PlanInput<'_>, stats: &ServiceStats) -> BTreeMap<String, Qu
         .filter(|j| j.attempts > 0 && !j.running)
         .map(|j| j.submission_id.as_str())
         .collect();
+    // Waiting on a model that cannot start: no finish time to promise (and
+    // no transcription time either when it is the STT model).
+    let blocked: std::collections::HashSet<&str> = inp
+        .jobs
+        .iter()
+        .filter(|j| inp.blocked(j))
+        .map(|j| j.submission_id.as_str())
+        .collect();
+    let stt_blocked = inp.unavailable.contains("stt");
+    // Still to be transcribed while an evaluator is down: the transcript has
+    // an ETA, the result does not.
+    let eval_blocked = inp.roles.iter().any(|r| inp.unavailable.contains(r));
     let mut out = BTreeMap::new();
     for (phase, queue) in [
         ("stt", &stt_queue),
@@ -772,8 +811,11 @@ pub fn entries(inp: &PlanInput<'_>, stats: &ServiceStats) -> BTreeMap<String, Qu
                     queue_length: queue.len(),
                     batch_id: s.batch,
                     running,
-                    eta_seconds: ((p.done_ms - now) as f64 / 1000.0).max(0.0),
-                    stt_eta_seconds: ((p.stt_done_ms - now) as f64 / 1000.0).max(0.0),
+                    eta_seconds: (!blocked.contains(s.id.as_str())
+                        && !(eval_blocked && phase == "stt"))
+                    .then(|| ((p.done_ms - now) as f64 / 1000.0).max(0.0)),
+                    stt_eta_seconds: (!(stt_blocked && phase == "stt" && !running))
+                        .then(|| ((p.stt_done_ms - now) as f64 / 1000.0).max(0.0)),
                     retrying: retrying.contains(s.id.as_str()),
                     paused: None,
                 },
@@ -839,8 +881,11 @@ mod tests {
             roles,
             stt_ready: true,
             eval_ready: false,
+            unavailable: &NONE_DOWN,
         }
     }
+
+    static NONE_DOWN: BTreeSet<String> = BTreeSet::new();
 
     #[test]
     fn linear_model_recovers_fixed_and_proportional_parts() {
@@ -917,6 +962,53 @@ mod tests {
         // running calls free the evaluators (3 s) and take 3 s.
         assert!(near(p["s2"].stt_done_ms, 2000), "{:?}", p["s2"]);
         assert!(near(p["s2"].done_ms, 6000), "{:?}", p["s2"]);
+    }
+
+    /// Evaluator b cannot start: s1 (waiting only on b) has no ETA, and its
+    /// evaluation no longer delays s2's transcription; s2 gets a transcript
+    /// ETA but no result ETA (it will need b too). The STT model down: no
+    /// transcript ETA for what waits on it.
+    #[test]
+    fn a_model_that_cannot_start_has_no_eta_and_delays_nothing_else() {
+        let roles = vec!["a".to_string(), "b".to_string()];
+        let jobs = vec![
+            job("s1", Stage::Eval, "b", 1, 10.0, Some(1)),
+            job("s2", Stage::Stt, "", 2, 10.0, None),
+            job("s3", Stage::Eval, "a", 3, 10.0, Some(1)),
+            job("s3", Stage::Eval, "b", 3, 10.0, Some(1)),
+        ];
+        let st = stats();
+        let up = input(&jobs, &roles, Policy::TwoPhase);
+        let all_up = entries(&up, &st);
+        assert!(all_up.values().all(|e| e.eta_seconds.is_some()));
+        let b_down: BTreeSet<String> = ["b".to_string()].into();
+        let down = PlanInput {
+            unavailable: &b_down,
+            ..input(&jobs, &roles, Policy::TwoPhase)
+        };
+        let e = entries(&down, &st);
+        assert_eq!(e["s1"].eta_seconds, None, "waits on b: no promise");
+        assert_eq!(e["s3"].eta_seconds, None, "waits on b too, though a runs");
+        assert_eq!(e["s2"].eta_seconds, None, "will need b after its transcript");
+        let (with_b, without_b) = (
+            all_up["s2"].stt_eta_seconds.expect("stt eta"),
+            e["s2"].stt_eta_seconds.expect("stt eta while b is down"),
+        );
+        assert!(
+            without_b < with_b,
+            "b's evaluations no longer delay the transcript: {without_b} vs {with_b}"
+        );
+        // Positions are unchanged: the queue is what it is.
+        assert_eq!(e["s1"].position, all_up["s1"].position);
+        let stt_down: BTreeSet<String> = ["stt".to_string()].into();
+        let down = PlanInput {
+            unavailable: &stt_down,
+            ..input(&jobs, &roles, Policy::TwoPhase)
+        };
+        let e = entries(&down, &st);
+        assert_eq!(e["s2"].stt_eta_seconds, None);
+        assert_eq!(e["s2"].eta_seconds, None);
+        assert!(e["s1"].eta_seconds.is_some(), "evaluation goes on");
     }
 
     #[test]

@@ -1322,6 +1322,8 @@ impl Scheduler {
             .values()
             .filter(|s| s.spec_kind == WorkerKind::Evaluator)
             .all(|s| matches!(s.state, SlotState::Ready(_)));
+        let unavailable = self.unavailable();
+        let down: std::collections::BTreeSet<String> = unavailable.keys().cloned().collect();
         let inp = PlanInput {
             now_ms: now_ms(),
             policy: self.policy,
@@ -1335,9 +1337,9 @@ impl Scheduler {
             roles: &self.roles,
             stt_ready,
             eval_ready,
+            unavailable: &down,
         };
         let mut entries = crate::eta::entries(&inp, &self.stats);
-        let unavailable = self.unavailable();
         if !unavailable.is_empty() {
             let mut waits_on: HashMap<&str, Vec<&str>> = HashMap::new();
             for j in &pending {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use viva_daemon::Role;
-use viva_tests::{TestDaemon, tone, viva_bin};
+use viva_tests::{TestDaemon, real, speech, tone, viva_bin};
 
 async fn upload_n(d: &TestDaemon, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
@@ -151,6 +151,10 @@ async fn a_broken_evaluator_pauses_only_its_role_until_an_admin_retries() {
             s["state"], "failed",
             "a model being down never fails a submission: {s}"
         );
+        assert!(
+            s["queue"]["eta_seconds"].is_null(),
+            "a paused submission promises no ETA: {s}"
+        );
     }
 
     let (status, body) = readyz(&d).await;
@@ -288,6 +292,138 @@ async fn a_broken_stt_model_queues_uploads_with_a_reason_until_retried() {
             .expect("retry");
         assert_eq!(resp.status().as_u16(), want, "{role}");
     }
+    d.stop().await;
+}
+
+/// The first `len` bytes of a real model: what a truncated download leaves.
+fn truncated_copy(from: &std::path::Path, to: &std::path::Path, len: u64) {
+    use std::io::Read;
+    let mut head = Vec::new();
+    std::fs::File::open(from)
+        .expect("open model")
+        .take(len)
+        .read_to_end(&mut head)
+        .expect("read model");
+    std::fs::write(to, &head).expect("write truncated model");
+}
+
+/// Puts the real model back where the truncated one was (a link: other
+/// tests on this disk measure its free space).
+fn restore(real: &std::path::Path, at: &std::path::Path) {
+    std::fs::remove_file(at).expect("remove the truncated model");
+    std::os::unix::fs::symlink(real, at).expect("link the real model");
+}
+
+/// The real workers on really corrupt model files (truncated downloads of
+/// the test models): whisper-rs and llama.cpp refuse them, the breaker opens
+/// with the worker's own error, uploads wait with a reason and no ETA, and
+/// once the real files are back and an administrator retries, every upload
+/// is transcribed by Whisper and evaluated by llama.cpp exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_workers_on_truncated_models_pause_until_the_files_are_fixed() {
+    let models = tempfile::tempdir().expect("tempdir");
+    let stt_model = models.path().join("whisper.bin");
+    let b_model = models.path().join("b.gguf");
+    truncated_copy(&real::model(real::WHISPER_MODEL), &stt_model, 1 << 20);
+    truncated_copy(&real::model(real::EVALUATOR_A_MODEL), &b_model, 1 << 20);
+    let (stt_path, b_path) = (stt_model.clone(), b_model.clone());
+    let d = TestDaemon::start(&[], move |c| {
+        c.scheduler.unavailable_after_failures = 2;
+        c.scheduler.unavailable_probe_max = Duration::from_secs(3600);
+        c.scheduler.batch_window = Duration::from_millis(500);
+        let mut stt = real::whisper_worker();
+        stt.model_path = stt_path;
+        c.workers.stt = Some(stt);
+        let mut b = real::llama_worker("b", real::EVALUATOR_A_MODEL, "smollm2-135m-instruct");
+        b.model_path = b_path;
+        c.workers.evaluators.insert("b".into(), b);
+    })
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let tok = d.token(Role::Learner, &format!("student-{i}"), "sandbox");
+        let f = speech(
+            d.dir.path(),
+            &format!("answer-{i}.wav"),
+            "Plants use sunlight, water and carbon dioxide to make glucose.",
+            "en",
+        );
+        let (status, body) = d.upload(&tok, "sandbox-oral-1", &f).await;
+        assert_eq!(status, 201, "{body}");
+        ids.push(body["id"].as_str().expect("id").to_owned());
+    }
+    wait_until(&d, &ids, Duration::from_secs(90), "was paused for STT", |s| {
+        s["state"] == "queued"
+            && s["queue"]["eta_seconds"].is_null()
+            && s["queue"]["paused"]
+                .as_str()
+                .is_some_and(|p| p.contains("transcription paused"))
+    })
+    .await;
+    let admin = d.token(Role::Admin, "test-admin", "sandbox");
+    let (_, system) = d.get(&admin, "/api/v1/admin/system").await;
+    let stt_error = system["unavailable"]
+        .as_array()
+        .and_then(|u| u.iter().find(|x| x["role"] == "stt"))
+        .and_then(|x| x["error"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        stt_error.contains("whisper.bin"),
+        "the Whisper worker's own error names the file: {system}"
+    );
+
+    // Whisper's file is fixed first: transcripts come, "a" evaluates, and
+    // each submission waits for "b" (whose GGUF is still truncated).
+    restore(&real::model(real::WHISPER_MODEL), &stt_model);
+    assert!(cli_retry(&d, "stt").await.contains("trying to start it again"));
+    wait_until(
+        &d,
+        &ids,
+        Duration::from_secs(120),
+        "was transcribed, evaluated by a and paused for b",
+        |s| {
+            roles_of(s) == ["a"]
+                && s["queue"]["eta_seconds"].is_null()
+                && s["queue"]["paused"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("evaluation paused"))
+        },
+    )
+    .await;
+    let (_, system) = d.get(&admin, "/api/v1/admin/system").await;
+    let b_error = system["unavailable"]
+        .as_array()
+        .and_then(|u| u.iter().find(|x| x["role"] == "b"))
+        .and_then(|x| x["error"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        b_error.contains("b.gguf"),
+        "llama.cpp's refusal names the file: {system}"
+    );
+    let (status, body) = readyz(&d).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("role b is unavailable"), "{body}");
+
+    restore(&real::model(real::EVALUATOR_A_MODEL), &b_model);
+    assert!(cli_retry(&d, "b").await.contains("trying to start it again"));
+    let done = d.wait_settled(&ids, Duration::from_secs(240)).await;
+    for s in &done {
+        assert_eq!(s["state"], "evaluated", "{s}");
+        assert_eq!(roles_of(s), ["a", "b"], "{s}");
+        let transcript = s["transcript"]["text"]
+            .as_str()
+            .or_else(|| s["transcript"].as_str())
+            .unwrap_or_default()
+            .to_lowercase();
+        assert!(transcript.contains("glucose"), "Whisper transcribed it: {s}");
+    }
+    let b_jobs = jobs_of(&d, "eval", "b").await;
+    assert_eq!(b_jobs.len(), 2, "{b_jobs:?}");
+    assert!(b_jobs.iter().all(|(_, st)| st == "done"), "{b_jobs:?}");
+    let (status, body) = readyz(&d).await;
+    assert_eq!(status, 200, "{body}");
     d.stop().await;
 }
 

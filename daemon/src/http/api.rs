@@ -825,7 +825,7 @@ fn submission_stream(
                 system_phase: snap.phase,
                 position: entry.as_ref().map(|e| e.position),
                 queue_length: entry.as_ref().map(|e| e.queue_length),
-                eta_seconds: entry.as_ref().map(|e| e.eta_seconds),
+                eta_seconds: entry.as_ref().and_then(|e| e.eta_seconds),
                 batch,
                 failure_reason: s.sub.failure_reason.clone(),
                 paused: entry.as_ref().and_then(|e| e.paused.clone()),

@@ -263,7 +263,7 @@ pub(super) async fn dashboard(
                 phase: q.map(|q| q.phase).unwrap_or_else(|| s.state.phase()),
                 position: q.map(|q| q.position),
                 queue_length: q.map(|q| q.queue_length),
-                eta_seconds: q.map(|q| q.eta_seconds),
+                eta_seconds: q.and_then(|q| q.eta_seconds),
                 running: q.is_some_and(|q| q.running),
                 retrying: q.is_some_and(|q| q.retrying),
                 paused: q.and_then(|q| q.paused.clone()),
