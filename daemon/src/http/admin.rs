@@ -22,7 +22,9 @@ pub(super) async fn healthz() -> &'static str {
 }
 
 pub(super) async fn readyz(State(st): State<AppState>) -> Response {
-    let problems = readiness_problems(&st).await;
+    // Anyone may ask: the problems without the workers' own errors (which
+    // name model paths); the admin view and `viva status` have those.
+    let problems = readiness_problems(&st, false).await;
     let status = if problems.is_empty() {
         StatusCode::OK
     } else {
@@ -36,8 +38,8 @@ pub(super) async fn readyz(State(st): State<AppState>) -> Response {
 }
 
 /// Why the daemon cannot take work now, in words (empty when ready): shared
-/// by `/readyz` and the admin view.
-pub(crate) async fn readiness_problems(st: &AppState) -> Vec<String> {
+/// by `/readyz` and the admin view; `detail` adds the workers' own errors.
+pub(crate) async fn readiness_problems(st: &AppState, detail: bool) -> Vec<String> {
     let snap = st.scheduler.snapshot();
     let mut problems = Vec::new();
     if st.shutting_down.load(Ordering::Relaxed) {
@@ -50,13 +52,24 @@ pub(crate) async fn readiness_problems(st: &AppState) -> Vec<String> {
         problems.push("no evaluator is configured ([workers.evaluators.<role>])".to_owned());
     }
     for (slot, err) in &snap.worker_errors {
-        problems.push(format!("worker {slot}: {err}"));
+        if detail {
+            problems.push(format!("worker {slot}: {err}"));
+        } else {
+            problems.push(format!(
+                "worker {slot} failed (its error is in the admin view and `viva status`)"
+            ));
+        }
     }
     for (role, u) in &snap.unavailable {
-        problems.push(format!(
-            "role {role} is unavailable after {} failed starts (its submissions wait; `viva workers retry {role}` tries again now): {}",
-            u.failures, u.error
-        ));
+        let what = format!(
+            "role {role} is unavailable after {} failed starts (its submissions wait; `viva workers retry {role}` tries again now)",
+            u.failures
+        );
+        problems.push(if detail {
+            format!("{what}: {}", u.error)
+        } else {
+            what
+        });
     }
     let db_ok = st
         .store
@@ -210,7 +223,7 @@ pub(super) async fn system(
             process,
         });
     }
-    let mut problems = readiness_problems(&st).await;
+    let mut problems = readiness_problems(&st, true).await;
     let data_dir = cfg.data_dir.clone();
     let free_bytes = tokio::task::spawn_blocking(move || crate::intake::free_bytes(&data_dir).ok())
         .await
