@@ -802,6 +802,7 @@ pub fn entries(inp: &PlanInput<'_>, stats: &ServiceStats) -> BTreeMap<String, Qu
                 "evaluation" => s.evals.iter().any(|e| e.1),
                 _ => false,
             };
+            let no_eta = blocked.contains(s.id.as_str()) || (eval_blocked && phase == "stt");
             out.insert(
                 s.id.clone(),
                 QueueEntry {
@@ -811,9 +812,7 @@ pub fn entries(inp: &PlanInput<'_>, stats: &ServiceStats) -> BTreeMap<String, Qu
                     queue_length: queue.len(),
                     batch_id: s.batch,
                     running,
-                    eta_seconds: (!blocked.contains(s.id.as_str())
-                        && !(eval_blocked && phase == "stt"))
-                    .then(|| ((p.done_ms - now) as f64 / 1000.0).max(0.0)),
+                    eta_seconds: (!no_eta).then(|| ((p.done_ms - now) as f64 / 1000.0).max(0.0)),
                     stt_eta_seconds: (!(stt_blocked && phase == "stt" && !running))
                         .then(|| ((p.stt_done_ms - now) as f64 / 1000.0).max(0.0)),
                     retrying: retrying.contains(s.id.as_str()),
@@ -989,7 +988,10 @@ mod tests {
         let e = entries(&down, &st);
         assert_eq!(e["s1"].eta_seconds, None, "waits on b: no promise");
         assert_eq!(e["s3"].eta_seconds, None, "waits on b too, though a runs");
-        assert_eq!(e["s2"].eta_seconds, None, "will need b after its transcript");
+        assert_eq!(
+            e["s2"].eta_seconds, None,
+            "will need b after its transcript"
+        );
         let (with_b, without_b) = (
             all_up["s2"].stt_eta_seconds.expect("stt eta"),
             e["s2"].stt_eta_seconds.expect("stt eta while b is down"),

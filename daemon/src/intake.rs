@@ -2484,7 +2484,11 @@ mod tests {
         );
         assert!(started.elapsed() < Duration::from_secs(10), "cut late");
         assert!(e.to_string().contains("nothing arrived"), "{e}");
-        assert_eq!(reserve.claimed(), 0, "the stalled upload's claim is given back");
+        assert_eq!(
+            reserve.claimed(),
+            0,
+            "the stalled upload's claim is given back"
+        );
         assert_empty(&root).await;
     }
 
@@ -2705,11 +2709,7 @@ mod tests {
                 "upload_interrupted",
                 400,
             ),
-            (
-                IntakeError::Stalled { seconds: 60 },
-                "upload_stalled",
-                408,
-            ),
+            (IntakeError::Stalled { seconds: 60 }, "upload_stalled", 408),
             (
                 IntakeError::ToolMissing("x".into()),
                 "media_tools_missing",

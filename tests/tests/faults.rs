@@ -352,13 +352,19 @@ async fn real_workers_on_truncated_models_pause_until_the_files_are_fixed() {
         assert_eq!(status, 201, "{body}");
         ids.push(body["id"].as_str().expect("id").to_owned());
     }
-    wait_until(&d, &ids, Duration::from_secs(90), "was paused for STT", |s| {
-        s["state"] == "queued"
-            && s["queue"]["eta_seconds"].is_null()
-            && s["queue"]["paused"]
-                .as_str()
-                .is_some_and(|p| p.contains("transcription paused"))
-    })
+    wait_until(
+        &d,
+        &ids,
+        Duration::from_secs(90),
+        "was paused for STT",
+        |s| {
+            s["state"] == "queued"
+                && s["queue"]["eta_seconds"].is_null()
+                && s["queue"]["paused"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("transcription paused"))
+        },
+    )
     .await;
     let admin = d.token(Role::Admin, "test-admin", "sandbox");
     let (_, system) = d.get(&admin, "/api/v1/admin/system").await;
@@ -376,7 +382,11 @@ async fn real_workers_on_truncated_models_pause_until_the_files_are_fixed() {
     // Whisper's file is fixed first: transcripts come, "a" evaluates, and
     // each submission waits for "b" (whose GGUF is still truncated).
     restore(&real::model(real::WHISPER_MODEL), &stt_model);
-    assert!(cli_retry(&d, "stt").await.contains("trying to start it again"));
+    assert!(
+        cli_retry(&d, "stt")
+            .await
+            .contains("trying to start it again")
+    );
     wait_until(
         &d,
         &ids,
@@ -407,7 +417,11 @@ async fn real_workers_on_truncated_models_pause_until_the_files_are_fixed() {
     assert!(body.contains("role b is unavailable"), "{body}");
 
     restore(&real::model(real::EVALUATOR_A_MODEL), &b_model);
-    assert!(cli_retry(&d, "b").await.contains("trying to start it again"));
+    assert!(
+        cli_retry(&d, "b")
+            .await
+            .contains("trying to start it again")
+    );
     let done = d.wait_settled(&ids, Duration::from_secs(240)).await;
     for s in &done {
         assert_eq!(s["state"], "evaluated", "{s}");
@@ -417,7 +431,10 @@ async fn real_workers_on_truncated_models_pause_until_the_files_are_fixed() {
             .or_else(|| s["transcript"].as_str())
             .unwrap_or_default()
             .to_lowercase();
-        assert!(transcript.contains("glucose"), "Whisper transcribed it: {s}");
+        assert!(
+            transcript.contains("glucose"),
+            "Whisper transcribed it: {s}"
+        );
     }
     let b_jobs = jobs_of(&d, "eval", "b").await;
     assert_eq!(b_jobs.len(), 2, "{b_jobs:?}");
@@ -1082,8 +1099,9 @@ async fn slow_clients_are_cut_off_and_hold_nothing() {
          Host: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: 1000000\r\n\r\nRIFF....WAVEfmt "
     );
     up.write_all(head.as_bytes()).await.expect("write");
-    let answer = String::from_utf8_lossy(&read_until_closed(&mut up, Duration::from_secs(15)).await)
-        .into_owned();
+    let answer =
+        String::from_utf8_lossy(&read_until_closed(&mut up, Duration::from_secs(15)).await)
+            .into_owned();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("upload_stalled"), "{answer}");
     // The place is back: the same student (one place) uploads at once.

@@ -395,11 +395,7 @@ mod tests {
                 400,
                 "upload_interrupted",
             ),
-            intake(
-                IntakeError::Stalled { seconds: 60 },
-                408,
-                "upload_stalled",
-            ),
+            intake(IntakeError::Stalled { seconds: 60 }, 408, "upload_stalled"),
             intake(
                 IntakeError::ToolMissing(s("ffmpeg")),
                 500,
