@@ -186,8 +186,8 @@ impl LoadOptions {
             "language": self.language.clone().unwrap_or_else(|| "auto".into()),
             "use_gpu": self.use_gpu.unwrap_or(cfg!(feature = "cuda")),
             "flash_attn": self.flash_attn.unwrap_or(false),
-            "low_confidence_logprob": self.low_confidence_logprob.unwrap_or(LOW_LOGPROB),
-            "no_speech_threshold": self.no_speech_threshold.unwrap_or(HIGH_NO_SPEECH),
+            "low_confidence_logprob": decimal(self.low_confidence_logprob.unwrap_or(LOW_LOGPROB)),
+            "no_speech_threshold": decimal(self.no_speech_threshold.unwrap_or(HIGH_NO_SPEECH)),
         })
     }
 
@@ -200,6 +200,11 @@ impl LoadOptions {
             (cores / states.max(1)).max(1)
         })
     }
+}
+
+/// An f32 as the decimal it was written as (-0.6, not -0.6000000238…).
+fn decimal(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
 }
 
 /// The worker's command line.
@@ -578,6 +583,7 @@ mod tests {
         assert_eq!(v["parallel_states"], 2);
         assert_eq!(v["use_gpu"], true);
         assert_eq!(v["beam_size"], 0);
+        assert_eq!(v["low_confidence_logprob"], -0.6);
         let e = check_options(r#"{"threads": 4, "gpu": true}"#, 1).expect_err("unknown key");
         assert!(e.to_string().contains("unknown field `gpu`"), "{e}");
         let e = check_options(r#"{"parallel_states": 2}"#, 1).expect_err("mismatch");
