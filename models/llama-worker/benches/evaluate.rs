@@ -5,12 +5,17 @@
 //!    batches of 2, 4 and 8 decoded together, and the throughput ratio.
 //! 2. Grammar sampling: the whole vocabulary every step ("naive") against
 //!    the unconstrained-argmax-first fast path, with the outputs compared.
-//! 3. Worker start-to-ready (spawn → `Loaded`) and stop-to-exit (`Shutdown`
+//! 3. The KV cache kept across calls (`reuse_kv_cache`, a worker's session)
+//!    against a new context per call: setup time, wall time, and whether
+//!    the answers are the same.
+//! 4. Worker start-to-ready (spawn → `Loaded`) and stop-to-exit (`Shutdown`
 //!    → reaped): the cost of a phase switch.
 //!
 //! Environment: `VIVA_MODELS_DIR` (default `~/.cache/viva/models`),
 //! `BENCH_MODELS` (default `smollm2,gemma`), `BENCH_THREADS` (default 2),
-//! `BENCH_ITEMS` (submissions per table row, default 8).
+//! `BENCH_ITEMS` (submissions per table row, default 8), `BENCH_SECTIONS`
+//! (default `batches,grammar,reuse,lifecycle`), `BENCH_REPEAT` (rounds of
+//! the reuse table, default 2).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -185,6 +190,99 @@ fn bench_grammar(name: &str, engine: &mut Engine) {
     );
 }
 
+/// Calls of `call_size` items in one session, the worker's way (the
+/// daemon's `eval_batch_size` items per call), with `reuse_kv_cache` on or
+/// off: answers, summed stats, wall seconds, cells of the kept context.
+fn run_session(
+    engine: &mut Engine,
+    n: usize,
+    call_size: usize,
+    reuse: bool,
+) -> (Vec<String>, CallStats, f64, Option<u32>) {
+    let mut options = engine.options().clone();
+    options.reuse_kv_cache = reuse;
+    engine.set_options(options);
+    let all = items(n);
+    let mut session = engine.session();
+    let mut answers = Vec::new();
+    let mut total = CallStats::default();
+    let started = Instant::now();
+    for call in all.chunks(call_size) {
+        let (outcomes, stats) =
+            match session.evaluate(call, "bench", &AtomicBool::new(false), &mut |_, _| {}) {
+                Ok(r) => r,
+                Err(e) => panic!("evaluation failed: {e}"),
+            };
+        answers.extend(outcomes.iter().map(|o| match &o.evaluation {
+            Some(e) => serde_json::to_string(&e.ratings).unwrap_or_default(),
+            None => format!("error: {:?}", o.error),
+        }));
+        total.items += stats.items;
+        total.prompt_tokens += stats.prompt_tokens;
+        total.generated_tokens += stats.generated_tokens;
+        total.setup_seconds += stats.setup_seconds;
+        total.prompt_seconds += stats.prompt_seconds;
+        total.generation_seconds += stats.generation_seconds;
+        total.contexts_created += stats.contexts_created;
+        total.contexts_reused += stats.contexts_reused;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cells = session.context_cells();
+    (answers, total, wall, cells)
+}
+
+fn bench_reuse(name: &str, engine: &mut Engine) {
+    let n = bench_items();
+    let repeat: usize = std::env::var("BENCH_REPEAT")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|r| *r > 0)
+        .unwrap_or(2);
+    println!(
+        "\n## {name}: KV cache kept across calls (reuse_kv_cache) against a new context per \
+         call ({n} items, off and on alternately, {repeat} times)"
+    );
+    println!(
+        "| calls of | reuse | contexts new/reused | setup ms per call | prompt tok/s | gen tok/s | wall s | kept cells | same answers as new contexts |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let base = engine.options().clone();
+    for call_size in [1usize, 4] {
+        let mut fresh_answers = None;
+        let mut best = [f64::MAX; 2];
+        for _ in 0..repeat {
+            for (k, reuse) in [false, true].into_iter().enumerate() {
+                let (answers, s, wall, cells) = run_session(engine, n, call_size, reuse);
+                best[k] = best[k].min(wall);
+                let calls = (s.contexts_created + s.contexts_reused).max(1);
+                let same = match &fresh_answers {
+                    None => {
+                        fresh_answers = Some(answers);
+                        "-".to_owned()
+                    }
+                    Some(f) => (answers == *f).to_string(),
+                };
+                println!(
+                    "| {call_size} | {} | {}/{} | {:.1} | {:.0} | {:.1} | {:.2} | {} | {same} |",
+                    if reuse { "on" } else { "off" },
+                    s.contexts_created,
+                    s.contexts_reused,
+                    s.setup_seconds * 1000.0 / calls as f64,
+                    s.prompt_tokens_per_second(),
+                    s.generation_tokens_per_second(),
+                    wall,
+                    cells.map_or("-".into(), |c| c.to_string()),
+                );
+            }
+        }
+        println!(
+            "| {call_size} | best wall off / on | | | | | {:.2} / {:.2} | | |",
+            best[0], best[1]
+        );
+    }
+    engine.set_options(base);
+}
+
 fn bench_lifecycle(name: &str, path: &std::path::Path, threads: u32) {
     println!("\n## {name}: worker start-to-ready and stop-to-exit (3 runs)");
     println!("| run | spawn → Loaded ms | load_ms (worker) | Shutdown → exit ms |");
@@ -303,8 +401,21 @@ fn main() {
         );
         // Warm the page cache and the allocator.
         let _ = run(&engine, &items(1));
-        bench_batches(name, &mut engine);
-        bench_grammar(name, &mut engine);
+        let sections = std::env::var("BENCH_SECTIONS")
+            .unwrap_or_else(|_| "batches,grammar,reuse,lifecycle".into());
+        let want = |s: &str| sections.split(',').any(|w| w.trim() == s);
+        if want("batches") {
+            bench_batches(name, &mut engine);
+        }
+        if want("grammar") {
+            bench_grammar(name, &mut engine);
+        }
+        if want("reuse") {
+            bench_reuse(name, &mut engine);
+        }
+        if !want("lifecycle") {
+            continue;
+        }
         bench_lifecycle(name, &path, threads);
     }
 }

@@ -4,9 +4,11 @@
 //! sequence id (and its own KV-cache stream) in one context, each prompt is
 //! decoded in `llama_batch`es of up to `batch_size` tokens, and every
 //! generation step decodes one batch holding the next token of every
-//! unfinished sequence. Larger calls run in chunks of `parallel`. Greedy
-//! output is the same whether a submission is decoded alone or in a batch
-//! (see [`Engine::evaluate`] and the context's settings).
+//! unfinished sequence. Larger calls run in chunks of `parallel`. A
+//! [`Session`] (the worker keeps one) reuses the context and its KV cache
+//! from call to call while the calls fit it. Greedy output is the same
+//! whether a submission is decoded alone or in a batch, in a new context or
+//! a kept one (see [`Session`] for the settings that make it so).
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -15,16 +17,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::params::{LlamaModelParams, LlamaSplitMode};
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 use viva_models::grammar::{
     GrammarLimits, MAX_FIELD_CHARS, OutputGrammar, output_grammar, parse_ratings,
 };
@@ -36,7 +38,7 @@ use crate::Error;
 
 /// Backend options of an evaluator (`options` of the worker's model spec,
 /// `[workers.evaluators.<role>] options = { … }` in the daemon's config).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineOptions {
     /// CPU threads for decoding; default: the available cores.
@@ -69,6 +71,160 @@ pub struct EngineOptions {
     /// filtering the whole vocabulary (same output, faster). Off only to
     /// measure the difference.
     pub grammar_fast_path: bool,
+    /// llama.cpp's flash attention. Off by default: on the CPU its kernel
+    /// for a lone query row sums in another order than for several rows, so
+    /// with it on a submission's grade could depend on which submissions
+    /// share its batch (the batch-invariance test fails). Needed for a
+    /// quantised `type_v`.
+    pub flash_attn: bool,
+    /// Element type of the KV cache's keys: f16 (default), q8_0, q4_0, …
+    pub type_k: KvType,
+    /// Element type of the KV cache's values; a quantised type needs
+    /// `flash_attn = true`.
+    pub type_v: KvType,
+    /// The GPU that holds the whole model with `split_mode = "none"`, and
+    /// the intermediate results with `"row"` (index among the GPUs
+    /// llama.cpp sees, in `CUDA_VISIBLE_DEVICES` order).
+    pub main_gpu: u32,
+    /// How a model is spread over several GPUs: "layer" (default: whole
+    /// layers per GPU), "row" (tensors split by rows) or "none" (only
+    /// `main_gpu`).
+    pub split_mode: SplitMode,
+    /// Keep the context (and its KV cache) from one call to the next, and
+    /// only clear it, when the next call's sequences fit; otherwise it is
+    /// recreated, as large as both calls need. Off: a new context per call
+    /// (memory is given back between calls, each call pays the allocation).
+    pub reuse_kv_cache: bool,
+}
+
+/// A KV-cache element type (`type_k`, `type_v`): the types llama.cpp's own
+/// tools accept for its cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum KvType {
+    F32,
+    F16,
+    Bf16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Iq4Nl,
+    Q5_0,
+    Q5_1,
+}
+
+impl KvType {
+    /// Every type with its name in the options.
+    pub const ALL: [(KvType, &'static str); 9] = [
+        (KvType::F32, "f32"),
+        (KvType::F16, "f16"),
+        (KvType::Bf16, "bf16"),
+        (KvType::Q8_0, "q8_0"),
+        (KvType::Q4_0, "q4_0"),
+        (KvType::Q4_1, "q4_1"),
+        (KvType::Iq4Nl, "iq4_nl"),
+        (KvType::Q5_0, "q5_0"),
+        (KvType::Q5_1, "q5_1"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(t, _)| *t == self)
+            .map_or("f16", |(_, n)| n)
+    }
+
+    /// Whether llama.cpp stores it in quantised blocks.
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, KvType::F32 | KvType::F16 | KvType::Bf16)
+    }
+
+    fn to_llama(self) -> KvCacheType {
+        match self {
+            KvType::F32 => KvCacheType::F32,
+            KvType::F16 => KvCacheType::F16,
+            KvType::Bf16 => KvCacheType::BF16,
+            KvType::Q8_0 => KvCacheType::Q8_0,
+            KvType::Q4_0 => KvCacheType::Q4_0,
+            KvType::Q4_1 => KvCacheType::Q4_1,
+            KvType::Iq4Nl => KvCacheType::IQ4_NL,
+            KvType::Q5_0 => KvCacheType::Q5_0,
+            KvType::Q5_1 => KvCacheType::Q5_1,
+        }
+    }
+}
+
+impl Serialize for KvType {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl TryFrom<String> for KvType {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::ALL
+            .iter()
+            .find(|(_, n)| n.eq_ignore_ascii_case(&s))
+            .map(|(t, _)| *t)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|(_, n)| *n).collect();
+                format!(
+                    "{s:?} is not a KV-cache type (type_k, type_v): use one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// How llama.cpp spreads a model over several GPUs (`split_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum SplitMode {
+    None,
+    Layer,
+    Row,
+}
+
+impl SplitMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            SplitMode::None => "none",
+            SplitMode::Layer => "layer",
+            SplitMode::Row => "row",
+        }
+    }
+
+    fn to_llama(self) -> LlamaSplitMode {
+        match self {
+            SplitMode::None => LlamaSplitMode::None,
+            SplitMode::Layer => LlamaSplitMode::Layer,
+            SplitMode::Row => LlamaSplitMode::Row,
+        }
+    }
+}
+
+impl Serialize for SplitMode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl TryFrom<String> for SplitMode {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" => Ok(SplitMode::None),
+            "layer" => Ok(SplitMode::Layer),
+            "row" => Ok(SplitMode::Row),
+            _ => Err(format!(
+                "{s:?} is not a split_mode: use \"layer\" (whole layers per GPU, the \
+                 default), \"row\" (tensors split by rows) or \"none\" (main_gpu only)"
+            )),
+        }
+    }
 }
 
 impl Default for EngineOptions {
@@ -88,6 +244,12 @@ impl Default for EngineOptions {
             rationale_chars: limits.rationale_chars,
             max_transcript_chars: PromptOptions::default().max_transcript_chars,
             grammar_fast_path: true,
+            flash_attn: false,
+            type_k: KvType::F16,
+            type_v: KvType::F16,
+            main_gpu: 0,
+            split_mode: SplitMode::Layer,
+            reuse_kv_cache: true,
         }
     }
 }
@@ -116,6 +278,13 @@ impl EngineOptions {
         if !options.temperature.is_finite() || options.temperature < 0.0 {
             return Err(Error::Options("temperature must be 0 or more".into()));
         }
+        if options.type_v.is_quantized() && !options.flash_attn {
+            return Err(Error::Options(format!(
+                "type_v = {:?} needs flash_attn = true (llama.cpp quantises the V cache only \
+                 with flash attention): set flash_attn = true, or type_v = \"f16\"",
+                options.type_v.name()
+            )));
+        }
         Ok(options)
     }
 
@@ -142,8 +311,11 @@ pub struct CallStats {
     pub items: usize,
     pub prompt_tokens: u64,
     pub generated_tokens: u64,
-    /// Context creation (KV cache allocation).
+    /// Context creation (KV cache allocation), or clearing a kept one.
     pub setup_seconds: f64,
+    /// Contexts allocated, and kept ones cleared and used again.
+    pub contexts_created: u64,
+    pub contexts_reused: u64,
     pub prompt_seconds: f64,
     pub generation_seconds: f64,
     /// Decode calls of the generation phase.
@@ -168,6 +340,8 @@ impl CallStats {
         self.prompt_tokens += other.prompt_tokens;
         self.generated_tokens += other.generated_tokens;
         self.setup_seconds += other.setup_seconds;
+        self.contexts_created += other.contexts_created;
+        self.contexts_reused += other.contexts_reused;
         self.prompt_seconds += other.prompt_seconds;
         self.generation_seconds += other.generation_seconds;
         self.steps += other.steps;
@@ -178,9 +352,13 @@ impl CallStats {
     /// One log line: tokens and tokens per second of both phases.
     pub fn summary(&self) -> String {
         format!(
-            "{} item(s): prompt {} tok in {:.2} s ({:.0} tok/s), generated {} tok in {:.2} s \
-             ({:.1} tok/s, {} steps), grammar fast path {}/{}",
+            "{} item(s): context {} new/{} reused in {:.3} s, prompt {} tok in {:.2} s \
+             ({:.0} tok/s), generated {} tok in {:.2} s ({:.1} tok/s, {} steps), grammar fast \
+             path {}/{}",
             self.items,
+            self.contexts_created,
+            self.contexts_reused,
+            self.setup_seconds,
             self.prompt_tokens,
             self.prompt_seconds,
             self.prompt_tokens_per_second(),
@@ -248,6 +426,153 @@ pub fn check_model_file(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// The GPUs llama.cpp sees (index, description): none in a build without
+/// the `cuda` feature.
+pub fn gpu_devices() -> Vec<(usize, String)> {
+    llama_cpp_2::list_llama_ggml_backend_devices()
+        .into_iter()
+        .filter(|d| d.device_type == llama_cpp_2::LlamaBackendDeviceType::Gpu)
+        .enumerate()
+        .map(|(i, d)| (i, format!("{} ({})", d.name, d.description)))
+        .collect()
+}
+
+/// Checks the GPU options against the GPUs there are: a `main_gpu` past the
+/// last one is refused (llama.cpp would only say that it cannot load the
+/// model); GPU options without any GPU are only worth a warning, since the
+/// model then runs on the CPU.
+fn check_gpus(options: &EngineOptions, gpus: &[(usize, String)]) -> Result<(), Error> {
+    if gpus.is_empty() {
+        if options.gpu_layers > 0 || options.main_gpu > 0 {
+            eprintln!(
+                "viva-llama-worker: gpu_layers = {} but llama.cpp sees no GPU (a build without \
+                 --features cuda, or no device visible): the model runs on the CPU",
+                options.gpu_layers
+            );
+        }
+        return Ok(());
+    }
+    if options.main_gpu as usize >= gpus.len() {
+        let list: Vec<String> = gpus.iter().map(|(i, d)| format!("{i}: {d}")).collect();
+        return Err(Error::Options(format!(
+            "main_gpu = {} but llama.cpp sees {} GPU(s) ({}): use one of their indices",
+            options.main_gpu,
+            gpus.len(),
+            list.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// What a call's context needs: sequences (one KV-cache stream each),
+/// cells per stream (a multiple of 256) and tokens per decode call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    seqs: u32,
+    per_seq: u32,
+    batch: u32,
+}
+
+impl Shape {
+    fn n_ctx(self) -> Result<u32, Error> {
+        self.per_seq
+            .checked_mul(self.seqs)
+            .ok_or_else(|| Error::Backend("the call needs a context larger than 2^32".into()))
+    }
+
+    /// Whether a context of this shape serves `need` exactly as a new
+    /// context of shape `need` would: enough streams and cells (unused
+    /// streams are not in any sum; attention covers a stream's used cells
+    /// rounded up to 256, whatever its size), and the same batch size (which
+    /// decides how prompts are split into decode calls, and the size of a
+    /// sliding-window cache).
+    fn fits(self, need: Shape) -> bool {
+        self.seqs >= need.seqs && self.per_seq >= need.per_seq && self.batch == need.batch
+    }
+
+    /// A shape that serves both this one's calls and `need`.
+    fn grown_for(self, need: Shape) -> Shape {
+        if self.batch != need.batch {
+            return need;
+        }
+        Shape {
+            seqs: self.seqs.max(need.seqs),
+            per_seq: self.per_seq.max(need.per_seq),
+            batch: need.batch,
+        }
+    }
+}
+
+/// Calls on one engine that share a context: the worker keeps one session
+/// for its life, so the KV cache is allocated once (or grown a few times)
+/// and only cleared between calls, instead of being allocated and zeroed
+/// for every call. A call whose sequences do not fit the kept context gets
+/// a new one, as large as both (at most `parallel` streams of `ctx_size`
+/// cells); the old one is freed first. A call that fails keeps no context.
+///
+/// Every context has one KV-cache stream per sequence (`kv_unified` off)
+/// and flash attention off (unless the `flash_attn` option turns it on,
+/// which gives this guarantee up): then a sequence's attention sees
+/// exactly the cell layout it would see alone (other streams are not in
+/// its sums, and the padding cells add exact zeros), and greedy output does
+/// not depend on which submissions share the call. (llama.cpp's CPU flash attention
+/// takes a different kernel for a lone query row than for several, and a
+/// unified cache interleaves the sequences' cells, which regroups the
+/// floating-point sums: both changed levels in tests.)
+///
+/// One more source of batch dependence is removed at build time: ggml
+/// repacks Q4_0, Q4_K and IQ4_NL weights for its CPU kernels, and a
+/// product with 4 or more rows then takes a GEMM kernel whose sums are
+/// grouped differently from the 1-row GEMV, so a Q4_K_M model (the Gemma
+/// test model) could flip a near-tie. The workspace's
+/// `.cargo/config.toml` builds with `GGML_CPU_REPACK=OFF`, at some speed
+/// (`use_extra_bufts`, the run-time switch, is not exposed by
+/// llama-cpp-2 0.1.160, and a CPU buffer override still repacks). Whoever
+/// builds the worker another way must keep that variable.
+///
+/// Reuse keeps that guarantee: a cleared context is, to the kernels, a new
+/// one (cells reset, buffers zeroed, head at 0), and `Shape::fits` admits
+/// only contexts whose differences (more streams, longer streams) change no
+/// sum. The batch-invariance test runs its one-at-a-time calls in the
+/// context its batched call left.
+pub struct Session<'e> {
+    engine: &'e Engine,
+    cached: Option<(Shape, LlamaContext<'e>)>,
+}
+
+impl<'e> Session<'e> {
+    /// Like [`Engine::evaluate`], in this session's context.
+    pub fn evaluate(
+        &mut self,
+        items: &[EvaluateItem],
+        role: &str,
+        cancel: &AtomicBool,
+        on_item: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Vec<EvaluationOutcome>, CallStats), Error> {
+        let mut outcomes = Vec::with_capacity(items.len());
+        let mut stats = CallStats::default();
+        let chunk = (self.engine.options.parallel as usize).max(1);
+        for (n, part) in items.chunks(chunk).enumerate() {
+            let done_before = n * chunk;
+            let (o, s) =
+                self.engine
+                    .evaluate_chunk(&mut self.cached, part, role, cancel, &mut |d| {
+                        on_item(done_before + d, items.len())
+                    })?;
+            outcomes.extend(o);
+            stats.add(&s);
+        }
+        Ok((outcomes, stats))
+    }
+
+    /// Cells of the kept context (all streams), if there is one.
+    pub fn context_cells(&self) -> Option<u32> {
+        self.cached
+            .as_ref()
+            .and_then(|(shape, _)| shape.n_ctx().ok())
+    }
+}
+
 /// A loaded model, ready to evaluate.
 pub struct Engine {
     model: LlamaModel,
@@ -291,7 +616,11 @@ impl Engine {
         let path = PathBuf::from(&spec.path);
         check_model_file(&path)?;
         let backend = backend()?;
-        let params = LlamaModelParams::default().with_n_gpu_layers(options.gpu_layers);
+        check_gpus(&options, &gpu_devices())?;
+        let params = LlamaModelParams::default()
+            .with_n_gpu_layers(options.gpu_layers)
+            .with_main_gpu(i32::try_from(options.main_gpu).unwrap_or(i32::MAX))
+            .with_split_mode(options.split_mode.to_llama());
         let model = LlamaModel::load_from_file(backend, &path, &params).map_err(|e| {
             Error::ModelCorrupt {
                 path: path.clone(),
@@ -372,7 +701,7 @@ impl Engine {
     }
 
     /// Replaces the options (threads, parallel, fast path …) of a loaded
-    /// model; `gpu_layers` only applies at load.
+    /// model; `gpu_layers`, `main_gpu` and `split_mode` only apply at load.
     pub fn set_options(&mut self, options: EngineOptions) {
         self.options = options;
     }
@@ -411,6 +740,9 @@ impl Engine {
     /// outcome with an error; a failure of llama.cpp fails the call.
     /// `on_item` is called as items finish (done, total); `cancel` stops the
     /// call between decoding steps.
+    ///
+    /// This one call's context is dropped at its end; a [`Session`] keeps it
+    /// for the next call.
     pub fn evaluate(
         &self,
         items: &[EvaluateItem],
@@ -418,22 +750,21 @@ impl Engine {
         cancel: &AtomicBool,
         on_item: &mut dyn FnMut(usize, usize),
     ) -> Result<(Vec<EvaluationOutcome>, CallStats), Error> {
-        let mut outcomes = Vec::with_capacity(items.len());
-        let mut stats = CallStats::default();
-        let chunk = self.options.parallel as usize;
-        for (n, part) in items.chunks(chunk.max(1)).enumerate() {
-            let done_before = n * chunk;
-            let (o, s) = self.evaluate_chunk(part, role, cancel, &mut |d| {
-                on_item(done_before + d, items.len())
-            })?;
-            outcomes.extend(o);
-            stats.add(&s);
-        }
-        Ok((outcomes, stats))
+        self.session().evaluate(items, role, cancel, on_item)
     }
 
-    fn evaluate_chunk(
-        &self,
+    /// A session of calls that keep one context (and its KV cache) while
+    /// their shapes allow (`reuse_kv_cache`, on by default).
+    pub fn session(&self) -> Session<'_> {
+        Session {
+            engine: self,
+            cached: None,
+        }
+    }
+
+    fn evaluate_chunk<'e>(
+        &'e self,
+        cached: &mut Option<(Shape, LlamaContext<'e>)>,
         items: &[EvaluateItem],
         role: &str,
         cancel: &AtomicBool,
@@ -528,7 +859,43 @@ impl Engine {
         }
 
         if !seqs.is_empty() {
-            self.decode_all(&mut seqs, cancel, &mut stats, started, on_item)?;
+            let need = self.shape(&seqs)?;
+            let t0 = Instant::now();
+            let reuse = self.options.reuse_kv_cache;
+            // Taken out: a call that fails leaves no context behind (its KV
+            // cache may hold anything).
+            let (shape, mut ctx) = match cached.take() {
+                Some((shape, mut ctx)) if reuse && shape.fits(need) => {
+                    // Metadata and data: the cache is as a new context's.
+                    ctx.clear_kv_cache();
+                    stats.contexts_reused += 1;
+                    (shape, ctx)
+                }
+                old => {
+                    let shape = match &old {
+                        Some((s, _)) if reuse => s.grown_for(need),
+                        _ => need,
+                    };
+                    // The old cache's memory goes back before the new one is
+                    // allocated.
+                    drop(old);
+                    stats.contexts_created += 1;
+                    (shape, self.context(shape)?)
+                }
+            };
+            stats.setup_seconds = t0.elapsed().as_secs_f64();
+            self.decode_all(
+                &mut ctx,
+                need.batch as usize,
+                &mut seqs,
+                cancel,
+                &mut stats,
+                started,
+                on_item,
+            )?;
+            if reuse {
+                *cached = Some((shape, ctx));
+            }
         }
 
         let mut outcomes: Vec<EvaluationOutcome> = items
@@ -566,25 +933,10 @@ impl Engine {
         Ok((outcomes, stats))
     }
 
-    /// A context with one KV-cache stream per sequence (`kv_unified` off)
-    /// and flash attention off: then a sequence's attention sees exactly the
-    /// cell layout it would see alone (other streams are not in its sums, and
-    /// the padding cells add exact zeros), and greedy output does not depend
-    /// on which submissions share the call. (llama.cpp's CPU flash attention
-    /// takes a different kernel for a lone query row than for several, and a
-    /// unified cache interleaves the sequences' cells, which regroups the
-    /// floating-point sums: both changed levels in tests.)
-    ///
-    /// One more source of batch dependence is removed at build time: ggml
-    /// repacks Q4_0, Q4_K and IQ4_NL weights for its CPU kernels, and a
-    /// product with 4 or more rows then takes a GEMM kernel whose sums are
-    /// grouped differently from the 1-row GEMV, so a Q4_K_M model (the Gemma
-    /// test model) could flip a near-tie. The workspace's
-    /// `.cargo/config.toml` builds with `GGML_CPU_REPACK=OFF`, at some speed
-    /// (`use_extra_bufts`, the run-time switch, is not exposed by
-    /// llama-cpp-2 0.1.160, and a CPU buffer override still repacks). Whoever
-    /// builds the worker another way must keep that variable.
-    fn context(&self, seqs: &[Sequence<'_>]) -> Result<LlamaContext<'_>, Error> {
+    /// The context `seqs` need: one stream per sequence, each as long as
+    /// the longest prompt plus answer (rounded up to 256, llama.cpp's
+    /// padding), and decode calls of `batch_size` tokens.
+    fn shape(&self, seqs: &[Sequence<'_>]) -> Result<Shape, Error> {
         let per_seq = seqs
             .iter()
             .map(|s| s.tokens.len() as u64 + u64::from(s.max_tokens) + 1)
@@ -592,36 +944,55 @@ impl Engine {
             .unwrap_or(1)
             .div_ceil(256)
             * 256;
-        let n_ctx = u32::try_from(per_seq * seqs.len() as u64)
-            .map_err(|_| Error::Backend("the call needs a context larger than 2^32".into()))?;
-        let threads = self.options.threads();
-        let n_batch = self.options.batch_size.max(seqs.len() as u32);
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(n_ctx))
-            .with_n_batch(n_batch)
-            .with_n_ubatch(n_batch)
-            .with_n_seq_max(seqs.len() as u32)
-            .with_kv_unified(false)
-            // LLAMA_FLASH_ATTN_TYPE_DISABLED
-            .with_flash_attention_policy(0)
-            .with_n_threads(threads)
-            .with_n_threads_batch(threads);
-        self.model
-            .new_context(backend()?, params)
-            .map_err(|e| Error::Backend(format!("cannot create a context of {n_ctx} tokens: {e}")))
+        let shape = Shape {
+            seqs: seqs.len() as u32,
+            per_seq: u32::try_from(per_seq)
+                .map_err(|_| Error::Backend("the call needs a context larger than 2^32".into()))?,
+            batch: self.options.batch_size.max(seqs.len() as u32),
+        };
+        shape.n_ctx()?;
+        Ok(shape)
     }
 
+    /// A context of `shape`, with the settings that make greedy output
+    /// independent of batch composition (see [`Session`]).
+    fn context(&self, shape: Shape) -> Result<LlamaContext<'_>, Error> {
+        let n_ctx = shape.n_ctx()?;
+        let threads = self.options.threads();
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(shape.batch)
+            .with_n_ubatch(shape.batch)
+            .with_n_seq_max(shape.seqs)
+            .with_kv_unified(false)
+            // LLAMA_FLASH_ATTN_TYPE_ENABLED (1) or _DISABLED (0), never AUTO.
+            .with_flash_attention_policy(i32::from(self.options.flash_attn))
+            .with_type_k(self.options.type_k.to_llama())
+            .with_type_v(self.options.type_v.to_llama())
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        self.model.new_context(backend()?, params).map_err(|e| {
+            Error::Backend(format!(
+                "cannot create a context of {n_ctx} tokens ({} sequences, KV cache {}/{}): {e}; \
+                 lower parallel or ctx_size, or choose a smaller type_k/type_v",
+                shape.seqs,
+                self.options.type_k.name(),
+                self.options.type_v.name()
+            ))
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn decode_all(
         &self,
+        ctx: &mut LlamaContext<'_>,
+        n_batch: usize,
         seqs: &mut [Sequence<'_>],
         cancel: &AtomicBool,
         stats: &mut CallStats,
         started: Instant,
         on_item: &mut dyn FnMut(usize),
     ) -> Result<(), Error> {
-        let t0 = Instant::now();
-        let mut ctx = self.context(seqs)?;
-        stats.setup_seconds = t0.elapsed().as_secs_f64();
         let decode_error = |e| Error::Backend(format!("decoding failed: {e}"));
         let batch_error = |e| Error::Backend(format!("batch overflow: {e}"));
 
@@ -632,7 +1003,6 @@ impl Engine {
         // submissions happen to share a call. Prompts are matrix work anyway:
         // batching them together gains little.
         let t1 = Instant::now();
-        let n_batch = ctx.n_batch() as usize;
         let mut batch = LlamaBatch::new(n_batch.max(seqs.len()), 1);
         for s in seqs.iter_mut() {
             let len = s.tokens.len();
@@ -841,6 +1211,146 @@ mod tests {
         let e = EngineOptions::from_json(&serde_json::json!({"thread": 2}));
         assert!(matches!(e, Err(Error::Options(m)) if m.contains("unknown field")));
         assert!(EngineOptions::from_json(&serde_json::json!({"parallel": 0})).is_err());
+    }
+
+    #[test]
+    fn gpu_and_cache_options_default_to_the_batch_invariant_cpu_setup() {
+        let o = EngineOptions::default();
+        assert!(
+            !o.flash_attn,
+            "flash attention stays off: grades must not depend on batches"
+        );
+        assert_eq!((o.type_k, o.type_v), (KvType::F16, KvType::F16));
+        assert_eq!((o.main_gpu, o.split_mode), (0, SplitMode::Layer));
+        assert!(o.reuse_kv_cache);
+    }
+
+    #[test]
+    fn every_kv_cache_type_parses_and_quantised_values_need_flash_attention() {
+        for (t, name) in KvType::ALL {
+            let o = EngineOptions::from_json(&serde_json::json!({"type_k": name}))
+                .unwrap_or_else(|e| panic!("type_k {name}: {e}"));
+            assert_eq!(o.type_k, t);
+            assert_eq!(t.name(), name);
+            let v = EngineOptions::from_json(&serde_json::json!({"type_v": name}));
+            if t.is_quantized() {
+                let e = v
+                    .expect_err("quantised V without flash attention")
+                    .to_string();
+                assert!(e.contains("flash_attn = true") && e.contains(name), "{e}");
+                let o = EngineOptions::from_json(
+                    &serde_json::json!({"type_v": name, "flash_attn": true}),
+                )
+                .unwrap_or_else(|e| panic!("type_v {name} with flash_attn: {e}"));
+                assert_eq!(o.type_v, t);
+            } else {
+                assert_eq!(v.expect("unquantised V").type_v, t);
+            }
+        }
+        assert_eq!(
+            EngineOptions::from_json(&serde_json::json!({"type_k": "Q8_0"}))
+                .expect("case")
+                .type_k,
+            KvType::Q8_0
+        );
+        let e = EngineOptions::from_json(&serde_json::json!({"type_k": "q3_k"}))
+            .expect_err("unknown type")
+            .to_string();
+        assert!(
+            e.contains("\"q3_k\" is not a KV-cache type") && e.contains("q8_0, q4_0"),
+            "{e}"
+        );
+        assert!(EngineOptions::from_json(&serde_json::json!({"type_k": 8})).is_err());
+    }
+
+    #[test]
+    fn split_modes_main_gpu_and_flash_attention_parse() {
+        for (name, mode) in [
+            ("none", SplitMode::None),
+            ("layer", SplitMode::Layer),
+            ("row", SplitMode::Row),
+        ] {
+            let o = EngineOptions::from_json(&serde_json::json!({"split_mode": name}))
+                .unwrap_or_else(|e| panic!("split_mode {name}: {e}"));
+            assert_eq!(o.split_mode, mode);
+            assert_eq!(mode.name(), name);
+        }
+        let e = EngineOptions::from_json(&serde_json::json!({"split_mode": "tensor"}))
+            .expect_err("unsupported mode")
+            .to_string();
+        assert!(
+            e.contains("\"tensor\" is not a split_mode") && e.contains("\"row\""),
+            "{e}"
+        );
+        let o = EngineOptions::from_json(
+            &serde_json::json!({"main_gpu": 1, "flash_attn": true, "reuse_kv_cache": false}),
+        )
+        .expect("gpu options");
+        assert_eq!(o.main_gpu, 1);
+        assert!(o.flash_attn && !o.reuse_kv_cache);
+        assert!(EngineOptions::from_json(&serde_json::json!({"main_gpu": -1})).is_err());
+        assert!(EngineOptions::from_json(&serde_json::json!({"flash_attn": "yes"})).is_err());
+    }
+
+    #[test]
+    fn main_gpu_must_name_a_gpu_there_is() {
+        let o = |main_gpu| EngineOptions {
+            main_gpu,
+            gpu_layers: 99,
+            ..EngineOptions::default()
+        };
+        // No GPU: the model runs on the CPU (a warning, not an error).
+        assert!(check_gpus(&o(0), &[]).is_ok());
+        let gpus = [(0, "CUDA0 (NVIDIA H100)".to_owned())];
+        assert!(check_gpus(&o(0), &gpus).is_ok());
+        let e = check_gpus(&o(1), &gpus).expect_err("no GPU 1").to_string();
+        assert!(
+            e.contains("main_gpu = 1") && e.contains("1 GPU(s)") && e.contains("0: CUDA0"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_kept_context_serves_calls_that_fit_it() {
+        let kept = Shape {
+            seqs: 4,
+            per_seq: 1024,
+            batch: 512,
+        };
+        let one = Shape {
+            seqs: 1,
+            per_seq: 768,
+            batch: 512,
+        };
+        assert!(kept.fits(one) && kept.fits(kept));
+        assert!(!one.fits(kept));
+        let longer = Shape {
+            per_seq: 1280,
+            ..one
+        };
+        assert!(!kept.fits(longer));
+        assert_eq!(
+            kept.grown_for(longer),
+            Shape {
+                seqs: 4,
+                per_seq: 1280,
+                batch: 512
+            }
+        );
+        // Another batch size splits prompts differently: never shared.
+        let other_batch = Shape { batch: 256, ..one };
+        assert!(!kept.fits(other_batch));
+        assert_eq!(kept.grown_for(other_batch), other_batch);
+        assert_eq!(kept.n_ctx().expect("n_ctx"), 4096);
+        assert!(
+            Shape {
+                seqs: 1 << 20,
+                per_seq: 1 << 20,
+                batch: 1
+            }
+            .n_ctx()
+            .is_err()
+        );
     }
 
     #[test]

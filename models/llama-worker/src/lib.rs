@@ -17,7 +17,10 @@
 //!   ([`viva_models::injection`]);
 //! - all items of a call decode together in one context, one sequence id
 //!   each, one `llama_batch` per step carrying a token of every unfinished
-//!   sequence, each sequence with its own grammar sampler.
+//!   sequence, each sequence with its own grammar sampler;
+//! - the worker keeps that context for its life ([`engine::Session`]): its
+//!   KV cache is cleared between calls and reallocated only when a call
+//!   does not fit it.
 //!
 //! Grammar sampling takes a fast path: the unconstrained best token is
 //! checked against the grammar alone and taken when it is allowed; only when
@@ -39,8 +42,9 @@
 //!   GGML_FMA=OFF GGML_F16C=OFF GGML_BMI2=OFF` in the environment (the build
 //!   script forwards `GGML_*` variables to CMake).
 //! - GPU offload: the `cuda` feature (llama-cpp-2's `cuda`), plus the
-//!   `gpu_layers` option. Unverified: the build machines have no CUDA
-//!   toolkit.
+//!   `gpu_layers`, `main_gpu`, `split_mode`, `flash_attn` and
+//!   `type_k`/`type_v` options (docs/gpu.md has every option). Unverified:
+//!   the build machines have no CUDA toolkit.
 //! - Threads: ggml's thread barriers spin, so threads must not outnumber the
 //!   free cores. When both evaluator roles run at once, give each
 //!   `threads = cores / 2`.

@@ -3,9 +3,11 @@
 //!
 //! A reader thread owns stdin and forwards frames to the main thread, which
 //! runs one job at a time (`max_parallel_jobs` 1: a call already decodes its
-//! items together). A `Shutdown` frame or the end of stdin also raises a
-//! cancel flag, so a running job stops at its next decoding step and the
-//! process exits promptly instead of finishing a long batch nobody waits for.
+//! items together), all in one [`Session`], so the context and its KV cache
+//! are kept from job to job. A `Shutdown` frame or the end of stdin also
+//! raises a cancel flag, so a running job stops at its next decoding step
+//! and the process exits promptly instead of finishing a long batch nobody
+//! waits for.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -20,36 +22,63 @@ use viva_models::{
 };
 
 use crate::Error;
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineOptions, Session};
 
 const PROGRAM: &str = concat!("viva-llama-worker ", env!("CARGO_PKG_VERSION"));
 
+const USAGE: &str = "usage: viva-llama-worker [--role NAME] [--check-options JSON]";
+
 /// Command-line arguments: `--role NAME` (the daemon adds it; default
-/// "evaluator").
+/// "evaluator"), and `--check-options JSON`, which only checks an `options`
+/// object (as the daemon would send it) and exits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Args {
     pub role: String,
+    pub check_options: Option<String>,
 }
 
 impl Args {
     pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
-        let mut role = "evaluator".to_owned();
+        let mut parsed = Args {
+            role: "evaluator".to_owned(),
+            check_options: None,
+        };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
-            match arg.split_once('=') {
-                Some(("--role", v)) => role = v.to_owned(),
-                _ if arg == "--role" => role = args.next().ok_or("--role needs a value")?,
-                _ if arg == "--help" || arg == "-h" => {
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or_else(|| format!("{name} needs a value; {USAGE}"))
+            };
+            match name.as_str() {
+                "--role" => parsed.role = value()?,
+                "--check-options" => parsed.check_options = Some(value()?),
+                "--help" | "-h" => {
                     return Err(format!(
                         "{PROGRAM}: Viva evaluator worker (llama.cpp). Started by the daemon; \
-                         speaks JSON lines on stdin/stdout.\nusage: viva-llama-worker [--role NAME]"
+                         speaks JSON lines on stdin/stdout.\n{USAGE}\n--check-options checks \
+                         an options object (JSON) and prints it with every default filled in"
                     ));
                 }
-                _ => return Err(format!("unknown argument {arg:?}; usage: --role NAME")),
+                _ => return Err(format!("unknown argument {arg:?}; {USAGE}")),
             }
         }
-        Ok(Args { role })
+        Ok(parsed)
     }
+}
+
+/// `--check-options JSON`: the options with every default filled in (one
+/// JSON line), or why the worker would refuse them.
+pub fn check_options(json: &str) -> Result<String, String> {
+    let value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| format!("--check-options takes a JSON object: {e}"))?;
+    let options = EngineOptions::from_json(&value).map_err(|e| e.to_string())?;
+    serde_json::to_string(&options).map_err(|e| e.to_string())
 }
 
 enum Incoming {
@@ -127,6 +156,18 @@ pub fn main() -> i32 {
             return 2;
         }
     };
+    if let Some(json) = &args.check_options {
+        return match check_options(json) {
+            Ok(resolved) => {
+                println!("{resolved}");
+                0
+            }
+            Err(e) => {
+                eprintln!("viva-llama-worker: {e}");
+                2
+            }
+        };
+    }
     init_logs();
     let (reader, writer) = match take_stdio() {
         Ok(io) => io,
@@ -214,6 +255,9 @@ pub fn main() -> i32 {
         memory_bytes: Some(engine.memory_bytes()),
     });
 
+    // One context for the worker's life, cleared between calls (see
+    // `engine::Session`).
+    let mut session = engine.session();
     loop {
         match rx.recv() {
             Ok(Incoming::Frame(DaemonMessage::Job { job_id, payload })) => {
@@ -221,7 +265,14 @@ pub fn main() -> i32 {
                     // A Shutdown is queued behind this job: leave it.
                     continue;
                 }
-                run_job(&engine, &args.role, &job_id, payload, &cancel, &mut out);
+                run_job(
+                    &mut session,
+                    &args.role,
+                    &job_id,
+                    payload,
+                    &cancel,
+                    &mut out,
+                );
             }
             Ok(Incoming::Frame(DaemonMessage::Shutdown)) => return bye(&mut out),
             Ok(Incoming::Frame(other)) => out.fail(
@@ -237,7 +288,7 @@ pub fn main() -> i32 {
 }
 
 fn run_job(
-    engine: &Engine,
+    session: &mut Session<'_>,
     role: &str,
     job_id: &str,
     payload: JobPayload,
@@ -266,7 +317,7 @@ fn run_job(
         })
     };
     progress(0, total);
-    let result = engine.evaluate(&req.items, role, cancel, &mut progress);
+    let result = session.evaluate(&req.items, role, cancel, &mut progress);
     match result {
         Ok((outcomes, stats)) => {
             eprintln!("viva-llama-worker: job {job_id}: {}", stats.summary());
@@ -323,5 +374,26 @@ mod tests {
         assert_eq!(p(&["--role=b"]).map(|a| a.role), Ok("b".into()));
         assert!(p(&["--role"]).is_err());
         assert!(p(&["--kind", "stt"]).is_err());
+        let a = p(&["--role", "a", "--check-options", "{}"]).expect("check");
+        assert_eq!(a.check_options.as_deref(), Some("{}"));
+        assert_eq!(
+            p(&["--check-options={\"threads\":1}"]).map(|a| a.check_options),
+            Ok(Some("{\"threads\":1}".into()))
+        );
+        assert!(p(&["--check-options"]).is_err());
+    }
+
+    #[test]
+    fn check_options_fills_defaults_and_refuses_typos() {
+        let out = check_options(r#"{"gpu_layers": 99, "type_k": "q8_0"}"#).expect("valid");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(v["gpu_layers"], 99);
+        assert_eq!(v["type_k"], "q8_0");
+        assert_eq!(v["type_v"], "f16");
+        assert_eq!(v["flash_attn"], false);
+        assert_eq!(v["split_mode"], "layer");
+        let e = check_options(r#"{"gpu": true}"#).expect_err("unknown key");
+        assert!(e.contains("unknown field `gpu`"), "{e}");
+        assert!(check_options("threads=4").is_err());
     }
 }

@@ -341,3 +341,78 @@ async fn sigkill_mid_job_is_reported_as_a_crash() {
     assert!(err.is_retryable());
     assert!(!worker.is_alive());
 }
+
+/// The ratings of each outcome as JSON text (levels, evidence, rationale).
+fn answers(outcomes: &[viva_models::EvaluationOutcome]) -> Vec<String> {
+    outcomes
+        .iter()
+        .map(|o| match &o.evaluation {
+            Some(e) => serde_json::to_string(&e.ratings).expect("ratings as JSON"),
+            None => panic!("{} failed: {:?}", o.submission_id, o.error),
+        })
+        .collect()
+}
+
+/// A kept context (the worker's session) answers every call exactly as a
+/// new context would, word for word: after a batched call, a single call in
+/// the batch's larger context; a longer submission that makes it grow; then
+/// a single call in the grown context.
+#[test]
+fn a_kept_kv_cache_gives_the_answers_of_new_contexts() {
+    use std::sync::atomic::AtomicBool;
+    use viva_llama_worker::engine::Engine;
+
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
+    let path = model(SMOLLM2);
+    let engine = Engine::load(&ModelSpec {
+        name: "smollm2".into(),
+        path: path.display().to_string(),
+        options: short_answers(),
+    })
+    .expect("load");
+    let (prompt, rubric) = sandbox();
+    let long = ANSWERS[0].repeat(8);
+    let calls: [&[&str]; 4] = [&ANSWERS[..3], &ANSWERS[..1], &[&long], &ANSWERS[1..2]];
+    let no = AtomicBool::new(false);
+
+    let mut session = engine.session();
+    let mut kept = Vec::new();
+    let mut created = 0;
+    let mut reused = 0;
+    for call in calls {
+        let (outcomes, stats) = session
+            .evaluate(&items(&prompt, &rubric, call), "a", &no, &mut |_, _| {})
+            .expect("evaluate in the session");
+        created += stats.contexts_created;
+        reused += stats.contexts_reused;
+        kept.push(answers(&outcomes));
+    }
+    assert_eq!(
+        (created, reused),
+        (2, 2),
+        "one context for the batch, kept for the single call, grown once for the long \
+         submission, kept again"
+    );
+
+    // Each submission alone, each in a new context.
+    let alone = |t: &str| {
+        let (outcomes, stats) = engine
+            .evaluate(&items(&prompt, &rubric, &[t]), "a", &no, &mut |_, _| {})
+            .expect("evaluate alone");
+        assert_eq!((stats.contexts_created, stats.contexts_reused), (1, 0));
+        answers(&outcomes).remove(0)
+    };
+    let fresh: Vec<String> = ANSWERS[..3].iter().map(|t| alone(t)).collect();
+    assert_eq!(kept[0], fresh, "batched in a new context = each alone");
+    assert_eq!(
+        kept[1],
+        [fresh[0].clone()],
+        "alone in the batch's kept context"
+    );
+    assert_eq!(kept[2], [alone(&long)], "longer: in a grown context");
+    assert_eq!(
+        kept[3],
+        [fresh[1].clone()],
+        "alone in the grown kept context"
+    );
+}

@@ -121,14 +121,74 @@ pub struct LoadOptions {
     pub no_speech_threshold: Option<f32>,
 }
 
+/// whisper.cpp's limit on decoders (`WHISPER_MAX_DECODERS`): a larger
+/// `beam_size` would fail every transcription.
+pub const MAX_BEAM_SIZE: u32 = 8;
+
 impl LoadOptions {
-    /// Parses the options object (`null` means all defaults).
+    /// Parses the options object (`null` means all defaults) and refuses
+    /// values whisper.cpp would only refuse later, job by job.
     pub fn from_json(v: &serde_json::Value) -> Result<LoadOptions, WorkerError> {
         if v.is_null() {
             return Ok(LoadOptions::default());
         }
         // TOML integers arrive as JSON numbers; accept floats like 2.0 too.
-        serde_json::from_value(v.clone()).map_err(|e| WorkerError::Options(e.to_string()))
+        let opts: LoadOptions =
+            serde_json::from_value(v.clone()).map_err(|e| WorkerError::Options(e.to_string()))?;
+        opts.validate()?;
+        Ok(opts)
+    }
+
+    fn validate(&self) -> Result<(), WorkerError> {
+        let bad = |m: String| Err(WorkerError::Options(m));
+        if self.beam_size.is_some_and(|b| b > MAX_BEAM_SIZE) {
+            return bad(format!(
+                "beam_size must be at most {MAX_BEAM_SIZE} (whisper.cpp's limit); 0 = greedy"
+            ));
+        }
+        if self.parallel_states.is_some_and(|n| !(1..=64).contains(&n)) {
+            return bad("parallel_states must be from 1 to 64".into());
+        }
+        if let Some(lang) = &self.language
+            && lang != "auto"
+            && (lang.contains('\0') || whisper_rs::get_lang_id(lang).is_none())
+        {
+            return bad(format!(
+                "language {lang:?} is not one Whisper knows: use \"auto\" or a code such as \
+                 \"en\", \"de\", \"fr\""
+            ));
+        }
+        if self
+            .low_confidence_logprob
+            .is_some_and(|l| !l.is_finite() || l > 0.0)
+        {
+            return bad("low_confidence_logprob must be a log-probability (0 or less)".into());
+        }
+        if self
+            .no_speech_threshold
+            .is_some_and(|p| !(0.0..=1.0).contains(&p))
+        {
+            return bad("no_speech_threshold must be a probability from 0 to 1".into());
+        }
+        Ok(())
+    }
+
+    /// The options with every default filled in, for `--check-options`.
+    pub fn resolved(&self, advertised_states: u32) -> serde_json::Value {
+        let states = self
+            .parallel_states
+            .unwrap_or(advertised_states)
+            .clamp(1, 64);
+        serde_json::json!({
+            "threads": self.threads_for(states),
+            "beam_size": self.beam_size.unwrap_or(0),
+            "parallel_states": states,
+            "language": self.language.clone().unwrap_or_else(|| "auto".into()),
+            "use_gpu": self.use_gpu.unwrap_or(cfg!(feature = "cuda")),
+            "flash_attn": self.flash_attn.unwrap_or(false),
+            "low_confidence_logprob": decimal(self.low_confidence_logprob.unwrap_or(LOW_LOGPROB)),
+            "no_speech_threshold": decimal(self.no_speech_threshold.unwrap_or(HIGH_NO_SPEECH)),
+        })
     }
 
     /// Threads per transcription given `states` parallel states.
@@ -140,6 +200,88 @@ impl LoadOptions {
             (cores / states.max(1)).max(1)
         })
     }
+}
+
+/// An f32 as the decimal it was written as (-0.6, not -0.6000000238…).
+fn decimal(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
+/// The worker's command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    /// `--parallel-states N` (1 to 64, default 1): the jobs at once that
+    /// Hello advertises; the daemon sends at most
+    /// min(this, `scheduler.stt_concurrency`).
+    pub parallel_states: u32,
+    /// `--version`: print the version and exit.
+    pub version: bool,
+    /// `--check-options JSON`: check an `options` object (as the daemon
+    /// sends it) against these arguments, print it with every default
+    /// filled in, and exit.
+    pub check_options: Option<String>,
+}
+
+const USAGE: &str =
+    "usage: viva-whisper-worker [--parallel-states N] [--check-options JSON] [--version]";
+
+impl Args {
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
+        let mut parsed = Args {
+            parallel_states: 1,
+            version: false,
+            check_options: None,
+        };
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or_else(|| format!("{name} needs a value; {USAGE}"))
+            };
+            match name.as_str() {
+                "--parallel-states" => {
+                    let v = value()?;
+                    parsed.parallel_states = v
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| {
+                            format!("--parallel-states {v:?} is not a number from 1 to 64")
+                        })?;
+                }
+                "--check-options" => parsed.check_options = Some(value()?),
+                "--version" => parsed.version = true,
+                other => return Err(format!("unknown argument {other:?}; {USAGE}")),
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+/// `--check-options JSON`: the options with every default filled in (one
+/// JSON line), or why the worker would refuse them at `Load`. A
+/// `parallel_states` that differs from `--parallel-states` is refused here
+/// (at `Load` it is only a warning): the extra states would hold memory and
+/// never run, or jobs would queue for missing ones.
+pub fn check_options(json: &str, advertised_states: u32) -> Result<String, WorkerError> {
+    let value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| WorkerError::Options(format!("--check-options takes a JSON object: {e}")))?;
+    let opts = LoadOptions::from_json(&value)?;
+    if let Some(n) = opts.parallel_states
+        && n != advertised_states
+    {
+        return Err(WorkerError::Options(format!(
+            "parallel_states = {n} but --parallel-states {advertised_states}: the daemon sends at \
+             most {advertised_states} job(s) at once; drop the option or make both the same"
+        )));
+    }
+    Ok(opts.resolved(advertised_states).to_string())
 }
 
 /// A loaded model.
@@ -398,6 +540,55 @@ mod tests {
         let err = LoadOptions::from_json(&serde_json::json!({"thread": 2})).expect_err("typo");
         assert!(err.to_string().contains("thread"), "{err}");
         assert!(LoadOptions::default().threads_for(64) >= 1);
+        // The key the old deploy guide used: refused, as the worker refuses it.
+        let err = LoadOptions::from_json(&serde_json::json!({"gpu": true})).expect_err("gpu");
+        assert!(err.to_string().contains("unknown field `gpu`"), "{err}");
+    }
+
+    #[test]
+    fn values_whisper_cpp_would_refuse_per_job_are_refused_at_load() {
+        let ok = |v: serde_json::Value| LoadOptions::from_json(&v);
+        assert!(ok(serde_json::json!({"language": "de", "beam_size": 8})).is_ok());
+        assert!(ok(serde_json::json!({"language": "auto"})).is_ok());
+        let e = ok(serde_json::json!({"language": "klingon"})).expect_err("language");
+        assert!(e.to_string().contains("\"klingon\""), "{e}");
+        let e = ok(serde_json::json!({"beam_size": 9})).expect_err("beam");
+        assert!(e.to_string().contains("at most 8"), "{e}");
+        assert!(ok(serde_json::json!({"no_speech_threshold": 1.5})).is_err());
+        assert!(ok(serde_json::json!({"low_confidence_logprob": 0.5})).is_err());
+        assert!(ok(serde_json::json!({"parallel_states": 0})).is_err());
+    }
+
+    #[test]
+    fn arguments_and_the_option_check() {
+        let p = |v: &[&str]| Args::parse(v.iter().map(|s| s.to_string()));
+        assert_eq!(p(&[]).map(|a| a.parallel_states), Ok(1));
+        assert_eq!(
+            p(&["--parallel-states", "2"]).map(|a| a.parallel_states),
+            Ok(2)
+        );
+        assert_eq!(
+            p(&["--parallel-states=3"]).map(|a| a.parallel_states),
+            Ok(3)
+        );
+        assert!(p(&["--parallel-states", "0"]).is_err());
+        assert!(p(&["--parallel-states"]).is_err());
+        assert!(p(&["--gpu"]).is_err());
+        let a = p(&["--parallel-states", "2", "--check-options", "{}"]).expect("args");
+        assert_eq!(a.check_options.as_deref(), Some("{}"));
+
+        let out = check_options(r#"{"threads": 4, "use_gpu": true}"#, 2).expect("valid");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(v["threads"], 4);
+        assert_eq!(v["parallel_states"], 2);
+        assert_eq!(v["use_gpu"], true);
+        assert_eq!(v["beam_size"], 0);
+        assert_eq!(v["low_confidence_logprob"], -0.6);
+        let e = check_options(r#"{"threads": 4, "gpu": true}"#, 1).expect_err("unknown key");
+        assert!(e.to_string().contains("unknown field `gpu`"), "{e}");
+        let e = check_options(r#"{"parallel_states": 2}"#, 1).expect_err("mismatch");
+        assert!(e.to_string().contains("--parallel-states 1"), "{e}");
+        assert!(check_options(r#"{"parallel_states": 2}"#, 2).is_ok());
     }
 
     #[test]

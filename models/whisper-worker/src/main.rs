@@ -9,7 +9,9 @@
 //! (after Bye) or when stdin closes, and dies with its parent.
 //!
 //! Arguments: `--parallel-states N` (default 1), which the daemon learns from
-//! Hello before it sends Load, so set it in the worker's `args` in viva.toml.
+//! Hello before it sends Load, so set it in the worker's `args` in viva.toml;
+//! `--check-options JSON` checks an options object and exits (see
+//! [`viva_whisper_worker::check_options`]); `--version`.
 
 use std::fs::File;
 use std::sync::mpsc;
@@ -21,7 +23,9 @@ use viva_models::{
     DaemonMessage, JobPayload, JobResult, PROTOCOL_VERSION, TranscribeRequest, WorkerKind,
     WorkerMessage,
 };
-use viva_whisper_worker::{Engine, LoadOptions, WorkerError, install_log_filter, resident_bytes};
+use viva_whisper_worker::{
+    Args, Engine, LoadOptions, WorkerError, check_options, install_log_filter, resident_bytes,
+};
 
 const PROGRAM: &str = concat!("viva-whisper-worker ", env!("CARGO_PKG_VERSION"));
 
@@ -45,51 +49,32 @@ fn error_frame(job_id: Option<String>, e: &WorkerError) -> WorkerMessage {
     }
 }
 
-fn parse_args() -> Result<u32, String> {
-    let mut states = 1u32;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
-            None => (arg.clone(), None),
-        };
-        match name.as_str() {
-            "--parallel-states" => {
-                let v = inline
-                    .or_else(|| args.next())
-                    .ok_or("--parallel-states needs a value")?;
-                states = v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..=64).contains(n))
-                    .ok_or_else(|| {
-                        format!("--parallel-states {v:?} is not a number from 1 to 64")
-                    })?;
-            }
-            "--version" => {
-                println!("{PROGRAM}");
-                std::process::exit(0);
-            }
-            other => {
-                return Err(format!(
-                    "unknown argument {other:?} (only --parallel-states N)"
-                ));
-            }
-        }
-    }
-    Ok(states)
-}
-
 fn main() {
     exit_with_parent();
-    let states = match parse_args() {
-        Ok(s) => s,
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(a) => a,
         Err(e) => {
             eprintln!("viva-whisper-worker: {e}");
             std::process::exit(2);
         }
     };
-    if let Err(e) = run(states) {
+    if args.version {
+        println!("{PROGRAM}");
+        return;
+    }
+    if let Some(json) = &args.check_options {
+        match check_options(json, args.parallel_states) {
+            Ok(resolved) => {
+                println!("{resolved}");
+                return;
+            }
+            Err(e) => {
+                eprintln!("viva-whisper-worker: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
+    if let Err(e) = run(args.parallel_states) {
         eprintln!("viva-whisper-worker: {e}");
         std::process::exit(1);
     }
