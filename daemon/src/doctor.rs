@@ -194,7 +194,7 @@ impl Inputs<'_> {
         self.config_file
             .as_ref()
             .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "viva.toml".into())
+            .unwrap_or_else(|| "the configuration file (viva.toml)".into())
     }
 }
 
@@ -273,7 +273,10 @@ pub async fn run(inputs: &Inputs<'_>) -> Report {
     let file = inputs.file();
     let mut checks = vec![Check::ok(
         "config",
-        format!("{file} parses; no unknown keys"),
+        match &inputs.config_file {
+            Some(_) => format!("{file} parses; no unknown keys"),
+            None => "the configuration parsed when the daemon started; no unknown keys".to_owned(),
+        },
     )];
     checks.push(sandbox(config, &file));
     checks.push(public_url(config, &file).await);
