@@ -476,6 +476,7 @@ pub const RESERVED_ENV: &[&str] = &[
     "REQUIRE_LTI_PLATFORM",
     "REQUIRE_BROWSER",
     "REQUIRE_MODELS",
+    "REQUIRE_PACKAGE",
 ];
 
 fn parse_env_value(raw: &str) -> toml::Value {
