@@ -461,3 +461,37 @@ fn the_debian_package_installs_a_hardened_service_and_its_doctor_finds_each_faul
         "{c}"
     );
 }
+
+/// The README's "Install on a server": four commands or fewer, the first
+/// installing the package this repository builds.
+#[test]
+fn the_readme_installs_on_a_server_in_four_commands_or_fewer() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README");
+    let section = readme
+        .split("\n## ")
+        .find(|s| s.starts_with("Install on a server"))
+        .expect("README has an \"Install on a server\" section");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a sh block in the section");
+    let commands: Vec<&str> = block
+        .lines()
+        .map(|l| l.split(" #").next().unwrap_or_default().trim())
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .flat_map(|l| l.split("&&").flat_map(|c| c.split(';')))
+        .map(str::trim)
+        .collect();
+    assert!(
+        !commands.is_empty() && commands.len() <= 4,
+        "{} commands: {commands:?}",
+        commands.len()
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        commands[0],
+        format!("sudo apt install ./viva_{version}-1_amd64.deb"),
+        "the README installs the package scripts/package builds"
+    );
+}
