@@ -879,7 +879,7 @@ async fn platforms(
             .and_then(|v| v.to_str().ok())
             .and_then(parse_http_date);
         if let (Some(d), None) = (date, &skew) {
-            skew = Some((r.issuer.clone(), crate::clock::now_ms() as i64 / 1000 - d));
+            skew = Some((r.issuer.clone(), crate::clock::now_ms() / 1000 - d));
         }
         let keys = resp
             .success()
@@ -1157,7 +1157,7 @@ mod tests {
         let mut config = Config::default();
         config.lti.allow_insecure_platforms = true;
         // An empty key set, dated an hour ago: reachable, but the clock is off.
-        let hour_ago = crate::clock::now_ms() as i64 / 1000 - 3600;
+        let hour_ago = crate::clock::now_ms() / 1000 - 3600;
         let date = format_http_date(hour_ago);
         let body = r#"{"keys":[]}"#;
         let url = serve_once(format!(
