@@ -106,13 +106,16 @@ summarize_test_failures() {
 }
 
 # cargo-deb, which scripts/package builds the Debian package with (from
-# crates.io, compiled once into ~/.cargo/bin; idempotent). Exports
-# VIVA_REQUIRE_PACKAGE so tests/tests/package.rs runs instead of skipping.
+# crates.io, compiled once into ~/.cargo/bin, about 2 minutes on 2 cores;
+# idempotent). Pinned: `scripts/package --debug` packages the dev profile,
+# which cargo-deb 3.x accepts with a warning and may refuse in a later
+# version. Exports VIVA_REQUIRE_PACKAGE so tests/tests/package.rs runs
+# instead of skipping.
 CARGO_DEB_VERSION=3.8.0
 ensure_cargo_deb() {
-  if ! cargo deb --version >/dev/null 2>&1; then
+  if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
     step "installing cargo-deb $CARGO_DEB_VERSION (cargo install)"
-    cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked
+    cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --force
   fi
   export VIVA_REQUIRE_PACKAGE=1
 }
