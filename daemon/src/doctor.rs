@@ -504,6 +504,28 @@ fn data_dir(dir: &Path) -> Check {
         .with(details);
     }
     let _ = std::fs::remove_file(&probe);
+    // The usual mistake: `viva migrate` (or another command) run as root,
+    // leaving files the service user cannot write.
+    let foreign: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.metadata().is_ok_and(|m| m.uid() != me))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !foreign.is_empty() {
+        return Check::fail(
+            "data_dir",
+            format!(
+                "{shown} holds files of another user: {} (the service cannot write them)",
+                foreign.join(", ")
+            ),
+            format!("sudo chown -R viva:viva {shown}, and run viva's commands as the service user (sudo -u viva viva …)"),
+        )
+        .with(details);
+    }
     if mode & 0o077 != 0 {
         return Check::warn(
             "data_dir",
@@ -1206,6 +1228,38 @@ mod tests {
             rem % 3600 / 60,
             rem % 60
         )
+    }
+
+    #[test]
+    fn the_data_directory_is_checked_for_mode_and_foreign_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("mkdir");
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        assert_eq!(data_dir(&data).status, Status::Ok);
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let c = data_dir(&data);
+        assert_eq!(c.status, Status::Warn, "{c:?}");
+        assert!(c.fix.as_deref().is_some_and(|f| f.contains("chmod 0700")));
+        assert_eq!(data_dir(&dir.path().join("missing")).status, Status::Fail);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: the foreign-owner case is not checked here");
+            return;
+        }
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let db = data.join("viva.db");
+        std::fs::write(&db, b"").expect("write");
+        std::os::unix::fs::chown(&db, Some(65534), Some(65534)).expect("chown");
+        let c = data_dir(&data);
+        assert_eq!(c.status, Status::Fail, "{c:?}");
+        assert!(c.summary.contains("viva.db"), "{c:?}");
+        assert!(
+            c.fix
+                .as_deref()
+                .is_some_and(|f| f.contains("chown -R viva:viva"))
+        );
     }
 
     #[tokio::test]
