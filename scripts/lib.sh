@@ -105,6 +105,21 @@ summarize_test_failures() {
   ' "$1" >&2
 }
 
+# cargo-deb, which scripts/package builds the Debian package with (from
+# crates.io, compiled once into ~/.cargo/bin, about 2 minutes on 2 cores;
+# idempotent). Pinned: `scripts/package --debug` packages the dev profile,
+# which cargo-deb 3.x accepts with a warning and may refuse in a later
+# version. Exports VIVA_REQUIRE_PACKAGE so tests/tests/package.rs runs
+# instead of skipping.
+CARGO_DEB_VERSION=3.8.0
+ensure_cargo_deb() {
+  if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
+    step "installing cargo-deb $CARGO_DEB_VERSION (cargo install)"
+    cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --force
+  fi
+  export VIVA_REQUIRE_PACKAGE=1
+}
+
 ensure_rust() {
   command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs), then run this again"
   # Rubric plugins are WebAssembly components built by the normal build

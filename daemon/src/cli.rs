@@ -13,6 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::{Config, LogFormat};
 use crate::domain::Role;
 
+mod doctor;
 mod models;
 mod platform;
 mod plugin;
@@ -24,7 +25,8 @@ mod plugin;
     about = "Viva: grades spoken and video assignments"
 )]
 struct Cli {
-    /// Configuration file (default: ./viva.toml when it exists).
+    /// Configuration file (default: ./viva.toml when it exists, else
+    /// /etc/viva/viva.toml when it exists, as the package installs it).
     #[arg(long, global = true, env = "VIVA_CONFIG")]
     config: Option<PathBuf>,
     /// Data directory: database, media, keys.
@@ -50,6 +52,10 @@ enum Command {
     },
     /// Create or upgrade the database, then exit.
     Migrate,
+    /// Check this installation: configuration, data directory, disk,
+    /// ffmpeg, each model worker, public_url, clock, platforms, keys,
+    /// plugins, database, sandbox. Exits 1 when a check fails.
+    Doctor(doctor::DoctorArgs),
     /// Show a running daemon's queue and workers.
     Status {
         #[arg(long, env = "VIVA_URL")]
@@ -149,11 +155,22 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn load_config(cli: &Cli, extra: Vec<(String, toml::Value)>) -> anyhow::Result<Config> {
-    let file = match &cli.config {
+/// Where the package puts the configuration.
+const SYSTEM_CONFIG: &str = "/etc/viva/viva.toml";
+
+/// The configuration file in use: --config / VIVA_CONFIG, else ./viva.toml,
+/// else the package's /etc/viva/viva.toml (when they exist).
+fn config_file(cli: &Cli) -> Option<PathBuf> {
+    match &cli.config {
         Some(p) => Some(p.clone()),
-        None => Some(PathBuf::from("viva.toml")).filter(|p| p.exists()),
-    };
+        None => [PathBuf::from("viva.toml"), PathBuf::from(SYSTEM_CONFIG)]
+            .into_iter()
+            .find(|p| p.exists()),
+    }
+}
+
+fn load_config(cli: &Cli, extra: Vec<(String, toml::Value)>) -> anyhow::Result<Config> {
+    let file = config_file(cli);
     let mut overrides = extra;
     if let Some(d) = &cli.data_dir {
         overrides.push((
@@ -211,6 +228,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 crate::store::schema_version()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor(args) => {
+            // No log: each check's line carries what went wrong (a
+            // worker's start-up error quotes its stderr).
+            doctor::run(args, config_file(&cli), load_config(&cli, vec![]))
         }
         Command::Session {
             role,

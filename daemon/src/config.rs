@@ -486,6 +486,7 @@ pub const RESERVED_ENV: &[&str] = &[
     "REQUIRE_LTI_PLATFORM",
     "REQUIRE_BROWSER",
     "REQUIRE_MODELS",
+    "REQUIRE_PACKAGE",
 ];
 
 fn parse_env_value(raw: &str) -> toml::Value {
@@ -703,6 +704,61 @@ mod tests {
         let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/viva.demo.toml");
         let d = Config::load(Some(&demo), env(&[]), &[]).expect("demo parses");
         assert!(d.sandbox.enabled);
+    }
+
+    /// The ```toml blocks of a Markdown file, with their first line numbers.
+    fn toml_blocks(markdown: &str) -> Vec<(usize, String)> {
+        let mut out = Vec::new();
+        let mut current: Option<(usize, String)> = None;
+        for (n, line) in markdown.lines().enumerate() {
+            match &mut current {
+                None if line.trim_start().starts_with("```toml") => {
+                    current = Some((n + 2, String::new()));
+                }
+                Some(_) if line.trim_start().starts_with("```") => {
+                    out.extend(current.take());
+                }
+                Some((_, text)) => {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+                None => {}
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_configuration_in_the_docs_and_the_package_parses() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut parsed = 0;
+        for doc in ["README.md", "docs/deploy.md"] {
+            let text = std::fs::read_to_string(root.join(doc)).expect("read doc");
+            for (line, block) in toml_blocks(&text) {
+                let file = dir.path().join("block.toml");
+                std::fs::write(&file, &block).expect("write");
+                if let Err(e) = Config::load(Some(&file), env(&[]), &[]) {
+                    panic!("{doc}:{line}: the configuration shown does not parse: {e}\n{block}");
+                }
+                parsed += 1;
+            }
+        }
+        assert!(parsed >= 3, "only {parsed} configuration blocks found");
+        // The package's /etc/viva/viva.toml: production defaults.
+        let package = root.join("packaging/deb/viva.toml");
+        let c = Config::load(Some(&package), env(&[]), &[]).expect("packaged config parses");
+        assert!(!c.sandbox.enabled);
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/viva"));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        let stt = c.workers.stt.as_ref().expect("stt worker");
+        assert_eq!(stt.command, PathBuf::from("/usr/bin/viva-whisper-worker"));
+        assert!(stt.model_path.starts_with("/var/lib/viva/models"));
+        assert_eq!(c.workers.evaluators.len(), 2);
+        for w in c.workers.evaluators.values() {
+            assert_eq!(w.command, PathBuf::from("/usr/bin/viva-llama-worker"));
+            assert!(w.model_path.starts_with("/var/lib/viva/models"));
+        }
     }
 
     #[test]

@@ -270,7 +270,6 @@ impl StagedMedia {
 
     /// Deletes the staging dir now and waits for it (dropping does the same in the
     /// background).
-    #[cfg(test)]
     pub async fn discard(self) {
         self.guard.remove().await;
     }
@@ -436,6 +435,76 @@ pub async fn check_tools(limits: &IntakeLimits) -> Result<String, IntakeError> {
         }
     }
     version.ok_or_else(|| IntakeError::ToolMissing("ffmpeg printed no version".into()))
+}
+
+/// What [`self_test`] found: ffmpeg's version line and the generated clip
+/// as intake saw it.
+#[derive(Debug, Clone)]
+pub struct SelfTest {
+    pub version: String,
+    pub info: MediaInfo,
+}
+
+/// Runs a generated test clip (1.5 s of a 440 Hz tone, 44.1 kHz stereo WAV)
+/// through the whole upload path under `scratch` (created, and removed
+/// again): ffprobe, ffmpeg's resampling to 16 kHz mono, the length and
+/// loudness checks. `viva doctor` uses it to show that uploads will decode.
+pub async fn self_test(limits: &IntakeLimits, scratch: &Path) -> Result<SelfTest, IntakeError> {
+    let version = check_tools(limits).await?;
+    let clip = Bytes::from(test_clip());
+    let hint = UploadHint {
+        filename: Some("viva-doctor-tone.wav".into()),
+        content_type: Some("audio/wav".into()),
+        content_length: Some(clip.len() as u64),
+    };
+    // The free-space reserve is a check of its own (disk); this one is about
+    // the tools.
+    let limits = IntakeLimits {
+        min_free_bytes: 0,
+        ..limits.clone()
+    };
+    let stream = futures::stream::iter([Ok::<_, io::Error>(clip)]);
+    let staged = receive_reserved(stream, &hint, &limits, scratch, &DiskReserve::default()).await;
+    let result = match staged {
+        Ok(staged) => {
+            let info = staged.info.clone();
+            staged.discard().await;
+            Ok(SelfTest { version, info })
+        }
+        Err(e) => Err(e),
+    };
+    let _ = tokio::fs::remove_dir_all(scratch).await;
+    result
+}
+
+/// A 1.5 s 440 Hz tone at -12 dBFS, 44.1 kHz stereo s16 WAV.
+fn test_clip() -> Vec<u8> {
+    const RATE: u32 = 44_100;
+    const CHANNELS: u16 = 2;
+    let frames = RATE as usize * 3 / 2;
+    let data_len = (frames * usize::from(CHANNELS) * 2) as u32;
+    let mut out = Vec::with_capacity(44 + data_len as usize);
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data_len).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    out.extend_from_slice(&CHANNELS.to_le_bytes());
+    out.extend_from_slice(&RATE.to_le_bytes());
+    out.extend_from_slice(&(RATE * u32::from(CHANNELS) * 2).to_le_bytes());
+    out.extend_from_slice(&(CHANNELS * 2).to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&data_len.to_le_bytes());
+    let amplitude = f64::from(i16::MAX) * 0.25;
+    for i in 0..frames {
+        let t = i as f64 / f64::from(RATE);
+        let v = (amplitude * (2.0 * std::f64::consts::PI * 440.0 * t).sin()) as i16;
+        for _ in 0..CHANNELS {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
 }
 
 /// Free bytes on the filesystem holding `path` (statvfs f_bavail * f_frsize).

@@ -7,12 +7,13 @@
 
 // Modules import one way, bottom to top: clock, slots, config, metrics, intake,
 // workers, error, store, domain, grades, jobs, eta, auth, scheduler,
-// plugins, lti, passback, retention, http, cli (scripts/check-layout
+// plugins, lti, passback, retention, doctor, http, cli (scripts/check-layout
 // enforces it; ARCHITECTURE.md says what each owns).
 mod auth;
 pub mod cli;
 mod clock;
 pub mod config;
+mod doctor;
 mod domain;
 mod error;
 mod eta;

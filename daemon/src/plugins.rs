@@ -209,6 +209,36 @@ impl PluginRegistry {
         }
     }
 
+    /// Loads (compiles, or takes from the cache) every built-in and every
+    /// enabled upload: `(name version, error)` for each one that does not
+    /// load, and how many were checked (`viva doctor`). Blocking.
+    pub fn check_all(&self) -> Result<(usize, Vec<(String, String)>)> {
+        let mut failed = Vec::new();
+        let mut checked = 0;
+        for (name, _) in builtin::all() {
+            checked += 1;
+            if let Err(e) = self.builtin(name) {
+                failed.push((format!("{name} (built in)"), e.to_string()));
+            }
+        }
+        let rows = self.store.read_blocking(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {COLUMNS} FROM plugins WHERE enabled = 1 ORDER BY name, created_at"
+            ))?;
+            let rows = stmt
+                .query_map([], stored)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        for row in rows {
+            checked += 1;
+            if let Err(e) = self.load_row(&row) {
+                failed.push((format!("{} {}", row.name, row.version), e.to_string()));
+            }
+        }
+        Ok((checked, failed))
+    }
+
     /// Built-ins, then uploads visible in `context` (all of them for `None`).
     /// Blocking.
     pub fn list(&self, context: Option<&str>) -> Result<Vec<PluginRecord>> {

@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use viva_models::protocol::ModelSpec;
 use viva_models::{
     EvaluateItem, EvaluateRequest, Evaluation, JobPayload, JobResult, TranscribeRequest,
     Transcript, WorkerKind,
@@ -1460,31 +1459,6 @@ impl Slot {
     }
 
     fn spec(&self, name: &str) -> WorkerSpec {
-        let mut args = self.config.args.clone();
-        if let Some(role) = &self.role
-            && !args.iter().any(|a| a == "--role")
-        {
-            args.push("--role".into());
-            args.push(role.clone());
-        }
-        WorkerSpec {
-            slot: name.to_owned(),
-            kind: self.spec_kind,
-            role: self.role.clone(),
-            command: self.config.command.clone(),
-            args,
-            env: self
-                .config
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            model: ModelSpec {
-                name: self.config.model.clone(),
-                path: self.config.model_path.display().to_string(),
-                options: serde_json::to_value(&self.config.options).unwrap_or_default(),
-            },
-            memory_mb: self.config.memory_mb,
-        }
+        WorkerSpec::from_config(name, self.spec_kind, self.role.as_deref(), &self.config)
     }
 }

@@ -256,6 +256,28 @@ pub fn schema_version() -> u32 {
     MIGRATIONS.len() as u32
 }
 
+/// The schema version of the database at `path`, read without changing
+/// it: `None` when there is no database file yet (`viva doctor`).
+pub fn stored_version(path: &Path) -> Result<Option<u32>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let conn = open_connection(path, true)?;
+    let has_table: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_table {
+        return Ok(Some(0));
+    }
+    Ok(Some(conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+        [],
+        |r| r.get(0),
+    )?))
+}
+
 type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// Handle to the store. Cheap to clone.

@@ -70,6 +70,44 @@ pub struct WorkerSpec {
     pub memory_mb: u64,
 }
 
+impl WorkerSpec {
+    /// The spec of a configured worker: the scheduler's slots and `viva
+    /// doctor` start workers the same way. An evaluator gets `--role ROLE`
+    /// unless its args already name one.
+    pub fn from_config(
+        slot: &str,
+        kind: WorkerKind,
+        role: Option<&str>,
+        config: &crate::config::WorkerConfig,
+    ) -> WorkerSpec {
+        let mut args = config.args.clone();
+        if let Some(role) = role
+            && !args.iter().any(|a| a == "--role")
+        {
+            args.push("--role".into());
+            args.push(role.to_owned());
+        }
+        WorkerSpec {
+            slot: slot.to_owned(),
+            kind,
+            role: role.map(str::to_owned),
+            command: config.command.clone(),
+            args,
+            env: config
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            model: ModelSpec {
+                name: config.model.clone(),
+                path: config.model_path.display().to_string(),
+                options: serde_json::to_value(&config.options).unwrap_or_default(),
+            },
+            memory_mb: config.memory_mb,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WorkerTimeouts {
     /// From spawn until the worker's `Hello`.

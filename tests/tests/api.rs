@@ -685,3 +685,97 @@ async fn retention_export_and_deletion() {
     assert!(export["profile"].is_null());
     d.stop().await;
 }
+
+/// `GET /api/v1/admin/doctor`: `viva doctor`'s checks, run by the daemon
+/// for its administrators only; models load only when asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_doctor_route_runs_the_installation_checks_for_admins_only() {
+    let model_dir = tempfile::tempdir().expect("tempdir");
+    let model = model_dir.path().join("fake-model.bin");
+    std::fs::write(&model, b"fake model").expect("write");
+    let m = model.clone();
+    let d = TestDaemon::start(&[], move |c| {
+        c.sandbox.enabled = false;
+        c.public_url = Some("https://localhost".into());
+        for w in c
+            .workers
+            .stt
+            .iter_mut()
+            .chain(c.workers.evaluators.values_mut())
+        {
+            w.model_path = m.clone();
+        }
+    })
+    .await;
+    let learner = d.token(Role::Learner, "alice", "sandbox");
+    let teacher = d.token(Role::Instructor, "teach", "sandbox");
+    let admin = d.token(Role::Admin, "root", "sandbox");
+    for token in [&learner, &teacher] {
+        let (s, v) = d.get(token, "/api/v1/admin/doctor").await;
+        assert_eq!(s, 403, "{v}");
+        assert_eq!(v["error"]["code"], "forbidden", "{v}");
+    }
+    let anon = reqwest::get(format!("{}/api/v1/admin/doctor", d.url))
+        .await
+        .expect("request");
+    assert_eq!(anon.status().as_u16(), 401);
+
+    let (s, report) = d.get(&admin, "/api/v1/admin/doctor").await;
+    assert_eq!(s, 200, "{report}");
+    let checks = report["checks"].as_array().expect("checks");
+    let names: Vec<&str> = checks.iter().filter_map(|c| c["name"].as_str()).collect();
+    for name in [
+        "config",
+        "sandbox",
+        "public_url",
+        "data_dir",
+        "disk",
+        "database",
+        "ffmpeg",
+        "worker:stt",
+        "worker:a",
+        "worker:b",
+        "platforms",
+        "clock",
+        "keys",
+        "plugins",
+    ] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    assert_eq!(report["ok"], true, "{report:#}");
+    // Without load_models the workers are not started again.
+    assert!(
+        checks
+            .iter()
+            .filter(|c| c["name"].as_str().is_some_and(|n| n.starts_with("worker:")))
+            .all(|c| c["details"]["load_ms"].is_null()),
+        "{report:#}"
+    );
+
+    let (s, loaded) = d.get(&admin, "/api/v1/admin/doctor?load_models=true").await;
+    assert_eq!(s, 200, "{loaded}");
+    let stt = loaded["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "worker:stt"))
+        .expect("worker:stt");
+    assert_eq!(stt["status"], "ok", "{stt}");
+    assert!(stt["details"]["load_ms"].is_u64(), "{stt}");
+    d.stop().await;
+
+    // The test daemon's defaults: sandbox on, plain-http public_url, a
+    // model "file" that is /dev/null. Each is its own failing line with a fix.
+    let d = TestDaemon::start(&[], |_| {}).await;
+    let admin = d.token(Role::Admin, "root", "sandbox");
+    let (s, report) = d.get(&admin, "/api/v1/admin/doctor").await;
+    assert_eq!(s, 200, "{report}");
+    assert_eq!(report["ok"], false, "{report:#}");
+    for name in ["sandbox", "public_url", "worker:stt", "worker:a"] {
+        let c = report["checks"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == name))
+            .unwrap_or_else(|| panic!("{name} missing: {report:#}"));
+        assert_eq!(c["status"], "fail", "{c}");
+        assert!(c["fix"].as_str().is_some_and(|f| !f.is_empty()), "{c}");
+    }
+    d.stop().await;
+}

@@ -1778,6 +1778,7 @@ async fn an_uninvited_platform_is_refused_and_an_admitted_one_stays_in_its_tenan
         (M::DELETE, format!("/api/v1/users/{victim}")),
         // Viva-wide administration
         (M::GET, "/api/v1/admin/system".to_owned()),
+        (M::GET, "/api/v1/admin/doctor".to_owned()),
         (M::GET, "/api/v1/admin/audit".to_owned()),
         (M::GET, "/api/v1/admin/timeline".to_owned()),
         (M::GET, "/api/v1/admin/plugin-failures".to_owned()),

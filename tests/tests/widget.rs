@@ -1150,7 +1150,27 @@ async fn admin_view_shows_models_registrations_and_plugins_accessibly() {
             .is_some_and(|t| t.to_lowercase().contains("component")),
         "a core module is refused by name: {seen}"
     );
+    // The installation checks: the test daemon's sandbox, unset public address
+    // and /dev/null model files are failing lines, each with what to do.
+    let doctor = seen["doctor"].as_str().unwrap_or_default();
+    for s in [
+        "sandbox",
+        "enabled = false",
+        "public_url is not set",
+        "ffmpeg",
+        "worker:stt",
+        "failing",
+        "plugins",
+    ] {
+        assert!(doctor.contains(s), "{s} missing from the checks: {doctor}");
+    }
+    assert!(
+        seen["doctor_summary"]
+            .as_str()
+            .is_some_and(|t| t.contains("failing")),
+        "{seen}"
+    );
     let axe = report["axe"].as_object().expect("axe");
-    assert!(axe.len() >= 4, "{axe:?}");
+    assert!(axe.len() >= 5, "{axe:?}");
     d.stop().await;
 }

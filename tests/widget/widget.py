@@ -404,6 +404,15 @@ def admin(driver, args):
         seen["upload"] = text(driver, "[data-testid=plugin-message]")
     shot(driver, args, "4-plugins")
     axe(driver, args, "admin-plugins")
+    tabs["Installation checks"].click()
+    wait(driver, lambda: q(driver, "[data-testid=doctor]"), what="the installation checks")
+    seen["doctor"] = text(driver, "[data-testid=doctor]")
+    seen["doctor_summary"] = text(driver, "[data-testid=doctor-summary]")
+    shot(driver, args, "5-doctor")
+    axe(driver, args, "admin-doctor")
+    no_overflow(driver, 320, "admin-doctor")
+    no_overflow(driver, 1280, "admin-doctor")
+    shot(driver, args, "5-doctor-1280")
     RESULT["seen"] = seen
 
 

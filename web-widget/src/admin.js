@@ -1,7 +1,8 @@
 // Administrator view: health, models and workers (which model in which
 // role, loaded or not, memory, phase history), LTI registrations with the
 // dynamic registration instructions, rubric plugins (upload, validate,
-// enable/disable, recent failures) and the audit log.
+// enable/disable, recent failures), the installation checks of `viva
+// doctor` and the audit log.
 import S from './strings.en.js';
 import { h, clear, announce, notice, tabs, table, fmtBytes, fmtDate, errorText, field } from './ui.js';
 
@@ -14,6 +15,7 @@ export function mount(panel, ctx) {
     { id: 'models', label: S.adminTabs.models, render: (p) => poller(p, models) },
     { id: 'platforms', label: S.adminTabs.platforms, render: (p) => platforms(p) },
     { id: 'plugins', label: S.adminTabs.plugins, render: (p) => pluginsView(p) },
+    { id: 'doctor', label: S.adminTabs.doctor, render: (p) => doctorView(p) },
     { id: 'audit', label: S.adminTabs.audit, render: (p) => audit(p) },
   ]);
   panel.append(t);
@@ -139,6 +141,32 @@ export function mount(panel, ctx) {
         fails.length ? table(S.pluginFailures, [S.when, S.plugin, S.submission, S.attempts, S.error], fails) : h('p', { text: S.noFailures }));
     };
     render();
+  }
+
+  // GET /api/v1/admin/doctor: one row per check, its fix beside it.
+  async function doctorView(p) {
+    const out = h('div', { 'aria-live': 'polite' });
+    const load = h('input', { type: 'checkbox', id: 'doctor-load' });
+    const again = h('button', { type: 'button', class: 'primary', text: S.doctorRun, on: { click: () => run() } });
+    p.append(h('h2', { text: S.adminTabs.doctor }), h('p', { class: 'help', text: S.doctorHelp }),
+      h('div', { class: 'field check' }, load, h('label', { for: 'doctor-load', text: S.doctorLoad })),
+      h('div', { class: 'buttons' }, again), out);
+    const badge = (st) => h('span', { class: `badge ${st === 'ok' ? 'ok' : st === 'warn' ? 'warn' : 's-failed'}`, text: S.doctorStatus[st] || st });
+    const run = async () => {
+      again.disabled = true;
+      clear(out, h('p', { text: S.doctorRunning }));
+      try {
+        const r = await api.get(`/api/v1/admin/doctor${load.checked ? '?load_models=true' : ''}`);
+        const n = (st) => r.checks.filter((c) => c.status === st).length;
+        clear(out,
+          notice(r.ok ? (n('warn') ? 'warn' : 'ok') : 'error', h('p', { 'data-testid': 'doctor-summary', text: S.doctorSummary(r.checks.length, n('ok'), n('warn'), n('fail')) })),
+          table(S.adminTabs.doctor, [S.statusCol, S.check, S.finding, S.whatToDo],
+            r.checks.map((c) => h('tr', { class: `doctor-${c.status}` }, h('td', {}, badge(c.status)), h('td', {}, h('code', { text: c.name })), h('td', { text: c.summary }), h('td', { text: c.fix || '—' }))),
+            { 'data-testid': 'doctor', class: 'doctor' }));
+      } catch (e) { clear(out, notice('error', S.loadFailed(errorText(e)))); }
+      again.disabled = false;
+    };
+    run();
   }
 
   async function audit(p) {

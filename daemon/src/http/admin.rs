@@ -379,3 +379,50 @@ pub(super) async fn timeline(
             .await?,
     ))
 }
+
+#[derive(Deserialize)]
+pub(super) struct DoctorQuery {
+    /// Start each worker and load its model beside the running ones (slow,
+    /// and the models' memory twice for that long).
+    #[serde(default)]
+    load_models: bool,
+}
+
+/// The installation checks of `viva doctor`, run by the daemon itself: its
+/// store, keys and plugin registry, and what the scheduler knows of its
+/// workers (models are loaded only with `?load_models=true`).
+pub(super) async fn doctor(
+    State(st): State<AppState>,
+    Session(c): Session,
+    Query(q): Query<DoctorQuery>,
+) -> Result<Json<crate::doctor::Report>> {
+    require_admin(&c)?;
+    let snap = st.scheduler.snapshot();
+    let mut worker_errors: Vec<(String, String)> = snap
+        .worker_errors
+        .iter()
+        .map(|(slot, e)| (slot.clone(), e.clone()))
+        .collect();
+    worker_errors.extend(
+        snap.unavailable
+            .values()
+            .map(|u| (u.slot.clone(), u.error.clone())),
+    );
+    let registrations = st.store.read(crate::lti::list_registrations).await;
+    let skipped = registrations
+        .as_ref()
+        .err()
+        .map(|e| format!("the registrations cannot be read: {e}"));
+    let inputs = crate::doctor::Inputs {
+        config: &st.config,
+        config_file: None,
+        load_models: q.load_models,
+        registrations: registrations.ok(),
+        keys: Some(st.lti.keys.clone()),
+        keys_error: None,
+        plugins: Some(st.plugins.clone()),
+        skipped,
+        worker_errors,
+    };
+    Ok(Json(crate::doctor::run(&inputs).await))
+}

@@ -135,6 +135,7 @@ pub fn router(state: AppState) -> Router {
         // Administrators.
         .route("/api/v1/admin/purge", post(admin::purge))
         .route("/api/v1/admin/system", get(admin::system))
+        .route("/api/v1/admin/doctor", get(admin::doctor))
         .route("/api/v1/admin/audit", get(admin::audit))
         .route("/api/v1/admin/plugin-failures", get(admin::plugin_failures))
         .route("/api/v1/admin/timeline", get(admin::timeline))
