@@ -733,7 +733,7 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let dir = tempfile::tempdir().expect("tempdir");
         let mut parsed = 0;
-        for doc in ["README.md", "docs/deploy.md"] {
+        for doc in ["README.md", "docs/deploy.md", "docs/gpu.md"] {
             let text = std::fs::read_to_string(root.join(doc)).expect("read doc");
             for (line, block) in toml_blocks(&text) {
                 let file = dir.path().join("block.toml");
