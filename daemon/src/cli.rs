@@ -405,6 +405,14 @@ async fn status(url: &str, token: &str, json: bool) -> anyhow::Result<ExitCode> 
         "queues   stt {}  evaluation {}  scoring {}",
         v["stt_queue"], v["eval_queue"], v["score_queue"]
     );
+    if let Some(h) = v["hold"].as_object() {
+        let left = (h["until_ms"].as_i64().unwrap_or(0) - crate::clock::now_ms()).max(0) / 1000;
+        println!(
+            "held     the switch to {} waits up to {left} s more, gathering work to pay for the model swap \
+             (scheduler.swap_work_ratio, max_phase_wait)",
+            h["phase"].as_str().unwrap_or("?")
+        );
+    }
     let workers = v["workers"].as_array().cloned().unwrap_or_default();
     if workers.is_empty() {
         println!("workers  none running");

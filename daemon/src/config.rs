@@ -220,6 +220,16 @@ pub struct SchedulerConfig {
     /// 15 s up to this (and at once on `viva workers retry ROLE`).
     #[serde(with = "humantime_serde")]
     pub unavailable_probe_max: Duration,
+    /// Two-phase: once the loaded models have nothing left to do, switch to
+    /// the other phase only when its waiting work (predicted seconds) is at
+    /// least this many times the swap's round trip (measured load and stop
+    /// times), unless its oldest submission has waited `max_phase_wait` or
+    /// no other upload is expected before then. 0 = always switch at once.
+    pub swap_work_ratio: f64,
+    /// The most a submission waits for its phase because a switch is held
+    /// back to save a model swap.
+    #[serde(with = "humantime_serde")]
+    pub max_phase_wait: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -239,6 +249,8 @@ impl Default for SchedulerConfig {
             idle_unload_after: Duration::from_secs(600),
             unavailable_after_failures: 3,
             unavailable_probe_max: Duration::from_secs(300),
+            swap_work_ratio: 1.0,
+            max_phase_wait: Duration::from_secs(300),
         }
     }
 }

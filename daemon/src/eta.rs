@@ -228,6 +228,8 @@ pub struct ServiceStats {
     pub eval: BTreeMap<String, EvalModel>,
     /// Worker start-up (spawn to loaded) seconds per kind: "stt", "evaluator".
     pub start: HashMap<&'static str, f64>,
+    /// Worker stop (asked to exit to gone) seconds per kind.
+    pub stop: HashMap<&'static str, f64>,
 }
 
 impl Default for ServiceStats {
@@ -238,6 +240,7 @@ impl Default for ServiceStats {
             stt: LinearModel::new(1.0, 0.2),
             eval: BTreeMap::new(),
             start: HashMap::new(),
+            stop: HashMap::new(),
         }
     }
 }
@@ -249,7 +252,7 @@ impl ServiceStats {
             .or_insert_with(|| EvalModel::new(EVAL_PRIOR))
     }
 
-    fn eval_seconds(&self, role: &str, items: usize, audio_seconds: f64) -> f64 {
+    pub(crate) fn eval_seconds(&self, role: &str, items: usize, audio_seconds: f64) -> f64 {
         self.eval
             .get(role)
             .map(|m| m.predict(items as f64, audio_seconds))
@@ -261,8 +264,21 @@ impl ServiceStats {
         *e = 0.7 * *e + 0.3 * seconds;
     }
 
-    fn start_seconds(&self, kind: &str) -> f64 {
+    pub(crate) fn start_seconds(&self, kind: &str) -> f64 {
         self.start.get(kind).copied().unwrap_or(1.0)
+    }
+
+    pub fn observe_stop(&mut self, kind: &'static str, seconds: f64) {
+        let e = self.stop.entry(kind).or_insert(seconds);
+        *e = 0.7 * *e + 0.3 * seconds;
+    }
+
+    /// A switch there and back: both kinds loaded once and stopped once.
+    pub(crate) fn round_trip_seconds(&self) -> f64 {
+        ["stt", "evaluator"]
+            .iter()
+            .map(|k| self.start_seconds(k) + self.stop.get(k).copied().unwrap_or(0.0))
+            .sum()
     }
 }
 
@@ -286,6 +302,12 @@ pub struct PlanInput<'a> {
     /// waiting jobs do not run, so the plan leaves them out, and a submission
     /// that waits on one has no ETA (it depends on when the model is fixed).
     pub unavailable: &'a BTreeSet<String>,
+    /// A phase switch the scheduler holds back to save a model swap
+    /// (`swap`): the STT phase, or the evaluation phase, starts no earlier
+    /// than this (ms); while evaluation is held, new uploads are transcribed
+    /// first by the STT model already loaded.
+    pub hold_stt_until_ms: Option<i64>,
+    pub hold_eval_until_ms: Option<i64>,
 }
 
 impl PlanInput<'_> {
@@ -566,15 +588,26 @@ pub fn plan(inp: &PlanInput<'_>, stats: &ServiceStats) -> HashMap<String, Predic
                     }
                 }
             }
-            if inp.batch.is_none() && batch_members.is_empty() && !evals_waiting.is_empty() {
-                // Evaluation phase first, for what is already transcribed.
-                let items = queued_evals(&evals_waiting, &HashMap::new(), now + eval_start_cost);
-                t = run_evals(inp, stats, now, &items, &running_eval, &mut done)
-                    .max(now + eval_start_cost);
+            let held_eval = inp.hold_eval_until_ms.map(|t| t as f64 / 1000.0);
+            let eval_first = inp.batch.is_none()
+                && batch_members.is_empty()
+                && !evals_waiting.is_empty()
+                && (held_eval.is_none() || unbatched.is_empty());
+            if eval_first {
+                // Evaluation phase first, for what is already transcribed
+                // (once the held switch is due, when it is held).
+                let start = now.max(held_eval.unwrap_or(now));
+                let items = queued_evals(&evals_waiting, &HashMap::new(), start + eval_start_cost);
+                t = run_evals(inp, stats, start, &items, &running_eval, &mut done)
+                    .max(start + eval_start_cost);
                 stt_warm = false;
                 first = false;
             } else if inp.batch.is_none() && batch_members.is_empty() {
-                // Idle: the next batch waits for `min_batch_wait`.
+                // Idle: the next batch waits for `min_batch_wait`, and for
+                // a held switch to STT.
+                if let Some(held) = inp.hold_stt_until_ms {
+                    t = t.max(held as f64 / 1000.0);
+                }
                 if let Some(&i) = unbatched.front() {
                     let oldest = inp
                         .jobs
@@ -615,6 +648,12 @@ pub fn plan(inp: &PlanInput<'_>, stats: &ServiceStats) -> HashMap<String, Predic
                 if first {
                     eval_subs.extend(evals_waiting.iter().copied());
                 }
+                // A held evaluation phase starts once due (the scheduler
+                // transcribes the new uploads meanwhile).
+                let phase_end = match held_eval {
+                    Some(h) if first => phase_end.max(h),
+                    _ => phase_end,
+                };
                 let eval_start = phase_end + stats.start_seconds("evaluator");
                 let items = queued_evals(&eval_subs, &HashMap::new(), eval_start);
                 let running = if first {
@@ -697,6 +736,17 @@ pub struct Unavailable {
     pub reason: String,
 }
 
+/// A phase switch the scheduler holds back: the models loaded have nothing
+/// left to do, and the other phase's waiting work does not yet pay for the
+/// swap.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Hold {
+    /// The phase it switches to: "stt" or "evaluation".
+    pub phase: &'static str,
+    /// At the latest then (ms); earlier once enough work has arrived.
+    pub until_ms: i64,
+}
+
 /// The published state of the whole queue.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Snapshot {
@@ -716,6 +766,8 @@ pub struct Snapshot {
     /// Roles that cannot start now, by role ("stt" or the evaluator's name).
     pub unavailable: BTreeMap<String, Unavailable>,
     pub ready: bool,
+    /// A phase switch held back to save a model swap (see `swap`).
+    pub hold: Option<Hold>,
     pub entries: BTreeMap<String, QueueEntry>,
     pub stats: StatsView,
 }
@@ -881,6 +933,8 @@ mod tests {
             stt_ready: true,
             eval_ready: false,
             unavailable: &NONE_DOWN,
+            hold_stt_until_ms: None,
+            hold_eval_until_ms: None,
         }
     }
 
@@ -1011,6 +1065,48 @@ mod tests {
         assert_eq!(e["s2"].stt_eta_seconds, None);
         assert_eq!(e["s2"].eta_seconds, None);
         assert!(e["s1"].eta_seconds.is_some(), "evaluation goes on");
+    }
+
+    /// The planner follows the scheduler's held switch (`swap`): a held
+    /// STT phase starts no earlier than the hold; while evaluation is held,
+    /// a new upload is transcribed first and the held evaluations start
+    /// once due.
+    #[test]
+    fn held_switches_delay_that_phase_and_transcribe_first() {
+        let roles = vec!["a".to_string(), "b".to_string()];
+        let st = stats();
+        let upload = vec![job("s1", Stage::Stt, "", 1, 10.0, None)];
+        let free = plan(&input(&upload, &roles, Policy::TwoPhase), &st);
+        let held = PlanInput {
+            hold_stt_until_ms: Some(100_000),
+            ..input(&upload, &roles, Policy::TwoPhase)
+        };
+        let p = plan(&held, &st);
+        assert!(free["s1"].stt_done_ms < 10_000, "{:?}", free["s1"]);
+        assert!(p["s1"].stt_done_ms >= 100_000, "{:?}", p["s1"]);
+
+        let jobs = vec![
+            job("s1", Stage::Eval, "a", 1, 10.0, Some(1)),
+            job("s1", Stage::Eval, "b", 1, 10.0, Some(1)),
+            job("s2", Stage::Stt, "", 2, 10.0, None),
+        ];
+        let eager = plan(&input(&jobs, &roles, Policy::TwoPhase), &st);
+        assert!(
+            eager["s2"].stt_done_ms > eager["s1"].done_ms,
+            "today: evaluation first"
+        );
+        let held = PlanInput {
+            hold_eval_until_ms: Some(50_000),
+            stt_ready: true,
+            ..input(&jobs, &roles, Policy::TwoPhase)
+        };
+        let p = plan(&held, &st);
+        assert!(
+            p["s2"].stt_done_ms < p["s1"].done_ms,
+            "held: the new upload is transcribed first: {p:?}"
+        );
+        assert!(p["s1"].done_ms >= 50_000, "{p:?}");
+        assert_eq!(p["s1"].done_ms, p["s2"].done_ms, "one evaluation phase for both");
     }
 
     #[test]

@@ -29,6 +29,7 @@ mod retention;
 mod scheduler;
 mod slots;
 mod store;
+mod swap;
 pub mod workers;
 
 use std::os::fd::AsRawFd;

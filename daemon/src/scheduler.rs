@@ -37,6 +37,7 @@ use crate::eta::{PlanInput, ServiceStats, Snapshot, StatsView, Unavailable};
 use crate::jobs::{self, Claimed, FailOutcome, OpenBatch, PendingJob, Stage};
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::swap;
 use crate::workers::{
     Supervisor, WorkerError, WorkerExit, WorkerHandle, WorkerSpec, WorkerTimeouts,
 };
@@ -200,6 +201,7 @@ enum Event {
     },
     Stopped {
         slot: String,
+        seconds: f64,
     },
     JobDone {
         slot: String,
@@ -240,6 +242,13 @@ pub struct Scheduler {
     version: u64,
     last_lease_sweep: Instant,
     score_in_flight: usize,
+    /// Upload times (ms) of the submissions seen waiting for STT, for the
+    /// recent arrival rate; `last_arrival_ms` is the newest seen.
+    arrivals: VecDeque<i64>,
+    last_arrival_ms: i64,
+    /// A phase switch held back to save a model swap: to which kind, until
+    /// when (ms). The ETA planner starts that phase no earlier.
+    hold: Option<(WorkerKind, i64)>,
 }
 
 const DAEMON_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -310,6 +319,9 @@ impl Scheduler {
             version: 0,
             last_lease_sweep: Instant::now(),
             score_in_flight: 0,
+            arrivals: VecDeque::new(),
+            last_arrival_ms: 0,
+            hold: None,
         };
         (scheduler, handle)
     }
@@ -455,6 +467,7 @@ impl Scheduler {
         for _ in 0..4 {
             let (pending, batch) = self.store.read(jobs::load_pending).await?;
             self.batch = batch;
+            self.note_arrivals(&pending, now_ms());
             let changed = match self.policy {
                 Policy::Pipelined => self.step_pipelined(&pending).await?,
                 _ => self.step_two_phase(&pending).await?,
@@ -478,7 +491,17 @@ impl Scheduler {
             self.set_phase(Phase::Stt);
             if !batch.closed {
                 let window_ms = self.cfg.batch_window.as_millis() as i64;
-                let window_over = now - batch.opened_at >= window_ms;
+                // With cost-aware switching, a batch also stops taking
+                // uploads once a submission it holds up (its own, or one
+                // waiting for evaluation) has waited `max_phase_wait`: the
+                // switch was held long enough already.
+                let bound = self.cfg.max_phase_wait.as_millis() as i64;
+                let overdue = self.cfg.swap_work_ratio > 0.0
+                    && pending.iter().any(|j| {
+                        (j.stage == Stage::Eval || j.batch_id == Some(batch.id))
+                            && now - j.submitted_at >= bound
+                    });
+                let window_over = overdue || now - batch.opened_at >= window_ms;
                 let mut size = batch.size;
                 if !window_over && size < self.cfg.stt_batch_size {
                     let joiners: Vec<String> = pending
@@ -537,6 +560,29 @@ impl Scheduler {
                 j.stage == Stage::Eval && !self.paused(&format!("evaluator:{}", j.role), now)
             })
             .collect();
+        let waiting: Vec<&PendingJob> = pending
+            .iter()
+            .filter(|j| j.stage == Stage::Stt && j.batch_id.is_none() && !stt_paused)
+            .collect();
+        self.hold = None;
+        if !eval_pending.is_empty() && self.loaded() == Some(WorkerKind::Stt) {
+            // The STT model is loaded and idle: evaluate now only when the
+            // waiting evaluations pay for the swap (see `swap`); meanwhile
+            // new uploads are transcribed by the model already loaded.
+            if let swap::Swap::HoldFor(s) = self.swap_to(WorkerKind::Evaluator, &eval_pending, now)
+            {
+                let until = now + (s * 1000.0).ceil() as i64;
+                let recheck = self.recheck_at(now).unwrap_or(until).min(until);
+                if !waiting.is_empty() {
+                    self.open_batch(&waiting).await?;
+                    return Ok(true);
+                }
+                self.hold = Some((WorkerKind::Evaluator, until));
+                self.set_phase(Phase::Idle);
+                self.wake_at(recheck);
+                return Ok(false);
+            }
+        }
         if !eval_pending.is_empty() {
             self.set_phase(Phase::Evaluation);
             if self.ensure_only(WorkerKind::Evaluator) {
@@ -544,30 +590,22 @@ impl Scheduler {
             }
             return Ok(false);
         }
-        let waiting: Vec<&PendingJob> = pending
-            .iter()
-            .filter(|j| j.stage == Stage::Stt && j.batch_id.is_none() && !stt_paused)
-            .collect();
         if let Some(first) = waiting.first() {
+            if self.loaded() == Some(WorkerKind::Evaluator)
+                && let swap::Swap::HoldFor(s) = self.swap_to(WorkerKind::Stt, &waiting, now)
+            {
+                // The evaluators are loaded and idle: gather uploads until
+                // their transcription pays for the swap (see `swap`).
+                let until = now + (s * 1000.0).ceil() as i64;
+                let recheck = self.recheck_at(now).unwrap_or(until).min(until);
+                self.hold = Some((WorkerKind::Stt, until));
+                self.set_phase(Phase::Idle);
+                self.wake_at(recheck);
+                return Ok(false);
+            }
             let open_at = first.submitted_at + self.cfg.min_batch_wait.as_millis() as i64;
             if now >= open_at {
-                let ids: Vec<String> = waiting
-                    .iter()
-                    .take(self.cfg.stt_batch_size)
-                    .map(|j| j.submission_id.clone())
-                    .collect();
-                let full = ids.len() >= self.cfg.stt_batch_size;
-                let id = self
-                    .store
-                    .write(move |tx| {
-                        let id = jobs::open_batch(tx, &ids)?;
-                        if full {
-                            jobs::close_batch(tx, id)?;
-                        }
-                        Ok(id)
-                    })
-                    .await?;
-                tracing::info!(batch = id, "opened STT batch");
+                self.open_batch(&waiting).await?;
                 return Ok(true);
             }
             // Gathering a batch: warm the STT worker meanwhile.
@@ -578,6 +616,121 @@ impl Scheduler {
         }
         self.set_phase(Phase::Idle);
         Ok(false)
+    }
+
+    /// Opens an STT batch of the first waiting uploads (closed at once when
+    /// full).
+    async fn open_batch(&mut self, waiting: &[&PendingJob]) -> Result<()> {
+        let ids: Vec<String> = waiting
+            .iter()
+            .take(self.cfg.stt_batch_size)
+            .map(|j| j.submission_id.clone())
+            .collect();
+        let full = ids.len() >= self.cfg.stt_batch_size;
+        let id = self
+            .store
+            .write(move |tx| {
+                let id = jobs::open_batch(tx, &ids)?;
+                if full {
+                    jobs::close_batch(tx, id)?;
+                }
+                Ok(id)
+            })
+            .await?;
+        tracing::info!(batch = id, "opened STT batch");
+        Ok(())
+    }
+
+    /// The kind whose workers are loaded or loading now (two-phase: at most
+    /// one), if any.
+    fn loaded(&self) -> Option<WorkerKind> {
+        self.slots
+            .values()
+            .find(|s| {
+                s.in_flight > 0 || matches!(s.state, SlotState::Ready(_) | SlotState::Starting)
+            })
+            .map(|s| s.spec_kind)
+    }
+
+    /// Whether switching to `to` for the `waiting` jobs pays now (see
+    /// [`swap`]): their predicted work against the measured round trip.
+    fn swap_to(&self, to: WorkerKind, waiting: &[&PendingJob], now: i64) -> swap::Swap {
+        let ratio = self.cfg.swap_work_ratio;
+        if ratio <= 0.0 || waiting.is_empty() {
+            return swap::Swap::Now;
+        }
+        let mut subs: Vec<&str> = waiting.iter().map(|j| j.submission_id.as_str()).collect();
+        subs.sort_unstable();
+        subs.dedup();
+        let audio: f64 = {
+            let mut seen = std::collections::HashSet::new();
+            waiting
+                .iter()
+                .filter(|j| seen.insert(j.submission_id.as_str()))
+                .map(|j| j.duration_seconds)
+                .sum()
+        };
+        let n = subs.len().max(1);
+        let mean_audio = audio / n as f64;
+        let stt = |a: f64| self.stats.stt.predict(a);
+        // Evaluations: the roles run side by side, each in calls of
+        // `eval_batch_size`; the slowest role's share is the work.
+        let batch = self.cfg.eval_batch_size.max(1);
+        let eval = |items: usize, audio: f64| -> f64 {
+            let calls = items.div_ceil(batch).max(1);
+            self.roles
+                .iter()
+                .map(|r| {
+                    calls as f64 * self.stats.eval_seconds(r, items.min(batch), audio / calls as f64)
+                })
+                .fold(0.0, f64::max)
+        };
+        // The work a cycle of swaps serves: uploads still to transcribe
+        // need their evaluations too; transcribed ones only those.
+        let per_item = stt(mean_audio) + eval(1, mean_audio);
+        let work = match to {
+            WorkerKind::Stt => {
+                waiting.iter().map(|j| stt(j.duration_seconds)).sum::<f64>() + eval(n, audio)
+            }
+            WorkerKind::Evaluator => eval(n, audio),
+        };
+        let oldest = waiting.iter().map(|j| j.submitted_at).min().unwrap_or(now);
+        let window = 2.0 * self.cfg.max_phase_wait.as_secs_f64();
+        swap::decide(&swap::SwapInput {
+            waiting_work_s: work,
+            oldest_wait_s: (now - oldest).max(0) as f64 / 1000.0,
+            per_item_work_s: per_item,
+            arrival_rate: swap::arrival_rate(self.arrivals.iter().copied(), now, window),
+            round_trip_s: self.stats.round_trip_seconds(),
+            ratio,
+            max_wait_s: self.cfg.max_phase_wait.as_secs_f64(),
+        })
+    }
+
+    /// When silence will end the recent arrival rate: a held switch is
+    /// decided again then.
+    fn recheck_at(&self, now: i64) -> Option<i64> {
+        let window = 2.0 * self.cfg.max_phase_wait.as_secs_f64();
+        swap::silent_at(self.arrivals.iter().copied(), now, window).map(|t| t + 1)
+    }
+
+    /// Notes the upload times of newly seen submissions waiting for STT.
+    fn note_arrivals(&mut self, pending: &[PendingJob], now: i64) {
+        let mut new: Vec<i64> = pending
+            .iter()
+            .filter(|j| j.stage == Stage::Stt && j.submitted_at > self.last_arrival_ms)
+            .map(|j| j.submitted_at)
+            .collect();
+        new.sort_unstable();
+        if let Some(&last) = new.last() {
+            self.last_arrival_ms = last;
+        }
+        self.arrivals.extend(new);
+        let keep_from = now - 2 * self.cfg.max_phase_wait.as_millis() as i64;
+        while self.arrivals.front().is_some_and(|&t| t < keep_from) || self.arrivals.len() > 10_000
+        {
+            self.arrivals.pop_front();
+        }
     }
 
     async fn step_pipelined(&mut self, pending: &[PendingJob]) -> Result<bool> {
@@ -632,9 +785,11 @@ impl Scheduler {
                 let tx = self.events_tx.clone();
                 let name = name.clone();
                 tokio::spawn(async move {
+                    let t0 = Instant::now();
                     let status = h.stop().await;
-                    tracing::info!(slot = %name, %status, "worker stopped for the phase switch");
-                    let _ = tx.send(Event::Stopped { slot: name });
+                    let seconds = t0.elapsed().as_secs_f64();
+                    tracing::info!(slot = %name, %status, seconds, "worker stopped for the phase switch");
+                    let _ = tx.send(Event::Stopped { slot: name, seconds });
                 });
             }
         }
@@ -1034,11 +1189,12 @@ impl Scheduler {
                     }
                 }
             }
-            Event::Stopped { slot } => {
+            Event::Stopped { slot, seconds } => {
                 if let Some(s) = self.slots.get_mut(&slot)
                     && matches!(s.state, SlotState::Stopping)
                 {
                     s.state = SlotState::Down;
+                    self.stats.observe_stop(s.spec_kind.as_str(), seconds);
                 }
             }
             Event::JobDone {
@@ -1295,8 +1451,10 @@ impl Scheduler {
                 let name = name.clone();
                 tracing::info!(slot = %name, "unloading idle worker");
                 tokio::spawn(async move {
+                    let t0 = Instant::now();
                     h.stop().await;
-                    let _ = tx.send(Event::Stopped { slot: name });
+                    let seconds = t0.elapsed().as_secs_f64();
+                    let _ = tx.send(Event::Stopped { slot: name, seconds });
                 });
             }
         }
@@ -1337,6 +1495,14 @@ impl Scheduler {
             stt_ready,
             eval_ready,
             unavailable: &down,
+            hold_stt_until_ms: self
+                .hold
+                .filter(|h| h.0 == WorkerKind::Stt)
+                .map(|h| h.1),
+            hold_eval_until_ms: self
+                .hold
+                .filter(|h| h.0 == WorkerKind::Evaluator)
+                .map(|h| h.1),
         };
         let mut entries = crate::eta::entries(&inp, &self.stats);
         if !unavailable.is_empty() {
@@ -1401,6 +1567,13 @@ impl Scheduler {
             ready: self.slots.contains_key("stt") && !self.roles.is_empty(),
             entries,
             stats: StatsView::from(&self.stats),
+            hold: self.hold.map(|(kind, until_ms)| crate::eta::Hold {
+                phase: match kind {
+                    WorkerKind::Stt => "stt",
+                    WorkerKind::Evaluator => "evaluation",
+                },
+                until_ms,
+            }),
         };
         self.snapshot_tx.send_replace(Arc::new(snapshot));
         Ok(())

@@ -1,7 +1,7 @@
 //! Benchmarks of Viva's core, printed as tables against targets (not a test).
 //!
 //! ```text
-//! cargo bench -p viva-tests --bench core [-- scheduler|upload|sse|burst ...]
+//! cargo bench -p viva-tests --bench core [-- scheduler|upload|sse|burst|gpu ...]
 //! ```
 //!
 //! 1. **Scheduler overhead with instant workers**: an in-process daemon with
@@ -24,6 +24,10 @@
 //!    workers and the default fair-use limits, retrying after Retry-After:
 //!    accepted, told to retry, lost (target 0), GET /api/v1/status p99
 //!    during the burst (target 200 ms), daemon RSS peak.
+//! 5. **Phase switching at GPU scale** (`core/gpu_scale.rs`): trickle, burst
+//!    and lab-day arrivals against fake workers with a one-H100 profile, time
+//!    scaled down by `BENCH_GPU_SCALE` (100): switching at once vs the
+//!    cost-aware rule vs pipelined, against the lower bound.
 //!
 //! The separate daemon is `target/<profile>/viva` when it exists and is newer
 //! than the daemon's sources (`cargo build --release -p viva-daemon`), else
@@ -46,6 +50,9 @@ use viva_daemon::Config;
 use viva_daemon::Role;
 use viva_tests::process::{Daemon, SHORT, STARTUP, output};
 use viva_tests::{TestDaemon, bin_dir, tone};
+
+#[path = "core/gpu_scale.rs"]
+mod gpu_scale;
 
 /// Set in the environment of a child process to make it run as `viva`.
 const AS_VIVA_ENV: &str = "BENCH_CORE_RUN_AS_VIVA";
@@ -230,6 +237,13 @@ async fn run_all() -> anyhow::Result<ExitCode> {
             print_section(s);
         }
         results.push(("4. burst".into(), r));
+    }
+    if wanted("gpu") {
+        let r = gpu_scale::bench_gpu_scale().await;
+        if let Ok(s) = &r {
+            print_section(s);
+        }
+        results.push(("5. gpu scale".into(), r));
     }
 
     println!();
@@ -1251,7 +1265,7 @@ async fn bench_sse(
         "[sandbox]\nenabled = true\n\
          [intake]\nmin_free_bytes = 67108864\n\
          [limits]\nmax_streams_per_user = 0\ntickets_per_user_per_minute = 0\ntickets_per_ip_per_minute = 0\n\
-         [scheduler]\nstt_batch_size = 10\nbatch_window = \"1s\"\n\
+         [scheduler]\nstt_batch_size = 10\nbatch_window = \"1s\"\nswap_work_ratio = 0\n\
          [workers.stt]\ncommand = {fake}\nargs = [\"--kind\", \"stt\"]\nmodel = \"fake\"\nmodel_path = \"/dev/null\"\n\
          env = {{ FAKE_STT_FIXED_MS = \"300\" }}\n\
          [workers.evaluators.a]\ncommand = {fake}\nargs = [\"--kind\", \"evaluator\"]\nmodel = \"fake\"\nmodel_path = \"/dev/null\"\n\
@@ -1503,7 +1517,7 @@ async fn bench_burst(viva: &VivaCmd, fake: &Path) -> anyhow::Result<Section> {
     let extra = format!(
         "[sandbox]\nenabled = true\n\
          [intake]\nmin_free_bytes = 67108864\n\
-         [scheduler]\nstt_batch_size = 10\nbatch_window = \"2s\"\n\
+         [scheduler]\nstt_batch_size = 10\nbatch_window = \"2s\"\nswap_work_ratio = 0\n\
          [workers.stt]\ncommand = {fake}\nargs = [\"--kind\", \"stt\", \"--max-parallel\", \"2\"]\nmodel = \"fake\"\nmodel_path = \"/dev/null\"\n\
          env = {{ FAKE_STT_FIXED_MS = \"50\", FAKE_STT_MS_PER_AUDIO_SEC = \"2\" }}\n\
          [workers.evaluators.a]\ncommand = {fake}\nargs = [\"--kind\", \"evaluator\"]\nmodel = \"fake\"\nmodel_path = \"/dev/null\"\n\

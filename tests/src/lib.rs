@@ -206,6 +206,10 @@ impl TestDaemon {
         config.scheduler.retry_backoff = Duration::from_millis(100);
         config.scheduler.batch_window = Duration::from_secs(120);
         config.workers.stop_grace = Duration::from_secs(2);
+        // Fake workers' work is instant next to their loads, so the
+        // cost-aware switch would hold every phase for `max_phase_wait`:
+        // switch at once, as the seed does (tests of the rule opt in).
+        config.scheduler.swap_work_ratio = 0.0;
         let db = data.join("viva.db");
         config.workers.stt = Some(fake_worker_config("stt", env, &fake_log, &db));
         for role in ["a", "b"] {

@@ -32,6 +32,8 @@ min_free_bytes = 67108864
 [scheduler]
 stt_batch_size = 8
 batch_window = "5s"
+# Fake workers' instant work never pays for a swap: switch at once.
+swap_work_ratio = 0
 retry_backoff = "100ms"
 lease = "5s"
 

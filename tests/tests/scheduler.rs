@@ -357,3 +357,87 @@ async fn a_worker_killed_mid_job_is_restarted_and_the_job_completes() {
     );
     d.stop().await;
 }
+
+/// Worker processes started so far (from the fake workers' log).
+fn starts(d: &TestDaemon) -> usize {
+    d.fake_events()
+        .iter()
+        .filter(|e| e["ev"] == "start")
+        .count()
+}
+
+/// Cost-aware switching with loads that dwarf the work (as on a GPU with
+/// large models): a lone upload into a quiet daemon starts at once; a
+/// trickle that follows is gathered while the evaluators stay loaded (the
+/// switch to STT is held, shown to staff, and counted in the students'
+/// ETAs), then served with one swap each way instead of one per upload;
+/// nobody waits past `max_phase_wait` for their phase.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cost_aware_switching_gathers_a_trickle_and_keeps_its_bound() {
+    let bound = Duration::from_secs(6);
+    let d = TestDaemon::start(
+        &[
+            ("FAKE_LOAD_MS", ms(400)),
+            ("FAKE_STT_FIXED_MS", ms(20)),
+            ("FAKE_EVAL_FIXED_MS", ms(20)),
+        ],
+        move |c| {
+            c.scheduler.swap_work_ratio = 1.0;
+            c.scheduler.max_phase_wait = bound;
+            c.scheduler.batch_window = Duration::from_secs(600);
+            c.intake.max_uploads_per_user = 0;
+        },
+    )
+    .await;
+    let lone = upload_all(&d, &["lone.wav"], 0.5).await;
+    let done = d.wait_settled(&lone, Duration::from_secs(30)).await;
+    assert_eq!(done[0]["state"], "evaluated", "{}", done[0]);
+    let after_lone = starts(&d);
+    assert_eq!(after_lone, 3, "one start per worker");
+
+    let names = ["t1.wav", "t2.wav", "t3.wav", "t4.wav", "t5.wav", "t6.wav"];
+    let trickle = upload_all(&d, &names, 0.5).await;
+    // The evaluators are loaded and idle; six uploads' instant work does
+    // not pay for two 400 ms loads, so the switch to STT is held.
+    let admin = d.token(Role::Admin, "admin", "sandbox");
+    let (_, status) = d.get(&admin, "/api/v1/status").await;
+    assert_eq!(status["hold"]["phase"], "stt", "{status}");
+    let until = status["hold"]["until_ms"].as_i64().expect("until_ms");
+    let learner = d.token(Role::Learner, "student", "sandbox");
+    let (_, sub) = d
+        .get(&learner, &format!("/api/v1/submissions/{}", trickle[0]))
+        .await;
+    let eta = sub["queue"]["eta_seconds"].as_f64().expect("an ETA");
+    let held_for = (until - viva_daemon::now_ms()) as f64 / 1000.0;
+    assert!(
+        eta >= held_for - 0.5,
+        "the ETA counts the hold ({held_for:.1} s): {sub}"
+    );
+
+    let done = d.wait_settled(&trickle, Duration::from_secs(60)).await;
+    assert!(done.iter().all(|s| s["state"] == "evaluated"), "{done:?}");
+    let trickle_starts = starts(&d) - after_lone;
+    assert!(
+        trickle_starts <= 3,
+        "one swap each way for the whole trickle, not one per upload: {trickle_starts} starts"
+    );
+    // Nobody waited past the bound (plus a load) for their phase.
+    let waits: Vec<i64> = d
+        .state
+        .store
+        .read(|c| {
+            let mut stmt = c.prepare(
+                "SELECT MIN(j.started_at) - s.created_at FROM submissions s
+                 JOIN jobs j ON j.submission_id = s.id AND j.stage = 'stt' GROUP BY s.id",
+            )?;
+            let rows = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<i64>>>()?;
+            Ok(rows)
+        })
+        .await
+        .expect("waits");
+    let limit = (bound + Duration::from_secs(3)).as_millis() as i64;
+    assert!(waits.iter().all(|&w| w <= limit), "{waits:?} ms");
+    d.stop().await;
+}

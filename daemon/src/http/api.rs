@@ -93,6 +93,9 @@ pub(super) struct StatusView {
     /// paused; a learner's own submission says so in plain words).
     #[serde(skip_serializing_if = "Option::is_none")]
     unavailable: Option<Vec<crate::eta::Unavailable>>,
+    /// Staff only: a phase switch held back to save a model swap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hold: Option<crate::eta::Hold>,
     /// Instructors and admins: unfinished submissions of their context.
     #[serde(skip_serializing_if = "Option::is_none")]
     entries: Option<Vec<QueueEntry>>,
@@ -147,6 +150,7 @@ pub(super) async fn status(
         worker_errors: staff.then(|| snap.worker_errors.clone()),
         stats: staff.then(|| snap.stats.clone()),
         unavailable: staff.then(|| snap.unavailable.values().cloned().collect()),
+        hold: snap.hold.clone().filter(|_| staff),
         entries,
     }))
 }
