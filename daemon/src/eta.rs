@@ -1106,7 +1106,10 @@ mod tests {
             "held: the new upload is transcribed first: {p:?}"
         );
         assert!(p["s1"].done_ms >= 50_000, "{p:?}");
-        assert_eq!(p["s1"].done_ms, p["s2"].done_ms, "one evaluation phase for both");
+        assert_eq!(
+            p["s1"].done_ms, p["s2"].done_ms,
+            "one evaluation phase for both"
+        );
     }
 
     #[test]

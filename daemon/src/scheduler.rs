@@ -681,7 +681,10 @@ impl Scheduler {
             self.roles
                 .iter()
                 .map(|r| {
-                    calls as f64 * self.stats.eval_seconds(r, items.min(batch), audio / calls as f64)
+                    calls as f64
+                        * self
+                            .stats
+                            .eval_seconds(r, items.min(batch), audio / calls as f64)
                 })
                 .fold(0.0, f64::max)
         };
@@ -789,7 +792,10 @@ impl Scheduler {
                     let status = h.stop().await;
                     let seconds = t0.elapsed().as_secs_f64();
                     tracing::info!(slot = %name, %status, seconds, "worker stopped for the phase switch");
-                    let _ = tx.send(Event::Stopped { slot: name, seconds });
+                    let _ = tx.send(Event::Stopped {
+                        slot: name,
+                        seconds,
+                    });
                 });
             }
         }
@@ -1454,7 +1460,10 @@ impl Scheduler {
                     let t0 = Instant::now();
                     h.stop().await;
                     let seconds = t0.elapsed().as_secs_f64();
-                    let _ = tx.send(Event::Stopped { slot: name, seconds });
+                    let _ = tx.send(Event::Stopped {
+                        slot: name,
+                        seconds,
+                    });
                 });
             }
         }
@@ -1495,10 +1504,7 @@ impl Scheduler {
             stt_ready,
             eval_ready,
             unavailable: &down,
-            hold_stt_until_ms: self
-                .hold
-                .filter(|h| h.0 == WorkerKind::Stt)
-                .map(|h| h.1),
+            hold_stt_until_ms: self.hold.filter(|h| h.0 == WorkerKind::Stt).map(|h| h.1),
             hold_eval_until_ms: self
                 .hold
                 .filter(|h| h.0 == WorkerKind::Evaluator)

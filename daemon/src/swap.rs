@@ -88,14 +88,22 @@ pub fn arrival_rate(arrivals_ms: impl IntoIterator<Item = i64>, now_ms: i64, win
 
 /// When the silence rule of [`arrival_rate`] will end the current rate (ms),
 /// if there is one: a held switch is decided again then.
-pub fn silent_at(arrivals_ms: impl IntoIterator<Item = i64>, now_ms: i64, window_s: f64) -> Option<i64> {
+pub fn silent_at(
+    arrivals_ms: impl IntoIterator<Item = i64>,
+    now_ms: i64,
+    window_s: f64,
+) -> Option<i64> {
     arrivals(arrivals_ms, now_ms, window_s)
         .map(|(_, at)| at)
         .filter(|&at| at >= now_ms)
 }
 
 /// The mean gap (ms) of the window's arrivals and when silence ends them.
-fn arrivals(arrivals_ms: impl IntoIterator<Item = i64>, now_ms: i64, window_s: f64) -> Option<(f64, i64)> {
+fn arrivals(
+    arrivals_ms: impl IntoIterator<Item = i64>,
+    now_ms: i64,
+    window_s: f64,
+) -> Option<(f64, i64)> {
     let from = now_ms - (window_s * 1000.0) as i64;
     let mut recent: Vec<i64> = arrivals_ms.into_iter().filter(|&t| t >= from).collect();
     if recent.len() < 2 || window_s <= 0.0 {
@@ -134,7 +142,14 @@ mod tests {
             ..gpu()
         };
         assert_eq!(decide(&cpu), Swap::Now);
-        assert_eq!(decide(&SwapInput { ratio: 0.0, ..gpu() }), Swap::Now, "holding off");
+        assert_eq!(
+            decide(&SwapInput {
+                ratio: 0.0,
+                ..gpu()
+            }),
+            Swap::Now,
+            "holding off"
+        );
     }
 
     #[test]
@@ -148,7 +163,11 @@ mod tests {
             arrival_rate: 1.0 / 10.0,
             ..gpu()
         };
-        assert_eq!(decide(&busier), Swap::HoldFor(90.0), "36 s of work at 0.4 s/s");
+        assert_eq!(
+            decide(&busier),
+            Swap::HoldFor(90.0),
+            "36 s of work at 0.4 s/s"
+        );
         let enough = SwapInput {
             waiting_work_s: 40.0,
             ..gpu()
@@ -179,7 +198,11 @@ mod tests {
             arrival_rate: 1.0 / 600.0,
             ..gpu()
         };
-        assert_eq!(decide(&rare), Swap::Now, "no company expected before the bound");
+        assert_eq!(
+            decide(&rare),
+            Swap::Now,
+            "no company expected before the bound"
+        );
     }
 
     #[test]
@@ -189,12 +212,19 @@ mod tests {
         // the window).
         let ts = [now - 700_000, now - 50_000, now - 30_000, now - 10_000];
         assert!((arrival_rate(ts, now, 600.0) - 1.0 / 20.0).abs() < 1e-12);
-        assert_eq!(arrival_rate([now], now, 600.0), 0.0, "one arrival is no rate");
+        assert_eq!(
+            arrival_rate([now], now, 600.0),
+            0.0,
+            "one arrival is no rate"
+        );
         // A burst of 30 within 3 s, 100 s ago: over.
         let burst: Vec<i64> = (0..30).map(|i| now - 100_000 - i * 100).collect();
         assert_eq!(arrival_rate(burst.clone(), now, 600.0), 0.0);
         // ... but while it lasts, it is fast, and silence ends it 3 gaps on.
         assert!(arrival_rate(burst.clone(), now - 99_900, 600.0) > 5.0);
-        assert_eq!(silent_at(burst, now - 99_900, 600.0), Some(now - 100_000 + 300));
+        assert_eq!(
+            silent_at(burst, now - 99_900, 600.0),
+            Some(now - 100_000 + 300)
+        );
     }
 }

@@ -139,7 +139,10 @@ async fn run(p: &Profile, scale: f64, at: &[f64], mode: Mode) -> anyhow::Result<
         ("FAKE_LOAD_MS", ms(p.stt_load)),
         ("FAKE_STT_FIXED_MS", ms(p.stt_fixed)),
         // Audio is scaled with time, so the real-time factor stays.
-        ("FAKE_STT_MS_PER_AUDIO_SEC", format!("{}", p.stt_rtf * 1000.0)),
+        (
+            "FAKE_STT_MS_PER_AUDIO_SEC",
+            format!("{}", p.stt_rtf * 1000.0),
+        ),
     ];
     let eval_env: Vec<(&str, String)> = vec![
         ("FAKE_LOAD_MS", ms(p.eval_load)),
@@ -164,10 +167,12 @@ async fn run(p: &Profile, scale: f64, at: &[f64], mode: Mode) -> anyhow::Result<
         c.limits.uploads_per_user_per_minute = 0;
         c.limits.uploads_per_ip_per_minute = 0;
         if let Some(w) = c.workers.stt.as_mut() {
-            w.env.extend(stt_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+            w.env
+                .extend(stt_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
         }
         for w in c.workers.evaluators.values_mut() {
-            w.env.extend(eval_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+            w.env
+                .extend(eval_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
         }
     })
     .await;
@@ -185,7 +190,12 @@ async fn run(p: &Profile, scale: f64, at: &[f64], mode: Mode) -> anyhow::Result<
         let when = t0 + Duration::from_secs_f64(a / scale);
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep_until(when).await;
-            let r = client.post(&url).bearer_auth(token).body(clip).send().await?;
+            let r = client
+                .post(&url)
+                .bearer_auth(token)
+                .body(clip)
+                .send()
+                .await?;
             anyhow::ensure!(r.status().is_success(), "upload answered {}", r.status());
             anyhow::Ok(())
         }));
