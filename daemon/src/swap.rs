@@ -11,8 +11,9 @@
 //!   ones) is at least `swap_work_ratio` × the round trip of swaps it costs
 //!   (load the other kind now, load this one back later, and the two
 //!   stops), or
-//! - its oldest submission has waited `max_phase_wait` (the latency bound),
-//!   or
+//! - its oldest submission has waited so long that, with the other kind's
+//!   load and the work itself, it would be done only at `max_phase_wait`
+//!   (the latency bound), or
 //! - waiting is unlikely to gather anything: at the recent arrival rate
 //!   fewer than one more submission is expected before the bound (a lone
 //!   upload into a quiet system starts at once).
@@ -58,7 +59,9 @@ pub fn decide(i: &SwapInput) -> Swap {
     if i.waiting_work_s >= threshold {
         return Swap::Now;
     }
-    let to_bound = i.max_wait_s - i.oldest_wait_s;
+    // The hold ends early enough for the held work to be done within the
+    // bound: the other kind's load (half the round trip) and the work itself.
+    let to_bound = i.max_wait_s - i.oldest_wait_s - i.round_trip_s / 2.0 - i.waiting_work_s;
     if to_bound <= 0.0 {
         return Swap::Now;
     }
@@ -154,9 +157,11 @@ mod tests {
 
     #[test]
     fn a_trickle_holds_until_the_work_pays_for_the_swap() {
-        // 36 s of work still missing, 0.1 s of work arriving per second.
+        // 36 s of work still missing, 0.1 s of work arriving per second:
+        // 360 s, but the bound comes first (300 s less the 20 s load and
+        // the 4 s of work).
         match decide(&gpu()) {
-            Swap::HoldFor(s) => assert!((s - 360.0f64.min(300.0)).abs() < 1e-9, "{s}"),
+            Swap::HoldFor(s) => assert!((s - 276.0).abs() < 1e-9, "{s}"),
             Swap::Now => panic!("a trickle should not switch for one upload"),
         }
         let busier = SwapInput {
@@ -178,12 +183,16 @@ mod tests {
     #[test]
     fn the_latency_bound_and_a_quiet_system_switch_at_once() {
         let waited = SwapInput {
-            oldest_wait_s: 300.0,
+            oldest_wait_s: 276.0,
             ..gpu()
         };
-        assert_eq!(decide(&waited), Swap::Now, "waited the maximum");
+        assert_eq!(
+            decide(&waited),
+            Swap::Now,
+            "load and work would end at the bound"
+        );
         let nearly = SwapInput {
-            oldest_wait_s: 290.0,
+            oldest_wait_s: 266.0,
             arrival_rate: 1.0,
             per_item_work_s: 0.0,
             ..gpu()

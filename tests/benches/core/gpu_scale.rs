@@ -4,7 +4,8 @@
 //! two 8 B Q4_K_M evaluators (`H100`, sources in ARCHITECTURE.md, "Cost-aware
 //! phase switching"), with every time — loads, transcription, evaluation,
 //! arrivals, the batch window and `max_phase_wait` — divided by
-//! `BENCH_GPU_SCALE` (100), so an hour of uploads runs in about 40 s. The
+//! `BENCH_GPU_SCALE` (100), so an hour of uploads runs in about 40 s
+//! (`BENCH_GPU_SCENARIOS=trickle,burst,lab` picks scenarios). The
 //! scheduler's rules only compare times with each other, so the decisions
 //! are those it would take at full scale; its own overhead (milliseconds)
 //! is what the scaling magnifies. Reported at full scale: wall time, phase
@@ -309,7 +310,11 @@ pub(super) async fn bench_gpu_scale() -> anyhow::Result<Section> {
     let p = H100;
     let mut rows = Vec::new();
     let mut notes = Vec::new();
+    let only = std::env::var("BENCH_GPU_SCENARIOS").unwrap_or_default();
     for scenario in ["trickle", "burst", "lab day"] {
+        if !only.is_empty() && !only.split(',').any(|s| scenario.starts_with(s.trim())) {
+            continue;
+        }
         let at = arrivals(scenario);
         let mut out = Vec::new();
         for mode in [Mode::Eager, Mode::CostAware, Mode::Pipelined] {
@@ -377,7 +382,13 @@ pub(super) async fn bench_gpu_scale() -> anyhow::Result<Section> {
                 "trickle: cost-aware longest wait for a phase",
                 cost.max_phase_wait,
                 "s",
-                Goal::AtMost(300.0 * 1.1),
+                Goal::AtMost(300.0),
+            ));
+            rows.push(Row::target(
+                "trickle: cost-aware latency p95 (upload to evaluated)",
+                pct(&cost.latency, 0.95),
+                "s",
+                Goal::AtMost(300.0),
             ));
         } else {
             rows.push(Row::target(
