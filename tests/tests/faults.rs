@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 use viva_daemon::Role;
 use viva_tests::{TestDaemon, real, speech, tone, viva_bin};
 
+/// Tests that measure this process's memory or the disk's free space, or
+/// use much of either, run one at a time (the harness runs two tests at
+/// once, in one process, on one disk).
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn upload_n(d: &TestDaemon, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
@@ -321,6 +326,7 @@ fn restore(real: &std::path::Path, at: &std::path::Path) {
 /// is transcribed by Whisper and evaluated by llama.cpp exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_workers_on_truncated_models_pause_until_the_files_are_fixed() {
+    let _heavy = HEAVY.lock().await;
     let models = tempfile::tempdir().expect("tempdir");
     let stt_model = models.path().join("whisper.bin");
     let b_model = models.path().join("b.gguf");
@@ -613,6 +619,7 @@ fn bytes_under(dir: &std::path::Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_learner_cannot_hog_intake_and_uploads_never_cross_the_disk_reserve() {
+    let _heavy = HEAVY.lock().await;
     const MIB: u64 = 1024 * 1024;
     let base = tempfile::tempdir().expect("tempdir");
     // The reserve is set just below the free space: 160 MiB may be written.
@@ -776,6 +783,7 @@ async fn a_daily_byte_quota_refuses_with_retry_after_and_writes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ticket_floods_are_rate_limited_and_bounded() {
+    let _heavy = HEAVY.lock().await;
     let d = TestDaemon::start(&[], |c| {
         c.limits.tickets_per_user_per_minute = 100;
         // Everyone here is 127.0.0.1: only the per-user limit is under test.
@@ -903,6 +911,7 @@ fn rss_bytes() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn forged_login_floods_stay_bounded_and_real_logins_work() {
+    let _heavy = HEAVY.lock().await;
     let d = TestDaemon::start(&[], |c| {
         c.public_url = Some("https://viva.example.edu".into());
         // The login-state store's own bounds are under test, not the rate limit.
