@@ -42,9 +42,12 @@ pub enum ReleasePolicy {
     /// An instructor releases every grade.
     #[default]
     Manual,
-    /// Released at once unless the scorer flags the submission for review.
+    /// Released at once unless the scorer flags the submission for review
+    /// or an evaluator flagged it.
     AutoUnlessFlagged,
-    /// Released at once.
+    /// Released at once, unless an evaluator flagged it (instruction-like
+    /// content, evidence not in the transcript, degenerate output …): the
+    /// daemon holds those for review whatever the plugin says.
     Auto,
 }
 
@@ -430,12 +433,20 @@ impl Submission {
     /// release: no score, no evaluations, no flags or review reasons (release
     /// is the instructor's decision, and a flag tells a student which
     /// phrasing was caught). After release: everything but the instructor's
-    /// override note, unless the instructor shared it (`share_note`).
+    /// override note, unless the instructor shared it (`share_note`), and
+    /// but the evaluators' evidence and rationale that fail
+    /// [`viva_models::evidence`]'s checks (blanked).
     pub fn redact_for_learner(&mut self) {
         if self.state != SubmissionState::Released {
             self.evaluations.clear();
             self.score = None;
             return;
+        }
+        // Evidence not in the transcript and text that is not language are
+        // never shown to a student.
+        let transcript = self.transcript.as_ref().map_or("", |t| t.text.as_str());
+        for e in &mut self.evaluations {
+            viva_models::evidence::sanitise(e, transcript);
         }
         if let Some(o) = self
             .score
