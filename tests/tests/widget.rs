@@ -932,11 +932,13 @@ async fn student_records_with_the_keyboard_only_and_reads_the_real_transcript() 
 /// is flagged for review, and the instructor reviews it (transcoded video,
 /// both evaluations side by side with a disagreement highlighted), overrides
 /// a criterion, releases, and sees both in the audit log; a failed
-/// submission is retried from the dashboard.
+/// submission is retried from the dashboard. Evaluator a writes junk ("1",
+/// "1.1.1.…" to the cap, a paraphrase): the review names the flags and the
+/// raw text stays readable at 320 px.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instructor_edits_rubric_configures_plugin_reviews_overrides_and_releases() {
     let Some(b) = browser() else { return };
-    let d = fast_daemon(&[]).await;
+    let d = fast_daemon(&[("FAKE_EVAL_JUNK", "a".to_owned())]).await;
     let teacher = d.token(Role::Instructor, "teacher", "sandbox");
     let out = artifacts("instructor");
     scenario(
@@ -1033,7 +1035,9 @@ async fn instructor_edits_rubric_configures_plugin_reviews_overrides_and_release
     assert!(
         seen["reasons"]
             .as_str()
-            .is_some_and(|r| r.contains("confidence")),
+            .is_some_and(|r| r.contains("confidence")
+                && r.contains("flagged: evidence_not_in_transcript")
+                && r.contains("flagged: degenerate_output")),
         "{seen}"
     );
     assert_eq!(
