@@ -434,7 +434,7 @@ impl Submission {
     /// is the instructor's decision, and a flag tells a student which
     /// phrasing was caught). After release: everything but the instructor's
     /// override note, unless the instructor shared it (`share_note`), and
-    /// but the evaluators' evidence and rationale that fail
+    /// the evaluators' evidence and rationale that fail
     /// [`viva_models::evidence`]'s checks (blanked).
     pub fn redact_for_learner(&mut self) {
         if self.state != SubmissionState::Released {
