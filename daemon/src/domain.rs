@@ -732,6 +732,44 @@ mod tests {
     }
 
     #[test]
+    fn a_learner_never_reads_junk_evidence_or_rationales() {
+        let mut s = scored("released");
+        s.transcript = Some(Transcript {
+            text: "Plants use sunlight, water and carbon dioxide.".into(),
+            language: None,
+            segments: Vec::new(),
+            audio_seconds: 1.0,
+            processing_seconds: 0.1,
+            model: String::new(),
+        });
+        let rating = |evidence: &str, rationale: &str| viva_models::CriterionRating {
+            criterion_id: "content".into(),
+            evidence: evidence.into(),
+            rationale: rationale.into(),
+            level: "complete".into(),
+        };
+        s.evaluations[0].ratings = vec![
+            rating("water and carbon dioxide", "Names the inputs."),
+            rating("1.1.1.1.1.1.1.1.1.1.1.1.1.1.1", "1"),
+            rating("plants eat light, the student says", "none"),
+        ];
+        let instructor = s.evaluations.clone();
+        s.redact_for_learner();
+        let r = &s.evaluations[0].ratings;
+        assert_eq!(
+            (r[0].evidence.as_str(), r[0].rationale.as_str()),
+            ("water and carbon dioxide", "Names the inputs.")
+        );
+        for junk in &r[1..] {
+            assert_eq!((junk.evidence.as_str(), junk.rationale.as_str()), ("", ""));
+        }
+        assert_eq!(
+            instructor[0].ratings[1].rationale, "1",
+            "only the learner's copy"
+        );
+    }
+
+    #[test]
     fn sandbox_rubric_is_valid() {
         let a = sandbox_assignment();
         a.validate().expect("valid");
