@@ -42,9 +42,12 @@ pub enum ReleasePolicy {
     /// An instructor releases every grade.
     #[default]
     Manual,
-    /// Released at once unless the scorer flags the submission for review.
+    /// Released at once unless the scorer flags the submission for review
+    /// or an evaluator flagged it.
     AutoUnlessFlagged,
-    /// Released at once.
+    /// Released at once, unless an evaluator flagged it (instruction-like
+    /// content, evidence not in the transcript, degenerate output …): the
+    /// daemon holds those for review whatever the plugin says.
     Auto,
 }
 
@@ -430,12 +433,20 @@ impl Submission {
     /// release: no score, no evaluations, no flags or review reasons (release
     /// is the instructor's decision, and a flag tells a student which
     /// phrasing was caught). After release: everything but the instructor's
-    /// override note, unless the instructor shared it (`share_note`).
+    /// override note, unless the instructor shared it (`share_note`), and
+    /// the evaluators' evidence and rationale that fail
+    /// [`viva_models::evidence`]'s checks (blanked).
     pub fn redact_for_learner(&mut self) {
         if self.state != SubmissionState::Released {
             self.evaluations.clear();
             self.score = None;
             return;
+        }
+        // Evidence not in the transcript and text that is not language are
+        // never shown to a student.
+        let transcript = self.transcript.as_ref().map_or("", |t| t.text.as_str());
+        for e in &mut self.evaluations {
+            viva_models::evidence::sanitise(e, transcript);
         }
         if let Some(o) = self
             .score
@@ -717,6 +728,44 @@ mod tests {
         assert_eq!(
             s.score.as_ref().expect("score")["override"]["note"],
             "private"
+        );
+    }
+
+    #[test]
+    fn a_learner_never_reads_junk_evidence_or_rationales() {
+        let mut s = scored("released");
+        s.transcript = Some(Transcript {
+            text: "Plants use sunlight, water and carbon dioxide.".into(),
+            language: None,
+            segments: Vec::new(),
+            audio_seconds: 1.0,
+            processing_seconds: 0.1,
+            model: String::new(),
+        });
+        let rating = |evidence: &str, rationale: &str| viva_models::CriterionRating {
+            criterion_id: "content".into(),
+            evidence: evidence.into(),
+            rationale: rationale.into(),
+            level: "complete".into(),
+        };
+        s.evaluations[0].ratings = vec![
+            rating("water and carbon dioxide", "Names the inputs."),
+            rating("1.1.1.1.1.1.1.1.1.1.1.1.1.1.1", "1"),
+            rating("plants eat light, the student says", "none"),
+        ];
+        let instructor = s.evaluations.clone();
+        s.redact_for_learner();
+        let r = &s.evaluations[0].ratings;
+        assert_eq!(
+            (r[0].evidence.as_str(), r[0].rationale.as_str()),
+            ("water and carbon dioxide", "Names the inputs.")
+        );
+        for junk in &r[1..] {
+            assert_eq!((junk.evidence.as_str(), junk.rationale.as_str()), ("", ""));
+        }
+        assert_eq!(
+            instructor[0].ratings[1].rationale, "1",
+            "only the learner's copy"
         );
     }
 

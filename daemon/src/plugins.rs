@@ -514,6 +514,7 @@ impl Scorer for PluginScorer {
             needs_review: r.needs_review,
             reasons: r.review_reasons.clone(),
             report,
+            evaluator_flags: Vec::new(),
         })
     }
 }

@@ -94,6 +94,47 @@ pub struct ScoreOutcome {
     pub reasons: Vec<String>,
     /// The plugin's full report, stored with the submission.
     pub report: serde_json::Value,
+    /// Every evaluator flag, as a review reason, set by the daemon whatever
+    /// the plugin says (see [`hold_for_evaluator_flags`]). Not empty: the
+    /// grade is never released automatically, under any release policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evaluator_flags: Vec<String>,
+}
+
+/// The daemon's own rule, whatever the plugin reports: an evaluator flag
+/// (instruction-like content, evidence not in the transcript, degenerate
+/// output, a cut transcript …) sends the grade to review, with each flag
+/// among its reasons, and blocks automatic release (`finish_score`).
+pub(crate) fn hold_for_evaluator_flags(
+    mut outcome: ScoreOutcome,
+    evaluations: &[Evaluation],
+) -> ScoreOutcome {
+    let flags: Vec<String> = evaluations
+        .iter()
+        .flat_map(|e| {
+            e.flags
+                .iter()
+                .map(move |f| format!("evaluator {} ({}) flagged: {f}", e.role, e.model))
+        })
+        .collect();
+    for f in &flags {
+        if !outcome.reasons.contains(f) {
+            outcome.reasons.push(f.clone());
+        }
+    }
+    outcome.needs_review |= !flags.is_empty();
+    outcome.evaluator_flags = flags;
+    outcome
+}
+
+/// Whether a scored grade is released at once.
+pub(crate) fn releases_at_once(policy: ReleasePolicy, outcome: &ScoreOutcome) -> bool {
+    let flagged = !outcome.evaluator_flags.is_empty();
+    match policy {
+        ReleasePolicy::Auto => !flagged,
+        ReleasePolicy::AutoUnlessFlagged => !outcome.needs_review && !flagged,
+        ReleasePolicy::Manual => false,
+    }
 }
 
 /// The scheduler's current phase.
@@ -1092,12 +1133,21 @@ impl Scheduler {
                             .ok_or(Error::NotFound("submission"))?;
                         let a = get_assignment(c, &s.assignment_id)?
                             .ok_or(Error::NotFound("assignment"))?;
+                        let transcript = s.transcript.ok_or(Error::NotFound("transcript"))?;
+                        // The plugin never sees (so never copies into a
+                        // student's feedback) evidence that is not in the
+                        // transcript or text that is not language; the
+                        // flags stay.
+                        let mut evaluations = s.evaluations;
+                        for e in &mut evaluations {
+                            viva_models::evidence::sanitise(e, &transcript.text);
+                        }
                         Ok(ScoreInput {
                             assignment: a,
                             submission_id: s.id,
                             duration_seconds: s.duration_seconds,
-                            transcript: s.transcript.ok_or(Error::NotFound("transcript"))?,
-                            evaluations: s.evaluations,
+                            transcript,
+                            evaluations,
                         })
                     })
                     .await;
@@ -1105,11 +1155,15 @@ impl Scheduler {
                     Err(e) => Err(ScoreError::transient(e.to_string())),
                     Ok(input) => {
                         let policy = input.assignment.release_policy;
-                        tokio::task::spawn_blocking(move || scorer.score(&input))
-                            .await
-                            .map_err(|e| ScoreError::permanent(format!("the scorer panicked: {e}")))
-                            .and_then(|r| r)
-                            .map(|o| (o, policy))
+                        tokio::task::spawn_blocking(move || {
+                            scorer
+                                .score(&input)
+                                .map(|o| hold_for_evaluator_flags(o, &input.evaluations))
+                        })
+                        .await
+                        .map_err(|e| ScoreError::permanent(format!("the scorer panicked: {e}")))
+                        .and_then(|r| r)
+                        .map(|o| (o, policy))
                     }
                 };
                 let _ = tx.send(Event::ScoreDone { job, result });
@@ -1288,7 +1342,7 @@ impl Scheduler {
                             if e.model.is_empty() {
                                 e.model = model.clone();
                             }
-                            self.check_evaluation(&job, &e).await.map(|_| e)
+                            self.check_evaluation(&job, &mut e).await.map(|_| e)
                         }
                         Some(o) => Err(o
                             .error
@@ -1346,19 +1400,34 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The evaluation must rate every rubric criterion with one of its levels.
+    /// The evaluation must rate every rubric criterion with one of its
+    /// levels (else the job fails). Its evidence is checked against the
+    /// transcript and its text for junk: problems become flags
+    /// (`evidence_not_in_transcript`, `degenerate_output`, see
+    /// [`viva_models::evidence::flags`]) that hold the grade for review.
     async fn check_evaluation(
         &self,
         job: &Claimed,
-        e: &Evaluation,
+        e: &mut Evaluation,
     ) -> std::result::Result<(), String> {
         let id = job.assignment_id.clone();
-        let a = self
+        let sub = job.submission_id.clone();
+        let (a, transcript) = self
             .store
-            .read(move |c| get_assignment(c, &id))
+            .read(move |c| {
+                let a = get_assignment(c, &id)?;
+                let t = crate::domain::get_submission(c, &sub)?.and_then(|s| s.transcript);
+                Ok((a, t))
+            })
             .await
-            .map_err(|e| e.to_string())?
-            .ok_or("its assignment was deleted")?;
+            .map_err(|e| e.to_string())?;
+        let a = a.ok_or("its assignment was deleted")?;
+        let text = transcript.map(|t| t.text).unwrap_or_default();
+        for flag in viva_models::evidence::flags(e, &text) {
+            if !e.flags.contains(&flag) {
+                e.flags.push(flag);
+            }
+        }
         for c in &a.rubric.criteria {
             let r = e
                 .ratings
@@ -1413,11 +1482,7 @@ impl Scheduler {
     ) -> Result<()> {
         match result {
             Ok((outcome, policy)) => {
-                let release = match policy {
-                    ReleasePolicy::Auto => true,
-                    ReleasePolicy::AutoUnlessFlagged => !outcome.needs_review,
-                    ReleasePolicy::Manual => false,
-                };
+                let release = releases_at_once(policy, &outcome);
                 let report = serde_json::to_value(&outcome)
                     .map_err(|e| Error::Internal(format!("serialising a score: {e}")))?;
                 let instance = self.instance.clone();

@@ -84,6 +84,34 @@ async fn uploads_are_transcribed_evaluated_twice_and_scored_on_real_models() {
             assert_eq!(ids, ["content", "language", "organisation"], "{e}");
             assert!(e["generated_tokens"].as_u64().unwrap_or(0) > 0, "{e}");
         }
+        // The evidence checks on real output: every evaluator flag (the
+        // test models' "1" / "none" evidence is flagged) holds the grade
+        // for review.
+        let flagged = evals
+            .iter()
+            .filter(|e| e["flags"].as_array().is_some_and(|f| !f.is_empty()))
+            .count();
+        eprintln!(
+            "{} of 2 evaluations flagged: {}",
+            flagged,
+            evals
+                .iter()
+                .map(|e| format!(
+                    "{}: flags {} ratings {}",
+                    e["role"], e["flags"], e["ratings"]
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        if flagged > 0 {
+            assert_eq!(s["score"]["needs_review"], true, "{s}");
+            assert!(
+                s["score"]["evaluator_flags"]
+                    .as_array()
+                    .is_some_and(|f| !f.is_empty()),
+                "{s}"
+            );
+        }
         // The default plugin scored it: a total within the rubric's range.
         let total = s["score"]["total"].as_f64().expect("score total");
         let max = s["score"]["max"].as_f64().expect("score max");

@@ -659,12 +659,18 @@ async fn formats_browsers_cannot_play_get_a_transcoded_preview_once() {
 /// A student uploads a generated video in the browser, watches the phase
 /// change and their position fall (the STT worker is held loading until the
 /// browser shows the queue), then sees the released result with the video.
+/// Both evaluators write junk ("1", "none", "1.1.1.…") as the small test
+/// models do: the student reads the rubric's level descriptors instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn student_uploads_watches_phase_and_position_then_reads_the_result() {
     let Some(b) = browser() else { return };
     let gate_dir = tempfile::tempdir().expect("tmp");
     let gate = gate_dir.path().join("stt-gate");
-    let d = fast_daemon(&[("FAKE_LOAD_GATE", gate.display().to_string())]).await;
+    let d = fast_daemon(&[
+        ("FAKE_LOAD_GATE", gate.display().to_string()),
+        ("FAKE_EVAL_JUNK", "a,b".to_owned()),
+    ])
+    .await;
     let media = d.dir.path().join("media");
     std::fs::create_dir_all(&media).expect("dir");
     for who in ["s1", "s2", "s3"] {
@@ -774,6 +780,22 @@ async fn student_uploads_watches_phase_and_position_then_reads_the_result() {
         "{seen}"
     );
     assert_eq!(seen["criteria_rows"], 3);
+    // The evaluators' junk never reaches the student; the level's
+    // descriptor from the rubric does.
+    let result = seen["result_text"].as_str().unwrap_or_default();
+    assert!(
+        seen["criteria_text"].as_str().is_some_and(|t| t
+            .contains("Addresses part of the question, or with errors.")
+            && t.contains("Mostly in a sensible order.")
+            && t.contains("Some subject vocabulary, mostly accurate.")),
+        "{seen}"
+    );
+    for junk in ["\u{201c}1\u{201d}", "1.1.1", "none", "Evidence:"] {
+        assert!(
+            !result.contains(junk),
+            "{junk:?} shown to the student: {result}"
+        );
+    }
     assert_eq!(seen["preview"], "original");
     assert!(
         seen["transcript"]
@@ -910,11 +932,13 @@ async fn student_records_with_the_keyboard_only_and_reads_the_real_transcript() 
 /// is flagged for review, and the instructor reviews it (transcoded video,
 /// both evaluations side by side with a disagreement highlighted), overrides
 /// a criterion, releases, and sees both in the audit log; a failed
-/// submission is retried from the dashboard.
+/// submission is retried from the dashboard. Evaluator a writes junk ("1",
+/// "1.1.1.…" to the cap, a paraphrase): the review names the flags and the
+/// raw text stays readable at 320 px.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn instructor_edits_rubric_configures_plugin_reviews_overrides_and_releases() {
     let Some(b) = browser() else { return };
-    let d = fast_daemon(&[]).await;
+    let d = fast_daemon(&[("FAKE_EVAL_JUNK", "a".to_owned())]).await;
     let teacher = d.token(Role::Instructor, "teacher", "sandbox");
     let out = artifacts("instructor");
     scenario(
@@ -1011,7 +1035,9 @@ async fn instructor_edits_rubric_configures_plugin_reviews_overrides_and_release
     assert!(
         seen["reasons"]
             .as_str()
-            .is_some_and(|r| r.contains("confidence")),
+            .is_some_and(|r| r.contains("confidence")
+                && r.contains("flagged: evidence_not_in_transcript")
+                && r.contains("flagged: degenerate_output")),
         "{seen}"
     );
     assert_eq!(

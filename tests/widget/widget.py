@@ -233,6 +233,8 @@ def student_upload(driver, args):
     wait(driver, lambda: q(driver, "[data-testid=result]"), timeout=5, what="the released result")
     seen["total"] = text(driver, "[data-testid=total]")
     seen["criteria_rows"] = len(driver.find_elements(By.CSS_SELECTOR, "[data-testid=criteria] tbody tr"))
+    seen["criteria_text"] = text(driver, "[data-testid=criteria]")
+    seen["result_text"] = text(driver, "[data-testid=result]")
     wait(driver, lambda: q(driver, "[data-testid=player]"), what="the media player")
     seen["preview"] = q(driver, "[data-testid=player]").get_attribute("data-preview")
     seen["transcript"] = text(driver, "[data-testid=transcript]")

@@ -205,7 +205,7 @@ export default {
   policies: {
     manual: 'After I release them',
     'auto-unless-flagged': 'At once, unless flagged for review',
-    auto: 'At once',
+    auto: 'At once, unless an evaluator flagged it (for example, evidence not in the transcript)',
   },
   criteria: 'Criteria',
   criterionN: (n, title) => `Criterion ${n}: ${title || 'untitled'}`,

@@ -95,6 +95,11 @@ pub struct EngineOptions {
     /// recreated, as large as both calls need. Off: a new context per call
     /// (memory is given back between calls, each call pays the allocation).
     pub reuse_kv_cache: bool,
+    /// Watch the open evidence or rationale field while decoding and close
+    /// it as soon as it degenerates into repetition ("1.1.1.1.…"), instead
+    /// of generating junk up to the field's cap; the evaluation is then
+    /// flagged `degenerate_output`. Off only to measure the difference.
+    pub cut_degenerate: bool,
 }
 
 /// A KV-cache element type (`type_k`, `type_v`): the types llama.cpp's own
@@ -250,6 +255,7 @@ impl Default for EngineOptions {
             main_gpu: 0,
             split_mode: SplitMode::Layer,
             reuse_kv_cache: true,
+            cut_degenerate: true,
         }
     }
 }
@@ -324,6 +330,9 @@ pub struct CallStats {
     pub fast_accepts: u64,
     /// Tokens that needed the grammar over the whole vocabulary.
     pub full_passes: u64,
+    /// Evidence or rationale fields closed early because they degenerated
+    /// into repetition (`cut_degenerate`).
+    pub fields_cut: u64,
 }
 
 impl CallStats {
@@ -347,6 +356,7 @@ impl CallStats {
         self.steps += other.steps;
         self.fast_accepts += other.fast_accepts;
         self.full_passes += other.full_passes;
+        self.fields_cut += other.fields_cut;
     }
 
     /// One log line: tokens and tokens per second of both phases.
@@ -354,7 +364,7 @@ impl CallStats {
         format!(
             "{} item(s): context {} new/{} reused in {:.3} s, prompt {} tok in {:.2} s \
              ({:.0} tok/s), generated {} tok in {:.2} s ({:.1} tok/s, {} steps), grammar fast \
-             path {}/{}",
+             path {}/{}, degenerate fields cut {}",
             self.items,
             self.contexts_created,
             self.contexts_reused,
@@ -368,6 +378,7 @@ impl CallStats {
             self.steps,
             self.fast_accepts,
             self.fast_accepts + self.full_passes,
+            self.fields_cut,
         )
     }
 }
@@ -584,7 +595,14 @@ pub struct Engine {
     options: EngineOptions,
     name: String,
     path: PathBuf,
+    /// The token that is exactly `"`, to close a degenerate field with.
+    quote: Option<LlamaToken>,
 }
+
+/// A field whose last this many characters repeat one unit at least
+/// [`DEGENERATE_MIN_PERIODS`] times is closed early (`cut_degenerate`).
+const DEGENERATE_MIN_CHARS: usize = 24;
+const DEGENERATE_MIN_PERIODS: usize = 6;
 
 /// One submission in flight.
 struct Sequence<'a> {
@@ -607,6 +625,14 @@ struct Sequence<'a> {
     batch_index: i32,
     done: Option<Result<(), String>>,
     seconds: f64,
+    /// Byte offset in `output` where the JSON string being written starts.
+    open_string: Option<usize>,
+    /// The last output byte was a backslash inside a string.
+    escaped: bool,
+    /// The open evidence or rationale field degenerated: close it next.
+    close_field: bool,
+    /// The repeated units of the fields closed early.
+    cut: Vec<String>,
 }
 
 impl Engine {
@@ -634,6 +660,13 @@ impl Engine {
                 String::from_utf8_lossy(&model.vocab().token_to_piece(bos, true, None)).into_owned()
             })
             .filter(|t| !t.is_empty());
+        let quote = {
+            let vocab = model.vocab();
+            match vocab.tokenize(b"\"", false, false).as_slice() {
+                [t] if vocab.token_to_piece(*t, false, None) == b"\"" => Some(*t),
+                _ => None,
+            }
+        };
         Ok(Engine {
             model,
             template,
@@ -642,6 +675,7 @@ impl Engine {
             options,
             name: spec.name.clone(),
             path,
+            quote,
         })
     }
 
@@ -855,6 +889,10 @@ impl Engine {
                 batch_index: -1,
                 done: None,
                 seconds: 0.0,
+                open_string: None,
+                escaped: false,
+                close_field: false,
+                cut: Vec::new(),
             });
         }
 
@@ -915,6 +953,15 @@ impl Engine {
                 None => Err("the evaluation did not finish".into()),
             };
             let outcome = &mut outcomes[s.item];
+            if let (Ok(_), Some(unit)) = (&result, s.cut.first()) {
+                flags[s.item].push(format!(
+                    "{}: the evaluator's text degenerated into repetition (\u{201c}{}\u{201d} …) \
+                     in {} field(s), which were closed early; its levels are not to be trusted",
+                    viva_models::evidence::DEGENERATE_OUTPUT,
+                    unit.trim(),
+                    s.cut.len()
+                ));
+            }
             match result {
                 Ok(ratings) => {
                     outcome.evaluation = Some(Evaluation {
@@ -1085,7 +1132,24 @@ impl Engine {
             s.done = Some(Err("no logits for the prompt".into()));
             return Ok(());
         }
-        let token = self.pick(s, logits, scratch, stats)?;
+        let token = if s.close_field {
+            match self.closing_token(s) {
+                Some(q) => q,
+                None => {
+                    // Cannot close it (no single-quote token): stop this
+                    // item rather than generate junk up to the cap.
+                    let unit = s.cut.last().map(|u| u.trim()).unwrap_or_default();
+                    s.done = Some(Err(format!(
+                        "the evaluator's answer degenerated into repetition (\u{201c}{unit}\u{201d} …) \
+                         after {} tokens and was stopped",
+                        s.generated
+                    )));
+                    return Ok(());
+                }
+            }
+        } else {
+            self.pick(s, logits, scratch, stats)?
+        };
         let vocab = self.model.vocab();
         if vocab.is_eog(token) {
             // The grammar only allows the end once the answer is complete.
@@ -1096,8 +1160,10 @@ impl Engine {
         if let Some(chain) = &mut s.chain {
             chain.accept(token);
         }
-        s.output
-            .extend_from_slice(&vocab.token_to_piece(token, false, None));
+        let piece = vocab.token_to_piece(token, false, None);
+        let start = s.output.len();
+        s.output.extend_from_slice(&piece);
+        self.watch_strings(s, start, stats);
         s.generated += 1;
         stats.generated_tokens += 1;
         s.next = token;
@@ -1113,6 +1179,62 @@ impl Engine {
             )));
         }
         Ok(())
+    }
+
+    /// Tracks which JSON string is open after the bytes from `start`, and
+    /// whether an open evidence or rationale field has degenerated into
+    /// repetition (then the next token closes it, see [`Engine::step`]).
+    fn watch_strings(&self, s: &mut Sequence<'_>, start: usize, stats: &mut CallStats) {
+        for k in start..s.output.len() {
+            let b = s.output[k];
+            if s.open_string.is_some() && s.escaped {
+                s.escaped = false;
+            } else if s.open_string.is_some() && b == b'\\' {
+                s.escaped = true;
+            } else if b == b'"' {
+                s.open_string = match s.open_string {
+                    Some(_) => None,
+                    None => Some(k + 1),
+                };
+            }
+        }
+        if s.open_string.is_none() {
+            s.close_field = false;
+            return;
+        }
+        if !self.options.cut_degenerate || s.close_field {
+            return;
+        }
+        let Some(open) = s.open_string else { return };
+        let key = s.output[..open.saturating_sub(1)].trim_ascii_end();
+        if !(key.ends_with(b"\"evidence\":") || key.ends_with(b"\"rationale\":")) {
+            return;
+        }
+        let field = &s.output[open..];
+        if field.len() < DEGENERATE_MIN_CHARS {
+            return;
+        }
+        if let Some(unit) = viva_models::evidence::repetition_tail(
+            &String::from_utf8_lossy(field),
+            DEGENERATE_MIN_CHARS,
+            DEGENERATE_MIN_PERIODS,
+        ) {
+            s.close_field = true;
+            stats.fields_cut += 1;
+            s.cut.push(unit);
+        }
+    }
+
+    /// The `"` token when the grammar accepts it now (it closes the open
+    /// string).
+    fn closing_token(&self, s: &mut Sequence<'_>) -> Option<LlamaToken> {
+        let q = self.quote?;
+        let mut one = LlamaTokenDataArray::new(vec![LlamaTokenData::new(q, 0.0, 0.0)], false);
+        one.apply_sampler(&mut s.grammar);
+        one.data
+            .first()
+            .is_some_and(|d| d.logit() > f32::NEG_INFINITY)
+            .then_some(q)
     }
 
     fn pick(

@@ -416,3 +416,61 @@ fn a_kept_kv_cache_gives_the_answers_of_new_contexts() {
         "alone in the grown kept context"
     );
 }
+
+/// SmolLM2-135M under the default field bounds (200 and 240 characters),
+/// given a transcript that is itself "1.1.1.…" (a student reading out
+/// numbers, or Whisper repeating itself), fills every evidence and
+/// rationale with "1.1.1.…" up to the cap: about 1,400 tokens. With
+/// `cut_degenerate` (the default) the worker closes each such field as soon
+/// as it repeats and flags the evaluation `degenerate_output`; the same item
+/// without it generates every junk token. Both give a complete, grammar-valid
+/// evaluation; the daemon's own checks flag the junk either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_degenerate_fields_are_closed_early() {
+    use viva_models::evidence::{DEGENERATE_OUTPUT, flag_code, flags};
+    const DIGITS: &str =
+        "1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1.1";
+    let sup = supervisor();
+    let (prompt, rubric) = sandbox();
+    let mut runs = Vec::new();
+    for cut in [false, true] {
+        let worker = sup
+            .start(spec(
+                "a",
+                model(SMOLLM2),
+                serde_json::json!({"threads": 1, "cut_degenerate": cut}),
+            ))
+            .await
+            .expect("worker starts and loads the model");
+        let started = std::time::Instant::now();
+        let response = evaluate(&worker, items(&prompt, &rubric, &[DIGITS])).await;
+        let seconds = started.elapsed().as_secs_f64();
+        let e = response.outcomes[0]
+            .evaluation
+            .clone()
+            .unwrap_or_else(|| panic!("{:?}", response.outcomes[0].error));
+        let by_worker = e.flags.iter().any(|f| flag_code(f) == DEGENERATE_OUTPUT);
+        let by_daemon = flags(&e, DIGITS);
+        eprintln!(
+            "cut_degenerate = {cut}: {} tokens generated in {seconds:.1} s; worker flags {:?}; \
+             daemon flags {by_daemon:?}; ratings {:?}",
+            e.generated_tokens, e.flags, e.ratings
+        );
+        assert_eq!(worker.stop().await, "exit status: 0");
+        runs.push((e.generated_tokens, seconds, by_worker, by_daemon));
+    }
+    let (full, cut) = (&runs[0], &runs[1]);
+    assert!(!full.2, "nothing is cut with cut_degenerate = false");
+    assert!(
+        !full.3.is_empty(),
+        "the daemon flags the uncut junk: {:?}",
+        full.3
+    );
+    assert!(cut.2, "the worker flags the fields it closed");
+    assert!(
+        cut.0 * 2 < full.0,
+        "closing degenerate fields saves most of the tokens: {} vs {}",
+        cut.0,
+        full.0
+    );
+}

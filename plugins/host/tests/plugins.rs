@@ -52,6 +52,31 @@ fn agreeing_evaluations_are_averaged_and_weighted() {
 }
 
 #[test]
+fn rationales_that_say_nothing_fall_back_to_the_level_descriptor() {
+    let host = host();
+    let mut req = example("agreeing");
+    for e in &mut req.evaluations {
+        for r in &mut e.ratings {
+            // What the small test models write.
+            r.evidence = "1".into();
+            r.rationale = "2.5".into();
+        }
+    }
+    let r = weighted(&host).score(&req).expect("scores").report;
+    assert_eq!(
+        r.criteria[1].feedback,
+        "clear (4 of 4 points). Clear structure throughout."
+    );
+    for c in &r.criteria {
+        assert!(
+            !c.feedback.contains("Evidence") && !c.feedback.contains("2.5"),
+            "{}",
+            c.feedback
+        );
+    }
+}
+
+#[test]
 fn disagreement_beyond_the_gap_takes_the_fallback_and_flags() {
     let host = host();
     let p = weighted(&host);

@@ -41,6 +41,12 @@
 //!   with an error; `EVAL_CRASH_ONCE` aborts the worker unless
 //!   `$FAKE_MARKER_DIR/<submission_id>.crashed` exists (the crash creates it;
 //!   `FAKE_MARKER_DIR` defaults to the temporary directory).
+//! - Junk evaluations, as small models really write them under the grammar:
+//!   items whose transcript contains `EVAL_JUNK`, and every item of the
+//!   roles listed in `FAKE_EVAL_JUNK` (comma-separated, e.g. `a`), get an
+//!   evaluation whose evidence and rationale are "1", "none",
+//!   "1.1.1.1.…" up to 200 characters and a paraphrase that is not in the
+//!   transcript, by criterion (the levels are the usual ones).
 //!
 //! The worker exits 0 on `Shutdown` (after `Bye`) and when its stdin closes.
 
@@ -307,16 +313,32 @@ impl Worker {
     fn evaluation(&self, item: &EvaluateItem, took: Duration) -> Evaluation {
         let role = self.role.clone().unwrap_or_else(|| "fake".into());
         let evidence: String = item.transcript.chars().take(60).collect();
+        let junk = item.transcript.contains("EVAL_JUNK")
+            || std::env::var("FAKE_EVAL_JUNK")
+                .unwrap_or_default()
+                .split(',')
+                .any(|r| r.trim() == role);
+        let dots: String = "1.".repeat(100);
         let ratings = item
             .rubric
             .criteria
             .iter()
-            .filter_map(|c| {
+            .enumerate()
+            .filter_map(|(i, c)| {
                 let level = c.levels.get(c.levels.len() / 2)?;
+                let (evidence, rationale) = match (junk, i % 3) {
+                    (false, _) => (evidence.clone(), format!("fake evaluator {role}")),
+                    (true, 0) => ("1".to_owned(), "1".to_owned()),
+                    (true, 1) => ("none".to_owned(), dots.clone()),
+                    (true, _) => (
+                        "the student explains photosynthesis clearly".to_owned(),
+                        "none".to_owned(),
+                    ),
+                };
                 Some(CriterionRating {
                     criterion_id: c.id.clone(),
-                    evidence: evidence.clone(),
-                    rationale: format!("fake evaluator {role}"),
+                    evidence,
+                    rationale,
                     level: level.label.clone(),
                 })
             })

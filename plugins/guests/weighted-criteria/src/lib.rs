@@ -8,7 +8,10 @@
 //! an evaluator flagged (e.g. instruction-like content in the transcript),
 //! every submission whose speech-to-text confidence is low, and empty
 //! transcripts. Feedback is assembled from the evaluators' evidence and
-//! rationales.
+//! rationales; where no evaluator wrote a rationale that says something,
+//! the level's descriptor from the rubric stands in. (The daemon blanks
+//! evidence that is not in the transcript and text that is not language
+//! before a plugin sees it; this plugin also skips fields without a letter.)
 
 use serde::Deserialize;
 use viva_plugin_sdk::{
@@ -221,8 +224,8 @@ fn score_criterion(
                 level: &level.label,
                 rank,
                 points: level.points,
-                evidence: rating.evidence.trim(),
-                rationale: rating.rationale.trim(),
+                evidence: says_something(rating.evidence.trim()),
+                rationale: says_something(rating.rationale.trim()),
             }),
             _ => reasons.push(format!(
                 "{}: evaluator {} chose {:?}, which is not one of the criterion's levels",
@@ -277,6 +280,17 @@ fn score_criterion(
             feedback.push_str(j.rationale);
             seen.push(j.rationale);
         }
+    }
+    if seen.is_empty()
+        && let Some(d) = level
+            .as_deref()
+            .and_then(|l| criterion.level(l))
+            .map(|l| l.descriptor.trim())
+            .filter(|d| !d.is_empty())
+    {
+        // No rationale worth reading: the rubric's words for the level.
+        feedback.push(' ');
+        feedback.push_str(d);
     }
     let evidence: Vec<String> = judgements
         .iter()
@@ -334,6 +348,15 @@ fn low_confidence(segments: &[Segment], config: &Config) -> Option<String> {
         first / 60,
         first % 60
     ))
+}
+
+/// `text`, or nothing when it has no letter ("1", "2.5", "--").
+fn says_something(text: &str) -> &str {
+    if text.chars().any(char::is_alphabetic) {
+        text
+    } else {
+        ""
+    }
 }
 
 fn push_unique(reasons: &mut Vec<String>, reason: String) {
