@@ -300,6 +300,20 @@ async fn a_broken_stt_model_queues_uploads_with_a_reason_until_retried() {
     d.stop().await;
 }
 
+/// The worker's own error for an unavailable role, as the admin view has
+/// it (empty when the role is available), and the whole view.
+async fn unavailable_error(d: &TestDaemon, role: &str) -> (String, serde_json::Value) {
+    let admin = d.token(Role::Admin, "test-admin", "sandbox");
+    let (_, system) = d.get(&admin, "/api/v1/admin/system").await;
+    let error = system["unavailable"]
+        .as_array()
+        .and_then(|u| u.iter().find(|x| x["role"] == role))
+        .and_then(|x| x["error"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    (error, system)
+}
+
 /// The first `len` bytes of a real model: what a truncated download leaves.
 fn truncated_copy(from: &std::path::Path, to: &std::path::Path, len: u64) {
     use std::io::Read;
@@ -372,14 +386,7 @@ async fn real_workers_on_truncated_models_pause_until_the_files_are_fixed() {
         },
     )
     .await;
-    let admin = d.token(Role::Admin, "test-admin", "sandbox");
-    let (_, system) = d.get(&admin, "/api/v1/admin/system").await;
-    let stt_error = system["unavailable"]
-        .as_array()
-        .and_then(|u| u.iter().find(|x| x["role"] == "stt"))
-        .and_then(|x| x["error"].as_str())
-        .unwrap_or_default()
-        .to_owned();
+    let (stt_error, system) = unavailable_error(&d, "stt").await;
     assert!(
         stt_error.contains("whisper.bin"),
         "the Whisper worker's own error names the file: {system}"
@@ -407,13 +414,7 @@ async fn real_workers_on_truncated_models_pause_until_the_files_are_fixed() {
         },
     )
     .await;
-    let (_, system) = d.get(&admin, "/api/v1/admin/system").await;
-    let b_error = system["unavailable"]
-        .as_array()
-        .and_then(|u| u.iter().find(|x| x["role"] == "b"))
-        .and_then(|x| x["error"].as_str())
-        .unwrap_or_default()
-        .to_owned();
+    let (b_error, system) = unavailable_error(&d, "b").await;
     assert!(
         b_error.contains("b.gguf"),
         "llama.cpp's refusal names the file: {system}"
