@@ -43,18 +43,9 @@ impl Args {
             role: "evaluator".to_owned(),
             check_options: None,
         };
-        let mut args = args.into_iter();
-        while let Some(arg) = args.next() {
-            let (name, inline) = match arg.split_once('=') {
-                Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
-                _ => (arg.clone(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .ok_or_else(|| format!("{name} needs a value; {USAGE}"))
-            };
+        let mut flags = viva_models::flags::Flags::new(args, USAGE);
+        while let Some((name, inline)) = flags.next_flag() {
+            let mut value = || flags.value(&name, inline.clone());
             match name.as_str() {
                 "--role" => parsed.role = value()?,
                 "--check-options" => parsed.check_options = Some(value()?),
@@ -65,7 +56,7 @@ impl Args {
                          an options object (JSON) and prints it with every default filled in"
                     ));
                 }
-                _ => return Err(format!("unknown argument {arg:?}; {USAGE}")),
+                _ => return Err(format!("unknown argument {name:?}; {USAGE}")),
             }
         }
         Ok(parsed)

@@ -27,6 +27,7 @@
 pub mod ct2;
 pub mod evidence;
 pub mod fetch;
+pub mod flags;
 pub mod grammar;
 pub mod injection;
 pub mod manifest;

@@ -232,18 +232,9 @@ impl Args {
             version: false,
             check_options: None,
         };
-        let mut args = args.into_iter();
-        while let Some(arg) = args.next() {
-            let (name, inline) = match arg.split_once('=') {
-                Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
-                _ => (arg.clone(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .ok_or_else(|| format!("{name} needs a value; {USAGE}"))
-            };
+        let mut flags = viva_models::flags::Flags::new(args, USAGE);
+        while let Some((name, inline)) = flags.next_flag() {
+            let mut value = || flags.value(&name, inline.clone());
             match name.as_str() {
                 "--parallel-states" => {
                     let v = value()?;
