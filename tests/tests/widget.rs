@@ -1045,10 +1045,13 @@ async fn instructor_edits_rubric_configures_plugin_reviews_overrides_and_release
         "criterion, evaluator a, evaluator b, plugin"
     );
     assert_eq!(seen["disagreements"], 1, "{seen}");
+    // The plugin a submission was scored with: by name, and by its file's
+    // sha256 (a later upload under the same name is another file).
     assert!(
         seen["plugin_report"]
             .as_str()
-            .is_some_and(|r| r.contains("weighted-criteria"))
+            .is_some_and(|r| r.contains("weighted-criteria") && r.contains("SHA-256")),
+        "{seen}"
     );
     assert_eq!(seen["retry_buttons"], 1);
     assert!(

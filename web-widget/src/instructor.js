@@ -182,7 +182,8 @@ export function mount(panel, ctx) {
       return h('section', { 'data-testid': 'plugin-report' }, h('h3', { text: S.pluginReport }),
         h('p', {}, `${score.plugin.name} ${score.plugin.version} — `, h('strong', { text: S.totalOf(fmtPoints(stored.total), fmtPoints(stored.max)) })),
         score.feedback ? h('p', { class: 'pre', text: score.feedback }) : null,
-        u.elapsed_us != null ? h('p', { class: 'muted', text: S.pluginUsage((u.elapsed_us / 1000).toFixed(1), fmtBytes(u.peak_memory_bytes || 0)) }) : null);
+        u.elapsed_us != null ? h('p', { class: 'muted', text: S.pluginUsage((u.elapsed_us / 1000).toFixed(1), fmtBytes(u.peak_memory_bytes || 0)) }) : null,
+        score.plugin.sha256 ? h('p', { class: 'muted', 'data-testid': 'plugin-sha256', title: score.plugin.sha256, text: S.pluginSha(score.plugin.sha256.slice(0, 12)) }) : null);
     }
     function overrideForm(a, sub) {
       const score = reportOf(sub.score);

@@ -172,6 +172,7 @@ export default {
   noEvaluations: 'No evaluations yet.',
   pluginReport: 'Plugin report',
   pluginUsage: (ms, mem) => `Ran in ${ms} ms using ${mem}.`,
+  pluginSha: (short) => `Scored by the plugin file with SHA-256 ${short}… (the whole digest is in the tooltip and in the submission’s score over the API).`,
   override: 'Change the grade',
   overrideHelp: 'Changes are recorded in the audit log with your name and the time.',
   overrideLocked: (state) => `This grade is ${state}; only a grade awaiting review can be changed.`,
