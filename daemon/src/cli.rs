@@ -378,17 +378,25 @@ async fn api_error(resp: reqwest::Response) -> anyhow::Error {
     anyhow!("the daemon answered {status} {code}: {msg}")
 }
 
-async fn status(url: &str, token: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let resp = client()?
-        .get(format!("{url}/api/v1/status"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the daemon at {url}; is `viva serve` running?"))?;
+/// Sends an API request with the session token: the JSON answer, or the
+/// daemon's error in words.
+async fn api_json(
+    req: reqwest::RequestBuilder,
+    url: &str,
+    token: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let resp =
+        req.bearer_auth(token).send().await.with_context(|| {
+            format!("cannot reach the daemon at {url}; is `viva serve` running?")
+        })?;
     if !resp.status().is_success() {
         return Err(api_error(resp).await);
     }
-    let v: serde_json::Value = resp.json().await?;
+    Ok(resp.json().await?)
+}
+
+async fn status(url: &str, token: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let v = api_json(client()?.get(format!("{url}/api/v1/status")), url, token).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
@@ -445,16 +453,8 @@ async fn status(url: &str, token: &str, json: bool) -> anyhow::Result<ExitCode> 
 }
 
 async fn retry_worker(url: &str, token: &str, role: &str) -> anyhow::Result<ExitCode> {
-    let resp = client()?
-        .post(format!("{url}/api/v1/admin/workers/{role}/retry"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the daemon at {url}; is `viva serve` running?"))?;
-    if !resp.status().is_success() {
-        return Err(api_error(resp).await);
-    }
-    let v: serde_json::Value = resp.json().await?;
+    let retry = client()?.post(format!("{url}/api/v1/admin/workers/{role}/retry"));
+    let v = api_json(retry, url, token).await?;
     if v["was_unavailable"].as_bool() == Some(true) {
         println!("worker {role}: trying to start it again now; see `viva status`");
     } else {
@@ -607,15 +607,12 @@ fn describe(v: &serde_json::Value) -> String {
 }
 
 async fn print_result(url: &str, token: &str, id: &str) -> anyhow::Result<ExitCode> {
-    let resp = client()?
-        .get(format!("{url}/api/v1/submissions/{id}"))
-        .bearer_auth(token)
-        .send()
-        .await?;
-    if !resp.status().is_success() {
-        return Err(api_error(resp).await);
-    }
-    let v: serde_json::Value = resp.json().await?;
+    let v = api_json(
+        client()?.get(format!("{url}/api/v1/submissions/{id}")),
+        url,
+        token,
+    )
+    .await?;
     let state = v["state"].as_str().unwrap_or("?");
     println!("submission {id}: {state}");
     if let Some(t) = v["transcript"]["text"].as_str() {

@@ -279,12 +279,25 @@ impl TestDaemon {
     }
 
     pub async fn get(&self, token: &str, path: &str) -> (u16, serde_json::Value) {
-        let resp = reqwest::Client::new()
-            .get(format!("{}{path}", self.url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("request");
+        self.send(reqwest::Method::GET, token, path, None).await
+    }
+
+    /// One API request with a session and an optional JSON body; returns
+    /// (status, JSON body or null).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        token: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or_default())
     }

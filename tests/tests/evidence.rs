@@ -22,24 +22,6 @@ fn fast() -> Vec<(&'static str, String)> {
     ]
 }
 
-async fn send(
-    d: &TestDaemon,
-    method: reqwest::Method,
-    token: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
-        .request(method, format!("{}{path}", d.url))
-        .bearer_auth(token);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or_default())
-}
-
 fn assignment(id: &str, plugin: &str, config: Value, release: &str) -> Value {
     let sandbox = viva_daemon::sandbox_assignment();
     json!({
@@ -106,14 +88,14 @@ async fn junk_evaluations_are_flagged_held_from_auto_release_and_never_shown_to_
         ),
     ];
     for (id, plugin, config, release) in &assignments {
-        let (status, body) = send(
-            &d,
-            post.clone(),
-            &teacher,
-            "/api/v1/assignments",
-            Some(assignment(id, plugin, config.clone(), release)),
-        )
-        .await;
+        let (status, body) = d
+            .send(
+                post.clone(),
+                &teacher,
+                "/api/v1/assignments",
+                Some(assignment(id, plugin, config.clone(), release)),
+            )
+            .await;
         assert_eq!(status, 201, "{id}: {body}");
     }
 
@@ -182,14 +164,14 @@ async fn junk_evaluations_are_flagged_held_from_auto_release_and_never_shown_to_
 
     // Released by the instructor, the weighted-criteria grade reads the
     // rubric's descriptors where the evaluators wrote junk.
-    let (status, body) = send(
-        &d,
-        post.clone(),
-        &teacher,
-        &format!("/api/v1/submissions/{}/release", junk[0]),
-        None,
-    )
-    .await;
+    let (status, body) = d
+        .send(
+            post.clone(),
+            &teacher,
+            &format!("/api/v1/submissions/{}/release", junk[0]),
+            None,
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     let (_, mine) = d
         .get(&alice, &format!("/api/v1/submissions/{}", junk[0]))

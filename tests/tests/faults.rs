@@ -118,17 +118,30 @@ async fn jobs_of(d: &TestDaemon, stage: &'static str, role: &'static str) -> Vec
         .expect("jobs")
 }
 
+/// A test daemon whose worker `point` aims at `model`, a file the fake
+/// worker refuses to load (it begins with `CORRUPT`): the breaker opens
+/// after two failed starts and is probed again only on an administrator's
+/// retry during the test.
+async fn with_broken_model(
+    model: &std::path::Path,
+    point: impl FnOnce(&mut viva_daemon::Config, std::path::PathBuf) + Send + 'static,
+) -> TestDaemon {
+    std::fs::write(model, b"CORRUPT: truncated download").expect("corrupt model");
+    let path = model.to_path_buf();
+    TestDaemon::start(&[("FAKE_STT_FIXED_MS", "50".to_owned())], move |c| {
+        c.scheduler.unavailable_after_failures = 2;
+        c.scheduler.unavailable_probe_max = Duration::from_secs(3600);
+        c.scheduler.batch_window = Duration::from_millis(500);
+        point(c, path);
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_evaluator_pauses_only_its_role_until_an_admin_retries() {
     let models = tempfile::tempdir().expect("tempdir");
     let b_model = models.path().join("b.gguf");
-    std::fs::write(&b_model, b"CORRUPT: truncated download").expect("corrupt model");
-    let path = b_model.clone();
-    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", "50".to_owned())], move |c| {
-        c.scheduler.unavailable_after_failures = 2;
-        // No probe of its own during the test: only the administrator's retry.
-        c.scheduler.unavailable_probe_max = Duration::from_secs(3600);
-        c.scheduler.batch_window = Duration::from_millis(500);
+    let d = with_broken_model(&b_model, |c, path| {
         if let Some(b) = c.workers.evaluators.get_mut("b") {
             b.model_path = path;
         }
@@ -240,12 +253,7 @@ async fn a_broken_evaluator_pauses_only_its_role_until_an_admin_retries() {
 async fn a_broken_stt_model_queues_uploads_with_a_reason_until_retried() {
     let models = tempfile::tempdir().expect("tempdir");
     let stt_model = models.path().join("whisper.bin");
-    std::fs::write(&stt_model, b"CORRUPT").expect("corrupt model");
-    let path = stt_model.clone();
-    let d = TestDaemon::start(&[("FAKE_STT_FIXED_MS", "50".to_owned())], move |c| {
-        c.scheduler.unavailable_after_failures = 2;
-        c.scheduler.unavailable_probe_max = Duration::from_secs(3600);
-        c.scheduler.batch_window = Duration::from_millis(500);
+    let d = with_broken_model(&stt_model, |c, path| {
         if let Some(stt) = c.workers.stt.as_mut() {
             stt.model_path = path;
         }

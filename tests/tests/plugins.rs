@@ -21,24 +21,6 @@ fn short_window(c: &mut viva_daemon::Config) {
     c.scheduler.batch_window = Duration::from_millis(300);
 }
 
-async fn send(
-    d: &TestDaemon,
-    method: reqwest::Method,
-    token: &str,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
-        .request(method, format!("{}{path}", d.url))
-        .bearer_auth(token);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or_default())
-}
-
 async fn upload_plugin(d: &TestDaemon, token: &str, bytes: Vec<u8>) -> (u16, Value) {
     let resp = reqwest::Client::new()
         .post(format!("{}/api/v1/plugins", d.url))
@@ -133,19 +115,19 @@ async fn assignment_configurations_are_validated_against_the_plugin() {
     let d = TestDaemon::start(&fast(), |_| {}).await;
     let teacher = d.token(Role::Instructor, "teacher", "sandbox");
     let post = reqwest::Method::POST;
-    let (status, body) = send(
-        &d,
-        post.clone(),
-        &teacher,
-        "/api/v1/assignments",
-        Some(assignment(
-            "a1",
-            "weighted-criteria",
-            json!({"max_level_gap": 11}),
-            "manual",
-        )),
-    )
-    .await;
+    let (status, body) = d
+        .send(
+            post.clone(),
+            &teacher,
+            "/api/v1/assignments",
+            Some(assignment(
+                "a1",
+                "weighted-criteria",
+                json!({"max_level_gap": 11}),
+                "manual",
+            )),
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "invalid_plugin_config");
     assert_eq!(
@@ -155,14 +137,14 @@ async fn assignment_configurations_are_validated_against_the_plugin() {
     // The plugin's own validate-config speaks where the schema cannot.
     let bands = json!({"bands": [{"label": "A", "min_percent": 0}, {"label": "B", "min_percent": 60},
                                  {"label": "C", "min_percent": 40}]});
-    let (status, body) = send(
-        &d,
-        post.clone(),
-        &teacher,
-        "/api/v1/assignments",
-        Some(assignment("a2", "holistic-band", bands, "manual")),
-    )
-    .await;
+    let (status, body) = d
+        .send(
+            post.clone(),
+            &teacher,
+            "/api/v1/assignments",
+            Some(assignment("a2", "holistic-band", bands, "manual")),
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     assert!(
         body["error"]["message"]
@@ -170,45 +152,45 @@ async fn assignment_configurations_are_validated_against_the_plugin() {
             .is_some_and(|m| m.contains("must start above B")),
         "{body}"
     );
-    let (status, body) = send(
-        &d,
-        post.clone(),
-        &teacher,
-        "/api/v1/assignments",
-        Some(assignment("a3", "no-such-plugin", json!({}), "manual")),
-    )
-    .await;
+    let (status, body) = d
+        .send(
+            post.clone(),
+            &teacher,
+            "/api/v1/assignments",
+            Some(assignment("a3", "no-such-plugin", json!({}), "manual")),
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "unknown_plugin");
     // Valid choices save, and an update is checked the same way.
-    let (status, body) = send(
-        &d,
-        post,
-        &teacher,
-        "/api/v1/assignments",
-        Some(assignment(
-            "a4",
-            "holistic-band",
-            json!({"scale_max": 20}),
-            "auto",
-        )),
-    )
-    .await;
+    let (status, body) = d
+        .send(
+            post,
+            &teacher,
+            "/api/v1/assignments",
+            Some(assignment(
+                "a4",
+                "holistic-band",
+                json!({"scale_max": 20}),
+                "auto",
+            )),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["plugin"], "holistic-band");
-    let (status, body) = send(
-        &d,
-        reqwest::Method::PUT,
-        &teacher,
-        "/api/v1/assignments/a4",
-        Some(assignment(
-            "a4",
-            "holistic-band",
-            json!({"scale_max": -1}),
-            "auto",
-        )),
-    )
-    .await;
+    let (status, body) = d
+        .send(
+            reqwest::Method::PUT,
+            &teacher,
+            "/api/v1/assignments/a4",
+            Some(assignment(
+                "a4",
+                "holistic-band",
+                json!({"scale_max": -1}),
+                "auto",
+            )),
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     assert!(
         body["error"]["message"]
@@ -217,14 +199,14 @@ async fn assignment_configurations_are_validated_against_the_plugin() {
         "{body}"
     );
     // The configuration form can check before saving.
-    let (status, body) = send(
-        &d,
-        reqwest::Method::POST,
-        &teacher,
-        "/api/v1/plugins/builtin:weighted-criteria/validate-config",
-        Some(json!({"combine": "median"})),
-    )
-    .await;
+    let (status, body) = d
+        .send(
+            reqwest::Method::POST,
+            &teacher,
+            "/api/v1/plugins/builtin:weighted-criteria/validate-config",
+            Some(json!({"combine": "median"})),
+        )
+        .await;
     assert_eq!(status, 400, "{body}");
     d.stop().await;
 }
@@ -288,64 +270,64 @@ async fn plugins_are_uploaded_listed_and_disabled() {
     );
 
     let post = reqwest::Method::POST;
-    let (status, _) = send(
-        &d,
-        post.clone(),
-        &teacher,
-        "/api/v1/assignments",
-        Some(assignment("h1", "hostile", json!({"mode": "ok"}), "auto")),
-    )
-    .await;
+    let (status, _) = d
+        .send(
+            post.clone(),
+            &teacher,
+            "/api/v1/assignments",
+            Some(assignment("h1", "hostile", json!({"mode": "ok"}), "auto")),
+        )
+        .await;
     assert_eq!(status, 201);
     // Instructors cannot disable site-wide plugins; admins can.
-    let (status, _) = send(
-        &d,
-        post.clone(),
-        &teacher,
-        &format!("/api/v1/plugins/{id}/disable"),
-        None,
-    )
-    .await;
+    let (status, _) = d
+        .send(
+            post.clone(),
+            &teacher,
+            &format!("/api/v1/plugins/{id}/disable"),
+            None,
+        )
+        .await;
     assert_eq!(status, 403);
-    let (status, body) = send(
-        &d,
-        post.clone(),
-        &admin,
-        &format!("/api/v1/plugins/{id}/disable"),
-        None,
-    )
-    .await;
+    let (status, body) = d
+        .send(
+            post.clone(),
+            &admin,
+            &format!("/api/v1/plugins/{id}/disable"),
+            None,
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["enabled"], false);
-    let (status, body) = send(
-        &d,
-        post.clone(),
-        &teacher,
-        "/api/v1/assignments",
-        Some(assignment("h2", "hostile", json!({}), "auto")),
-    )
-    .await;
+    let (status, body) = d
+        .send(
+            post.clone(),
+            &teacher,
+            "/api/v1/assignments",
+            Some(assignment("h2", "hostile", json!({}), "auto")),
+        )
+        .await;
     assert_eq!(
         (status, body["error"]["code"].clone()),
         (400, json!("unknown_plugin"))
     );
-    let (status, _) = send(
-        &d,
-        post.clone(),
-        &admin,
-        &format!("/api/v1/plugins/{id}/enable"),
-        None,
-    )
-    .await;
+    let (status, _) = d
+        .send(
+            post.clone(),
+            &admin,
+            &format!("/api/v1/plugins/{id}/enable"),
+            None,
+        )
+        .await;
     assert_eq!(status, 200);
-    let (status, body) = send(
-        &d,
-        post,
-        &admin,
-        "/api/v1/plugins/builtin:weighted-criteria/disable",
-        None,
-    )
-    .await;
+    let (status, body) = d
+        .send(
+            post,
+            &admin,
+            "/api/v1/plugins/builtin:weighted-criteria/disable",
+            None,
+        )
+        .await;
     assert_eq!(
         (status, body["error"]["code"].clone()),
         (400, json!("builtin_plugin"))
@@ -367,27 +349,27 @@ async fn instructors_upload_for_their_course_when_allowed() {
     assert_eq!(status, 404);
     let (_, list) = d.get(&stranger, "/api/v1/plugins").await;
     assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
-    let (status, body) = send(
-        &d,
-        reqwest::Method::POST,
-        &stranger,
-        "/api/v1/assignments",
-        Some(assignment("c1", "hostile", json!({}), "auto")),
-    )
-    .await;
+    let (status, body) = d
+        .send(
+            reqwest::Method::POST,
+            &stranger,
+            "/api/v1/assignments",
+            Some(assignment("c1", "hostile", json!({}), "auto")),
+        )
+        .await;
     assert_eq!(
         (status, body["error"]["code"].clone()),
         (400, json!("unknown_plugin"))
     );
     // Its own instructors may disable it.
-    let (status, _) = send(
-        &d,
-        reqwest::Method::POST,
-        &teacher,
-        &format!("/api/v1/plugins/{id}/disable"),
-        None,
-    )
-    .await;
+    let (status, _) = d
+        .send(
+            reqwest::Method::POST,
+            &teacher,
+            &format!("/api/v1/plugins/{id}/disable"),
+            None,
+        )
+        .await;
     assert_eq!(status, 200);
     d.stop().await;
 }
@@ -400,33 +382,33 @@ async fn a_failing_plugin_fails_only_its_submission_once_with_a_plain_reason() {
     let alice = d.token(Role::Learner, "alice", "sandbox");
     let (status, body) = upload_plugin(&d, &admin, hostile_wasm()).await;
     assert_eq!(status, 201, "{body}");
-    let (status, body) = send(
-        &d,
-        reqwest::Method::POST,
-        &teacher,
-        "/api/v1/assignments",
-        Some(assignment(
-            "panics",
-            "hostile",
-            json!({"mode": "panic"}),
-            "auto",
-        )),
-    )
-    .await;
+    let (status, body) = d
+        .send(
+            reqwest::Method::POST,
+            &teacher,
+            "/api/v1/assignments",
+            Some(assignment(
+                "panics",
+                "hostile",
+                json!({"mode": "panic"}),
+                "auto",
+            )),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
-    let (status, body) = send(
-        &d,
-        reqwest::Method::POST,
-        &teacher,
-        "/api/v1/assignments",
-        Some(assignment(
-            "loops",
-            "hostile",
-            json!({"mode": "loop"}),
-            "auto",
-        )),
-    )
-    .await;
+    let (status, body) = d
+        .send(
+            reqwest::Method::POST,
+            &teacher,
+            "/api/v1/assignments",
+            Some(assignment(
+                "loops",
+                "hostile",
+                json!({"mode": "loop"}),
+                "auto",
+            )),
+        )
+        .await;
     assert_eq!(status, 201, "{body}");
     let mut ids = Vec::new();
     for (i, assignment) in ["panics", "loops", "sandbox-oral-1"].iter().enumerate() {
