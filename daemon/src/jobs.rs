@@ -660,6 +660,43 @@ pub fn requeue(tx: &Transaction<'_>, job_id: i64, instance: &str) -> Result<()> 
     Ok(())
 }
 
+/// Records a kind's measured load (`start`) or stop time, as the running
+/// average the scheduler keeps, for these models (`models`: the kind's
+/// workers' models and options; another configuration starts afresh).
+pub fn record_worker_time(
+    tx: &Transaction,
+    kind: &str,
+    models: &str,
+    start: Option<f64>,
+    stop: Option<f64>,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO worker_times (kind, models, start_seconds, stop_seconds, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (kind, models) DO UPDATE SET
+             start_seconds = COALESCE(excluded.start_seconds, start_seconds),
+             stop_seconds = COALESCE(excluded.stop_seconds, stop_seconds),
+             updated_at = excluded.updated_at",
+        params![kind, models, start, stop, now_ms()],
+    )?;
+    Ok(())
+}
+
+/// The recorded load and stop times of `kind` with these models.
+pub fn worker_times(
+    conn: &Connection,
+    kind: &str,
+    models: &str,
+) -> Result<Option<(Option<f64>, Option<f64>)>> {
+    Ok(conn
+        .query_row(
+            "SELECT start_seconds, stop_seconds FROM worker_times WHERE kind = ?1 AND models = ?2",
+            params![kind, models],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?)
+}
+
 /// Recent service times, newest first, to seed the ETA estimator at start-up.
 pub fn recent_service_times(conn: &Connection, limit: u32) -> Result<Vec<(Stage, f64, f64)>> {
     let mut stmt = conn.prepare(

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub jobs: IntCounterVec,
     pub worker_restarts: IntCounterVec,
     pub worker_unavailable: IntGaugeVec,
+    pub worker_device_memory: IntGaugeVec,
     pub uploads: IntCounter,
     pub uploads_rejected: IntCounterVec,
 }
@@ -62,6 +63,13 @@ impl Metrics {
             ),
             &["slot"],
         )?;
+        let worker_device_memory = IntGaugeVec::new(
+            Opts::new(
+                "worker_device_memory_bytes",
+                "GPU memory a worker holds, as it last measured (NVML), by slot",
+            ),
+            &["slot"],
+        )?;
         let uploads = IntCounter::new("uploads_total", "Accepted uploads")?;
         let uploads_rejected = IntCounterVec::new(
             Opts::new("uploads_rejected_total", "Rejected uploads by error code"),
@@ -74,6 +82,7 @@ impl Metrics {
         registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(worker_restarts.clone()))?;
         registry.register(Box::new(worker_unavailable.clone()))?;
+        registry.register(Box::new(worker_device_memory.clone()))?;
         registry.register(Box::new(uploads.clone()))?;
         registry.register(Box::new(uploads_rejected.clone()))?;
         Ok(Metrics {
@@ -85,6 +94,7 @@ impl Metrics {
             jobs,
             worker_restarts,
             worker_unavailable,
+            worker_device_memory,
             uploads,
             uploads_rejected,
         })

@@ -172,6 +172,7 @@ pub struct SchedulerHandle {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     pub supervisor: Supervisor,
     phases: Arc<std::sync::Mutex<VecDeque<PhaseChange>>>,
+    memory_swaps: Arc<std::sync::Mutex<VecDeque<SwapMemory>>>,
     retries: mpsc::UnboundedSender<String>,
 }
 
@@ -203,6 +204,15 @@ impl SchedulerHandle {
 
     pub fn phase_history(&self) -> Vec<PhaseChange> {
         self.phases
+            .lock()
+            .map(|p| p.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// GPU memory around the recent phase switches (oldest first), where
+    /// the workers measure it.
+    pub fn memory_swaps(&self) -> Vec<SwapMemory> {
+        self.memory_swaps
             .lock()
             .map(|p| p.iter().cloned().collect())
             .unwrap_or_default()
@@ -290,6 +300,32 @@ pub struct Scheduler {
     /// A phase switch held back to save a model swap: to which kind, until
     /// when (ms). The ETA planner starts that phase no earlier.
     hold: Option<(WorkerKind, i64)>,
+    /// `scheduler.policy = "auto"`: decided again from measured GPU memory.
+    auto: bool,
+    /// Each slot's GPU memory as its worker last reported it (MiB): what
+    /// `auto` and the admin view use instead of `memory_mb` once known.
+    measured_mb: BTreeMap<String, u64>,
+    /// A phase switch whose memory is being recorded (see `SwapMemory`).
+    pending_swap: Option<SwapMemory>,
+    memory_swaps: Arc<std::sync::Mutex<VecDeque<SwapMemory>>>,
+}
+
+/// GPU memory around one phase switch, measured by the workers (NVML):
+/// what Viva's workers held before (the outgoing kind), what they hold
+/// once the incoming kind has loaded and the outgoing processes are gone,
+/// and the device's free memory as each side reported it. The outgoing
+/// kind's memory is back when `device_free_after_mb` ≈
+/// `device_free_before_mb + before_mb − after_mb`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SwapMemory {
+    pub at_ms: i64,
+    /// "stt" or "evaluator": the kind loaded by the switch.
+    pub to: &'static str,
+    pub before_mb: u64,
+    pub device_free_before_mb: Option<u64>,
+    pub after_mb: Option<u64>,
+    pub device_free_after_mb: Option<u64>,
+    pub device_total_mb: Option<u64>,
 }
 
 const DAEMON_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -313,6 +349,7 @@ impl Scheduler {
         let notify = Arc::new(Notify::new());
         let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(Snapshot::default()));
         let phases = Arc::new(std::sync::Mutex::new(VecDeque::new()));
+        let memory_swaps = Arc::new(std::sync::Mutex::new(VecDeque::new()));
         let mut slots = BTreeMap::new();
         if let Some(stt) = &config.workers.stt {
             slots.insert(
@@ -331,6 +368,7 @@ impl Scheduler {
             snapshot: snapshot_rx,
             supervisor: supervisor.clone(),
             phases: phases.clone(),
+            memory_swaps: memory_swaps.clone(),
             retries: retries_tx,
         };
         let scheduler = Scheduler {
@@ -338,6 +376,10 @@ impl Scheduler {
             cfg: config.scheduler.clone(),
             job_timeout: config.workers.job_timeout,
             policy: config.effective_policy(),
+            auto: config.scheduler.policy == crate::config::Policy::Auto,
+            measured_mb: BTreeMap::new(),
+            pending_swap: None,
+            memory_swaps: memory_swaps.clone(),
             instance,
             supervisor,
             scorer,
@@ -421,6 +463,17 @@ impl Scheduler {
     }
 
     async fn seed_stats(&mut self) {
+        for kind in [WorkerKind::Stt, WorkerKind::Evaluator] {
+            let models = self.kind_models(kind);
+            let k = kind.as_str();
+            if let Ok(Some((start, stop))) = self
+                .store
+                .read(move |c| jobs::worker_times(c, k, &models))
+                .await
+            {
+                self.stats.seed_times(k, start, stop);
+            }
+        }
         let Ok(rows) = self
             .store
             .read(|c| jobs::recent_service_times(c, 200))
@@ -700,47 +753,24 @@ impl Scheduler {
         if ratio <= 0.0 || waiting.is_empty() {
             return swap::Swap::Now;
         }
-        let mut subs: Vec<&str> = waiting.iter().map(|j| j.submission_id.as_str()).collect();
-        subs.sort_unstable();
-        subs.dedup();
-        let audio: f64 = {
-            let mut seen = std::collections::HashSet::new();
-            waiting
-                .iter()
-                .filter(|j| seen.insert(j.submission_id.as_str()))
-                .map(|j| j.duration_seconds)
-                .sum()
-        };
-        let n = subs.len().max(1);
-        let mean_audio = audio / n as f64;
-        let stt = |a: f64| self.stats.stt.predict(a);
-        // Evaluations: the roles run side by side, each in calls of
-        // `eval_batch_size`; the slowest role's share is the work.
-        let batch = self.cfg.eval_batch_size.max(1);
-        let eval = |items: usize, audio: f64| -> f64 {
-            let calls = items.div_ceil(batch).max(1);
-            self.roles
-                .iter()
-                .map(|r| {
-                    calls as f64
-                        * self
-                            .stats
-                            .eval_seconds(r, items.min(batch), audio / calls as f64)
-                })
-                .fold(0.0, f64::max)
-        };
-        // The work a cycle of swaps serves: uploads still to transcribe
-        // need their evaluations too; transcribed ones only those.
-        let per_item = stt(mean_audio) + eval(1, mean_audio);
-        let work = match to {
-            WorkerKind::Stt => {
-                waiting.iter().map(|j| stt(j.duration_seconds)).sum::<f64>() + eval(n, audio)
-            }
-            WorkerKind::Evaluator => eval(n, audio),
-        };
+        // One entry per submission (an upload waits with one STT job,
+        // a transcript with one job per role).
+        let mut seen = std::collections::HashSet::new();
+        let audio: Vec<f64> = waiting
+            .iter()
+            .filter(|j| seen.insert(j.submission_id.as_str()))
+            .map(|j| j.duration_seconds)
+            .collect();
+        let (work, per_item) = crate::eta::swap_work(
+            &self.stats,
+            &self.roles,
+            self.cfg.eval_batch_size,
+            to == WorkerKind::Stt,
+            &audio,
+        );
         let oldest = waiting.iter().map(|j| j.submitted_at).min().unwrap_or(now);
         let window = 2.0 * self.cfg.max_phase_wait.as_secs_f64();
-        swap::decide(&swap::SwapInput {
+        let input = swap::SwapInput {
             waiting_work_s: work,
             oldest_wait_s: (now - oldest).max(0) as f64 / 1000.0,
             per_item_work_s: per_item,
@@ -748,7 +778,20 @@ impl Scheduler {
             round_trip_s: self.stats.round_trip_seconds(),
             ratio,
             max_wait_s: self.cfg.max_phase_wait.as_secs_f64(),
-        })
+        };
+        let decision = swap::decide(&input);
+        if let swap::Swap::HoldFor(s) = decision {
+            tracing::debug!(
+                to = to.as_str(),
+                waiting = audio.len(),
+                work_s = input.waiting_work_s,
+                round_trip_s = input.round_trip_s,
+                arrivals_per_min = input.arrival_rate * 60.0,
+                hold_s = s,
+                "phase switch held: the waiting work does not pay for the swap yet"
+            );
+        }
+        decision
     }
 
     /// When silence will end the recent arrival rate: a held switch is
@@ -816,6 +859,12 @@ impl Scheduler {
     /// our workers may be used now.
     fn ensure_only(&mut self, kind: WorkerKind) -> bool {
         let names: Vec<String> = self.slots.keys().cloned().collect();
+        let switching = self.slots.values().any(|s| {
+            s.spec_kind != kind && s.in_flight == 0 && matches!(s.state, SlotState::Ready(_))
+        });
+        if switching {
+            self.begin_swap_record(kind);
+        }
         for name in &names {
             let Some(slot) = self.slots.get_mut(name) else {
                 continue;
@@ -1194,6 +1243,66 @@ impl Scheduler {
     }
 
     async fn handle(&mut self, ev: Event) {
+        // A measured load or stop is kept in the store too (see
+        // `persist_worker_time`).
+        let measured = match &ev {
+            Event::Started {
+                slot,
+                result: Ok(_),
+                ..
+            } => Some((slot.clone(), true)),
+            Event::Stopped { slot, .. } => Some((slot.clone(), false)),
+            _ => None,
+        };
+        self.handle_event(ev).await;
+        if let Some((slot, start)) = measured {
+            self.persist_worker_time(&slot, start).await;
+        }
+    }
+
+    /// The models (with their options) of `kind`'s workers: what its
+    /// recorded load and stop times are valid for.
+    fn kind_models(&self, kind: WorkerKind) -> String {
+        let mut v: Vec<String> = self
+            .slots
+            .values()
+            .filter(|s| s.spec_kind == kind)
+            .map(|s| {
+                format!(
+                    "{}{}",
+                    s.config.model,
+                    serde_json::to_string(&s.config.options).unwrap_or_default()
+                )
+            })
+            .collect();
+        v.sort();
+        v.join(",")
+    }
+
+    /// Stores the running average of `slot`'s kind's load (`start`) or stop
+    /// time, so the next daemon on this data directory weighs a swap by
+    /// what it costs on this machine from its first decision.
+    async fn persist_worker_time(&mut self, slot: &str, start: bool) {
+        let Some(kind) = self.slots.get(slot).map(|s| s.spec_kind) else {
+            return;
+        };
+        let models = self.kind_models(kind);
+        let k = kind.as_str();
+        let (start_s, stop_s) = if start {
+            (Some(self.stats.start_seconds(k)), None)
+        } else {
+            (None, self.stats.stop_seconds(k))
+        };
+        if let Err(e) = self
+            .store
+            .write(move |tx| jobs::record_worker_time(tx, k, &models, start_s, stop_s))
+            .await
+        {
+            tracing::warn!(error = %e, "recording a worker's load time failed");
+        }
+    }
+
+    async fn handle_event(&mut self, ev: Event) {
         match ev {
             Event::Started {
                 slot,
@@ -1534,7 +1643,117 @@ impl Scheduler {
         }
     }
 
+    /// Starts the memory record of a switch to `to`: what the workers
+    /// hold now (only where they measure GPU memory).
+    fn begin_swap_record(&mut self, to: WorkerKind) {
+        let table = self.supervisor.table();
+        let live: Vec<&viva_models::device::DeviceMemory> = table
+            .iter()
+            .filter(|p| p.state != "exited" && p.kind != to)
+            .filter_map(|p| p.device_memory.as_ref())
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        self.pending_swap = Some(SwapMemory {
+            at_ms: now_ms(),
+            to: to.as_str(),
+            before_mb: live.iter().map(|d| d.process_bytes >> 20).sum(),
+            device_free_before_mb: live.iter().map(|d| d.free_bytes >> 20).min(),
+            after_mb: None,
+            device_free_after_mb: None,
+            device_total_mb: live.iter().map(|d| d.total_bytes >> 20).max(),
+        });
+    }
+
+    /// Keeps the workers' measured GPU memory (metrics, `auto`), and
+    /// completes a switch's memory record once the incoming kind has
+    /// loaded and reported while no outgoing process is left.
+    fn note_device_memory(&mut self) {
+        let table = self.supervisor.table();
+        for p in table.iter().filter(|p| p.state != "exited") {
+            if let Some(d) = &p.device_memory {
+                self.measured_mb
+                    .insert(p.slot.clone(), d.process_bytes >> 20);
+                self.metrics
+                    .worker_device_memory
+                    .with_label_values(&[&p.slot])
+                    .set(i64::try_from(d.process_bytes).unwrap_or(i64::MAX));
+            }
+        }
+        if let Some(mut rec) = self.pending_swap.take() {
+            let incoming: Vec<&crate::workers::ProcessInfo> = table
+                .iter()
+                .filter(|p| p.state != "exited" && p.kind.as_str() == rec.to)
+                .collect();
+            let outgoing_left = table
+                .iter()
+                .any(|p| p.state != "exited" && p.kind.as_str() != rec.to);
+            let wanted = self
+                .slots
+                .values()
+                .filter(|s| s.spec_kind.as_str() == rec.to)
+                .count();
+            let measured: Vec<&viva_models::device::DeviceMemory> = incoming
+                .iter()
+                .filter(|p| p.state != "starting")
+                .filter_map(|p| p.device_memory.as_ref())
+                .collect();
+            if outgoing_left || measured.len() < wanted {
+                self.pending_swap = Some(rec);
+            } else {
+                rec.after_mb = Some(measured.iter().map(|d| d.process_bytes >> 20).sum());
+                rec.device_free_after_mb = measured.iter().map(|d| d.free_bytes >> 20).min();
+                tracing::info!(
+                    to = rec.to,
+                    before_mb = rec.before_mb,
+                    after_mb = rec.after_mb,
+                    device_free_before_mb = rec.device_free_before_mb,
+                    device_free_after_mb = rec.device_free_after_mb,
+                    "phase switch: GPU memory measured before and after"
+                );
+                if let Ok(mut v) = self.memory_swaps.lock() {
+                    if v.len() >= 100 {
+                        v.pop_front();
+                    }
+                    v.push_back(rec);
+                }
+            }
+        }
+        if self.auto {
+            // `auto`: pipelined while every model fits the budget together,
+            // by measured memory where a worker has reported it.
+            let total: u64 = self
+                .slots
+                .iter()
+                .map(|(name, s)| {
+                    self.measured_mb
+                        .get(name)
+                        .copied()
+                        .unwrap_or(s.config.memory_mb)
+                })
+                .sum();
+            let budget = self.cfg.gpu_memory_budget_mb;
+            let policy = if budget > 0 && total <= budget {
+                Policy::Pipelined
+            } else {
+                Policy::TwoPhase
+            };
+            if policy != self.policy {
+                tracing::info!(
+                    total_mb = total,
+                    budget_mb = budget,
+                    ?policy,
+                    "auto policy decided again from the models' measured GPU memory"
+                );
+                self.policy = policy;
+                self.notify.notify_one();
+            }
+        }
+    }
+
     async fn publish(&mut self) -> Result<()> {
+        self.note_device_memory();
         let (pending, batch) = self.store.read(jobs::load_pending).await?;
         let progress = match &batch {
             Some(b) => {
@@ -1555,12 +1774,14 @@ impl Scheduler {
             .all(|s| matches!(s.state, SlotState::Ready(_)));
         let unavailable = self.unavailable();
         let down: std::collections::BTreeSet<String> = unavailable.keys().cloned().collect();
+        let now = now_ms();
         let inp = PlanInput {
-            now_ms: now_ms(),
+            now_ms: now,
             policy: self.policy,
             jobs: &pending,
-            batch: batch.as_ref().map(|b| (b.id, b.closed, b.size)),
+            batch: batch.clone(),
             stt_batch_size: self.cfg.stt_batch_size,
+            batch_window_ms: self.cfg.batch_window.as_millis() as i64,
             stt_concurrency: self.cfg.stt_concurrency,
             eval_concurrency: self.cfg.eval_concurrency,
             eval_batch_size: self.cfg.eval_batch_size,
@@ -1574,6 +1795,13 @@ impl Scheduler {
                 .hold
                 .filter(|h| h.0 == WorkerKind::Evaluator)
                 .map(|h| h.1),
+            arrival_rate: swap::arrival_rate(
+                self.arrivals.iter().copied(),
+                now,
+                2.0 * self.cfg.max_phase_wait.as_secs_f64(),
+            ),
+            swap_work_ratio: self.cfg.swap_work_ratio,
+            max_phase_wait_ms: self.cfg.max_phase_wait.as_millis() as i64,
         };
         let mut entries = crate::eta::entries(&inp, &self.stats);
         if !unavailable.is_empty() {

@@ -249,6 +249,19 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE assignments ADD COLUMN max_attempts INTEGER CHECK (max_attempts IS NULL OR max_attempts > 0);
     "#,
+    // 10: measured worker load and stop times per kind and models (the
+    // swap cost the ETA planner and the cost-aware switch weigh), kept
+    // across restarts: a daemon knows its GPU's loads before its first swap.
+    r#"
+    CREATE TABLE worker_times (
+        kind           TEXT NOT NULL,
+        models         TEXT NOT NULL,
+        start_seconds  REAL,
+        stop_seconds   REAL,
+        updated_at     INTEGER NOT NULL,
+        PRIMARY KEY (kind, models)
+    );
+    "#,
 ];
 
 /// The schema version this build understands.

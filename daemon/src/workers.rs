@@ -222,6 +222,9 @@ pub struct ProcessInfo {
     pub memory_mb: u64,
     /// Model memory reported by the worker in `Loaded`, when it knows.
     pub model_memory_bytes: Option<u64>,
+    /// The GPU memory the worker last reported holding (measured by NVML
+    /// after its load and after each call; only a worker on a GPU reports).
+    pub device_memory: Option<viva_models::device::DeviceMemory>,
 }
 
 /// Something that happened to a worker process.
@@ -283,6 +286,7 @@ struct WorkerState {
     jobs_done: u64,
     load_ms: Option<u64>,
     model_memory_bytes: Option<u64>,
+    device_memory: Option<viva_models::device::DeviceMemory>,
     exit_status: Option<String>,
 }
 
@@ -436,6 +440,7 @@ impl Supervisor {
                 jobs_done: 0,
                 load_ms: None,
                 model_memory_bytes: None,
+                device_memory: None,
                 exit_status: None,
             }),
             frames: Mutex::new(Some(frames_tx)),
@@ -754,7 +759,7 @@ impl Worker {
     }
 
     fn info(&self) -> ProcessInfo {
-        let (state, jobs_done, in_flight, load_ms, model_memory_bytes) = {
+        let (state, jobs_done, in_flight, load_ms, model_memory_bytes, device_memory) = {
             let st = lock(&self.state);
             (
                 self.phase_name(&st),
@@ -762,6 +767,7 @@ impl Worker {
                 u32::try_from(st.pending.len()).unwrap_or(u32::MAX),
                 st.load_ms,
                 st.model_memory_bytes,
+                st.device_memory.clone(),
             )
         };
         let (peak_rss_bytes, rss_bytes) = proc_memory(self.pid);
@@ -782,6 +788,7 @@ impl Worker {
             max_parallel_jobs: self.max_parallel_jobs.load(Ordering::Relaxed),
             memory_mb: self.memory_mb,
             model_memory_bytes,
+            device_memory,
         }
     }
 
@@ -851,6 +858,9 @@ impl Worker {
                     retryable,
                 }),
             ),
+            WorkerMessage::Memory { device } => {
+                lock(&self.state).device_memory = Some(device);
+            }
             WorkerMessage::Progress {
                 job_id,
                 done,
@@ -928,6 +938,7 @@ fn message_type(msg: &WorkerMessage) -> &'static str {
     match msg {
         WorkerMessage::Hello { .. } => "hello",
         WorkerMessage::Loaded { .. } => "loaded",
+        WorkerMessage::Memory { .. } => "memory",
         WorkerMessage::Progress { .. } => "progress",
         WorkerMessage::Result { .. } => "result",
         WorkerMessage::Error { .. } => "error",

@@ -13,6 +13,7 @@ use viva_daemon::Config;
 use viva_daemon::Role;
 use viva_daemon::config::WorkerConfig;
 
+pub mod gpu_profile;
 pub mod platform;
 pub mod real;
 

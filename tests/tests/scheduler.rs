@@ -441,3 +441,80 @@ async fn cost_aware_switching_gathers_a_trickle_and_keeps_its_bound() {
     assert!(waits.iter().all(|&w| w <= limit), "{waits:?} ms");
     d.stop().await;
 }
+
+/// Workers on a GPU report the device memory they hold (NVML; here the
+/// fake workers' `FAKE_DEVICE_MEMORY_MB`): the admin view and metrics show
+/// the measured figures, a phase switch records the memory before and
+/// after (the STT worker's 3000 MiB, then the evaluators' 8000 MiB with the
+/// STT process gone), and `auto` decides again from the measured figures
+/// instead of the configured `memory_mb` (18 000 MiB configured does not
+/// fit the 12 000 MiB budget, the 11 000 measured do: pipelined).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measured_gpu_memory_drives_auto_and_records_each_switch() {
+    let d = TestDaemon::start(&[], |c| {
+        c.scheduler.policy = Policy::Auto;
+        c.scheduler.gpu_memory_budget_mb = 12_000;
+        if let Some(w) = c.workers.stt.as_mut() {
+            w.memory_mb = 6_000;
+            w.env.insert("FAKE_DEVICE_MEMORY_MB".into(), "3000".into());
+        }
+        for w in c.workers.evaluators.values_mut() {
+            w.memory_mb = 6_000;
+            w.env.insert("FAKE_DEVICE_MEMORY_MB".into(), "4000".into());
+        }
+    })
+    .await;
+    let admin = d.token(Role::Admin, "admin", "sandbox");
+    let (_, status) = d.get(&admin, "/api/v1/status").await;
+    assert_eq!(
+        status["policy"], "two-phase",
+        "configured figures: {status}"
+    );
+    let ids = upload_all(&d, &["one.wav"], 0.5).await;
+    let done = d.wait_settled(&ids, Duration::from_secs(30)).await;
+    assert_eq!(done[0]["state"], "evaluated", "{}", done[0]);
+    // The record completes once the evaluators have reported.
+    let mut sys = serde_json::Value::Null;
+    for _ in 0..100 {
+        sys = d.get(&admin, "/api/v1/admin/system").await.1;
+        if sys["memory_swaps"]
+            .as_array()
+            .is_some_and(|v| !v.is_empty())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let swap = &sys["memory_swaps"][0];
+    assert_eq!(swap["to"], "evaluator", "{sys}");
+    assert_eq!(swap["before_mb"], 3000, "{swap}");
+    assert_eq!(swap["after_mb"], 8000, "{swap}");
+    assert_eq!(swap["device_free_before_mb"], 81_559 - 3000, "{swap}");
+    assert_eq!(swap["device_free_after_mb"], 81_559 - 4000, "{swap}");
+    let evaluator = sys["models"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["role"] == "a"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(evaluator["measured_mb"], 4000, "{sys}");
+    assert_eq!(evaluator["memory_mb"], 6000, "{sys}");
+    let (_, status) = d.get(&admin, "/api/v1/status").await;
+    assert_eq!(
+        status["policy"], "pipelined",
+        "measured figures fit the budget: {status}"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", d.url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains(&format!(
+            "viva_worker_device_memory_bytes{{slot=\"evaluator:a\"}} {}",
+            4000u64 << 20
+        )),
+        "{metrics}"
+    );
+    d.stop().await;
+}

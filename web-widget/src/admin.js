@@ -59,16 +59,18 @@ export function mount(panel, ctx) {
   function models(sys) {
     const proc = (p) => (p ? S.processInfo({ ...p, rss: p.rss_bytes ? fmtBytes(p.rss_bytes) : '?', peak: p.peak_rss_bytes ? fmtBytes(p.peak_rss_bytes) : '?' }) : S.notRunning);
     const rows = sys.models.map((m) => [
-      m.kind === 'stt' ? S.stt : S.evaluatorRole(m.role), m.model, m.model_file, `${m.memory_mb} MiB`,
+      m.kind === 'stt' ? S.stt : S.evaluatorRole(m.role), m.model, m.model_file, S.memoryFigure(m.memory_mb, m.measured_mb),
       h('span', { class: `badge ${m.loaded ? 'ok' : ''}`, text: m.loaded ? S.yes : S.no }), proc(m.process),
     ]);
     const phases = sys.phase_history.slice().reverse().slice(0, 30).map((x) => [fmtDate(x.at_ms), S.systemPhase[x.phase] || x.phase, x.batch_id == null ? '—' : String(x.batch_id)]);
+    const swaps = (sys.memory_swaps || []).slice().reverse().slice(0, 30).map((x) => [fmtDate(x.at_ms), x.to === 'stt' ? S.stt : S.evaluators, S.mib(x.before_mb), S.mib(x.after_mb), `${S.mib(x.device_free_before_mb)} → ${S.mib(x.device_free_after_mb)}`]);
     const procs = sys.process_history.slice().reverse().slice(0, 30).map((x) => [fmtDate(x.at_unix_ms), x.slot, `${x.event} (pid ${x.pid})`, x.detail]);
     return [
       h('h2', { text: S.adminTabs.models }),
       h('p', { text: `${S.phaseNow}: ${S.systemPhase[sys.phase] || sys.phase}. ${S.queues(sys.queues)}` }),
       table(S.adminTabs.models, [S.role, S.model, S.file, S.memory, S.loaded, S.processCol], rows, { 'data-testid': 'models' }),
       table(S.phaseHistory, [S.when, S.phase, S.batch], phases),
+      swaps.length ? table(S.memorySwaps, [S.when, S.switchedTo, S.heldBefore, S.heldAfter, S.deviceFree], swaps, { 'data-testid': 'memory-swaps' }) : null,
       table(S.processHistory, [S.when, S.role, S.event, S.detail], procs),
     ];
   }

@@ -153,6 +153,9 @@ struct ModelRow {
     model: String,
     model_file: String,
     memory_mb: u64,
+    /// GPU memory the running worker measured (NVML), MiB: where known,
+    /// the figure `auto` and this view use instead of `memory_mb`.
+    measured_mb: Option<u64>,
     loaded: bool,
     process: Option<crate::workers::ProcessInfo>,
 }
@@ -174,6 +177,8 @@ pub(super) struct System {
     /// Roles whose model cannot start (the alert, with the worker's error).
     unavailable: Vec<crate::eta::Unavailable>,
     phase_history: Vec<crate::scheduler::PhaseChange>,
+    /// GPU memory before and after the recent phase switches (measured).
+    memory_swaps: Vec<crate::scheduler::SwapMemory>,
     process_history: Vec<crate::workers::ProcessEvent>,
     stats: crate::eta::StatsView,
 }
@@ -207,6 +212,10 @@ pub(super) async fn system(
             model: w.model.clone(),
             model_file: file_name(&w.model_path),
             memory_mb: w.memory_mb,
+            measured_mb: process
+                .as_ref()
+                .and_then(|p| p.device_memory.as_ref())
+                .map(|d| d.process_bytes >> 20),
             loaded: process.as_ref().is_some_and(|p| p.state != "starting"),
             process,
         });
@@ -219,6 +228,10 @@ pub(super) async fn system(
             model: w.model.clone(),
             model_file: file_name(&w.model_path),
             memory_mb: w.memory_mb,
+            measured_mb: process
+                .as_ref()
+                .and_then(|p| p.device_memory.as_ref())
+                .map(|d| d.process_bytes >> 20),
             loaded: process.as_ref().is_some_and(|p| p.state != "starting"),
             process,
         });
@@ -259,6 +272,7 @@ pub(super) async fn system(
         worker_errors: snap.worker_errors.clone(),
         unavailable: snap.unavailable.values().cloned().collect(),
         phase_history,
+        memory_swaps: st.scheduler.memory_swaps(),
         process_history,
         stats: snap.stats.clone(),
     }))

@@ -245,6 +245,9 @@ pub fn main() -> i32 {
         load_ms,
         memory_bytes: Some(engine.memory_bytes()),
     });
+    if let Some(m) = viva_models::device::frame(cfg!(feature = "cuda")) {
+        out.send(&m);
+    }
 
     // One context for the worker's life, cleared between calls (see
     // `engine::Session`).
@@ -329,6 +332,9 @@ fn run_job(
                 true,
             );
         }
+    }
+    if let Some(m) = viva_models::device::frame(cfg!(feature = "cuda")) {
+        out.send(&m);
     }
 }
 

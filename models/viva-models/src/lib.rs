@@ -25,6 +25,7 @@
 //! It has no native or async dependency on purpose, so every worker can use it.
 
 pub mod ct2;
+pub mod device;
 pub mod evidence;
 pub mod fetch;
 pub mod flags;

@@ -11,9 +11,11 @@
 //!   Hello { protocol } ──────────▶            (version check on both sides)
 //!   Load { model } ──────────────▶
 //!   ◀──────────────────────────── Loaded { load_ms, memory_bytes }
+//!   ◀──────────────────────────── Memory { device }           (on a GPU)
 //!   Job { job_id, payload } ─────▶   (several may be in flight; ids demultiplex)
 //!   ◀──────────────────────────── Progress { job_id, … }*
 //!   ◀──────────────────────────── Result { job_id, result } | Error { job_id, … }
+//!   ◀──────────────────────────── Memory { device }           (on a GPU)
 //!   Shutdown ────────────────────▶
 //!   ◀──────────────────────────── Bye                        (then exit 0)
 //! ```
@@ -106,6 +108,12 @@ pub enum WorkerMessage {
         /// Memory the loaded model occupies, when the backend knows it.
         #[serde(default)]
         memory_bytes: Option<u64>,
+    },
+    /// The GPU memory this worker holds, measured (NVML) after its model
+    /// loaded and after each call; only from a worker whose model is on a
+    /// GPU ([`crate::device`]).
+    Memory {
+        device: crate::device::DeviceMemory,
     },
     Progress {
         job_id: String,

@@ -169,6 +169,9 @@ fn run(advertised_states: u32) -> Result<(), WorkerError> {
             memory_bytes: resident_bytes(),
         },
     );
+    if let Some(m) = viva_models::device::frame(cfg!(feature = "cuda")) {
+        send(&writer, &m);
+    }
 
     let engine = Arc::new(engine);
     let (jobs_tx, jobs_rx) = mpsc::channel::<(String, TranscribeRequest)>();
@@ -185,6 +188,9 @@ fn run(advertised_states: u32) -> Result<(), WorkerError> {
                     let Ok((job_id, req)) = next else { return };
                     let answer = transcribe(&engine, &mut state, &writer, &job_id, &req);
                     send(&writer, &answer);
+                    if let Some(m) = viva_models::device::frame(cfg!(feature = "cuda")) {
+                        send(&writer, &m);
+                    }
                 }
             })
             .map_err(|e| WorkerError::Transcribe(format!("cannot start a decoding thread: {e}")))?;

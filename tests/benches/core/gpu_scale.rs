@@ -21,33 +21,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use viva_daemon::Role;
 use viva_daemon::config::Policy;
+use viva_tests::gpu_profile::{H100, Profile};
 use viva_tests::{TestDaemon, tone};
 
 use super::{Goal, Row, Section, pct, sorted};
 
-/// Seconds at full scale.
-#[derive(Clone, Copy)]
-struct Profile {
-    stt_load: f64,
-    eval_load: f64,
-    stt_fixed: f64,
-    /// Transcription seconds per second of audio (real-time factor).
-    stt_rtf: f64,
-    eval_fixed: f64,
-    eval_per_item: f64,
-    clip: f64,
-}
-
-/// One H100: Whisper large-v3 (f16) and two 8 B Q4_K_M GGUF evaluators.
-const H100: Profile = Profile {
-    stt_load: 5.0,
-    eval_load: 10.0,
-    stt_fixed: 0.3,
-    stt_rtf: 0.03,
-    eval_fixed: 1.0,
-    eval_per_item: 1.2,
-    clip: 45.0,
-};
+/// Every upload's clip (s, full scale).
+const CLIP: f64 = 45.0;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -119,37 +99,16 @@ fn arrivals(scenario: &str) -> Vec<f64> {
     }
 }
 
-/// The lower bound at full scale: every model loaded once, then each
-/// submission's work back to back after the later of its arrival and the
-/// previous one's work (the STT model and the evaluators never wait for
-/// each other).
+/// The lower bound at full scale ([`Profile::lower_bound`]).
 fn lower_bound(p: &Profile, arrivals: &[f64]) -> f64 {
-    let stt = p.stt_fixed + p.stt_rtf * p.clip;
-    let eval = p.eval_fixed + p.eval_per_item;
-    let (mut stt_free, mut eval_free) = (p.stt_load, p.eval_load);
-    for &a in arrivals {
-        stt_free = stt_free.max(a) + stt;
-        eval_free = eval_free.max(stt_free) + eval;
-    }
-    eval_free
+    let uploads: Vec<(f64, f64)> = arrivals.iter().map(|&a| (a, CLIP)).collect();
+    p.lower_bound(&uploads)
 }
 
 async fn run(p: &Profile, scale: f64, at: &[f64], mode: Mode) -> anyhow::Result<Outcome> {
-    let ms = |s: f64| format!("{}", s * 1000.0 / scale);
-    let stt_env: Vec<(&str, String)> = vec![
-        ("FAKE_LOAD_MS", ms(p.stt_load)),
-        ("FAKE_STT_FIXED_MS", ms(p.stt_fixed)),
-        // Audio is scaled with time, so the real-time factor stays.
-        (
-            "FAKE_STT_MS_PER_AUDIO_SEC",
-            format!("{}", p.stt_rtf * 1000.0),
-        ),
-    ];
-    let eval_env: Vec<(&str, String)> = vec![
-        ("FAKE_LOAD_MS", ms(p.eval_load)),
-        ("FAKE_EVAL_FIXED_MS", ms(p.eval_fixed)),
-        ("FAKE_EVAL_MS_PER_ITEM", ms(p.eval_per_item)),
-    ];
+    // The tones are `scale` times shorter too: the real-time factor stays.
+    let stt_env = p.stt_env(scale, true);
+    let eval_env = p.eval_env(scale);
     let secs = |s: f64| Duration::from_secs_f64(s / scale);
     let d = TestDaemon::start(&[], move |c| {
         c.scheduler.policy = if mode == Mode::Pipelined {
@@ -177,7 +136,7 @@ async fn run(p: &Profile, scale: f64, at: &[f64], mode: Mode) -> anyhow::Result<
         }
     })
     .await;
-    let clip = std::fs::read(tone(d.dir.path(), "clip.wav", p.clip / scale))?;
+    let clip = std::fs::read(tone(d.dir.path(), "clip.wav", CLIP / scale))?;
     let url = format!(
         "{}/api/v1/assignments/sandbox-oral-1/submissions?filename=clip.wav",
         d.url
@@ -408,7 +367,7 @@ pub(super) async fn bench_gpu_scale() -> anyhow::Result<Section> {
         "times are at full scale; the run was {scale}x faster (BENCH_GPU_SCALE). Profile: \
          Whisper large-v3 load {} s, {} s + {} x audio per clip of {} s; each 8 B evaluator load {} s, \
          {} s + {} s per item per call; max_phase_wait 300 s, batch of 10 or 120 s, calls of 4.",
-        p.stt_load, p.stt_fixed, p.stt_rtf, p.clip, p.eval_load, p.eval_fixed, p.eval_per_item
+        p.stt_load, p.stt_fixed, p.stt_rtf, CLIP, p.eval_load, p.eval_fixed, p.eval_per_item
     ));
     notes.push(
         "longest wait for a phase: upload to its transcription's start, or transcript to its first \

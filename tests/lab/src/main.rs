@@ -122,6 +122,50 @@ pub struct LabArgs {
     /// Give up on a Viva run after this long.
     #[arg(long, default_value = "3h")]
     timeout: humantime::Duration,
+    /// Simulate a GPU: the fake workers with this profile's times instead of
+    /// the real models (`h100`: Whisper large-v3 and two 8 B Q4 evaluators
+    /// on one H100; see ARCHITECTURE.md, "Cost-aware phase switching"). No
+    /// baselines; the lower bound is the profile's. Recordings, uploads, the
+    /// daemon, the platform and the checks are the same as without it.
+    #[arg(long)]
+    profile: Option<String>,
+    /// With --profile: run this many times faster than full scale (worker
+    /// times, arrivals, the batch window and `max_phase_wait` divided by it;
+    /// the report gives times at full scale too).
+    #[arg(long, default_value_t = 10.0)]
+    scale: f64,
+    /// With --profile: the cost-aware switch's latency bound
+    /// (`scheduler.max_phase_wait`), at full scale.
+    #[arg(long, default_value = "5m")]
+    max_phase_wait: humantime::Duration,
+    /// Before the class: this many uploads through the sandbox course
+    /// (`viva submit`), each followed to its end, then a restart of the
+    /// daemon on the same data directory. The class then meets a daemon that
+    /// has served before (its measured service, load and stop times kept in
+    /// its database) with no model loaded, as on any day but the first.
+    #[arg(long, default_value_t = 0)]
+    warm_up: usize,
+}
+
+impl LabArgs {
+    /// The GPU profile, if --profile names one.
+    fn gpu(&self) -> anyhow::Result<Option<viva_tests::gpu_profile::Profile>> {
+        match &self.profile {
+            None => Ok(None),
+            Some(n) => viva_tests::gpu_profile::by_name(n)
+                .map(Some)
+                .ok_or_else(|| anyhow!("unknown --profile {n:?}: the profiles are: h100")),
+        }
+    }
+
+    /// Full-scale seconds per second of this run (1 without --profile).
+    fn time_scale(&self) -> f64 {
+        if self.profile.is_some() {
+            self.scale.max(1.0)
+        } else {
+            1.0
+        }
+    }
 }
 
 fn say(s: &str) {
@@ -693,6 +737,58 @@ fn worker(
     }
 }
 
+/// The real workers on the small test models.
+fn real_workers(bin: &Path, models: &Path, t: u32) -> anyhow::Result<baseline::Workers> {
+    let model = |f: &str| -> anyhow::Result<PathBuf> {
+        let p = models.join(f);
+        if !p.is_file() {
+            bail!(
+                "model {} is missing: run `viva models fetch --dir {}`",
+                p.display(),
+                models.display()
+            );
+        }
+        Ok(p)
+    };
+    Ok(baseline::Workers {
+        stt: worker(
+            bin,
+            "viva-whisper-worker",
+            &["--parallel-states", "1"],
+            "whisper-tiny.en",
+            model("whisper-tiny.en-f16.bin")?,
+            t,
+            320,
+        ),
+        evaluators: vec![
+            (
+                "a".into(),
+                worker(
+                    bin,
+                    "viva-llama-worker",
+                    &["--role", "a"],
+                    "smollm2-135m-instruct",
+                    model("smollm2-135m-instruct-q4_1.gguf")?,
+                    t,
+                    300,
+                ),
+            ),
+            (
+                "b".into(),
+                worker(
+                    bin,
+                    "viva-llama-worker",
+                    &["--role", "b"],
+                    "gemma-3-270m",
+                    model("gemma-3-270m-q4_k_m.gguf")?,
+                    t,
+                    450,
+                ),
+            ),
+        ],
+    })
+}
+
 fn daemon_config(
     args: &LabArgs,
     setup: &Setup,
@@ -710,13 +806,23 @@ fn daemon_config(
     // Two-phase: nothing else runs during the STT phase, so the STT worker
     // gets the whole machine as parallel transcriptions of `threads` threads
     // each. Pipelined: STT shares the machine with the evaluators.
-    let stt_parallel = if policy == "pipelined" {
+    // A simulated GPU runs one Whisper.
+    let stt_parallel = if policy == "pipelined" || args.profile.is_some() {
         1
     } else {
         (cores() / args.threads.max(1) as usize).max(1)
     };
     let mut stt = setup.workers.stt.clone();
-    stt.args = vec!["--parallel-states".into(), stt_parallel.to_string()];
+    if args.profile.is_none() {
+        stt.args = vec!["--parallel-states".into(), stt_parallel.to_string()];
+    }
+    let scale = args.time_scale();
+    let scaled = |d: Duration| {
+        humantime::format_duration(Duration::from_millis(
+            (d.as_millis() as f64 / scale).round().max(1.0) as u64,
+        ))
+        .to_string()
+    };
     workers.insert("stt".into(), toml::Value::try_from(&stt)?);
     workers.insert("evaluators".into(), toml::Value::Table(evaluators));
     // No `listen` or `public_url`: `viva serve --listen` sets the address
@@ -725,11 +831,14 @@ fn daemon_config(
         "data_dir": data.display().to_string(),
         "intake": {"min_free_bytes": 64 * 1024 * 1024},
         "sessions": {"ttl": "24h"},
+        // --warm-up uploads through the sandbox course.
+        "sandbox": {"enabled": args.warm_up > 0},
         "scheduler": {
             "policy": policy,
             "stt_batch_size": args.stt_batch_size,
             "stt_concurrency": stt_parallel,
-            "batch_window": args.batch_window.to_string(),
+            "batch_window": scaled(*args.batch_window),
+            "max_phase_wait": scaled(*args.max_phase_wait),
             "eval_batch_size": args.eval_batch_size,
             "retry_backoff": "1s",
             "lease": "20s",
@@ -881,8 +990,40 @@ async fn viva_run(
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(60))
         .build()?;
-    let pid = daemon.spawn().await?;
+    let mut pid = daemon.spawn().await?;
     daemon.wait_ready(&http).await?;
+    if args.warm_up > 0 {
+        say(&format!(
+            "▶ warm-up: {} uploads before the class, then a restart",
+            args.warm_up
+        ));
+        let good = students.iter().filter(|s| !s.kind.is_bad()).cycle();
+        for (k, s) in good.take(args.warm_up).enumerate() {
+            let mut cmd = tokio::process::Command::new(&setup.exe);
+            cmd.arg("--config")
+                .arg(&cfg_path)
+                .args(["submit", "--url", &daemon.url, "--user"])
+                .arg(format!("warm-up-{k}"))
+                .arg(&s.file)
+                .env_remove("VIVA_DATA_DIR")
+                .stdin(Stdio::null())
+                .kill_on_drop(true);
+            let out = tokio::time::timeout(Duration::from_secs(600), cmd.output())
+                .await
+                .map_err(|_| anyhow!("warm-up upload {k} did not finish within 10 minutes"))?
+                .context("running viva submit")?;
+            if !out.status.success() {
+                bail!(
+                    "warm-up upload {k} failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        daemon.terminate();
+        pid = daemon.spawn().await?;
+        daemon.wait_ready(&http).await?;
+    }
     // For the batch and job times at the end (an admin-only route).
     let admin = admin_token(&setup.exe, &cfg_path).await?;
     say(&format!(
@@ -1569,11 +1710,17 @@ async fn run_async(args: LabArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .or_else(|| me.parent().map(Path::to_path_buf))
         .unwrap_or_default();
-    for (b, package) in [
-        ("viva", "viva-daemon"),
-        ("viva-whisper-worker", "viva-whisper-worker"),
-        ("viva-llama-worker", "viva-llama-worker"),
-    ] {
+    let gpu = args.gpu()?;
+    let needed: &[(&str, &str)] = if gpu.is_some() {
+        &[("viva", "viva-daemon"), ("fake-worker", "viva-tests")]
+    } else {
+        &[
+            ("viva", "viva-daemon"),
+            ("viva-whisper-worker", "viva-whisper-worker"),
+            ("viva-llama-worker", "viva-llama-worker"),
+        ]
+    };
+    for (b, package) in needed {
         if !bin.join(b).exists() {
             bail!(
                 "{} is missing: build it (cargo build -p {package}) or pass --bin-dir",
@@ -1585,54 +1732,56 @@ async fn run_async(args: LabArgs) -> anyhow::Result<ExitCode> {
     let models = args.models_dir.clone().unwrap_or_else(|| {
         PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/viva/models")
     });
-    let model = |f: &str| -> anyhow::Result<PathBuf> {
-        let p = models.join(f);
-        if !p.is_file() {
-            bail!(
-                "model {} is missing: run `viva models fetch --dir {}`",
-                p.display(),
-                models.display()
-            );
-        }
-        Ok(p)
-    };
     let t = args.threads;
-    let workers = baseline::Workers {
-        stt: worker(
-            &bin,
-            "viva-whisper-worker",
-            &["--parallel-states", "1"],
-            "whisper-tiny.en",
-            model("whisper-tiny.en-f16.bin")?,
-            t,
-            320,
-        ),
-        evaluators: vec![
-            (
-                "a".into(),
-                worker(
-                    &bin,
-                    "viva-llama-worker",
-                    &["--role", "a"],
-                    "smollm2-135m-instruct",
-                    model("smollm2-135m-instruct-q4_1.gguf")?,
-                    t,
-                    300,
+    let workers = match gpu {
+        Some(p) => {
+            let scale = args.time_scale();
+            let fake = |kind: &str,
+                        role: Option<&str>,
+                        env: Vec<(&str, String)>,
+                        model: &str,
+                        memory_mb: u64| {
+                let mut a = vec!["--kind".to_owned(), kind.to_owned()];
+                if let Some(r) = role {
+                    a.extend(["--role".to_owned(), r.to_owned()]);
+                }
+                WorkerConfig {
+                    command: bin.join("fake-worker"),
+                    args: a,
+                    env: env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                    model: model.to_owned(),
+                    model_path: "/dev/null".into(),
+                    options: Default::default(),
+                    memory_mb,
+                }
+            };
+            // Memory as the admin view shows it (not used by two-phase).
+            baseline::Workers {
+                stt: fake(
+                    "stt",
+                    None,
+                    p.stt_env(scale, false),
+                    "whisper-large-v3 (simulated)",
+                    4_000,
                 ),
-            ),
-            (
-                "b".into(),
-                worker(
-                    &bin,
-                    "viva-llama-worker",
-                    &["--role", "b"],
-                    "gemma-3-270m",
-                    model("gemma-3-270m-q4_k_m.gguf")?,
-                    t,
-                    450,
-                ),
-            ),
-        ],
+                evaluators: ["a", "b"]
+                    .into_iter()
+                    .map(|r| {
+                        (
+                            r.to_owned(),
+                            fake(
+                                "evaluator",
+                                Some(r),
+                                p.eval_env(scale),
+                                "8B Q4_K_M (simulated)",
+                                6_000,
+                            ),
+                        )
+                    })
+                    .collect(),
+            }
+        }
+        None => real_workers(&bin, &models, t)?,
     };
     let script = args
         .platform_script
@@ -1665,7 +1814,7 @@ async fn run_async(args: LabArgs) -> anyhow::Result<ExitCode> {
         min_seconds: args.min_seconds,
         max_seconds: args.max_seconds,
         seed: args.seed,
-        spread_seconds: spread,
+        spread_seconds: spread / args.time_scale(),
     };
     let dir = args.report.join("media");
     let students = tokio::task::spawn_blocking(move || media::generate(&plan, &dir)).await??;
@@ -1690,7 +1839,7 @@ async fn run_async(args: LabArgs) -> anyhow::Result<ExitCode> {
     ));
 
     let mut baselines = Vec::new();
-    if !args.no_baselines && !args.chaos {
+    if !args.no_baselines && !args.chaos && gpu.is_none() {
         for (name, keep) in [
             ("traditional-sequential", false),
             ("sequential-kept-loaded", true),
@@ -1778,7 +1927,30 @@ fn report(
     // that student's own compute.
     let stt_servers = (cores() / args.threads.max(1) as usize).max(1) as f64;
     let cores = cores() as f64;
-    let lower_bound = baselines.iter().find(|b| b.name == "sequential-kept-loaded").map(|b| {
+    let scale = args.time_scale();
+    let gpu_bound = args.gpu()?.zip(runs.first()).map(|(p, r)| {
+        // The first run's recorded arrivals, at full scale.
+        let uploads: Vec<(f64, f64)> = r
+            .students
+            .iter()
+            .filter(|s| s.latency_seconds.is_some())
+            .map(|s| (s.arrival_seconds * scale, s.audio_seconds))
+            .collect();
+        let full = p.lower_bound(&uploads);
+        json!({
+            "seconds": full / scale,
+            "full_scale_seconds": full,
+            "profile": p.name,
+            "scale": scale,
+            "method": format!(
+                "the {} profile at full scale: every model loaded once, then each submission's \
+                 transcription and evaluation back to back after the later of its arrival and the \
+                 previous one's (STT and evaluators never wait for each other), divided by the scale",
+                p.name
+            ),
+        })
+    });
+    let lower_bound = gpu_bound.or_else(|| baselines.iter().find(|b| b.name == "sequential-kept-loaded").map(|b| {
         let n = b.stt_compute.len() as f64;
         let stt: f64 = b.stt_compute.iter().sum();
         let norm: f64 = b.normalize_seconds.iter().sum();
@@ -1804,7 +1976,7 @@ fn report(
             "stt_servers": stt_servers,
             "method": "max(ΣSTT / parallel transcriptions (cores ÷ threads), max over roles of n × best per-item evaluation time, (ΣSTT + Σevaluations + Σnormalisation) / cores, last arrival + its own STT and evaluation); per-item evaluation time is the smaller of single-item and one batch of eval_batch_size, all measured with the models loaded",
         })
-    });
+    }));
     let trad = summaries
         .iter()
         .find(|s| s.method == "traditional-sequential")
@@ -1938,6 +2110,15 @@ fn report(
             .iter()
             .filter_map(|s| s.eta_error_seconds)
             .collect();
+        // Students of the first batch, at upload: the batch was still
+        // open, so the ETA had to foresee who else would join it.
+        let first_batch = r.students.iter().filter_map(|s| s.batch).min();
+        let first_at_upload: Vec<f64> = r
+            .students
+            .iter()
+            .filter(|s| s.batch.is_some() && s.batch == first_batch)
+            .filter_map(|s| s.eta_error_relative)
+            .collect();
         let rel_after: Vec<f64> = r
             .students
             .iter()
@@ -1984,6 +2165,8 @@ fn report(
             "waiting_at_first_batch_mean_relative": at_first.iter().sum::<f64>() / at_first.len().max(1) as f64,
             "shown_after_first_batch_samples": shown_after.len(),
             "shown_after_first_batch_p90_relative": percentile(&shown_after, 90.0),
+            "first_batch_at_upload_n": first_at_upload.len(),
+            "first_batch_at_upload_p90_relative": percentile(&first_at_upload, 90.0),
         });
         println!(
             "  ETA ({}): n {}, MAE {:.1} s, p90 {:.1} s, p90 relative {:.0}%; after the first batch ({:.0} s): n {}, p90 relative {:.0}%",
@@ -2017,6 +2200,25 @@ fn report(
                     .as_f64()
                     .unwrap_or(f64::NAN),
         );
+        println!(
+            "  ETA ({}) at upload for the first batch's {} students: p90 relative error {:.0}%",
+            r.policy,
+            first_at_upload.len(),
+            100.0 * percentile(&first_at_upload, 90.0),
+        );
+        if let Some(l) = &lower_bound
+            && let Some(full) = l["full_scale_seconds"].as_f64()
+        {
+            println!(
+                "  GPU profile {} at full scale ({}): wall {:.0} s, lower bound {:.0} s, wall / lower bound {:.2} (target ≤ 1.2); ETA at upload, first batch: p90 relative {:.0}% (target ≤ 25%)",
+                l["profile"].as_str().unwrap_or("?"),
+                r.policy,
+                r.wall_seconds * scale,
+                full,
+                r.wall_seconds * scale / full.max(1e-9),
+                100.0 * percentile(&first_at_upload, 90.0),
+            );
+        }
         eta.push(e);
     }
     let mut ok = true;

@@ -48,6 +48,10 @@
 //!   "1.1.1.1.…" up to 200 characters and a paraphrase that is not in the
 //!   transcript, by criterion (the levels are the usual ones).
 //!
+//! - `FAKE_DEVICE_MEMORY_MB` (and `FAKE_DEVICE_TOTAL_MB`): report that much
+//!   GPU memory held (`Memory` frames) after loading and after each job, as
+//!   a real worker on a GPU does.
+//!
 //! The worker exits 0 on `Shutdown` (after `Bye`) and when its stdin closes.
 
 use std::fs::File;
@@ -195,6 +199,31 @@ impl Worker {
             },
         };
         self.send(&answer);
+        self.report_memory();
+    }
+
+    /// `FAKE_DEVICE_MEMORY_MB`: the GPU memory a real worker on a GPU
+    /// reports after loading and after each call (`Memory`), of a device of
+    /// `FAKE_DEVICE_TOTAL_MB` (default 81 559, an H100) that it holds alone.
+    fn report_memory(&self) {
+        let mb = env_ms("FAKE_DEVICE_MEMORY_MB");
+        if mb <= 0.0 {
+            return;
+        }
+        let total = match env_ms("FAKE_DEVICE_TOTAL_MB") {
+            t if t > 0.0 => t,
+            _ => 81_559.0,
+        };
+        let mib = |v: f64| (v * 1024.0 * 1024.0) as u64;
+        self.send(&WorkerMessage::Memory {
+            device: viva_models::device::DeviceMemory {
+                device: "simulated GPU (fake-worker)".into(),
+                index: 0,
+                process_bytes: mib(mb),
+                free_bytes: mib((total - mb).max(0.0)),
+                total_bytes: mib(total),
+            },
+        });
     }
 
     fn progress(&self, job_id: &str, done: u64, total: u64) {
@@ -508,6 +537,7 @@ fn run() -> anyhow::Result<()> {
         load_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         memory_bytes: None,
     });
+    worker.report_memory();
 
     let worker = Arc::new(worker);
     loop {
