@@ -20,6 +20,11 @@ pub struct Profile {
     pub stt_rtf: f64,
     pub eval_fixed: f64,
     pub eval_per_item: f64,
+    /// GPU memory each model holds once loaded (MiB; the fake workers
+    /// report it as measured) and the device's.
+    pub stt_memory_mb: u64,
+    pub eval_memory_mb: u64,
+    pub device_memory_mb: u64,
 }
 
 /// One H100: Whisper large-v3 (f16) and two 8 B Q4_K_M GGUF evaluators.
@@ -31,6 +36,9 @@ pub const H100: Profile = Profile {
     stt_rtf: 0.03,
     eval_fixed: 1.0,
     eval_per_item: 1.2,
+    stt_memory_mb: 3_900,
+    eval_memory_mb: 6_000,
+    device_memory_mb: 81_559,
 };
 
 /// The profiles `viva-lab --profile` knows, by name.
@@ -53,6 +61,8 @@ impl Profile {
             ("FAKE_LOAD_MS", ms(self.stt_load, scale)),
             ("FAKE_STT_FIXED_MS", ms(self.stt_fixed, scale)),
             ("FAKE_STT_MS_PER_AUDIO_SEC", format!("{per_audio_second}")),
+            ("FAKE_DEVICE_MEMORY_MB", self.stt_memory_mb.to_string()),
+            ("FAKE_DEVICE_TOTAL_MB", self.device_memory_mb.to_string()),
         ]
     }
 
@@ -62,6 +72,8 @@ impl Profile {
             ("FAKE_LOAD_MS", ms(self.eval_load, scale)),
             ("FAKE_EVAL_FIXED_MS", ms(self.eval_fixed, scale)),
             ("FAKE_EVAL_MS_PER_ITEM", ms(self.eval_per_item, scale)),
+            ("FAKE_DEVICE_MEMORY_MB", self.eval_memory_mb.to_string()),
+            ("FAKE_DEVICE_TOTAL_MB", self.device_memory_mb.to_string()),
         ]
     }
 

@@ -74,6 +74,84 @@ fn a_lab_under_chaos_loses_and_duplicates_no_grade() {
     );
 }
 
+/// `viva-lab --profile h100`: the lab at GPU scale on the fake workers
+/// (one H100 serving Whisper large-v3 and two 8 B evaluators, ten times
+/// faster), after a warm-up and a restart, under two-phase and under `auto`
+/// (which the workers' measured GPU memory, well inside the H100's, turns
+/// into pipelined). The platform gets every grade once; the report carries
+/// the profile's lower bound and the ETA error at upload of the first
+/// arrivals. The timing targets are the benchmark's (README), not this
+/// test's.
+#[test]
+fn a_gpu_scale_lab_grades_everyone_and_reports_against_the_profile() {
+    let Some(platform) = Platform::start_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let report_dir = dir.path().join("lab");
+    let mut cmd = Command::new(lab_bin());
+    cmd.args([
+        "--profile",
+        "h100",
+        "--students",
+        "12",
+        "--min-seconds",
+        "10",
+        "--max-seconds",
+        "40",
+        "--arrival",
+        "spread:60",
+        "--warm-up",
+        "2",
+        "--policies",
+        "two-phase,auto",
+        "--timeout",
+        "10m",
+        "--platform-url",
+        &platform.base,
+        "--report",
+    ])
+    .arg(&report_dir);
+    let (status, stdout, stderr) =
+        run_with_deadline(cmd, &report_dir.with_extension("out"), LAB_DEADLINE);
+    assert!(
+        status.success(),
+        "viva-lab failed ({status}):\n{stdout}\n{stderr}"
+    );
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(report_dir.join("report.json")).expect("report.json"),
+    )
+    .expect("report JSON");
+    assert_eq!(report["ok"], true, "{stdout}");
+    assert_eq!(
+        report["lower_bound"]["profile"], "h100",
+        "{}",
+        report["lower_bound"]
+    );
+    assert!(
+        report["lower_bound"]["full_scale_seconds"]
+            .as_f64()
+            .is_some_and(|s| s > 60.0),
+        "{}",
+        report["lower_bound"]
+    );
+    assert!(stderr.contains("warm-up: 2 uploads"), "{stderr}");
+    assert!(
+        stderr.contains("phase pipelined"),
+        "auto ran pipelined: {stderr}"
+    );
+    for e in report["eta"].as_array().expect("eta") {
+        assert!(
+            e["first_batch_at_upload_n"].as_u64().is_some_and(|n| n > 0),
+            "{e}"
+        );
+    }
+    assert!(
+        stdout.contains("GPU profile h100 at full scale (auto)"),
+        "{stdout}"
+    );
+}
+
 /// Runs a 6-student two-phase lab (2–4 s clips, everyone at once) against
 /// `platform`; returns the report, stdout and stderr.
 fn lab(platform: &Platform, report_dir: &Path, extra: &[&str]) -> (Value, String, String) {

@@ -60,7 +60,11 @@ fn spec(role: &str, path: PathBuf, options: serde_json::Value) -> WorkerSpec {
         slot: format!("evaluator:{role}"),
         kind: WorkerKind::Evaluator,
         role: Some(role.into()),
-        command: env!("CARGO_BIN_EXE_viva-llama-worker").into(),
+        // `scripts/gpu-check run` runs this test binary on a GPU machine
+        // with the worker beside it.
+        command: std::env::var_os("VIVA_LLAMA_WORKER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_viva-llama-worker").into()),
         args: vec!["--role".into(), role.into()],
         env: vec![],
         model: ModelSpec {
@@ -77,8 +81,18 @@ fn spec(role: &str, path: PathBuf, options: serde_json::Value) -> WorkerSpec {
 
 /// One thread: the test harness runs two tests at once on two cores, and
 /// ggml's spinning thread barriers collapse when threads outnumber cores.
+/// `VIVA_TEST_LLAMA_OPTIONS` (a JSON object, e.g. `{"gpu_layers": 99}`)
+/// adds options: `scripts/gpu-check` runs the batch-invariance test on the
+/// GPU with it.
 fn short_answers() -> serde_json::Value {
-    serde_json::json!({"threads": 1, "evidence_chars": 60, "rationale_chars": 60})
+    let mut o = serde_json::json!({"threads": 1, "evidence_chars": 60, "rationale_chars": 60});
+    if let Ok(extra) = std::env::var("VIVA_TEST_LLAMA_OPTIONS")
+        && let Ok(serde_json::Value::Object(extra)) = serde_json::from_str(&extra)
+        && let Some(map) = o.as_object_mut()
+    {
+        map.extend(extra);
+    }
+    o
 }
 
 fn sandbox() -> (String, Rubric) {

@@ -839,6 +839,9 @@ fn daemon_config(
             "stt_concurrency": stt_parallel,
             "batch_window": scaled(*args.batch_window),
             "max_phase_wait": scaled(*args.max_phase_wait),
+            // A simulated GPU's memory, less 5 % headroom: what `auto`
+            // compares the models' measured memory with.
+            "gpu_memory_budget_mb": args.gpu()?.map(|p| p.device_memory_mb * 95 / 100).unwrap_or(0),
             "eval_batch_size": args.eval_batch_size,
             "retry_backoff": "1s",
             "lease": "20s",
@@ -1355,8 +1358,26 @@ async fn viva_run(
             .all(|id| released.contains_key(id) || states.get(id).is_some_and(|s| s == "failed"));
         let chaos_done = chaos_task.as_ref().is_none_or(|t| t.is_finished());
         if uploads_done && settled && chaos_done {
-            // Every release is a FullyGraded score in the platform?
+            // Every release is a FullyGraded score in the platform? (On
+            // this run's line item: a platform shared by several runs has
+            // the earlier runs' scores for the same students.)
             if let Ok(log) = lti.log().await {
+                let items: Vec<u64> = log["line_items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|i| i["resourceLinkId"] == link.as_str())
+                    .filter_map(|i| {
+                        i["id"]
+                            .as_str()?
+                            .split("/lineitems/")
+                            .nth(1)?
+                            .split('/')
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .collect();
                 let full = log["scores"]
                     .as_array()
                     .map(|s| {
@@ -1364,6 +1385,7 @@ async fn viva_run(
                             .filter(|e| {
                                 e.get("refused").is_none()
                                     && e["body"]["gradingProgress"] == "FullyGraded"
+                                    && e["lineitem"].as_u64().is_some_and(|n| items.contains(&n))
                             })
                             .filter_map(|e| e["body"]["userId"].as_str().map(str::to_owned))
                             .collect::<std::collections::HashSet<_>>()
@@ -2111,14 +2133,28 @@ fn report(
             .filter_map(|s| s.eta_error_seconds)
             .collect();
         // Students of the first batch, at upload: the batch was still
-        // open, so the ETA had to foresee who else would join it.
+        // open, so the ETA had to foresee who else would join it. Pipelined
+        // runs have no batches: the first `stt_batch_size` arrivals.
         let first_batch = r.students.iter().filter_map(|s| s.batch).min();
-        let first_at_upload: Vec<f64> = r
+        let mut first_at_upload: Vec<f64> = r
             .students
             .iter()
             .filter(|s| s.batch.is_some() && s.batch == first_batch)
             .filter_map(|s| s.eta_error_relative)
             .collect();
+        if first_batch.is_none() {
+            let mut by_arrival: Vec<&StudentRun> = r
+                .students
+                .iter()
+                .filter(|s| s.eta_error_relative.is_some())
+                .collect();
+            by_arrival.sort_by(|a, b| a.arrival_seconds.total_cmp(&b.arrival_seconds));
+            first_at_upload = by_arrival
+                .iter()
+                .take(args.stt_batch_size)
+                .filter_map(|s| s.eta_error_relative)
+                .collect();
+        }
         let rel_after: Vec<f64> = r
             .students
             .iter()
