@@ -149,6 +149,54 @@ impl PluginRegistry {
         self.load_bytes(&bytes)
     }
 
+    /// The plugin an assignment pinned: the file with `sha256` (uploaded or
+    /// built in), else — pinned by name only, or a built-in replaced by a
+    /// daemon upgrade — what `name` resolves to now ([`Self::resolve`]).
+    /// An upload that was pinned but whose file is gone is an error: the
+    /// instructor saves the assignment again to pin what is there. Blocking.
+    pub fn resolve_pinned(
+        &self,
+        context_id: &str,
+        name: &str,
+        sha256: &str,
+    ) -> Result<Arc<Plugin>> {
+        if sha256.is_empty() {
+            return self.resolve(context_id, name);
+        }
+        if let Some(p) = self.cached(sha256) {
+            return Ok(p);
+        }
+        if let Some((_, bytes)) = builtin::all()
+            .iter()
+            .find(|(_, b)| viva_sha256(b) == sha256)
+        {
+            return self.load_bytes(bytes);
+        }
+        let path = self.dir.join(format!("{sha256}.wasm"));
+        if path.is_file() {
+            let bytes = std::fs::read(&path).map_err(Error::io(format!(
+                "reading plugin {name} ({})",
+                path.display()
+            )))?;
+            return self.load_bytes(&bytes);
+        }
+        if builtin::all().iter().any(|(n, _)| *n == name) {
+            tracing::warn!(
+                plugin = name,
+                pinned = sha256,
+                "the pinned built-in plugin was replaced by this daemon's; scoring with it"
+            );
+            return self.resolve(context_id, name);
+        }
+        Err(Error::bad_request(
+            "pinned_plugin_missing",
+            format!(
+                "the plugin {name} pinned by this assignment (sha256 {sha256}) is no longer stored; \
+                 save the assignment again to pin an available one"
+            ),
+        ))
+    }
+
     /// The plugin an assignment in `context_id` means by `name`: the
     /// course's newest enabled upload, else the site's, else the built-in.
     /// Blocking.
@@ -367,11 +415,18 @@ impl PluginRegistry {
         tokio::runtime::Handle::current().block_on(self.store.write(f))
     }
 
-    /// Checks that `name` is usable in `context_id` with `config`.
+    /// Checks that `name` is usable in `context_id` with `config`; returns
+    /// the sha256 of the file it resolves to (what the assignment pins).
     /// Blocking.
-    pub fn validate(&self, context_id: &str, name: &str, config: &serde_json::Value) -> Result<()> {
+    pub fn validate(
+        &self,
+        context_id: &str,
+        name: &str,
+        config: &serde_json::Value,
+    ) -> Result<String> {
         let plugin = self.resolve(context_id, name)?;
-        plugin.validate_config(config).map_err(Error::Plugin)
+        plugin.validate_config(config).map_err(Error::Plugin)?;
+        Ok(plugin.sha256().to_owned())
     }
 }
 
@@ -470,7 +525,7 @@ impl Scorer for PluginScorer {
         let a = &input.assignment;
         let plugin = self
             .registry
-            .resolve(&a.context_id, &a.plugin)
+            .resolve_pinned(&a.context_id, &a.plugin, &a.plugin_sha256)
             .map_err(|e| ScoreError::transient(e.to_string()))?;
         let request = ScoreRequest {
             rubric: a.rubric.clone(),
@@ -584,12 +639,13 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 /// Validates an assignment's plugin choice and configuration before it is
-/// saved (`POST`/`PUT /api/v1/assignments`).
+/// saved (`POST`/`PUT /api/v1/assignments`); returns the sha256 of the
+/// plugin file to pin.
 pub(crate) async fn check_assignment(
     registry: &Arc<PluginRegistry>,
     context_id: &str,
     input: &AssignmentInput,
-) -> Result<()> {
+) -> Result<String> {
     let name = input
         .plugin
         .clone()

@@ -872,7 +872,7 @@ pub(super) async fn deep_link(
         }
         (None, Some(input)) => {
             input.validate()?;
-            crate::plugins::check_assignment(&st.plugins, &dl.context_id, &input).await?;
+            let sha = crate::plugins::check_assignment(&st.plugins, &dl.context_id, &input).await?;
             let ctx = dl.context_id.clone();
             let actor = c.actor();
             st.store
@@ -884,7 +884,8 @@ pub(super) async fn deep_link(
                             message: format!("assignment {id} already exists"),
                         });
                     }
-                    let a = domain::upsert_assignment(tx, &ctx, &id, &input)?;
+                    let (a, _) =
+                        domain::save_assignment(tx, &ctx, &id, &input, Some(&sha), &actor)?;
                     domain::audit(
                         tx,
                         &actor,
