@@ -1094,6 +1094,71 @@ mod tests {
         );
     }
 
+    fn assignment() -> Assignment {
+        let i = sandbox_assignment();
+        Assignment {
+            id: "a".into(),
+            context_id: "c".into(),
+            title: i.title,
+            prompt: i.prompt,
+            rubric: i.rubric,
+            plugin: DEFAULT_PLUGIN.into(),
+            plugin_config: serde_json::json!({}),
+            release_policy: ReleasePolicy::Manual,
+            max_attempts: None,
+            created_at: 0,
+            updated_at: 0,
+            version: 1,
+            plugin_sha256: "aa".into(),
+        }
+    }
+
+    #[test]
+    fn an_edit_is_classified_by_what_grading_must_redo() {
+        let old = assignment();
+        let mut same = old.clone();
+        same.title = "Another title".into();
+        same.release_policy = ReleasePolicy::Auto;
+        assert_eq!(version_change(&old, &same), None, "nothing graded changed");
+
+        let mut points = old.clone();
+        points.rubric.criteria[0].levels[1].points = 3.0;
+        points.rubric.criteria[1].weight = 2.0;
+        assert_eq!(
+            version_change(&old, &points),
+            Some((VersionChange::Scoring, "points or weights".into()))
+        );
+        let mut plugin = old.clone();
+        plugin.plugin_sha256 = "bb".into();
+        plugin.plugin_config = serde_json::json!({"round_to": 1});
+        assert_eq!(
+            version_change(&old, &plugin),
+            Some((
+                VersionChange::Scoring,
+                "plugin, plugin configuration".into()
+            ))
+        );
+        let mut levels = points.clone();
+        levels.rubric.criteria[0].levels[1].label = "developing".into();
+        assert_eq!(
+            version_change(&old, &levels),
+            Some((VersionChange::Evaluation, "criteria or levels".into())),
+            "a judged change wins over points"
+        );
+        let mut descriptor = old.clone();
+        descriptor.rubric.criteria[2].levels[0].descriptor = "No subject words.".into();
+        assert_eq!(
+            version_change(&old, &descriptor).map(|c| c.0),
+            Some(VersionChange::Evaluation)
+        );
+        let mut prompt = old.clone();
+        prompt.prompt = "Explain respiration.".into();
+        assert_eq!(
+            version_change(&old, &prompt).map(|c| c.0),
+            Some(VersionChange::Evaluation)
+        );
+    }
+
     #[test]
     fn sandbox_rubric_is_valid() {
         let a = sandbox_assignment();
