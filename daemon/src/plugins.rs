@@ -664,6 +664,50 @@ mod tests {
     use std::time::Duration;
     use viva_plugins::Limits;
 
+    /// Issue 16: the evaluator's own judgement that an answer speaks to the
+    /// grader is a flag like any other, so it holds the grade from
+    /// automatic release whatever the plugin reported.
+    #[test]
+    fn a_grader_addressed_judgement_blocks_auto_release_whatever_the_plugin_says() {
+        use crate::domain::ReleasePolicy;
+        use crate::scheduler::{hold_for_evaluator_flags, releases_at_once};
+        let plugin_says_release = || ScoreOutcome {
+            total: 12.0,
+            max: 16.0,
+            needs_review: false,
+            reasons: Vec::new(),
+            report: serde_json::json!({}),
+            evaluator_flags: Vec::new(),
+        };
+        let evaluation = |flags: Vec<String>| viva_models::Evaluation {
+            role: "a".into(),
+            model: "m".into(),
+            ratings: Vec::new(),
+            flags,
+            prompt_tokens: 0,
+            generated_tokens: 0,
+            seconds: 0.0,
+        };
+        let clean = hold_for_evaluator_flags(plugin_says_release(), &[evaluation(vec![])]);
+        assert!(releases_at_once(ReleasePolicy::Auto, &clean));
+        let judged = hold_for_evaluator_flags(
+            plugin_says_release(),
+            &[
+                evaluation(vec![]),
+                evaluation(vec![viva_models::injection::addresses_grader_flag("m")]),
+            ],
+        );
+        assert!(judged.needs_review);
+        assert!(
+            judged.reasons[0].contains("addresses_grader"),
+            "{:?}",
+            judged.reasons
+        );
+        for policy in [ReleasePolicy::Auto, ReleasePolicy::AutoUnlessFlagged] {
+            assert!(!releases_at_once(policy, &judged), "{policy:?}");
+        }
+    }
+
     #[test]
     fn limits_follow_the_configuration() {
         let mut c = crate::config::PluginsConfig::default();

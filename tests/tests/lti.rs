@@ -2289,7 +2289,7 @@ async fn a_rubric_edit_is_rescored_and_reaches_the_gradebook_only_on_release() {
         let (status, a) = env
             .api(
                 reqwest::Method::PUT,
-                &teacher,
+                teacher,
                 &format!("/api/v1/assignments/{assignment}"),
                 Some(body),
             )
