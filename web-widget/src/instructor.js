@@ -284,7 +284,8 @@ export function mount(panel, ctx) {
         h('ul', { class: 'rescores' }, rescores.map((x) => h('li', { 'data-rescore': x.id },
           h('label', { for: `p-${x.id}`, text: S.rescoreLine(x.version, x.done, x.total) }), ' ',
           h('progress', { id: `p-${x.id}`, max: String(Math.max(1, x.total)), value: String(x.total ? x.done : 1) }),
-          h('p', { class: 'muted', text: [S.rescoreSplit(x.scoring_only, x.reevaluate), x.failed ? S.rescoreFailed(x.failed) : null, S.rescoreBy(x.created_by, fmtDate(x.created_at))].filter(Boolean).join(' · ') }))))) : null;
+          h('p', { class: 'muted', text: [S.rescoreSplit(x.scoring_only, x.reevaluate), x.failed ? S.rescoreFailed(x.failed) : null, S.rescoreBy(x.created_by, fmtDate(x.created_at))].filter(Boolean).join(' · ') }),
+          x.total && x.done >= x.total && x.done > x.failed ? h('p', { text: S.rescoreRelease }) : null)))) : null;
       const rows = v.versions.map((x) => [
         `${x.version}${x.current ? S.currentMark : ''}`,
         fmtDate(x.created_at),

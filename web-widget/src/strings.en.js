@@ -341,6 +341,7 @@ export default {
   rescoreSplit: (plugin, evaluate) => `${plugin} by the plugin only (no model call), ${evaluate} evaluated again`,
   rescoreFailed: (n) => `${n} failed`,
   rescoreBy: (who, when) => `started by ${who}, ${when}`,
+  rescoreRelease: 'The new grades wait for your release in the Queue tab.',
   versionCols: ['Version', 'Saved', 'By', 'What changed', 'Plugin', 'Submissions'],
   versionChange: { created: 'Created', scoring: 'Scoring only', evaluation: 'Evaluation' },
   versionCaption: 'Every version, newest first',
