@@ -1179,7 +1179,7 @@ async fn instructor_sees_versions_and_rescores_with_progress() {
             .as_str()
             .is_some_and(|r| r.contains("To version 2: 1 of 1 done")
                 && r.contains("1 by the plugin only (no model call), 0 evaluated again")
-            && r.contains("wait for your release")),
+                && r.contains("wait for your release")),
         "{seen}"
     );
     assert_eq!(seen["progress"], json!([1, 1]), "{seen}");
