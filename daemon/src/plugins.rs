@@ -10,9 +10,12 @@
 //!   upload is checked and compiled (in a child process with its own time
 //!   and memory limits) before it is stored.
 //! - An assignment names a plugin; the name resolves to the course's newest
-//!   enabled upload, then the site's, then the built-in. Its configuration is
-//!   validated against the plugin's schema and its `validate-config` when
-//!   the assignment is saved.
+//!   enabled upload, then the site's, then the built-in, when the assignment
+//!   is saved, and the assignment pins that file by sha256
+//!   ([`PluginRegistry::resolve_pinned`]): a later upload changes no grade
+//!   until the assignment is saved again; a disabled upload is out of use
+//!   either way. Its configuration is validated against the plugin's schema
+//!   and its `validate-config` when the assignment is saved.
 //! - [`PluginScorer`] implements the scheduler's [`Scorer`]: it runs the
 //!   assignment's plugin on each evaluated submission. Compiled artifacts
 //!   are cached in `<data>/plugins/cache`, and loaded plugins stay in
@@ -162,6 +165,24 @@ impl PluginRegistry {
     ) -> Result<Arc<Plugin>> {
         if sha256.is_empty() {
             return self.resolve(context_id, name);
+        }
+        // A disabled upload stays out of use, pinned or not.
+        let sha = sha256.to_owned();
+        let enabled: Option<bool> = self.store.read_blocking(move |c| {
+            Ok(c.query_row(
+                "SELECT MAX(enabled) FROM plugins WHERE sha256 = ?1",
+                [sha],
+                |r| r.get(0),
+            )?)
+        })?;
+        if enabled == Some(false) {
+            return Err(Error::bad_request(
+                "plugin_disabled",
+                format!(
+                    "the plugin {name} pinned by this assignment (sha256 {sha256}) is disabled; \
+                     enable it, or save the assignment with another plugin"
+                ),
+            ));
         }
         if let Some(p) = self.cached(sha256) {
             return Ok(p);

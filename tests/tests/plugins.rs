@@ -503,7 +503,35 @@ async fn an_assignment_keeps_its_pinned_plugin_until_saved_again() {
         done[0]
     );
 
-    // Saved again: the newest upload is pinned, as version 2.
+    // A disabled upload is out of use, pinned or not: scoring fails with
+    // a reason that says what to do.
+    let (status, _) = d
+        .send(
+            reqwest::Method::POST,
+            &admin,
+            &format!(
+                "/api/v1/plugins/{}/disable",
+                first["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let bob = d.token(Role::Learner, "bob", "sandbox");
+    let (status, sub) = d.upload(&bob, "pinned", &f).await;
+    assert_eq!(status, 201, "{sub}");
+    let id = sub["id"].as_str().expect("id").to_owned();
+    let done = d.wait_scored(&[id], Duration::from_secs(60)).await;
+    assert_eq!(done[0]["state"], "failed", "{}", done[0]);
+    assert!(
+        done[0]["failure_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("is disabled; enable it, or save the assignment")),
+        "{}",
+        done[0]
+    );
+
+    // Saved again: the newest enabled upload is pinned, as version 2.
     let (status, a2) = d
         .send(
             reqwest::Method::PUT,
@@ -519,6 +547,6 @@ async fn an_assignment_keeps_its_pinned_plugin_until_saved_again() {
     assert_eq!(versions["versions"][0]["summary"], "plugin", "{versions}");
     assert_eq!(versions["versions"][0]["change"], "scoring");
     assert_eq!(versions["versions"][1]["plugin_sha256"], first["sha256"]);
-    assert_eq!(versions["needs_rescore"], 1);
+    assert_eq!(versions["needs_rescore"], 1, "alice's grade; bob's failed");
     d.stop().await;
 }
