@@ -153,6 +153,17 @@ pub struct Assignment {
     pub max_attempts: Option<u32>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// The current version of the rubric, prompt, plugin and its
+    /// configuration (see [`AssignmentVersion`]); new submissions are graded
+    /// under it.
+    #[serde(default)]
+    pub version: i64,
+    /// The plugin pinned by the sha256 of its file when the assignment was
+    /// saved: a later upload under the same name changes no grade until the
+    /// assignment is saved again. Empty: resolved by name (assignments from
+    /// before versions, the sandbox, course copies of those).
+    #[serde(default)]
+    pub plugin_sha256: String,
 }
 
 /// Body of `POST /api/v1/assignments` and `PUT /api/v1/assignments/{id}`.
@@ -286,6 +297,8 @@ fn assignment_from_row(r: &Row<'_>) -> rusqlite::Result<(Assignment, String, Str
             max_attempts: r.get("max_attempts")?,
             created_at: r.get("created_at")?,
             updated_at: r.get("updated_at")?,
+            version: r.get("version")?,
+            plugin_sha256: r.get("plugin_sha256")?,
         },
         r.get("rubric")?,
         r.get("plugin_config")?,
@@ -319,8 +332,282 @@ pub fn list_assignments(conn: &Connection, context_id: &str) -> Result<Vec<Assig
     rows.into_iter().map(finish_assignment).collect()
 }
 
-/// Inserts or replaces an assignment; returns it as stored.
+/// Inserts or replaces an assignment; returns it as stored. The plugin
+/// stays pinned to the sha256 it had when its name is unchanged; see
+/// [`save_assignment`] to pin a resolved one and name the actor.
 pub fn upsert_assignment(
+    tx: &Transaction<'_>,
+    context_id: &str,
+    id: &str,
+    input: &AssignmentInput,
+) -> Result<Assignment> {
+    save_assignment(tx, context_id, id, input, None, "system").map(|(a, _)| a)
+}
+
+/// Inserts or replaces an assignment, pinning the plugin to `plugin_sha256`
+/// (the file the name resolved to when it was checked; `None`: keep the
+/// current pin when the name is unchanged). When the prompt, rubric, plugin
+/// or its configuration changed, a new [`AssignmentVersion`] is recorded
+/// and returned (a new assignment is version 1).
+pub fn save_assignment(
+    tx: &Transaction<'_>,
+    context_id: &str,
+    id: &str,
+    input: &AssignmentInput,
+    plugin_sha256: Option<&str>,
+    actor: &str,
+) -> Result<(Assignment, Option<AssignmentVersion>)> {
+    let before = get_assignment(tx, id)?;
+    let plugin = input.plugin.as_deref().unwrap_or(DEFAULT_PLUGIN);
+    let sha = match (plugin_sha256, &before) {
+        (Some(sha), _) => sha.to_owned(),
+        (None, Some(b)) if b.plugin == plugin => b.plugin_sha256.clone(),
+        (None, _) => String::new(),
+    };
+    let a = write_assignment(tx, context_id, id, input)?;
+    tx.execute(
+        "UPDATE assignments SET plugin_sha256 = ?2 WHERE id = ?1",
+        params![id, sha],
+    )?;
+    let mut a = Assignment {
+        plugin_sha256: sha,
+        ..a
+    };
+    let change = match &before {
+        None => Some((VersionChange::Created, "created".to_owned())),
+        Some(b) => version_change(b, &a),
+    };
+    let Some((change, summary)) = change else {
+        // Nothing graded changed (title, release policy, attempts).
+        let v = before.map_or(1, |b| b.version);
+        tx.execute(
+            "UPDATE assignments SET version = ?2 WHERE id = ?1",
+            params![id, v],
+        )?;
+        a.version = v;
+        return Ok((a, None));
+    };
+    let version = before.map_or(1, |b| b.version + 1);
+    let now = now_ms();
+    let rubric = serde_json::to_string(&a.rubric)
+        .map_err(|e| Error::Internal(format!("serialising rubric: {e}")))?;
+    tx.execute(
+        "INSERT INTO assignment_versions (assignment_id, version, prompt, rubric, plugin,
+             plugin_sha256, plugin_config, change, summary, created_by, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        params![
+            id,
+            version,
+            a.prompt,
+            rubric,
+            a.plugin,
+            a.plugin_sha256,
+            a.plugin_config.to_string(),
+            change.as_str(),
+            summary,
+            actor,
+            now
+        ],
+    )?;
+    tx.execute(
+        "UPDATE assignments SET version = ?2 WHERE id = ?1",
+        params![id, version],
+    )?;
+    a.version = version;
+    let v = get_version(tx, id, version)?.ok_or(Error::NotFound("assignment version"))?;
+    Ok((a, Some(v)))
+}
+
+/// What an edit changed, and so what bringing a graded submission to the
+/// new version costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionChange {
+    /// The first version.
+    Created,
+    /// Only points, weights, the plugin or its configuration: the stored
+    /// evaluations still hold; the plugin scores them again (no model call).
+    Scoring,
+    /// The prompt, criteria, levels or their descriptions: the evaluators
+    /// judge again, through the queue.
+    Evaluation,
+}
+
+impl VersionChange {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionChange::Created => "created",
+            VersionChange::Scoring => "scoring",
+            VersionChange::Evaluation => "evaluation",
+        }
+    }
+
+    fn parse(s: &str) -> VersionChange {
+        match s {
+            "scoring" => VersionChange::Scoring,
+            "evaluation" => VersionChange::Evaluation,
+            _ => VersionChange::Created,
+        }
+    }
+}
+
+/// The rubric as the evaluators judge it: without points and weights
+/// (levels are judged by their labels and descriptors; points are the
+/// plugin's business).
+fn judged(r: &Rubric) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).unwrap_or_default();
+    if let Some(cs) = v.get_mut("criteria").and_then(|c| c.as_array_mut()) {
+        for c in cs {
+            if let Some(o) = c.as_object_mut() {
+                o.remove("weight");
+            }
+            if let Some(ls) = c.get_mut("levels").and_then(|l| l.as_array_mut()) {
+                for l in ls {
+                    if let Some(o) = l.as_object_mut() {
+                        o.remove("points");
+                    }
+                }
+            }
+        }
+    }
+    v
+}
+
+/// What changed from `old` to `new` that grading depends on, with a summary
+/// in plain words; `None` when nothing did.
+pub fn version_change(old: &Assignment, new: &Assignment) -> Option<(VersionChange, String)> {
+    let mut what = Vec::new();
+    let mut change = None;
+    if old.prompt != new.prompt {
+        what.push("prompt");
+        change = Some(VersionChange::Evaluation);
+    }
+    if judged(&old.rubric) != judged(&new.rubric) {
+        what.push("criteria or levels");
+        change = Some(VersionChange::Evaluation);
+    } else if old.rubric != new.rubric {
+        what.push("points or weights");
+    }
+    if old.plugin != new.plugin || old.plugin_sha256 != new.plugin_sha256 {
+        what.push("plugin");
+    }
+    if old.plugin_config != new.plugin_config {
+        what.push("plugin configuration");
+    }
+    if what.is_empty() {
+        return None;
+    }
+    Some((change.unwrap_or(VersionChange::Scoring), what.join(", ")))
+}
+
+/// One version of an assignment's graded parts, as staff see it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AssignmentVersion {
+    pub assignment_id: String,
+    pub version: i64,
+    pub prompt: String,
+    pub rubric: Rubric,
+    pub plugin: String,
+    pub plugin_sha256: String,
+    pub plugin_config: serde_json::Value,
+    /// What this version changed from the one before.
+    pub change: VersionChange,
+    /// The same in plain words ("points or weights, plugin configuration").
+    pub summary: String,
+    pub created_by: String,
+    pub created_at: i64,
+}
+
+fn version_from_row(r: &Row<'_>) -> rusqlite::Result<(AssignmentVersion, String, String)> {
+    Ok((
+        AssignmentVersion {
+            assignment_id: r.get("assignment_id")?,
+            version: r.get("version")?,
+            prompt: r.get("prompt")?,
+            rubric: Rubric { criteria: vec![] },
+            plugin: r.get("plugin")?,
+            plugin_sha256: r.get("plugin_sha256")?,
+            plugin_config: serde_json::Value::Null,
+            change: VersionChange::parse(&r.get::<_, String>("change")?),
+            summary: r.get("summary")?,
+            created_by: r.get("created_by")?,
+            created_at: r.get("created_at")?,
+        },
+        r.get("rubric")?,
+        r.get("plugin_config")?,
+    ))
+}
+
+fn finish_version(
+    (mut v, rubric, cfg): (AssignmentVersion, String, String),
+) -> Result<AssignmentVersion> {
+    v.rubric = serde_json::from_str(&rubric).map_err(|e| {
+        Error::Internal(format!(
+            "stored rubric of {} version {} is invalid: {e}",
+            v.assignment_id, v.version
+        ))
+    })?;
+    v.plugin_config = serde_json::from_str(&cfg).unwrap_or(serde_json::Value::Null);
+    Ok(v)
+}
+
+pub fn get_version(conn: &Connection, id: &str, version: i64) -> Result<Option<AssignmentVersion>> {
+    conn.query_row(
+        "SELECT * FROM assignment_versions WHERE assignment_id = ?1 AND version = ?2",
+        params![id, version],
+        version_from_row,
+    )
+    .optional()?
+    .map(finish_version)
+    .transpose()
+}
+
+/// Every version of an assignment, newest first.
+pub fn list_versions(conn: &Connection, id: &str) -> Result<Vec<AssignmentVersion>> {
+    let mut stmt = conn.prepare(
+        "SELECT * FROM assignment_versions WHERE assignment_id = ?1 ORDER BY version DESC",
+    )?;
+    let rows = stmt
+        .query_map([id], version_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(finish_version).collect()
+}
+
+/// The assignment as a submission is graded: its graded parts (prompt,
+/// rubric, plugin and configuration) from the version the submission
+/// records, the rest current. A submission without a version, or whose
+/// version row is missing, is graded under the current one.
+pub fn assignment_for_submission(
+    conn: &Connection,
+    submission_id: &str,
+) -> Result<Option<Assignment>> {
+    let row: Option<(String, Option<i64>)> = conn
+        .query_row(
+            "SELECT assignment_id, assignment_version FROM submissions WHERE id = ?1",
+            [submission_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((aid, version)) = row else {
+        return Ok(None);
+    };
+    let Some(mut a) = get_assignment(conn, &aid)? else {
+        return Ok(None);
+    };
+    if let Some(v) = version.filter(|v| *v != a.version)
+        && let Some(v) = get_version(conn, &aid, v)?
+    {
+        a.prompt = v.prompt;
+        a.rubric = v.rubric;
+        a.plugin = v.plugin;
+        a.plugin_sha256 = v.plugin_sha256;
+        a.plugin_config = v.plugin_config;
+        a.version = v.version;
+    }
+    Ok(Some(a))
+}
+
+fn write_assignment(
     tx: &Transaction<'_>,
     context_id: &str,
     id: &str,
@@ -420,6 +707,13 @@ pub struct Submission {
     pub updated_at: i64,
     pub finished_at: Option<i64>,
     pub media_available: bool,
+    /// The assignment version it is graded under (see [`AssignmentVersion`]).
+    #[serde(default)]
+    pub assignment_version: Option<i64>,
+    /// The rescore that last moved it (`GET …/rescores`); a rescored grade
+    /// is never released automatically.
+    #[serde(default)]
+    pub rescore_id: Option<String>,
     #[serde(skip)]
     pub wav_path: Option<String>,
     #[serde(skip)]
@@ -491,6 +785,8 @@ fn submission_from_row(r: &Row<'_>) -> rusqlite::Result<Submission> {
         updated_at: r.get("updated_at")?,
         finished_at: r.get("finished_at")?,
         media_available: purged.is_none(),
+        assignment_version: r.get("assignment_version")?,
+        rescore_id: r.get("rescore_id")?,
         wav_path: r.get("wav_path")?,
         original_path: r.get("original_path")?,
         media_dir: r.get("media_dir")?,
@@ -677,6 +973,35 @@ pub(crate) fn audit_entries(
     Ok(rows)
 }
 
+/// The audit log of an assignment and its submissions, newest first: who
+/// edited the rubric or plugin, started a rescore, overrode or released a
+/// grade.
+pub(crate) fn assignment_audit(
+    conn: &Connection,
+    assignment_id: &str,
+    limit: u32,
+) -> Result<Vec<AuditEntry>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, at, actor, action, subject, details FROM audit_log
+         WHERE subject = ?1 OR subject IN (SELECT id FROM submissions WHERE assignment_id = ?1)
+         ORDER BY id DESC LIMIT ?2",
+    )?;
+    let rows = stmt
+        .query_map(params![assignment_id, limit], |r| {
+            let details: String = r.get(5)?;
+            Ok(AuditEntry {
+                id: r.get(0)?,
+                at: r.get(1)?,
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                subject: r.get(4)?,
+                details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
 /// Bytes `user` uploaded since `since_ms`, and when the oldest of those
 /// uploads was made (for fair-use limits).
 pub fn uploaded_since(conn: &Connection, user: &str, since_ms: i64) -> Result<(u64, Option<i64>)> {
@@ -766,6 +1091,71 @@ mod tests {
         assert_eq!(
             instructor[0].ratings[1].rationale, "1",
             "only the learner's copy"
+        );
+    }
+
+    fn assignment() -> Assignment {
+        let i = sandbox_assignment();
+        Assignment {
+            id: "a".into(),
+            context_id: "c".into(),
+            title: i.title,
+            prompt: i.prompt,
+            rubric: i.rubric,
+            plugin: DEFAULT_PLUGIN.into(),
+            plugin_config: serde_json::json!({}),
+            release_policy: ReleasePolicy::Manual,
+            max_attempts: None,
+            created_at: 0,
+            updated_at: 0,
+            version: 1,
+            plugin_sha256: "aa".into(),
+        }
+    }
+
+    #[test]
+    fn an_edit_is_classified_by_what_grading_must_redo() {
+        let old = assignment();
+        let mut same = old.clone();
+        same.title = "Another title".into();
+        same.release_policy = ReleasePolicy::Auto;
+        assert_eq!(version_change(&old, &same), None, "nothing graded changed");
+
+        let mut points = old.clone();
+        points.rubric.criteria[0].levels[1].points = 3.0;
+        points.rubric.criteria[1].weight = 2.0;
+        assert_eq!(
+            version_change(&old, &points),
+            Some((VersionChange::Scoring, "points or weights".into()))
+        );
+        let mut plugin = old.clone();
+        plugin.plugin_sha256 = "bb".into();
+        plugin.plugin_config = serde_json::json!({"round_to": 1});
+        assert_eq!(
+            version_change(&old, &plugin),
+            Some((
+                VersionChange::Scoring,
+                "plugin, plugin configuration".into()
+            ))
+        );
+        let mut levels = points.clone();
+        levels.rubric.criteria[0].levels[1].label = "developing".into();
+        assert_eq!(
+            version_change(&old, &levels),
+            Some((VersionChange::Evaluation, "criteria or levels".into())),
+            "a judged change wins over points"
+        );
+        let mut descriptor = old.clone();
+        descriptor.rubric.criteria[2].levels[0].descriptor = "No subject words.".into();
+        assert_eq!(
+            version_change(&old, &descriptor).map(|c| c.0),
+            Some(VersionChange::Evaluation)
+        );
+        let mut prompt = old.clone();
+        prompt.prompt = "Explain respiration.".into();
+        assert_eq!(
+            version_change(&old, &prompt).map(|c| c.0),
+            Some(VersionChange::Evaluation)
         );
     }
 

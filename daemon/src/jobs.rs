@@ -163,8 +163,9 @@ pub(crate) fn accept_upload(tx: &Transaction<'_>, n: &NewSubmission) -> Result<O
     tx.execute(
         "INSERT INTO submissions (id, assignment_id, user_id, attempt, state, original_name,
              media_dir, original_path, wav_path, sha256, size_bytes, duration_seconds,
-             media_info, created_at, updated_at, upload_key)
-         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14)",
+             media_info, created_at, updated_at, upload_key, assignment_version)
+         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14,
+                 (SELECT version FROM assignments WHERE id = ?2))",
         params![
             n.id,
             n.assignment_id,
@@ -757,6 +758,14 @@ pub fn complete_score(
         return Ok(None);
     };
     let now = now_ms();
+    // A rescored grade waits for the instructor: a rubric edit changes what
+    // a student and the gradebook see only on the instructor's release.
+    let rescored: bool = tx.query_row(
+        "SELECT rescore_id IS NOT NULL FROM submissions WHERE id = ?1",
+        [&sub],
+        |r| r.get(0),
+    )?;
+    let release = release && !rescored;
     let state = if release {
         SubmissionState::Released
     } else {
@@ -854,17 +863,25 @@ pub(crate) fn release(
         tx.query_row("SELECT score FROM submissions WHERE id = ?1", [id], |r| {
             r.get(0)
         })?;
+    // Released again after a rescore: the row is sent again with the new
+    // grade, timestamped now (a newer score than the one it replaces).
     tx.execute(
         "INSERT INTO grade_outbox (submission_id, kind, payload, next_attempt_at, created_at)
-         VALUES (?1, 'released', ?2, ?3, ?3) ON CONFLICT DO NOTHING",
-        params![id, score.unwrap_or_else(|| "{}".into()), now],
+         VALUES (?1, 'released', ?2, ?3, ?3)
+         ON CONFLICT (submission_id, kind) DO UPDATE SET payload = excluded.payload,
+             state = 'pending', attempts = 0, next_attempt_at = excluded.next_attempt_at,
+             last_error = NULL, created_at = excluded.created_at, delivered_at = NULL",
+        params![id, score.clone().unwrap_or_else(|| "{}".into()), now],
     )?;
+    let total = score
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|s| s.get("total").cloned());
     domain::audit(
         tx,
         actor,
         "submission.release",
         id,
-        serde_json::json!({ "via": via }),
+        serde_json::json!({ "via": via, "total": total }),
     )?;
     Ok(true)
 }
@@ -949,4 +966,243 @@ pub(crate) fn retry(tx: &Transaction<'_>, id: &str, actor: &str) -> Result<Submi
         serde_json::json!({ "from": "failed", "to": state.as_str(), "failure": s.failure_reason }),
     )?;
     Ok(state)
+}
+
+// ---- rescoring after a rubric or plugin edit ------------------------------------------
+
+/// A rescore: settled submissions of an assignment brought to its current
+/// version, each by the cheapest correct path.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Rescore {
+    pub id: String,
+    pub assignment_id: String,
+    /// The version the submissions are brought to.
+    pub version: i64,
+    pub total: i64,
+    /// Scored again from their stored evaluations (no model call).
+    pub scoring_only: i64,
+    /// Evaluated again through the queue.
+    pub reevaluate: i64,
+    /// Settled again (awaiting review, released or failed).
+    pub done: i64,
+    pub failed: i64,
+    pub created_by: String,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
+}
+
+fn rescore_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Rescore> {
+    Ok(Rescore {
+        id: r.get("id")?,
+        assignment_id: r.get("assignment_id")?,
+        version: r.get("version")?,
+        total: r.get("total")?,
+        scoring_only: r.get("scoring_only")?,
+        reevaluate: r.get("reevaluate")?,
+        done: r.get::<_, Option<i64>>("done")?.unwrap_or(0),
+        failed: r.get::<_, Option<i64>>("failed")?.unwrap_or(0),
+        created_by: r.get("created_by")?,
+        created_at: r.get("created_at")?,
+        finished_at: r.get("finished_at")?,
+    })
+}
+
+/// An assignment's rescores, newest first, with their progress (counted
+/// live until they finish).
+pub fn rescores(conn: &Connection, assignment_id: &str) -> Result<Vec<Rescore>> {
+    let mut stmt = conn.prepare(
+        "SELECT * FROM rescores WHERE assignment_id = ?1 ORDER BY created_at DESC, id DESC",
+    )?;
+    let mut rows = stmt
+        .query_map([assignment_id], rescore_from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for r in &mut rows {
+        if r.finished_at.is_none() {
+            let (done, failed) = rescore_counts(conn, &r.id)?;
+            r.done = done;
+            r.failed = failed;
+        }
+    }
+    Ok(rows)
+}
+
+/// (settled, failed) submissions of a rescore.
+fn rescore_counts(conn: &Connection, id: &str) -> Result<(i64, i64)> {
+    Ok(conn.query_row(
+        "SELECT COALESCE(SUM(state IN ('awaiting_review', 'released', 'failed')), 0),
+                COALESCE(SUM(state = 'failed'), 0)
+         FROM submissions WHERE rescore_id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?)
+}
+
+/// Records the counts of an assignment's rescores whose submissions have
+/// all settled (a later rescore takes the submissions over).
+fn finish_rescores(tx: &Transaction<'_>, assignment_id: &str) -> Result<bool> {
+    let open: Vec<(String, i64)> = {
+        let mut stmt = tx.prepare(
+            "SELECT id, total FROM rescores WHERE assignment_id = ?1 AND finished_at IS NULL",
+        )?;
+        stmt.query_map([assignment_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    let mut running = false;
+    for (id, total) in open {
+        let (done, failed) = rescore_counts(tx, &id)?;
+        if done < total {
+            running = true;
+            continue;
+        }
+        tx.execute(
+            "UPDATE rescores SET done = ?2, failed = ?3, finished_at = ?4 WHERE id = ?1",
+            params![id, done, failed, now_ms()],
+        )?;
+    }
+    Ok(running)
+}
+
+/// Starts a rescore of `assignment_id`: every submission awaiting review
+/// or released under an older version is brought to the current one.
+/// When only points, weights, the plugin or its configuration changed
+/// since its version, its score job is queued again (the plugin rescores
+/// the stored evaluations: no model call); when the prompt, criteria or
+/// levels changed, its evaluations are queued again. Either way it is
+/// scored anew and waits for the instructor's release (`complete_score`),
+/// so the student and the gradebook keep the released grade until then.
+/// Refused while an earlier rescore of the assignment is still running.
+/// Audited as `assignment.rescore`.
+pub(crate) fn start_rescore(
+    tx: &Transaction<'_>,
+    assignment_id: &str,
+    actor: &str,
+) -> Result<Rescore> {
+    let a = domain::get_assignment(tx, assignment_id)?.ok_or(Error::NotFound("assignment"))?;
+    if finish_rescores(tx, assignment_id)? {
+        return Err(Error::Conflict {
+            code: "rescore_running",
+            message: "a rescore of this assignment is still running; wait for it to finish \
+                      (GET /api/v1/assignments/{id}/rescores shows its progress)"
+                .into(),
+        });
+    }
+    let current = domain::get_version(tx, assignment_id, a.version)?;
+    let stale: Vec<(String, Option<i64>)> = {
+        let mut stmt = tx.prepare(
+            "SELECT id, assignment_version FROM submissions
+             WHERE assignment_id = ?1 AND state IN ('awaiting_review', 'released')
+               AND COALESCE(assignment_version, 0) != ?2
+             ORDER BY created_at, id",
+        )?;
+        stmt.query_map(params![assignment_id, a.version], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    let id = domain::new_id("rsc");
+    let now = now_ms();
+    let (mut scoring_only, mut reevaluate) = (0i64, 0i64);
+    for (sid, version) in &stale {
+        let before = match version {
+            Some(v) => domain::get_version(tx, assignment_id, *v)?,
+            None => None,
+        };
+        let change = match (&before, &current) {
+            (Some(b), Some(c)) => rescore_change(b, c),
+            _ => domain::VersionChange::Evaluation,
+        };
+        if change == domain::VersionChange::Evaluation {
+            reevaluate += 1;
+            tx.execute(
+                "DELETE FROM jobs WHERE submission_id = ?1 AND stage = 'score'",
+                [sid],
+            )?;
+            tx.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, not_before = 0, result = NULL,
+                        last_error = NULL, lease_owner = NULL, lease_expires_at = NULL,
+                        started_at = NULL, finished_at = NULL, service_ms = NULL
+                 WHERE submission_id = ?1 AND stage = 'eval'",
+                [sid],
+            )?;
+            tx.execute(
+                "UPDATE submissions SET state = 'transcribed', assignment_version = ?2,
+                        rescore_id = ?3, updated_at = ?4, finished_at = NULL
+                 WHERE id = ?1",
+                params![sid, a.version, id, now],
+            )?;
+        } else {
+            scoring_only += 1;
+            tx.execute(
+                "INSERT INTO jobs (submission_id, stage, role, state, created_at)
+                 VALUES (?1, 'score', '', 'queued', ?2)
+                 ON CONFLICT (submission_id, stage, role) DO UPDATE SET state = 'queued',
+                     attempts = 0, not_before = 0, last_error = NULL, lease_owner = NULL,
+                     lease_expires_at = NULL, started_at = NULL, finished_at = NULL",
+                params![sid, now],
+            )?;
+            tx.execute(
+                "UPDATE submissions SET state = 'evaluated', assignment_version = ?2,
+                        rescore_id = ?3, updated_at = ?4, finished_at = NULL
+                 WHERE id = ?1",
+                params![sid, a.version, id, now],
+            )?;
+        }
+    }
+    let total = scoring_only + reevaluate;
+    tx.execute(
+        "INSERT INTO rescores (id, assignment_id, version, total, scoring_only, reevaluate,
+             created_by, created_at, finished_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, CASE WHEN ?4 = 0 THEN ?8 END)",
+        params![
+            id,
+            assignment_id,
+            a.version,
+            total,
+            scoring_only,
+            reevaluate,
+            actor,
+            now
+        ],
+    )?;
+    domain::audit(
+        tx,
+        actor,
+        "assignment.rescore",
+        assignment_id,
+        serde_json::json!({
+            "rescore": id, "version": a.version, "total": total,
+            "scoring_only": scoring_only, "reevaluate": reevaluate,
+            "submissions": stale.iter().map(|(s, _)| s).collect::<Vec<_>>(),
+        }),
+    )?;
+    Ok(tx.query_row(
+        "SELECT * FROM rescores WHERE id = ?1",
+        [&id],
+        rescore_from_row,
+    )?)
+}
+
+/// What bringing a submission graded under `from` to `to` needs: a new
+/// evaluation when the judged parts differ, else scoring only.
+fn rescore_change(
+    from: &domain::AssignmentVersion,
+    to: &domain::AssignmentVersion,
+) -> domain::VersionChange {
+    let as_assignment = |v: &domain::AssignmentVersion| domain::Assignment {
+        id: v.assignment_id.clone(),
+        context_id: String::new(),
+        title: String::new(),
+        prompt: v.prompt.clone(),
+        rubric: v.rubric.clone(),
+        plugin: v.plugin.clone(),
+        plugin_config: v.plugin_config.clone(),
+        release_policy: domain::ReleasePolicy::Manual,
+        max_attempts: None,
+        created_at: 0,
+        updated_at: 0,
+        version: v.version,
+        plugin_sha256: v.plugin_sha256.clone(),
+    };
+    domain::version_change(&as_assignment(from), &as_assignment(to))
+        .map_or(domain::VersionChange::Scoring, |(c, _)| c)
 }

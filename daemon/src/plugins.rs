@@ -10,9 +10,12 @@
 //!   upload is checked and compiled (in a child process with its own time
 //!   and memory limits) before it is stored.
 //! - An assignment names a plugin; the name resolves to the course's newest
-//!   enabled upload, then the site's, then the built-in. Its configuration is
-//!   validated against the plugin's schema and its `validate-config` when
-//!   the assignment is saved.
+//!   enabled upload, then the site's, then the built-in, when the assignment
+//!   is saved, and the assignment pins that file by sha256
+//!   ([`PluginRegistry::resolve_pinned`]): a later upload changes no grade
+//!   until the assignment is saved again; a disabled upload is out of use
+//!   either way. Its configuration is validated against the plugin's schema
+//!   and its `validate-config` when the assignment is saved.
 //! - [`PluginScorer`] implements the scheduler's [`Scorer`]: it runs the
 //!   assignment's plugin on each evaluated submission. Compiled artifacts
 //!   are cached in `<data>/plugins/cache`, and loaded plugins stay in
@@ -147,6 +150,72 @@ impl PluginRegistry {
             path.display()
         )))?;
         self.load_bytes(&bytes)
+    }
+
+    /// The plugin an assignment pinned: the file with `sha256` (uploaded or
+    /// built in), else — pinned by name only, or a built-in replaced by a
+    /// daemon upgrade — what `name` resolves to now ([`Self::resolve`]).
+    /// An upload that was pinned but whose file is gone is an error: the
+    /// instructor saves the assignment again to pin what is there. Blocking.
+    pub fn resolve_pinned(
+        &self,
+        context_id: &str,
+        name: &str,
+        sha256: &str,
+    ) -> Result<Arc<Plugin>> {
+        if sha256.is_empty() {
+            return self.resolve(context_id, name);
+        }
+        // A disabled upload stays out of use, pinned or not.
+        let sha = sha256.to_owned();
+        let enabled: Option<bool> = self.store.read_blocking(move |c| {
+            Ok(c.query_row(
+                "SELECT MAX(enabled) FROM plugins WHERE sha256 = ?1",
+                [sha],
+                |r| r.get(0),
+            )?)
+        })?;
+        if enabled == Some(false) {
+            return Err(Error::bad_request(
+                "plugin_disabled",
+                format!(
+                    "the plugin {name} pinned by this assignment (sha256 {sha256}) is disabled; \
+                     enable it, or save the assignment with another plugin"
+                ),
+            ));
+        }
+        if let Some(p) = self.cached(sha256) {
+            return Ok(p);
+        }
+        if let Some((_, bytes)) = builtin::all()
+            .iter()
+            .find(|(_, b)| viva_sha256(b) == sha256)
+        {
+            return self.load_bytes(bytes);
+        }
+        let path = self.dir.join(format!("{sha256}.wasm"));
+        if path.is_file() {
+            let bytes = std::fs::read(&path).map_err(Error::io(format!(
+                "reading plugin {name} ({})",
+                path.display()
+            )))?;
+            return self.load_bytes(&bytes);
+        }
+        if builtin::all().iter().any(|(n, _)| *n == name) {
+            tracing::warn!(
+                plugin = name,
+                pinned = sha256,
+                "the pinned built-in plugin was replaced by this daemon's; scoring with it"
+            );
+            return self.resolve(context_id, name);
+        }
+        Err(Error::bad_request(
+            "pinned_plugin_missing",
+            format!(
+                "the plugin {name} pinned by this assignment (sha256 {sha256}) is no longer stored; \
+                 save the assignment again to pin an available one"
+            ),
+        ))
     }
 
     /// The plugin an assignment in `context_id` means by `name`: the
@@ -367,11 +436,18 @@ impl PluginRegistry {
         tokio::runtime::Handle::current().block_on(self.store.write(f))
     }
 
-    /// Checks that `name` is usable in `context_id` with `config`.
+    /// Checks that `name` is usable in `context_id` with `config`; returns
+    /// the sha256 of the file it resolves to (what the assignment pins).
     /// Blocking.
-    pub fn validate(&self, context_id: &str, name: &str, config: &serde_json::Value) -> Result<()> {
+    pub fn validate(
+        &self,
+        context_id: &str,
+        name: &str,
+        config: &serde_json::Value,
+    ) -> Result<String> {
         let plugin = self.resolve(context_id, name)?;
-        plugin.validate_config(config).map_err(Error::Plugin)
+        plugin.validate_config(config).map_err(Error::Plugin)?;
+        Ok(plugin.sha256().to_owned())
     }
 }
 
@@ -470,7 +546,7 @@ impl Scorer for PluginScorer {
         let a = &input.assignment;
         let plugin = self
             .registry
-            .resolve(&a.context_id, &a.plugin)
+            .resolve_pinned(&a.context_id, &a.plugin, &a.plugin_sha256)
             .map_err(|e| ScoreError::transient(e.to_string()))?;
         let request = ScoreRequest {
             rubric: a.rubric.clone(),
@@ -584,12 +660,13 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 /// Validates an assignment's plugin choice and configuration before it is
-/// saved (`POST`/`PUT /api/v1/assignments`).
+/// saved (`POST`/`PUT /api/v1/assignments`); returns the sha256 of the
+/// plugin file to pin.
 pub(crate) async fn check_assignment(
     registry: &Arc<PluginRegistry>,
     context_id: &str,
     input: &AssignmentInput,
-) -> Result<()> {
+) -> Result<String> {
     let name = input
         .plugin
         .clone()
@@ -607,6 +684,50 @@ mod tests {
     use super::*;
     use std::time::Duration;
     use viva_plugins::Limits;
+
+    /// Issue 16: the evaluator's own judgement that an answer speaks to the
+    /// grader is a flag like any other, so it holds the grade from
+    /// automatic release whatever the plugin reported.
+    #[test]
+    fn a_grader_addressed_judgement_blocks_auto_release_whatever_the_plugin_says() {
+        use crate::domain::ReleasePolicy;
+        use crate::scheduler::{hold_for_evaluator_flags, releases_at_once};
+        let plugin_says_release = || ScoreOutcome {
+            total: 12.0,
+            max: 16.0,
+            needs_review: false,
+            reasons: Vec::new(),
+            report: serde_json::json!({}),
+            evaluator_flags: Vec::new(),
+        };
+        let evaluation = |flags: Vec<String>| viva_models::Evaluation {
+            role: "a".into(),
+            model: "m".into(),
+            ratings: Vec::new(),
+            flags,
+            prompt_tokens: 0,
+            generated_tokens: 0,
+            seconds: 0.0,
+        };
+        let clean = hold_for_evaluator_flags(plugin_says_release(), &[evaluation(vec![])]);
+        assert!(releases_at_once(ReleasePolicy::Auto, &clean));
+        let judged = hold_for_evaluator_flags(
+            plugin_says_release(),
+            &[
+                evaluation(vec![]),
+                evaluation(vec![viva_models::injection::addresses_grader_flag("m")]),
+            ],
+        );
+        assert!(judged.needs_review);
+        assert!(
+            judged.reasons[0].contains("addresses_grader"),
+            "{:?}",
+            judged.reasons
+        );
+        for policy in [ReleasePolicy::Auto, ReleasePolicy::AutoUnlessFlagged] {
+            assert!(!releases_at_once(policy, &judged), "{policy:?}");
+        }
+    }
 
     #[test]
     fn limits_follow_the_configuration() {

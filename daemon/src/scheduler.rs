@@ -31,7 +31,7 @@ use viva_models::{
 
 use crate::clock::now_ms;
 use crate::config::{Config, Policy, SchedulerConfig, WorkerConfig};
-use crate::domain::{Assignment, ReleasePolicy, get_assignment};
+use crate::domain::{Assignment, ReleasePolicy};
 use crate::error::{Error, Result};
 use crate::eta::{PlanInput, ServiceStats, Snapshot, StatsView, Unavailable};
 use crate::jobs::{self, Claimed, FailOutcome, OpenBatch, PendingJob, Stage};
@@ -1057,14 +1057,16 @@ impl Scheduler {
             if claimed.is_empty() {
                 continue;
             }
-            let assignment_ids: Vec<String> =
-                claimed.iter().map(|c| c.assignment_id.clone()).collect();
+            // Each submission is judged under the assignment version it
+            // records (a rubric edit affects it only through a rescore).
+            let submission_ids: Vec<String> =
+                claimed.iter().map(|c| c.submission_id.clone()).collect();
             let assignments: HashMap<String, Assignment> = self
                 .store
                 .read(move |c| {
                     let mut m = HashMap::new();
-                    for id in assignment_ids {
-                        if let Some(a) = get_assignment(c, &id)? {
+                    for id in submission_ids {
+                        if let Some(a) = crate::domain::assignment_for_submission(c, &id)? {
                             m.insert(id, a);
                         }
                     }
@@ -1074,7 +1076,7 @@ impl Scheduler {
             let mut items = Vec::new();
             let mut jobs_in_call = Vec::new();
             for c in claimed {
-                match (assignments.get(&c.assignment_id), &c.transcript) {
+                match (assignments.get(&c.submission_id), &c.transcript) {
                     (Some(a), Some(t)) => {
                         items.push(EvaluateItem {
                             submission_id: c.submission_id.clone(),
@@ -1085,6 +1087,8 @@ impl Scheduler {
                         jobs_in_call.push(c);
                     }
                     _ => {
+                        tracing::warn!(submission = %c.submission_id, assignment = %c.assignment_id,
+                            "an evaluation job lost its assignment or transcript");
                         let instance = self.instance.clone();
                         let max = self.cfg.max_attempts;
                         self.store
@@ -1180,7 +1184,7 @@ impl Scheduler {
                     .read(move |c| {
                         let s = crate::domain::get_submission(c, &sub_id)?
                             .ok_or(Error::NotFound("submission"))?;
-                        let a = get_assignment(c, &s.assignment_id)?
+                        let a = crate::domain::assignment_for_submission(c, &s.id)?
                             .ok_or(Error::NotFound("assignment"))?;
                         let transcript = s.transcript.ok_or(Error::NotFound("transcript"))?;
                         // The plugin never sees (so never copies into a
@@ -1519,12 +1523,11 @@ impl Scheduler {
         job: &Claimed,
         e: &mut Evaluation,
     ) -> std::result::Result<(), String> {
-        let id = job.assignment_id.clone();
         let sub = job.submission_id.clone();
         let (a, transcript) = self
             .store
             .read(move |c| {
-                let a = get_assignment(c, &id)?;
+                let a = crate::domain::assignment_for_submission(c, &sub)?;
                 let t = crate::domain::get_submission(c, &sub)?.and_then(|s| s.transcript);
                 Ok((a, t))
             })

@@ -69,6 +69,37 @@ impl Launched {
 
 impl Env {
     async fn start() -> Option<Env> {
+        Env::start_with(|_| {}, viva_daemon::Scoring::Off).await
+    }
+
+    /// A daemon that grades: the fake workers (STT and evaluators "a" and
+    /// "b", logging every call to `<tmp>/fake.log`) and the real rubric
+    /// plugins.
+    async fn start_grading() -> Option<Env> {
+        Env::start_with(
+            |config| {
+                let log = config.data_dir.with_file_name("fake.log");
+                let db = config.data_dir.join("viva.db");
+                config.workers.stt = Some(viva_tests::fake_worker_config("stt", &[], &log, &db));
+                for role in ["a", "b"] {
+                    config.workers.evaluators.insert(
+                        role.into(),
+                        viva_tests::fake_worker_config("evaluator", &[], &log, &db),
+                    );
+                }
+                config.scheduler.swap_work_ratio = 0.0;
+                config.scheduler.batch_window = Duration::from_millis(200);
+                config.workers.stop_grace = Duration::from_secs(2);
+            },
+            viva_daemon::Scoring::Plugins(viva_plugins::Compiler::InProcess),
+        )
+        .await
+    }
+
+    async fn start_with(
+        customize: impl FnOnce(&mut Config),
+        scoring: viva_daemon::Scoring,
+    ) -> Option<Env> {
         let platform = Platform::start_or_skip()?;
         let dir = tempfile::tempdir().expect("tmp");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -86,7 +117,8 @@ impl Env {
         config.lti.jwks_refetch_interval = Duration::from_secs(4);
         config.lti.passback_retry_backoff = Duration::from_millis(50);
         config.lti.passback_max_attempts = 3;
-        let daemon = viva_daemon::Daemon::build(config, None)
+        customize(&mut config);
+        let daemon = viva_daemon::Daemon::build_with(config, scoring)
             .await
             .expect("daemon builds");
         let state = daemon.state.clone();
@@ -2070,4 +2102,361 @@ async fn hosted_canvas_registers_with_an_invitation_naming_its_issuer_and_launch
             );
         }
     }
+}
+
+/// Issue 16, "Rubric and plugin versions": a graded, released submission;
+/// a points-only edit is rescored by the plugin alone (the fake evaluators'
+/// call log does not grow), a level edit is evaluated again through the
+/// queue (it grows by one call per evaluator); the platform's gradebook
+/// shows each new grade only after the instructor releases it; the audit
+/// log names who changed what.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rubric_edit_is_rescored_and_reaches_the_gradebook_only_on_release() {
+    let Some(env) = Env::start_grading().await else {
+        return;
+    };
+    let resp = env.register().await;
+    assert_eq!(resp.status(), 200);
+
+    // The instructor places an assignment by deep linking.
+    let dl = env
+        .launch(
+            json!({"user": "teacher-v", "roles": [format!("{ROLE}Instructor")],
+                       "name": "Tia Teacher", "kind": "deeplink"}),
+        )
+        .await;
+    assert_eq!(dl.status, 200, "{}", dl.body);
+    let rubric = viva_daemon::sandbox_assignment().rubric;
+    let (status, placed) = env
+        .api(
+            reqwest::Method::POST,
+            &dl.token(),
+            "/lti/deep-link",
+            Some(json!({"assignment": {"title": "Explain photosynthesis",
+                "prompt": "Explain how plants make food.", "rubric": rubric}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{placed}");
+    let answer: Value = env
+        .http
+        .post(placed["return_url"].as_str().expect("url"))
+        .form(&[("JWT", placed["jwt"].as_str().expect("jwt"))])
+        .send()
+        .await
+        .expect("dl return")
+        .json()
+        .await
+        .expect("json");
+    let assignment = answer["items"][0]["custom"]["viva_assignment"]
+        .as_str()
+        .expect("assignment")
+        .to_owned();
+    let link = |user: &str, roles: Value| {
+        json!({"user": user, "roles": roles, "name": user, "resource_link": "rl-v",
+               "custom": {"viva_assignment": assignment}, "ags": {"lineitem": 1, "lineitems": true}})
+    };
+    let student = env
+        .launch(link("learner-v", json!([format!("{ROLE}Learner")])))
+        .await;
+    assert_eq!(student.status, 200, "{}", student.body);
+    let teacher = env
+        .launch(link("teacher-v", json!([format!("{ROLE}Instructor")])))
+        .await;
+    assert_eq!(teacher.status, 200, "{}", teacher.body);
+    let (student, teacher) = (student.token(), teacher.token());
+    let teacher_id = env.me(&teacher).await["user_id"]
+        .as_str()
+        .expect("user")
+        .to_owned();
+    let (status, a) = env
+        .api(
+            reqwest::Method::GET,
+            &teacher,
+            &format!("/api/v1/assignments/{assignment}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["version"], 1);
+    assert_eq!(
+        a["plugin_sha256"].as_str().map(str::len),
+        Some(64),
+        "the plugin is pinned by sha256: {a}"
+    );
+
+    // The student answers; the grade is released to the gradebook.
+    let media = tempfile::tempdir().expect("tmp");
+    let wav = viva_tests::tone(media.path(), "answer.wav", 2.0);
+    let resp = env
+        .http
+        .post(format!(
+            "{}/api/v1/assignments/{assignment}/submissions?filename=answer.wav",
+            env.tool
+        ))
+        .bearer_auth(&student)
+        .body(std::fs::read(&wav).expect("wav"))
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(resp.status(), 201);
+    let sub = resp.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let state_of = |want: &'static str| {
+        let (env, teacher, sub) = (&env, teacher.clone(), sub.clone());
+        async move {
+            wait_for(want, Duration::from_secs(60), || {
+                let teacher = teacher.clone();
+                let sub = sub.clone();
+                async move {
+                    let (_, s) = env
+                        .api(
+                            reqwest::Method::GET,
+                            &teacher,
+                            &format!("/api/v1/submissions/{sub}"),
+                            None,
+                        )
+                        .await;
+                    assert_ne!(s["state"], "failed", "{s}");
+                    (s["state"] == want).then_some(s)
+                }
+            })
+            .await
+        }
+    };
+    let scored = state_of("awaiting_review").await;
+    let g1 = scored["score"]["total"].as_f64().expect("total");
+    let release = || async {
+        let (status, r) = env
+            .api(
+                reqwest::Method::POST,
+                &teacher,
+                &format!("/api/v1/submissions/{sub}/release"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{r}");
+    };
+    // The platform's gradebook: the student's latest accepted graded score.
+    let gradebook = || async {
+        let log = env.platform_log().await;
+        let scores: Vec<Value> = log["scores"]
+            .as_array()
+            .expect("scores")
+            .iter()
+            .filter(|s| s["body"]["userId"] == "learner-v" && s["refused"].is_null())
+            .cloned()
+            .collect();
+        let graded = scores
+            .iter()
+            .rev()
+            .find(|s| s["body"]["gradingProgress"] == "FullyGraded")
+            .and_then(|s| s["body"]["scoreGiven"].as_f64());
+        (scores.len(), graded)
+    };
+    let gradebook = &gradebook;
+    let wait_grade = |want: f64| async move {
+        wait_for("the gradebook's grade", Duration::from_secs(15), || async {
+            let (_, g) = gradebook().await;
+            (g == Some(want)).then_some(Value::Null)
+        })
+        .await;
+    };
+    release().await;
+    wait_grade(g1).await;
+    let fake_log = env._dir.path().join("fake.log");
+    let evaluator_calls = || {
+        std::fs::read_to_string(&fake_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["ev"] == "job_start" && e["kind"] == "evaluator")
+            .count()
+    };
+    let calls_before = evaluator_calls();
+    assert_eq!(calls_before, 2, "one call per evaluator");
+
+    // ---- A points-only edit: rescored by the plugin, no model call ----------
+    let mut input = json!({"title": a["title"], "prompt": a["prompt"], "rubric": a["rubric"],
+                           "plugin": a["plugin"], "plugin_config": a["plugin_config"]});
+    // The fake evaluators choose each criterion's middle level ("partial").
+    input["rubric"]["criteria"][0]["levels"][1]["points"] = json!(3);
+    input["rubric"]["criteria"][0]["weight"] = json!(3);
+    let (env_ref, teacher_ref, assignment_ref) = (&env, &teacher, &assignment);
+    let put = |body: Value| async move {
+        let (env, teacher, assignment) = (env_ref, teacher_ref, assignment_ref);
+        let (status, a) = env
+            .api(
+                reqwest::Method::PUT,
+                teacher,
+                &format!("/api/v1/assignments/{assignment}"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 200, "{a}");
+        a
+    };
+    assert_eq!(put(input.clone()).await["version"], 2);
+    let (_, versions) = env
+        .api(
+            reqwest::Method::GET,
+            &teacher,
+            &format!("/api/v1/assignments/{assignment}/versions"),
+            None,
+        )
+        .await;
+    assert_eq!(versions["current"], 2, "{versions}");
+    assert_eq!(versions["needs_rescore"], 1, "{versions}");
+    assert_eq!(versions["versions"][0]["change"], "scoring");
+    assert_eq!(versions["versions"][0]["summary"], "points or weights");
+    assert_eq!(versions["versions"][1]["submissions"], 1);
+    let rescore = || async {
+        let (status, r) = env
+            .api(
+                reqwest::Method::POST,
+                &teacher,
+                &format!("/api/v1/assignments/{assignment}/rescore"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 202, "{r}");
+        let id = r["id"].as_str().expect("id").to_owned();
+        let done = wait_for("the rescore", Duration::from_secs(60), || async {
+            let (_, all) = env
+                .api(
+                    reqwest::Method::GET,
+                    &teacher,
+                    &format!("/api/v1/assignments/{assignment}/rescores"),
+                    None,
+                )
+                .await;
+            let mine = all
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["id"] == id.as_str()).cloned())?;
+            (mine["done"] == mine["total"]).then_some(mine)
+        })
+        .await;
+        (r, done)
+    };
+    let (started, done) = rescore().await;
+    assert_eq!(
+        (&started["scoring_only"], &started["reevaluate"]),
+        (&json!(1), &json!(0)),
+        "{started}"
+    );
+    assert_eq!(done["failed"], 0, "{done}");
+    let rescored = state_of("awaiting_review").await;
+    let g2 = rescored["score"]["total"].as_f64().expect("total");
+    assert_ne!(g2, g1, "the new points changed the grade");
+    assert_eq!(rescored["assignment_version"], 2);
+    assert_eq!(
+        evaluator_calls(),
+        calls_before,
+        "a points-only rescore makes no model call"
+    );
+    // Until the instructor releases it, the student and the gradebook keep
+    // the released grade.
+    let (_, mine) = env
+        .api(
+            reqwest::Method::GET,
+            &student,
+            &format!("/api/v1/submissions/{sub}"),
+            None,
+        )
+        .await;
+    assert!(mine["score"].is_null(), "no unreleased grade: {mine}");
+    let (posted, graded) = gradebook().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(gradebook().await, (posted, graded));
+    assert_eq!(
+        graded,
+        Some(g1),
+        "the platform still has the released grade"
+    );
+    release().await;
+    wait_grade(g2).await;
+
+    // ---- A level edit: evaluated again through the queue --------------------
+    input["rubric"]["criteria"][0]["levels"] = json!([
+        {"label": "missing", "points": 0, "descriptor": "Does not address the question."},
+        {"label": "developing", "points": 1, "descriptor": "Names one input or output."},
+        {"label": "secure", "points": 4, "descriptor": "Names the inputs and outputs."},
+        {"label": "complete", "points": 5, "descriptor": "Inputs, outputs and where it happens."}
+    ]);
+    assert_eq!(put(input.clone()).await["version"], 3);
+    let (started, done) = rescore().await;
+    assert_eq!(
+        (&started["scoring_only"], &started["reevaluate"]),
+        (&json!(0), &json!(1)),
+        "{started}"
+    );
+    assert_eq!(done["failed"], 0, "{done}");
+    let reevaluated = state_of("awaiting_review").await;
+    assert_eq!(
+        evaluator_calls(),
+        calls_before + 2,
+        "one new call per evaluator"
+    );
+    let levels: Vec<&str> = reevaluated["evaluations"]
+        .as_array()
+        .expect("evaluations")
+        .iter()
+        .map(|e| e["ratings"][0]["level"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(levels, ["secure", "secure"], "judged on the new levels");
+    let g3 = reevaluated["score"]["total"].as_f64().expect("total");
+    assert_ne!(g3, g2);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(gradebook().await.1, Some(g2), "not before release");
+    release().await;
+    wait_grade(g3).await;
+
+    // ---- Who changed what ------------------------------------------------------
+    let (status, audit) = env
+        .api(
+            reqwest::Method::GET,
+            &teacher,
+            &format!("/api/v1/assignments/{assignment}/audit"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{audit}");
+    let entries = audit.as_array().expect("entries");
+    let by_teacher = |action: &str| -> Vec<&Value> {
+        entries
+            .iter()
+            .filter(|e| {
+                e["action"] == action
+                    && e["actor"]
+                        .as_str()
+                        .is_some_and(|a| a.starts_with(&teacher_id))
+            })
+            .collect()
+    };
+    let updates = by_teacher("assignment.update");
+    assert_eq!(updates.len(), 2, "{audit}");
+    assert_eq!(updates[0]["details"]["change"], "evaluation");
+    assert_eq!(updates[0]["details"]["summary"], "criteria or levels");
+    assert_eq!(updates[1]["details"]["change"], "scoring");
+    assert_eq!(updates[1]["details"]["summary"], "points or weights");
+    let rescores = by_teacher("assignment.rescore");
+    assert_eq!(rescores.len(), 2, "{audit}");
+    assert_eq!(rescores[0]["details"]["reevaluate"], 1);
+    assert_eq!(rescores[1]["details"]["scoring_only"], 1);
+    let releases: Vec<f64> = by_teacher("submission.release")
+        .iter()
+        .filter_map(|e| e["details"]["total"].as_f64())
+        .collect();
+    assert_eq!(releases, [g3, g2, g1], "each release with its grade");
+    // A student reads none of this.
+    let (status, _) = env
+        .api(
+            reqwest::Method::GET,
+            &student,
+            &format!("/api/v1/assignments/{assignment}/versions"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 403);
 }

@@ -448,3 +448,105 @@ async fn a_failing_plugin_fails_only_its_submission_once_with_a_plain_reason() {
     assert_eq!(done[2]["score"]["total"], 8.0);
     d.stop().await;
 }
+
+/// The same component with a custom section appended: another file (another
+/// sha256), the same plugin.
+fn with_custom_section(mut wasm: Vec<u8>, tag: &str) -> Vec<u8> {
+    let name = b"viva-test";
+    let mut payload = vec![name.len() as u8];
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(tag.as_bytes());
+    assert!(payload.len() < 128, "one-byte LEB128 size");
+    wasm.push(0);
+    wasm.push(payload.len() as u8);
+    wasm.extend_from_slice(&payload);
+    wasm
+}
+
+/// Issue 16: an assignment pins its plugin by sha256 when saved; a newer
+/// upload under the same name changes no pending grade; saving the
+/// assignment again pins the new file as a new version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assignment_keeps_its_pinned_plugin_until_saved_again() {
+    let d = TestDaemon::start_scoring(&fast(), short_window).await;
+    let admin = d.token(Role::Admin, "admin", "sandbox");
+    let teacher = d.token(Role::Instructor, "teacher", "sandbox");
+    let (status, first) = upload_plugin(&d, &admin, hostile_wasm()).await;
+    assert_eq!(status, 201, "{first}");
+    let body = assignment("pinned", "hostile", json!({"mode": "ok"}), "manual");
+    let (status, a) = d
+        .send(
+            reqwest::Method::POST,
+            &teacher,
+            "/api/v1/assignments",
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(status, 201, "{a}");
+    assert_eq!(a["plugin_sha256"], first["sha256"]);
+    // A newer upload of the "same" plugin: another file.
+    let (status, second) =
+        upload_plugin(&d, &admin, with_custom_section(hostile_wasm(), "v2")).await;
+    assert_eq!(status, 201, "{second}");
+    assert_eq!(second["name"], first["name"]);
+    assert_ne!(second["sha256"], first["sha256"]);
+
+    let alice = d.token(Role::Learner, "alice", "sandbox");
+    let f = tone(d.dir.path(), "a.wav", 1.0);
+    let (status, sub) = d.upload(&alice, "pinned", &f).await;
+    assert_eq!(status, 201, "{sub}");
+    let id = sub["id"].as_str().expect("id").to_owned();
+    let done = d.wait_scored(&[id], Duration::from_secs(60)).await;
+    assert_eq!(
+        done[0]["score"]["report"]["plugin"]["sha256"], first["sha256"],
+        "scored with the pinned file, not the newest upload: {}",
+        done[0]
+    );
+
+    // A disabled upload is out of use, pinned or not: scoring fails with
+    // a reason that says what to do.
+    let (status, _) = d
+        .send(
+            reqwest::Method::POST,
+            &admin,
+            &format!(
+                "/api/v1/plugins/{}/disable",
+                first["id"].as_str().expect("id")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let bob = d.token(Role::Learner, "bob", "sandbox");
+    let (status, sub) = d.upload(&bob, "pinned", &f).await;
+    assert_eq!(status, 201, "{sub}");
+    let id = sub["id"].as_str().expect("id").to_owned();
+    let done = d.wait_scored(&[id], Duration::from_secs(60)).await;
+    assert_eq!(done[0]["state"], "failed", "{}", done[0]);
+    assert!(
+        done[0]["failure_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("is disabled; enable it, or save the assignment")),
+        "{}",
+        done[0]
+    );
+
+    // Saved again: the newest enabled upload is pinned, as version 2.
+    let (status, a2) = d
+        .send(
+            reqwest::Method::PUT,
+            &teacher,
+            "/api/v1/assignments/pinned",
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, 200, "{a2}");
+    assert_eq!(a2["plugin_sha256"], second["sha256"]);
+    assert_eq!(a2["version"], 2);
+    let (_, versions) = d.get(&teacher, "/api/v1/assignments/pinned/versions").await;
+    assert_eq!(versions["versions"][0]["summary"], "plugin", "{versions}");
+    assert_eq!(versions["versions"][0]["change"], "scoring");
+    assert_eq!(versions["versions"][1]["plugin_sha256"], first["sha256"]);
+    assert_eq!(versions["needs_rescore"], 1, "alice's grade; bob's failed");
+    d.stop().await;
+}

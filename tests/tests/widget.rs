@@ -1108,6 +1108,101 @@ async fn instructor_edits_rubric_configures_plugin_reviews_overrides_and_release
     d.stop().await;
 }
 
+/// Issue 16's versions in the instructor view: after a points-only edit the
+/// Versions tab lists both versions and the stale grade; "Rescore" runs the
+/// plugin again (no model call) with a progress bar; axe-clean, no sideways
+/// scrolling at 320 px; the rescored grade waits for release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instructor_sees_versions_and_rescores_with_progress() {
+    let Some(b) = browser() else { return };
+    let d = fast_daemon(&[]).await;
+    let teacher = d.token(Role::Instructor, "teacher", "sandbox");
+    let alice = d.token(Role::Learner, "alice", "sandbox");
+    let media = d.dir.path().join("media");
+    std::fs::create_dir_all(&media).expect("dir");
+    let (_, sub) = d
+        .upload(&alice, "sandbox-oral-1", &tone(&media, "answer.wav", 1.0))
+        .await;
+    let id = sub["id"].as_str().expect("id").to_owned();
+    let before = d
+        .wait_scored(std::slice::from_ref(&id), Duration::from_secs(60))
+        .await;
+    let (_, a) = d.get(&teacher, "/api/v1/assignments/sandbox-oral-1").await;
+    let mut rubric = a["rubric"].clone();
+    rubric["criteria"][0]["weight"] = json!(3);
+    let (status, saved) = send(
+        &d,
+        "PUT",
+        &teacher,
+        "/api/v1/assignments/sandbox-oral-1",
+        Some(
+            json!({"title": a["title"], "prompt": a["prompt"], "rubric": rubric,
+                    "plugin": a["plugin"], "plugin_config": a["plugin_config"],
+                    "release_policy": a["release_policy"]}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{saved}");
+    assert_eq!(saved["version"], 2);
+    let evals = |d: &TestDaemon| {
+        d.fake_events()
+            .iter()
+            .filter(|e| e["ev"] == "job_start" && e["kind"] == "evaluator")
+            .count()
+    };
+    let calls = evals(&d);
+    let out = artifacts("versions");
+    let report = scenario(
+        &b,
+        &d,
+        "instructor-versions",
+        &out,
+        &["--token".into(), teacher.clone()],
+    )
+    .await;
+    let seen = &report["seen"];
+    assert!(
+        seen["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("Version 2 is current")
+                && s.contains("1 graded submission uses an older version")),
+        "{seen}"
+    );
+    assert!(
+        seen["table"].as_str().is_some_and(
+            |t| t.contains("Scoring only: points or weights") && t.contains("teacher@sandbox")
+        ),
+        "{seen}"
+    );
+    assert!(
+        seen["rescores"]
+            .as_str()
+            .is_some_and(|r| r.contains("To version 2: 1 of 1 done")
+                && r.contains("1 by the plugin only (no model call), 0 evaluated again")
+                && r.contains("wait for your release")),
+        "{seen}"
+    );
+    assert_eq!(seen["progress"], json!([1, 1]), "{seen}");
+    assert!(
+        seen["done_status"]
+            .as_str()
+            .is_some_and(|s| s.contains("Every graded submission uses the current version")),
+        "{seen}"
+    );
+    assert_eq!(evals(&d), calls, "no model call");
+    let (_, after) = d.get(&teacher, &format!("/api/v1/submissions/{id}")).await;
+    assert_eq!(after["state"], "awaiting_review", "{after}");
+    assert_eq!(after["assignment_version"], 2);
+    assert_ne!(after["score"]["total"], before[0]["score"]["total"]);
+    assert!(
+        report["screenshots"]
+            .as_array()
+            .is_some_and(|s| s.len() >= 3),
+        "{report}"
+    );
+    d.stop().await;
+}
+
 /// The admin view (health, models and workers, registrations, plugins with
 /// a refused upload) with axe checks on every tab.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

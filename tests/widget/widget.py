@@ -372,6 +372,31 @@ def instructor_review(driver, args):
     RESULT["seen"] = seen
 
 
+def instructor_versions(driver, args):
+    """The Versions tab after a points-only edit: versions list, rescore, progress."""
+    open_app(driver, args, args.token, "&view=instructor")
+    wait(driver, lambda: q(driver, "[data-testid=dashboard]"), what="the dashboard")
+    tab = [b for b in driver.find_elements(By.CSS_SELECTOR, "[role=tab]") if b.text == "Versions"][0]
+    tab.click()
+    wait(driver, lambda: "older version" in text(driver, "[data-testid=version-status]"), what="the stale submission")
+    seen = {"status": text(driver, "[data-testid=version-status]"), "table": text(driver, "[data-testid=version-table]")}
+    shot(driver, args, "1-versions")
+    axe(driver, args, "instructor-versions")
+    q(driver, "[data-testid=rescore]").click()
+    wait(driver, lambda: "1 of 1 done" in text(driver, "[data-testid=rescores]"), what="the rescore to finish", timeout=60)
+    wait(driver, lambda: "current version" in text(driver, "[data-testid=version-status]"), what="the status to refresh")
+    seen["message"] = text(driver, "[data-testid=rescore-message]")
+    seen["rescores"] = text(driver, "[data-testid=rescores]")
+    seen["done_status"] = text(driver, "[data-testid=version-status]")
+    seen["progress"] = driver.execute_script("const p = document.querySelector('[data-testid=rescores] progress'); return p ? [p.value, p.max] : null")
+    shot(driver, args, "2-rescored")
+    axe(driver, args, "instructor-rescored")
+    no_overflow(driver, 320, "instructor-versions")
+    shot(driver, args, "3-versions-320")
+    no_overflow(driver, 1280, "instructor-versions")
+    RESULT["seen"] = seen
+
+
 def admin(driver, args):
     open_app(driver, args, args.token, "&view=admin")
     wait(driver, lambda: q(driver, "[data-testid=health]"), what="health")
@@ -423,6 +448,7 @@ SCENARIOS = {
     "student-record": student_record,
     "instructor-edit": instructor_edit,
     "instructor-review": instructor_review,
+    "instructor-versions": instructor_versions,
     "admin": admin,
 }
 

@@ -47,6 +47,7 @@ export function mount(panel, ctx) {
     ];
     if (current) {
       list.unshift({ id: 'queue', label: S.tabs.queue, render: (p) => dashboard(p) });
+      list.push({ id: 'versions', label: S.tabs.versions, render: (p) => versions(p) });
       list.push({ id: 'students', label: S.tabs.students, render: (p) => students(p) });
     }
     tabset = tabs(S.views.instructor, list, initial);
@@ -239,6 +240,64 @@ export function mount(panel, ctx) {
         passback.length ? h('div', {}, h('h4', { text: S.passback }), h('ul', {}, passback.map((r) => h('li', { text: S.passbackRow(r) })))) : null);
     }
     render();
+  }
+
+  // ---- rubric and plugin versions, rescoring ----
+  function versions(p) {
+    const wrap = h('div', { 'data-testid': 'versions' });
+    const msg = h('div', { 'aria-live': 'polite', 'data-testid': 'rescore-message' });
+    p.append(h('h2', { text: S.versionsTitle }), h('p', { class: 'help', text: S.versionsHelp }), msg, wrap);
+    let timer = null, stopped = false;
+    const base = `/api/v1/assignments/${enc(current.id)}`;
+    const refresh = async () => {
+      if (stopped) return;
+      let v, r;
+      try {
+        [v, r] = await Promise.all([api.get(`${base}/versions`), api.get(`${base}/rescores`)]);
+      } catch (e) {
+        clear(wrap, notice('error', S.loadFailed(errorText(e))));
+        return;
+      }
+      if (stopped) return;
+      render(v, r);
+      // Poll while a rescore runs.
+      if (r.some((x) => !x.finished_at && x.done < x.total)) timer = setTimeout(refresh, 1500);
+    };
+    async function start() {
+      try {
+        const r = await api.post(`${base}/rescore`, {});
+        msg.textContent = S.rescoreStarted(r.total);
+        announce(S.rescoreStarted(r.total));
+      } catch (e) {
+        clear(msg, notice('error', errorText(e)));
+      }
+      clearTimeout(timer);
+      refresh();
+    }
+    function render(v, rescores) {
+      const running = rescores.some((x) => !x.finished_at && x.done < x.total);
+      const status = h('div', { class: 'field' },
+        h('p', { 'data-testid': 'version-status', text: `${S.versionCurrent(v.current)} ${v.needs_rescore ? S.needsRescore(v.needs_rescore) : S.upToDate}` }),
+        v.needs_rescore && !running ? h('button', { type: 'button', 'data-testid': 'rescore', text: S.rescoreButton, on: { click: start } }) : null,
+        running ? h('p', { class: 'muted', text: S.rescoreRunning }) : null);
+      const list = rescores.length ? h('section', { 'data-testid': 'rescores' }, h('h3', { text: S.rescoresTitle }),
+        h('ul', { class: 'rescores' }, rescores.map((x) => h('li', { 'data-rescore': x.id },
+          h('label', { for: `p-${x.id}`, text: S.rescoreLine(x.version, x.done, x.total) }), ' ',
+          h('progress', { id: `p-${x.id}`, max: String(Math.max(1, x.total)), value: String(x.total ? x.done : 1) }),
+          h('p', { class: 'muted', text: [S.rescoreSplit(x.scoring_only, x.reevaluate), x.failed ? S.rescoreFailed(x.failed) : null, S.rescoreBy(x.created_by, fmtDate(x.created_at))].filter(Boolean).join(' · ') }),
+          x.total && x.done >= x.total && x.done > x.failed ? h('p', { text: S.rescoreRelease }) : null)))) : null;
+      const rows = v.versions.map((x) => [
+        `${x.version}${x.current ? S.currentMark : ''}`,
+        fmtDate(x.created_at),
+        x.created_by,
+        `${S.versionChange[x.change] || x.change}${x.change === 'created' ? '' : `: ${x.summary}`}`,
+        h('span', { title: x.plugin_sha256 || '' }, x.plugin_sha256 ? `${x.plugin} ${x.plugin_sha256.slice(0, 12)}` : x.plugin),
+        String(x.submissions),
+      ]);
+      clear(wrap, status, list, table(S.versionCaption, S.versionCols, rows, { 'data-testid': 'version-table' }));
+    }
+    refresh();
+    return () => { stopped = true; clearTimeout(timer); };
   }
 
   // ---- rubric editor and plugin configuration ----

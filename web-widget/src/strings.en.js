@@ -141,7 +141,7 @@ export default {
   },
 
   // Instructor
-  tabs: { queue: 'Queue', rubric: 'Rubric and plugin', students: 'Students' },
+  tabs: { queue: 'Queue', rubric: 'Rubric and plugin', versions: 'Versions', students: 'Students' },
   newAssignment: 'New assignment',
   queueTitle: 'Queue dashboard',
   refreshing: 'Updates every few seconds.',
@@ -334,4 +334,24 @@ export default {
   action: 'Action',
   actor: 'Who',
   subject: 'Subject',
+
+  // Rubric and plugin versions, rescoring (instructor)
+  versionsTitle: 'Rubric and plugin versions',
+  versionsHelp: 'Saving a change to the prompt, rubric, plugin or its configuration makes a new version. New submissions are graded with the current version; graded ones keep theirs until you rescore them. A rescored grade waits for your release: students and the gradebook keep the released grade until then.',
+  versionCurrent: (v) => `Version ${v} is current.`,
+  needsRescore: (n) => (n === 1 ? '1 graded submission uses an older version.' : `${n} graded submissions use an older version.`),
+  upToDate: 'Every graded submission uses the current version.',
+  rescoreButton: 'Rescore them with the current version',
+  rescoreStarted: (n) => `Rescoring ${n} submission${n === 1 ? '' : 's'}.`,
+  rescoreRunning: 'A rescore is still running.',
+  rescoresTitle: 'Rescores',
+  rescoreLine: (v, done, total) => `To version ${v}: ${done} of ${total} done`,
+  rescoreSplit: (plugin, evaluate) => `${plugin} by the plugin only (no model call), ${evaluate} evaluated again`,
+  rescoreFailed: (n) => `${n} failed`,
+  rescoreBy: (who, when) => `started by ${who}, ${when}`,
+  rescoreRelease: 'The new grades wait for your release in the Queue tab.',
+  versionCols: ['Version', 'Saved', 'By', 'What changed', 'Plugin', 'Submissions'],
+  versionChange: { created: 'Created', scoring: 'Scoring only', evaluation: 'Evaluation' },
+  versionCaption: 'Every version, newest first',
+  currentMark: ' (current)',
 };

@@ -190,7 +190,7 @@ pub(super) async fn create_assignment(
     let ctx = context_for(&st, &mut c, q.context.as_deref()).await?;
     require_manage(&c, &ctx)?;
     input.validate()?;
-    crate::plugins::check_assignment(&st.plugins, &ctx, &input).await?;
+    let sha = crate::plugins::check_assignment(&st.plugins, &ctx, &input).await?;
     let id = input.id.clone().unwrap_or_else(|| new_id("asg"));
     let actor = c.actor();
     let a = st
@@ -203,8 +203,14 @@ pub(super) async fn create_assignment(
                 });
             }
             domain::ensure_context(tx, &ctx, &ctx)?;
-            let a = domain::upsert_assignment(tx, &ctx, &id, &input)?;
-            domain::audit(tx, &actor, "assignment.create", &id, serde_json::json!({}))?;
+            let (a, _) = domain::save_assignment(tx, &ctx, &id, &input, Some(&sha), &actor)?;
+            domain::audit(
+                tx,
+                &actor,
+                "assignment.create",
+                &id,
+                serde_json::json!({"version": a.version, "plugin": a.plugin, "plugin_sha256": a.plugin_sha256}),
+            )?;
             Ok(a)
         })
         .await?;
@@ -226,16 +232,109 @@ pub(super) async fn update_assignment(
             "the body's id differs from the URL's",
         ));
     }
-    crate::plugins::check_assignment(&st.plugins, &existing.context_id, &input).await?;
+    let sha = crate::plugins::check_assignment(&st.plugins, &existing.context_id, &input).await?;
     let actor = c.actor();
     let ctx = existing.context_id.clone();
     Ok(Json(
         st.store
             .write(move |tx| {
-                let a = domain::upsert_assignment(tx, &ctx, &id, &input)?;
-                domain::audit(tx, &actor, "assignment.update", &id, serde_json::json!({}))?;
+                let (a, version) =
+                    domain::save_assignment(tx, &ctx, &id, &input, Some(&sha), &actor)?;
+                // Who changed what: the new version, what it changed and
+                // the pinned plugin, or that nothing graded changed.
+                let details = match &version {
+                    Some(v) => serde_json::json!({
+                        "version": v.version, "from_version": existing.version,
+                        "change": v.change, "summary": v.summary,
+                        "plugin": v.plugin, "plugin_sha256": v.plugin_sha256,
+                    }),
+                    None => serde_json::json!({"version": a.version, "change": null}),
+                };
+                domain::audit(tx, &actor, "assignment.update", &id, details)?;
                 Ok(a)
             })
+            .await?,
+    ))
+}
+
+/// `GET /api/v1/assignments/{id}/versions`: every version of the graded
+/// parts (staff), newest first, with how many submissions each grades.
+pub(super) async fn list_versions(
+    State(st): State<AppState>,
+    Session(mut c): Session,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>> {
+    let a = load_assignment(&st, &mut c, id.clone()).await?;
+    require_manage(&c, &a.context_id)?;
+    let current = a.version;
+    let (versions, counts, stale) = st
+        .store
+        .read(move |conn| {
+            let versions = domain::list_versions(conn, &id)?;
+            let mut stmt = conn.prepare(
+                "SELECT COALESCE(assignment_version, 0), COUNT(*) FROM submissions
+                 WHERE assignment_id = ?1 GROUP BY 1",
+            )?;
+            let counts: std::collections::HashMap<i64, i64> = stmt
+                .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            let stale: i64 = conn.query_row(
+                "SELECT COUNT(*) FROM submissions WHERE assignment_id = ?1
+                   AND state IN ('awaiting_review', 'released')
+                   AND COALESCE(assignment_version, 0) != ?2",
+                rusqlite::params![id, current],
+                |r| r.get(0),
+            )?;
+            Ok((versions, counts, stale))
+        })
+        .await?;
+    let versions: Vec<serde_json::Value> = versions
+        .into_iter()
+        .map(|v| {
+            let n = counts.get(&v.version).copied().unwrap_or(0);
+            let mut j = serde_json::to_value(&v).unwrap_or_default();
+            j["submissions"] = n.into();
+            j["current"] = (v.version == current).into();
+            j
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "current": current,
+        "needs_rescore": stale,
+        "versions": versions,
+    })))
+}
+
+/// `POST /api/v1/assignments/{id}/rescore`: brings every graded submission
+/// to the current version ([`jobs::start_rescore`]); 202 with the batch.
+pub(super) async fn rescore(
+    State(st): State<AppState>,
+    Session(mut c): Session,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<crate::jobs::Rescore>)> {
+    let a = load_assignment(&st, &mut c, id.clone()).await?;
+    require_manage(&c, &a.context_id)?;
+    let actor = c.actor();
+    let r = st
+        .store
+        .write(move |tx| crate::jobs::start_rescore(tx, &id, &actor))
+        .await?;
+    st.scheduler.poke();
+    Ok((StatusCode::ACCEPTED, Json(r)))
+}
+
+/// `GET /api/v1/assignments/{id}/rescores`: the assignment's rescores,
+/// newest first, with progress (`done` of `total`, `failed`).
+pub(super) async fn list_rescores(
+    State(st): State<AppState>,
+    Session(mut c): Session,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<crate::jobs::Rescore>>> {
+    let a = load_assignment(&st, &mut c, id.clone()).await?;
+    require_manage(&c, &a.context_id)?;
+    Ok(Json(
+        st.store
+            .read(move |conn| crate::jobs::rescores(conn, &id))
             .await?,
     ))
 }
@@ -888,6 +987,22 @@ pub(super) async fn media(
         body,
     )
         .into_response())
+}
+
+/// `GET /api/v1/assignments/{id}/audit`: who changed the assignment's
+/// rubric or plugin, rescored or released its grades (staff), newest first.
+pub(super) async fn assignment_audit(
+    State(st): State<AppState>,
+    Session(mut c): Session,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>> {
+    let a = load_assignment(&st, &mut c, id.clone()).await?;
+    require_manage(&c, &a.context_id)?;
+    let entries = st
+        .store
+        .read(move |conn| domain::assignment_audit(conn, &id, 500))
+        .await?;
+    Ok(Json(serde_json::to_value(entries).unwrap_or_default()))
 }
 
 #[cfg(test)]

@@ -520,7 +520,9 @@ fn resolve_assignment(
         release_policy: Some(a.release_policy),
         max_attempts: a.max_attempts,
     };
-    domain::upsert_assignment(tx, context, &id, &input)?;
+    // The copy grades as the original does: the same plugin file.
+    let pin = Some(a.plugin_sha256.as_str()).filter(|s| !s.is_empty());
+    domain::save_assignment(tx, context, &id, &input, pin, "lti")?;
     domain::audit(
         tx,
         "lti",
@@ -872,7 +874,7 @@ pub(super) async fn deep_link(
         }
         (None, Some(input)) => {
             input.validate()?;
-            crate::plugins::check_assignment(&st.plugins, &dl.context_id, &input).await?;
+            let sha = crate::plugins::check_assignment(&st.plugins, &dl.context_id, &input).await?;
             let ctx = dl.context_id.clone();
             let actor = c.actor();
             st.store
@@ -884,7 +886,8 @@ pub(super) async fn deep_link(
                             message: format!("assignment {id} already exists"),
                         });
                     }
-                    let a = domain::upsert_assignment(tx, &ctx, &id, &input)?;
+                    let (a, _) =
+                        domain::save_assignment(tx, &ctx, &id, &input, Some(&sha), &actor)?;
                     domain::audit(
                         tx,
                         &actor,

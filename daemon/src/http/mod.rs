@@ -87,6 +87,10 @@ pub fn router(state: AppState) -> Router {
                 .get(api::list_assignment_submissions)
                 .layer(DefaultBodyLimit::disable()),
         )
+        .route("/api/v1/assignments/{id}/versions", get(api::list_versions))
+        .route("/api/v1/assignments/{id}/rescore", post(api::rescore))
+        .route("/api/v1/assignments/{id}/rescores", get(api::list_rescores))
+        .route("/api/v1/assignments/{id}/audit", get(api::assignment_audit))
         .route(
             "/api/v1/assignments/{id}/release-all",
             post(review::release_all),

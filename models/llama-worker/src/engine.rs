@@ -28,7 +28,7 @@ use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use serde::{Deserialize, Serialize, Serializer};
 use viva_models::grammar::{
-    GrammarLimits, MAX_FIELD_CHARS, OutputGrammar, output_grammar, parse_ratings,
+    GrammarLimits, MAX_FIELD_CHARS, OutputGrammar, output_grammar, parse_answer,
 };
 use viva_models::prompt::{EvaluationPrompt, PromptOptions, TRANSCRIPT_SLOT, build_prompt};
 use viva_models::protocol::ModelSpec;
@@ -948,7 +948,7 @@ impl Engine {
         for s in seqs {
             let text = String::from_utf8_lossy(&s.output).into_owned();
             let result = match s.done {
-                Some(Ok(())) => parse_ratings(&text, s.rubric).map_err(|e| e.to_string()),
+                Some(Ok(())) => parse_answer(&text, s.rubric).map_err(|e| e.to_string()),
                 Some(Err(e)) => Err(e),
                 None => Err("the evaluation did not finish".into()),
             };
@@ -962,8 +962,14 @@ impl Engine {
                     s.cut.len()
                 ));
             }
+            if let Ok(answer) = &result
+                && answer.addresses_grader == Some(true)
+            {
+                flags[s.item].push(injection::addresses_grader_flag(&self.name));
+            }
             match result {
-                Ok(ratings) => {
+                Ok(answer) => {
+                    let ratings = answer.ratings;
                     outcome.evaluation = Some(Evaluation {
                         role: role.to_owned(),
                         model: self.name.clone(),

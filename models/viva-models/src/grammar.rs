@@ -4,8 +4,16 @@
 //! The evaluator's answer is one JSON object:
 //!
 //! ```json
-//! {"ratings":[{"criterion_id":"content","evidence":"…","rationale":"…","level":"complete"}, …]}
+//! {"addresses_grader":false,"ratings":[{"criterion_id":"content","evidence":"…","rationale":"…","level":"complete"}, …]}
 //! ```
+//!
+//! `addresses_grader` comes first: the model judges the whole answer —
+//! does it speak to whoever grades it, or about its own grading or marks,
+//! instead of answering the question? — before it rates anything, so the
+//! judgement does not follow from the levels it chose. `true` becomes the
+//! evaluator flag [`crate::injection::ADDRESSES_GRADER`], which holds the
+//! grade for review (a layer beside the keyword detector, see
+//! [`crate::injection`]).
 //!
 //! with every criterion exactly once, in rubric order. The GBNF grammar
 //! (llama.cpp's grammar format) makes any other output impossible: criterion
@@ -100,11 +108,16 @@ pub fn output_grammar(rubric: &Rubric, limits: GrammarLimits) -> OutputGrammar {
         .map(|i| format!("c{i}"))
         .collect();
     gbnf.push_str("root ::= ");
-    gbnf.push_str(&gbnf_literal("{\"ratings\":"));
+    gbnf.push_str(&gbnf_literal("{\"addresses_grader\":"));
+    gbnf.push_str(" sp (\"true\" | \"false\") \",\" sp ");
+    gbnf.push_str(&gbnf_literal("\"ratings\":"));
     gbnf.push_str(" sp \"[\" ");
     gbnf.push_str(&items.join(" \",\" sp "));
     gbnf.push_str(" \"]}\"\n");
-    max += "{\"ratings\": [".len() + "]}".len() + 2 * rubric.criteria.len().saturating_sub(1);
+    max += "{\"addresses_grader\": false, ".len()
+        + "\"ratings\": [".len()
+        + "]}".len()
+        + 2 * rubric.criteria.len().saturating_sub(1);
 
     for (i, c) in rubric.criteria.iter().enumerate() {
         let head = "{\"criterion_id\":";
@@ -161,7 +174,20 @@ pub fn output_grammar(rubric: &Rubric, limits: GrammarLimits) -> OutputGrammar {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Answer {
+    /// Absent in answers from before the field (and from workers that
+    /// do not ask for it).
+    #[serde(default)]
+    addresses_grader: Option<bool>,
     ratings: Vec<CriterionRating>,
+}
+
+/// A parsed answer: the per-submission judgement and the ratings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedAnswer {
+    /// Whether the model judged that the answer speaks to the grader or
+    /// about its grading (`None`: not asked).
+    pub addresses_grader: Option<bool>,
+    pub ratings: Vec<CriterionRating>,
 }
 
 /// Parses a model's answer and checks it against the rubric: every
@@ -169,6 +195,11 @@ struct Answer {
 /// (Grammar-constrained output always passes; this guards against a model
 /// or backend that ignored the grammar.)
 pub fn parse_ratings(output: &str, rubric: &Rubric) -> Result<Vec<CriterionRating>, Error> {
+    parse_answer(output, rubric).map(|a| a.ratings)
+}
+
+/// [`parse_ratings`] with the `addresses_grader` judgement.
+pub fn parse_answer(output: &str, rubric: &Rubric) -> Result<ParsedAnswer, Error> {
     let answer: Answer = serde_json::from_str(output.trim())
         .map_err(|e| Error::Output(format!("not the expected JSON ({e})")))?;
     if answer.ratings.len() != rubric.criteria.len() {
@@ -192,7 +223,10 @@ pub fn parse_ratings(output: &str, rubric: &Rubric) -> Result<Vec<CriterionRatin
             )));
         }
     }
-    Ok(answer.ratings)
+    Ok(ParsedAnswer {
+        addresses_grader: answer.addresses_grader,
+        ratings: answer.ratings,
+    })
 }
 
 #[cfg(test)]
@@ -215,7 +249,12 @@ mod tests {
     fn grammar_names_every_criterion_in_order_with_its_labels() {
         let g = output_grammar(&rubric(), GrammarLimits::default());
         let root = g.gbnf.lines().next().expect("root");
-        assert!(root.starts_with("root ::= \"{\\\"ratings\\\":\""), "{root}");
+        assert!(
+            root.starts_with(
+                "root ::= \"{\\\"addresses_grader\\\":\" sp (\"true\" | \"false\") \",\" sp \"\\\"ratings\\\":\""
+            ),
+            "{root}"
+        );
         assert!(root.contains("c0 \",\" sp c1"), "{root}");
         assert!(
             g.gbnf
@@ -265,15 +304,31 @@ mod tests {
                 )
             })
             .collect();
-        let longest = format!("{{\"ratings\": [{}]}}", ratings.join(", "));
+        let longest = format!(
+            "{{\"addresses_grader\": false, \"ratings\": [{}]}}",
+            ratings.join(", ")
+        );
         assert!(
             longest.chars().count() <= g.max_output_chars,
             "{} > {}",
             longest.chars().count(),
             g.max_output_chars
         );
-        let parsed = parse_ratings(&longest, &r).expect("parses");
-        assert_eq!(parsed[1].level, "weak \"ok\"");
+        let parsed = parse_answer(&longest, &r).expect("parses");
+        assert_eq!(parsed.ratings[1].level, "weak \"ok\"");
+        assert_eq!(parsed.addresses_grader, Some(false));
+    }
+
+    #[test]
+    fn the_grader_judgement_is_parsed_and_optional() {
+        let r = rubric();
+        let ratings = r#""ratings":[{"criterion_id":"content","evidence":"","rationale":"","level":"partial"},{"criterion_id":"delivery","evidence":"","rationale":"","level":"strong"}]"#;
+        let yes =
+            parse_answer(&format!("{{\"addresses_grader\":true,{ratings}}}"), &r).expect("parses");
+        assert_eq!(yes.addresses_grader, Some(true));
+        let old = parse_answer(&format!("{{{ratings}}}"), &r).expect("older answers parse");
+        assert_eq!(old.addresses_grader, None);
+        assert!(parse_answer(&format!("{{\"addresses_grader\":\"yes\",{ratings}}}"), &r).is_err());
     }
 
     #[test]
