@@ -147,7 +147,6 @@ struct Worker {
 
 impl Worker {
     fn log(&self, ev: &str, job: Option<&str>, items: Option<usize>, ok: Option<bool>) {
-        let Some(file) = &self.log else { return };
         let mut line = serde_json::json!({
             "ev": ev,
             "pid": self.pid,
