@@ -251,7 +251,7 @@ mod tests {
             ex("never shown: the budget is spent", "missing"),
         ];
         let options = PromptOptions {
-            max_exemplar_chars: 300,
+            max_exemplar_chars: 150,
             ..PromptOptions::default()
         };
         let p = build_prompt(&it, &options);
