@@ -223,18 +223,27 @@ fn pairs(sets: &[Set], outcomes: &[&Outcome], grader: &str, criterion: Option<&s
     v
 }
 
-fn cell(a: Option<&Agreement>) -> String {
+/// Two decimals, without a negative zero.
+fn two(x: f64) -> String {
+    let x = if x.abs() < 0.005 { 0.0 } else { x };
+    format!("{x:+.2}")
+}
+
+/// exact | adjacent | QWK [CI] | mean difference, or dashes.
+fn cells(a: Option<&Agreement>) -> String {
     match a {
-        None => "—".into(),
+        None => "— | — | — | —".into(),
         Some(a) => {
             let q = match (a.qwk, a.qwk_ci95) {
-                (Some(q), Some([lo, hi])) => format!("{q:+.2} [{lo:+.2}, {hi:+.2}]"),
-                (Some(q), None) => format!("{q:+.2}"),
+                (Some(q), Some([lo, hi])) => format!("{} [{}, {}]", two(q), two(lo), two(hi)),
+                (Some(q), None) => two(q),
                 (None, _) => "undefined".into(),
             };
             format!(
-                "{:>3} | {:.2} | {:.2} | {q} | {:+.2}",
-                a.n, a.exact, a.adjacent, a.mean_difference
+                "{:.2} | {:.2} | {q} | {}",
+                a.exact,
+                a.adjacent,
+                two(a.mean_difference)
             )
         }
     }
@@ -361,21 +370,31 @@ async fn run() -> anyhow::Result<()> {
     println!();
     println!(
         "Agreement with the instructor on the {} answers that are not exemplars \
-         (n | exact | adjacent | QWK [95% bootstrap CI] | mean difference in levels):",
+         (exact and adjacent agreement, QWK with its 95% bootstrap interval, mean \
+         difference grader − instructor in levels; without and with exemplars):",
         plain_same.len()
     );
     println!();
-    println!("| grader | criterion | without exemplars | with exemplars |");
-    println!("|---|---|---|---|");
+    println!(
+        "| grader | criterion | n | exact | adjacent | QWK [95% CI] | mean diff \
+         | exact (with) | adjacent (with) | QWK [95% CI] (with) | mean diff (with) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for grader in ["a", "b", "combined"] {
         for c in criteria.iter().map(|c| Some(c.as_str())).chain([None]) {
             let without = stats::agreement(&pairs(&sets, &plain_same, grader, c));
             let within = stats::agreement(&pairs(&sets, &with, grader, c));
+            let n = |a: &Option<Agreement>| a.as_ref().map_or(0, |a| a.n);
+            let count = if n(&without) == n(&within) {
+                n(&without).to_string()
+            } else {
+                format!("{} / {}", n(&without), n(&within))
+            };
             println!(
-                "| {grader} | {} | {} | {} |",
+                "| {grader} | {} | {count} | {} | {} |",
                 c.unwrap_or("overall"),
-                cell(without.as_ref()),
-                cell(within.as_ref())
+                cells(without.as_ref()),
+                cells(within.as_ref())
             );
         }
     }
@@ -417,11 +436,18 @@ async fn run() -> anyhow::Result<()> {
         println!("- {aid}: {}", r["verdict"].as_str().unwrap_or_default());
     }
     println!();
+    // The machine's load says how far the wall time is this code's.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "wall {:.0} s (run without exemplars and the examples {:.0} s, run with exemplars {:.0} s)",
+        "wall {:.0} s (run without exemplars and the examples {:.0} s, run with exemplars {:.0} s); \
+         load average at the end {}",
         wall.as_secs_f64(),
         t_plain.as_secs_f64(),
-        (wall - t_plain).as_secs_f64()
+        (wall - t_plain).as_secs_f64(),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     d.stop().await;
     Ok(())
