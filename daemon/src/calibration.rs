@@ -741,10 +741,10 @@ pub(crate) fn report(conn: &Connection, a: &Assignment) -> Result<Report> {
 
 // ---- CSV -----------------------------------------------------------------------------
 
-/// One CSV field: quoted when needed, and a leading `=`, `+`, `-`, `@` made
+/// One CSV field: quoted when needed, and a leading `=`, `+`, `-`, `@`, tab or CR made
 /// inert (a spreadsheet would run it as a formula; names come from outside).
 fn field(s: &str) -> String {
-    let s = if s.starts_with(['=', '+', '-', '@']) && s.parse::<f64>().is_err() {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) && s.parse::<f64>().is_err() {
         format!("'{s}")
     } else {
         s.to_owned()
@@ -1062,6 +1062,7 @@ mod tests {
         assert_eq!(field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
         assert_eq!(field("-1.5"), "-1.5", "numbers stay numbers");
         assert_eq!(field("@cmd"), "'@cmd");
+        assert_eq!(field("\t=1+1"), "'\t=1+1");
     }
 
     #[test]
