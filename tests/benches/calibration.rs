@@ -127,19 +127,24 @@ async fn upload(
     assignment: &dyn Fn(&Set) -> String,
     pick: &dyn Fn(&Answer) -> bool,
 ) -> anyhow::Result<Vec<(usize, usize, String)>> {
-    let mut out = Vec::new();
+    // Speech first, then the uploads in a burst: they form one STT batch
+    // instead of one per synthesis.
+    let mut files = Vec::new();
     for (si, set) in sets.iter().enumerate() {
         let aid = assignment(set);
         for (ai, a) in set.answers.iter().enumerate().filter(|(_, a)| pick(a)) {
-            let student = format!("student-{aid}-{ai}");
-            let token = d.token(Role::Learner, &student, "sandbox");
             let voice = ["en-us", "en-gb", "en-us+f3"][ai % 3];
             let media = speech(d.dir.path(), &format!("{aid}-{ai}.wav"), &a.text, voice);
-            let (status, body) = d.upload(&token, &aid, &media).await;
-            ensure!(status == 201, "upload {aid}/{ai}: {status} {body}");
-            let id = body["id"].as_str().context("submission id")?.to_owned();
-            out.push((si, ai, id));
+            files.push((si, ai, aid.clone(), media));
         }
+    }
+    let mut out = Vec::new();
+    for (si, ai, aid, media) in files {
+        let token = d.token(Role::Learner, &format!("student-{aid}-{ai}"), "sandbox");
+        let (status, body) = d.upload(&token, &aid, &media).await;
+        ensure!(status == 201, "upload {aid}/{ai}: {status} {body}");
+        let id = body["id"].as_str().context("submission id")?.to_owned();
+        out.push((si, ai, id));
     }
     Ok(out)
 }
@@ -294,7 +299,7 @@ async fn run() -> anyhow::Result<()> {
             w.options
                 .insert("rationale_chars".into(), toml::Value::Integer(80));
         }
-        c.scheduler.batch_window = Duration::from_secs(2);
+        c.scheduler.batch_window = Duration::from_secs(5);
         c.scheduler.stt_batch_size = 64;
         c.scheduler.eval_batch_size = 8;
         c.workers.load_timeout = Duration::from_secs(180);
