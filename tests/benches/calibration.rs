@@ -404,6 +404,28 @@ async fn run() -> anyhow::Result<()> {
         }
     }
 
+    // The examples really reached the real evaluators: their prompts grew.
+    let prompt_tokens = |list: &[&Outcome]| -> f64 {
+        let v: Vec<f64> = list
+            .iter()
+            .flat_map(|o| {
+                o.submission["evaluations"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .filter_map(|e| e["prompt_tokens"].as_f64())
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let (before, after) = (prompt_tokens(&plain_same), prompt_tokens(&with));
+    println!();
+    println!("Mean evaluator prompt: {before:.0} tokens without exemplars, {after:.0} with them.");
+    ensure!(
+        after > before + 20.0,
+        "the exemplars did not reach the evaluators' prompts ({before:.0} → {after:.0} tokens)"
+    );
+
     // What the instructor sees: the route's verdicts on the runs without
     // exemplars (every answer), cross-checked against the table's code.
     println!();
