@@ -10,6 +10,7 @@
 // plugins, lti, passback, retention, doctor, http, cli (scripts/check-layout
 // enforces it; ARCHITECTURE.md says what each owns).
 mod auth;
+mod calibration;
 pub mod cli;
 mod clock;
 pub mod config;

@@ -591,6 +591,7 @@ impl Scorer for PluginScorer {
             reasons: r.review_reasons.clone(),
             report,
             evaluator_flags: Vec::new(),
+            calibration_hold: None,
         })
     }
 }

@@ -99,6 +99,27 @@ pub struct ScoreOutcome {
     /// grade is never released automatically, under any release policy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evaluator_flags: Vec<String>,
+    /// Set by the daemon when the assignment's calibration gate is not met
+    /// (see [`crate::calibration::gate_hold`]): the grade waits for review
+    /// under an automatic release policy, with this reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration_hold: Option<String>,
+}
+
+/// Holds a grade for review, with the reason among its reasons, while its
+/// assignment's calibration gate is not met.
+pub(crate) fn hold_for_calibration(
+    mut outcome: ScoreOutcome,
+    hold: Option<String>,
+) -> ScoreOutcome {
+    if let Some(reason) = &hold {
+        if !outcome.reasons.contains(reason) {
+            outcome.reasons.push(reason.clone());
+        }
+        outcome.needs_review = true;
+    }
+    outcome.calibration_hold = hold;
+    outcome
 }
 
 /// The daemon's own rule, whatever the plugin reports: an evaluator flag
@@ -129,7 +150,7 @@ pub(crate) fn hold_for_evaluator_flags(
 
 /// Whether a scored grade is released at once.
 pub(crate) fn releases_at_once(policy: ReleasePolicy, outcome: &ScoreOutcome) -> bool {
-    let flagged = !outcome.evaluator_flags.is_empty();
+    let flagged = !outcome.evaluator_flags.is_empty() || outcome.calibration_hold.is_some();
     match policy {
         ReleasePolicy::Auto => !flagged,
         ReleasePolicy::AutoUnlessFlagged => !outcome.needs_review && !flagged,
@@ -1058,19 +1079,29 @@ impl Scheduler {
                 continue;
             }
             // Each submission is judged under the assignment version it
-            // records (a rubric edit affects it only through a rescore).
+            // records (a rubric edit affects it only through a rescore),
+            // with the instructor's examples for it.
             let submission_ids: Vec<String> =
                 claimed.iter().map(|c| c.submission_id.clone()).collect();
-            let assignments: HashMap<String, Assignment> = self
+            let (assignments, mut exemplars): (
+                HashMap<String, Assignment>,
+                HashMap<String, Vec<viva_models::Exemplar>>,
+            ) = self
                 .store
                 .read(move |c| {
                     let mut m = HashMap::new();
+                    let mut ex = HashMap::new();
                     for id in submission_ids {
                         if let Some(a) = crate::domain::assignment_for_submission(c, &id)? {
+                            ex.extend(crate::calibration::exemplars_for(
+                                c,
+                                &a,
+                                std::slice::from_ref(&id),
+                            )?);
                             m.insert(id, a);
                         }
                     }
-                    Ok(m)
+                    Ok((m, ex))
                 })
                 .await?;
             let mut items = Vec::new();
@@ -1083,6 +1114,7 @@ impl Scheduler {
                             assignment_prompt: a.prompt.clone(),
                             rubric: a.rubric.clone(),
                             transcript: t.text.clone(),
+                            exemplars: exemplars.remove(&c.submission_id).unwrap_or_default(),
                         });
                         jobs_in_call.push(c);
                     }
@@ -1195,23 +1227,28 @@ impl Scheduler {
                         for e in &mut evaluations {
                             viva_models::evidence::sanitise(e, &transcript.text);
                         }
-                        Ok(ScoreInput {
-                            assignment: a,
-                            submission_id: s.id,
-                            duration_seconds: s.duration_seconds,
-                            transcript,
-                            evaluations,
-                        })
+                        let hold = crate::calibration::gate_hold(c, &a)?;
+                        Ok((
+                            ScoreInput {
+                                assignment: a,
+                                submission_id: s.id,
+                                duration_seconds: s.duration_seconds,
+                                transcript,
+                                evaluations,
+                            },
+                            hold,
+                        ))
                     })
                     .await;
                 let result = match input {
                     Err(e) => Err(ScoreError::transient(e.to_string())),
-                    Ok(input) => {
+                    Ok((input, hold)) => {
                         let policy = input.assignment.release_policy;
                         tokio::task::spawn_blocking(move || {
                             scorer
                                 .score(&input)
                                 .map(|o| hold_for_evaluator_flags(o, &input.evaluations))
+                                .map(|o| hold_for_calibration(o, hold))
                         })
                         .await
                         .map_err(|e| ScoreError::permanent(format!("the scorer panicked: {e}")))

@@ -309,6 +309,36 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX rescores_by_assignment ON rescores(assignment_id);
     CREATE INDEX submissions_by_rescore ON submissions(rescore_id) WHERE rescore_id IS NOT NULL;
     "#,
+    // 12: calibration (issue 16): the instructor's own levels per criterion
+    // (set blind, before seeing the evaluations, or by an override), the
+    // submissions an instructor marked as exemplars for the evaluators, and
+    // an assignment's threshold for automatic release.
+    r#"
+    CREATE TABLE instructor_grades (
+        submission_id TEXT NOT NULL REFERENCES submissions(id) ON DELETE CASCADE,
+        criterion_id  TEXT NOT NULL,
+        level         TEXT,
+        points        REAL NOT NULL,
+        source        TEXT NOT NULL CHECK (source IN ('blind', 'override')),
+        graded_by     TEXT NOT NULL,
+        graded_at     INTEGER NOT NULL,
+        PRIMARY KEY (submission_id, criterion_id)
+    );
+    CREATE TABLE exemplars (
+        submission_id TEXT PRIMARY KEY REFERENCES submissions(id) ON DELETE CASCADE,
+        assignment_id TEXT NOT NULL REFERENCES assignments(id) ON DELETE CASCADE,
+        marked_by     TEXT NOT NULL,
+        marked_at     INTEGER NOT NULL
+    );
+    CREATE INDEX exemplars_by_assignment ON exemplars(assignment_id);
+    CREATE TABLE calibration_gates (
+        assignment_id TEXT PRIMARY KEY REFERENCES assignments(id) ON DELETE CASCADE,
+        min_qwk       REAL NOT NULL,
+        min_sample    INTEGER NOT NULL CHECK (min_sample > 0),
+        updated_by    TEXT NOT NULL,
+        updated_at    INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build understands.
@@ -882,6 +912,51 @@ mod tests {
             )
             .is_err(),
             "a change is created, scoring or evaluation"
+        );
+    }
+
+    #[test]
+    fn the_calibration_migration_adds_instructor_grades_exemplars_and_gates() {
+        // Found by its content, not its number.
+        let n = MIGRATIONS
+            .iter()
+            .position(|m| m.contains("CREATE TABLE instructor_grades"))
+            .expect("the calibration migration");
+        let (_d, conn, _) = db_at(n + 1);
+        conn.execute_batch(COURSE).expect("course");
+        conn.execute_batch(
+            "INSERT INTO submissions (id, assignment_id, user_id, attempt, state, sha256, size_bytes,
+                 duration_seconds, media_info, created_at, updated_at)
+                 VALUES ('s1', 'a', 'u', 1, 'awaiting_review', 'h', 1, 20.0, '{}', 0, 0);
+             INSERT INTO instructor_grades VALUES ('s1', 'content', 'complete', 4, 'blind', 't', 0);
+             INSERT INTO exemplars VALUES ('s1', 'a', 't', 0);
+             INSERT INTO calibration_gates VALUES ('a', 0.7, 10, 't', 0);",
+        )
+        .expect("rows");
+        assert!(
+            conn.execute(
+                "INSERT INTO instructor_grades VALUES ('s1', 'language', NULL, 2, 'guess', 't', 0)",
+                []
+            )
+            .is_err(),
+            "a source is blind or override"
+        );
+        assert!(
+            conn.execute("UPDATE calibration_gates SET min_sample = 0", [])
+                .is_err()
+        );
+        conn.execute("DELETE FROM submissions WHERE id = 's1'", [])
+            .expect("delete");
+        let n: i64 = conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM instructor_grades) + (SELECT COUNT(*) FROM exemplars)",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(
+            n, 0,
+            "a deleted submission takes its calibration rows along"
         );
     }
 

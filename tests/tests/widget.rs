@@ -1203,6 +1203,132 @@ async fn instructor_sees_versions_and_rescores_with_progress() {
     d.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instructor_releases_a_selection_grades_blind_and_reads_the_calibration() {
+    let Some(b) = browser() else { return };
+    let d = fast_daemon(&[]).await;
+    let teacher = d.token(Role::Instructor, "teacher", "sandbox");
+    let media = d.dir.path().join("media");
+    std::fs::create_dir_all(&media).expect("dir");
+    let mut ids = Vec::new();
+    for (i, who) in ["ana", "ben", "cem", "dee", "eve"].iter().enumerate() {
+        let token = d.token(Role::Learner, who, "sandbox");
+        let (status, sub) = d
+            .upload(
+                &token,
+                "sandbox-oral-1",
+                &tone(&media, &format!("answer-{i}.wav"), 1.0),
+            )
+            .await;
+        assert_eq!(status, 201, "{sub}");
+        ids.push(sub["id"].as_str().expect("id").to_owned());
+    }
+    let done = d.wait_scored(&ids, Duration::from_secs(60)).await;
+    assert!(done.iter().all(|s| s["state"] == "awaiting_review"));
+    // Two submissions the instructor graded blind before, so the
+    // calibration table has something to compare.
+    for (id, level) in [(&ids[3], "complete"), (&ids[4], "missing")] {
+        let (status, r) = send(
+            &d,
+            "POST",
+            &teacher,
+            &format!("/api/v1/submissions/{id}/blind-grade"),
+            Some(json!({"levels": {"content": level, "organisation": "clear", "language": "adequate"}})),
+        )
+        .await;
+        assert_eq!(status, 200, "{r}");
+    }
+    let out = artifacts("calibration");
+    let report = scenario(
+        &b,
+        &d,
+        "instructor-calibration",
+        &out,
+        &[
+            "--token".into(),
+            teacher.clone(),
+            "--select".into(),
+            format!("{},{}", ids[0], ids[1]),
+            "--submission".into(),
+            ids[2].clone(),
+            "--levels".into(),
+            "content=partial,organisation=unclear,language=precise".into(),
+        ],
+    )
+    .await;
+    let seen = &report["seen"];
+    assert_eq!(seen["button"], "Release selected (2)", "{seen}");
+    assert_eq!(seen["after_refresh"], "Release selected (2)", "{seen}");
+    assert!(
+        seen["released_message"]
+            .as_str()
+            .is_some_and(|t| t.contains("Released 2 grades")),
+        "{seen}"
+    );
+    assert_eq!(seen["hidden"], true, "the evaluations stay hidden: {seen}");
+    assert!(
+        seen["mine"]
+            .as_str()
+            .is_some_and(|t| t.contains("Content: partial (blind)")),
+        "{seen}"
+    );
+    assert!(
+        seen["verdict"]
+            .as_str()
+            .is_some_and(|t| t.contains("Too few graded submissions: grade at least 7 more")),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["rows"], 12,
+        "3 criteria and overall × a, b, combined: {seen}"
+    );
+    assert!(
+        seen["gate"].as_str().is_some_and(|t| t.contains("not met")),
+        "{seen}"
+    );
+    // What the browser did, through the API.
+    let after = d.wait_scored(&ids, Duration::from_secs(5)).await;
+    let states: Vec<&str> = after.iter().filter_map(|s| s["state"].as_str()).collect();
+    assert_eq!(
+        states,
+        [
+            "released",
+            "released",
+            "awaiting_review",
+            "awaiting_review",
+            "awaiting_review"
+        ]
+    );
+    let (_, audit) = d
+        .get(&teacher, &format!("/api/v1/submissions/{}/audit", ids[0]))
+        .await;
+    assert!(audit.to_string().contains("release_selected"), "{audit}");
+    let (_, mine) = d
+        .get(
+            &teacher,
+            &format!("/api/v1/submissions/{}/instructor-grade", ids[2]),
+        )
+        .await;
+    assert_eq!(mine["exemplar"], true, "{mine}");
+    assert_eq!(mine["levels"][1]["level"], "precise", "{mine}");
+    let (_, r) = d
+        .get(&teacher, "/api/v1/assignments/sandbox-oral-1/calibration")
+        .await;
+    assert_eq!(
+        (r["graded"].as_u64(), r["blind"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert_eq!(r["gate"], json!({"min_qwk": 0.7, "min_sample": 5}));
+    for name in ["1-selection", "2-blind", "3-revealed", "4-calibration"] {
+        assert!(
+            out.join(format!("instructor-calibration-{name}.png"))
+                .exists(),
+            "{name}"
+        );
+    }
+    d.stop().await;
+}
+
 /// The admin view (health, models and workers, registrations, plugins with
 /// a refused upload) with axe checks on every tab.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -32,6 +32,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 
 RESULT = {"screenshots": [], "axe": {}, "console": []}
@@ -397,6 +398,63 @@ def instructor_versions(driver, args):
     RESULT["seen"] = seen
 
 
+def instructor_calibration(driver, args):
+    """Release a selection from the queue, grade one submission blind (the
+    evaluations hidden until the levels are in), mark it as an exemplar, and
+    read the calibration tab with its verdict and release requirement."""
+    open_app(driver, args, args.token, "&view=instructor")
+    wait(driver, lambda: q(driver, "[data-testid=dashboard] table"), what="the dashboard table")
+    chosen = args.select.split(",")
+    for sid in chosen:
+        box = wait(driver, lambda: q(driver, f"tr[data-submission='{sid}'] [data-testid=select]"), what="a row's checkbox")
+        box.click()
+    seen = {"button": text(driver, "[data-testid=release-selected]")}
+    shot(driver, args, "1-selection")
+    axe(driver, args, "instructor-selection")
+    # The queue refreshes every 3 s: the selection must survive it.
+    time.sleep(3.5)
+    seen["after_refresh"] = text(driver, "[data-testid=release-selected]")
+    q(driver, "[data-testid=release-selected]").click()
+    wait(driver, lambda: all(q(driver, f"tr[data-submission='{sid}'][data-state=released]") for sid in chosen), what="the released rows")
+    seen["released_message"] = driver.find_element(By.CSS_SELECTOR, "[data-testid=dashboard]").find_element(By.XPATH, "..").text
+    # Grade blind first.
+    q(driver, "[data-testid=blind-first]").click()
+    q(driver, f"tr[data-submission='{args.submission}'] [data-testid=review]").click()
+    wait(driver, lambda: q(driver, "[data-testid=blind-form]"), what="the blind grading form")
+    seen["hidden"] = not driver.find_elements(By.CSS_SELECTOR, "[data-testid=evaluations], [data-testid=review-reasons], [data-testid=plugin-report]")
+    q(driver, "[data-testid=blind-submit]").click()
+    wait(driver, lambda: "Choose a level for:" in text(driver, "[data-testid=blind-grade]"), what="the refusal of an incomplete grade")
+    for crit, level in [pair.split("=") for pair in args.levels.split(",")]:
+        Select(q(driver, f"[data-testid=blind-{crit}]")).select_by_value(level)
+    shot(driver, args, "2-blind")
+    axe(driver, args, "instructor-blind")
+    q(driver, "[data-testid=blind-submit]").click()
+    wait(driver, lambda: q(driver, "[data-testid=evaluations]"), what="the evaluations, once graded")
+    wait(driver, lambda: q(driver, "[data-testid=instructor-grade] li"), what="the instructor's levels")
+    seen["mine"] = text(driver, "[data-testid=instructor-grade]")
+    q(driver, "[data-testid=exemplar-toggle]").click()
+    wait(driver, lambda: q(driver, "[data-testid=exemplar-state]"), what="the exemplar mark")
+    shot(driver, args, "3-revealed")
+    q(driver, "[data-testid=back]").click()
+    tab = [b for b in driver.find_elements(By.CSS_SELECTOR, "[role=tab]") if b.text == "Calibration"][0]
+    tab.click()
+    wait(driver, lambda: q(driver, "[data-testid=calibration-verdict]"), what="the calibration verdict")
+    seen["verdict"] = text(driver, "[data-testid=calibration-verdict]")
+    seen["rows"] = len(driver.find_elements(By.CSS_SELECTOR, "table.calibration tbody tr"))
+    set_value(driver, q(driver, "[data-testid=gate-qwk]"), "0.7")
+    set_value(driver, q(driver, "[data-testid=gate-sample]"), "5")
+    q(driver, "[data-testid=gate-form] button[type=submit]").click()
+    wait(driver, lambda: "not met" in text(driver, "[data-testid=gate-state]"), what="the saved requirement")
+    seen["gate"] = text(driver, "[data-testid=gate-state]")
+    driver.execute_script("document.querySelector('[data-testid=calibration-verdict]').scrollIntoView()")
+    shot(driver, args, "4-calibration")
+    axe(driver, args, "instructor-calibration")
+    no_overflow(driver, 320, "instructor-calibration")
+    shot(driver, args, "4-calibration-320")
+    no_overflow(driver, 1280, "instructor-calibration")
+    RESULT["seen"] = seen
+
+
 def admin(driver, args):
     open_app(driver, args, args.token, "&view=admin")
     wait(driver, lambda: q(driver, "[data-testid=health]"), what="health")
@@ -449,6 +507,7 @@ SCENARIOS = {
     "instructor-edit": instructor_edit,
     "instructor-review": instructor_review,
     "instructor-versions": instructor_versions,
+    "instructor-calibration": instructor_calibration,
     "admin": admin,
 }
 
@@ -462,6 +521,8 @@ def main():
     ap.add_argument("--submission")
     ap.add_argument("--criterion", default="content")
     ap.add_argument("--points", default="4")
+    ap.add_argument("--select", default="", help="submission ids to select, comma-separated")
+    ap.add_argument("--levels", default="", help="blind levels: criterion=level,…")
     ap.add_argument("--file")
     ap.add_argument("--audio", help="WAV for the fake microphone")
     ap.add_argument("--record-seconds", type=float, default=7)

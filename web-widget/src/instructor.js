@@ -6,6 +6,7 @@ import S from './strings.en.js';
 import { h, clear, announce, notice, tabs, table, fmtDate, fmtPoints, fmtBytes, errorText, uid, field, checkField } from './ui.js';
 import { mediaPanel, reportOf } from './student.js';
 import { schemaForm } from './schemaform.js';
+import { calibrationPanel, blindForm, instructorGrade, downloadCsv } from './calibration.js';
 
 const enc = encodeURIComponent;
 
@@ -48,6 +49,7 @@ export function mount(panel, ctx) {
     if (current) {
       list.unshift({ id: 'queue', label: S.tabs.queue, render: (p) => dashboard(p) });
       list.push({ id: 'versions', label: S.tabs.versions, render: (p) => versions(p) });
+      list.splice(1, 0, { id: 'calibration', label: S.calib.tab, render: (p) => calibrationPanel(p, api, current) });
       list.push({ id: 'students', label: S.tabs.students, render: (p) => students(p) });
     }
     tabset = tabs(S.views.instructor, list, initial);
@@ -60,6 +62,10 @@ export function mount(panel, ctx) {
     const msg = h('div', { 'aria-live': 'polite' });
     p.append(h('h2', { text: S.queueTitle }), h('p', { class: 'muted', text: S.refreshing }), msg, wrap);
     let timer = null, stopped = false;
+    // Grades chosen for "release selected", kept across refreshes.
+    const selected = new Set();
+    const blindBox = h('input', { type: 'checkbox', 'data-testid': 'blind-first', checked: localStorage.getItem('viva.blindFirst') === '1' });
+    blindBox.addEventListener('change', () => localStorage.setItem('viva.blindFirst', blindBox.checked ? '1' : '0'));
     const refresh = async () => {
       if (stopped) return;
       try {
@@ -82,8 +88,36 @@ export function mount(panel, ctx) {
           } catch (e) { clear(msg, notice('error', errorText(e))); }
         } },
       });
+      for (const id of [...selected]) {
+        if (!d.rows.some((r) => r.submission_id === id && r.state === 'awaiting_review')) selected.delete(id);
+      }
+      const relSel = h('button', {
+        type: 'button', 'data-testid': 'release-selected', text: S.calib.releaseSelected(selected.size), disabled: selected.size === 0,
+        on: { click: async () => {
+          try {
+            const r = await api.post(`/api/v1/assignments/${enc(current.id)}/release-selected`, { submission_ids: [...selected] });
+            selected.clear();
+            const said = S.calib.releasedSelected(r.released.length, r.skipped.length);
+            clear(msg, notice('ok', said));
+            announce(said);
+            refresh();
+          } catch (e) { clear(msg, notice('error', errorText(e))); }
+        } },
+      });
+      const csv = h('button', { type: 'button', 'data-testid': 'grades-csv', text: S.calib.downloadGrades, on: { click: () =>
+        downloadCsv(api, `/api/v1/assignments/${enc(current.id)}/grades.csv`, `grades-${current.id}.csv`).catch((e) => clear(msg, notice('error', errorText(e)))) } });
       const rows = d.rows.map((r) => {
         const state = S.states[r.state] || r.state;
+        const pick = r.state === 'awaiting_review'
+          ? h('input', { type: 'checkbox', 'data-testid': 'select', 'data-submission': r.submission_id, checked: selected.has(r.submission_id), 'aria-label': S.calib.select(r.user_name || r.user_id) })
+          : null;
+        if (pick) {
+          pick.addEventListener('change', () => {
+            if (pick.checked) selected.add(r.submission_id); else selected.delete(r.submission_id);
+            relSel.textContent = S.calib.releaseSelected(selected.size);
+            relSel.disabled = selected.size === 0;
+          });
+        }
         const where = r.position ? (r.running ? S.running(S.queueName[r.phase] || r.phase) : S.inQueue(S.queueName[r.phase] || r.phase, r.position, r.queue_length)) : '';
         const status = h('div', {}, h('span', { class: `badge s-${r.state}`, text: state }), where ? h('div', { class: 'muted', text: where }) : null,
           r.retrying ? h('div', { class: 'muted', text: S.retrying }) : null,
@@ -105,13 +139,14 @@ export function mount(panel, ctx) {
           }));
         }
         return h('tr', { 'data-submission': r.submission_id, 'data-state': r.state },
+          h('td', {}, pick),
           h('th', { scope: 'row', text: r.user_name || r.user_id }), h('td', { text: String(r.attempt) }), h('td', {}, status, eta ? h('div', { class: 'muted', text: eta }) : null), h('td', {}, score), h('td', {}, actions));
       });
       const sys = h('p', {}, S.systemStatus(S.systemPhase[d.system_phase] || d.system_phase),
         d.batch ? ` — ${S.batchProgress(d.batch.stt_done, d.batch.size)}` : '', '. ', S.counts(d.counts));
       const alerts = (d.unavailable || []).map((u) => notice('warn', S.modelDown(u.role === 'stt' ? S.stt : S.evaluatorRole(u.role), u.error)));
-      clear(wrap, ...alerts, sys, h('div', { class: 'buttons' }, relAll),
-        d.rows.length ? table(S.queueTitle, [S.student, S.attempt, S.status, S.score, S.actions], rows) : h('p', { text: S.noSubmissions }));
+      clear(wrap, ...alerts, sys, h('div', { class: 'buttons' }, relAll, relSel, csv), checkField(S.calib.blindFirst, blindBox),
+        d.rows.length ? table(S.queueTitle, [h('span', { class: 'sr-only', text: S.calib.selectColumn }), S.student, S.attempt, S.status, S.score, S.actions], rows) : h('p', { text: S.noSubmissions }));
     }
     function openReview(r) {
       stop();
@@ -135,15 +170,26 @@ export function mount(panel, ctx) {
     p.append(backBtn, heading, msg, area);
     heading.focus();
     let media = null;
+    // Grade blind first: the evaluations stay hidden until the instructor
+    // has set their own levels (or chose to skip).
+    let revealed = localStorage.getItem('viva.blindFirst') !== '1';
     async function render() {
-      let sub, audit, passback;
+      let sub, audit, passback, mine;
       try {
-        [sub, audit, passback] = await Promise.all([
+        [sub, audit, passback, mine] = await Promise.all([
           api.get(`/api/v1/submissions/${enc(row.submission_id)}`),
           api.get(`/api/v1/submissions/${enc(row.submission_id)}/audit`),
           api.get(`/api/v1/submissions/${enc(row.submission_id)}/passback`).catch(() => []),
+          api.get(`/api/v1/submissions/${enc(row.submission_id)}/instructor-grade`).catch(() => ({ levels: [], exemplar: false })),
         ]);
       } catch (e) { clear(area, notice('error', S.loadFailed(errorText(e)))); return; }
+      if (!revealed && !(mine.levels || []).length && ['awaiting_review', 'released'].includes(sub.state)) {
+        if (media && media.dispose) media.dispose();
+        media = mediaPanel(api, sub);
+        clear(area, media, blindForm(api, current, sub, () => { revealed = true; render(); }));
+        return;
+      }
+      revealed = true;
       const a = current;
       const score = sub.score || {};
       const reasons = score.reasons || reportOf(score).review_reasons || [];
@@ -154,7 +200,7 @@ export function mount(panel, ctx) {
       }
       if (media && media.dispose) media.dispose();
       media = mediaPanel(api, sub);
-      parts.push(media, evaluations(a, sub), pluginReport(score), overrideForm(a, sub), auditList(audit, passback));
+      parts.push(media, evaluations(a, sub), instructorGrade(api, a, sub, mine, render), pluginReport(score), overrideForm(a, sub), auditList(audit, passback));
       clear(area, ...parts);
     }
     function evaluations(a, sub) {

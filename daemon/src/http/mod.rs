@@ -11,6 +11,7 @@
 mod access;
 mod admin;
 mod api;
+mod calibration;
 mod error;
 mod html;
 mod limits;
@@ -26,7 +27,7 @@ use std::sync::atomic::AtomicBool;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 
 use crate::auth::Sessions;
 use crate::config::Config;
@@ -94,6 +95,39 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/assignments/{id}/release-all",
             post(review::release_all),
+        )
+        // Calibration against the instructor's grading, and bulk tools.
+        .route(
+            "/api/v1/assignments/{id}/calibration",
+            get(calibration::report),
+        )
+        .route(
+            "/api/v1/assignments/{id}/calibration.csv",
+            get(calibration::report_csv),
+        )
+        .route(
+            "/api/v1/assignments/{id}/calibration/gate",
+            put(calibration::put_gate).delete(calibration::delete_gate),
+        )
+        .route(
+            "/api/v1/assignments/{id}/grades.csv",
+            get(calibration::grades_csv),
+        )
+        .route(
+            "/api/v1/assignments/{id}/release-selected",
+            post(calibration::release_selected),
+        )
+        .route(
+            "/api/v1/submissions/{id}/blind-grade",
+            post(calibration::blind_grade),
+        )
+        .route(
+            "/api/v1/submissions/{id}/instructor-grade",
+            get(calibration::instructor_grade),
+        )
+        .route(
+            "/api/v1/submissions/{id}/exemplar",
+            put(calibration::mark_exemplar).delete(calibration::unmark_exemplar),
         )
         .route("/api/v1/assignments/{id}/dashboard", get(review::dashboard))
         .route("/api/v1/assignments/{id}/roster", get(review::roster))

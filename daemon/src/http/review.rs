@@ -49,7 +49,12 @@ pub(super) async fn override_grade(
     let sid = id.clone();
     let (score, changes) = st
         .store
-        .write(move |tx| jobs::override_grade(tx, &sid, &actor, &req))
+        .write(move |tx| {
+            let out = jobs::override_grade(tx, &sid, &actor, &req)?;
+            // The instructor's points are calibration data too.
+            crate::calibration::record_override(tx, &sid, &actor, &req)?;
+            Ok(out)
+        })
         .await?;
     Ok(Json(OverrideResponse { id, score, changes }))
 }

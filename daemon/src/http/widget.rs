@@ -65,6 +65,11 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         include_bytes!("../../../web-widget/src/admin.js"),
     ),
     (
+        "calibration.js",
+        JS,
+        include_bytes!("../../../web-widget/src/calibration.js"),
+    ),
+    (
         "style.css",
         "text/css; charset=utf-8",
         include_bytes!("../../../web-widget/src/style.css"),

@@ -812,6 +812,7 @@ impl Engine {
         let prompt_options = PromptOptions {
             max_transcript_chars: self.options.max_transcript_chars,
             limits: self.options.limits(),
+            ..PromptOptions::default()
         };
         let mut errors: Vec<Option<String>> = vec![None; items.len()];
         let mut flags: Vec<Vec<String>> = vec![Vec::new(); items.len()];

@@ -18,12 +18,16 @@
 //! - [`evidence`]: checks of an evaluator's evidence and rationale: quotes
 //!   against the transcript, degenerate text (repetition, no letters,
 //!   placeholders), the review flags they earn, and sanitising for students.
+//! - [`calibration`]: agreement with the instructor (exact, adjacent,
+//!   quadratic weighted kappa with a bootstrap interval, mean differences)
+//!   and the plain-words verdict on it.
 //! - [`manifest`], [`fetch`], [`ct2`]: the model manifest, fetching and
 //!   verifying model files from PyPI wheels, and the CTranslate2 → ggml
 //!   Whisper converter (pure Rust).
 //!
 //! It has no native or async dependency on purpose, so every worker can use it.
 
+pub mod calibration;
 pub mod ct2;
 pub mod device;
 pub mod evidence;
@@ -39,7 +43,8 @@ pub mod rubric;
 
 pub use payload::{
     CriterionRating, EvaluateItem, EvaluateRequest, EvaluateResponse, Evaluation,
-    EvaluationOutcome, JobPayload, JobResult, Segment, TranscribeRequest, Transcript,
+    EvaluationOutcome, Exemplar, ExemplarLevel, JobPayload, JobResult, Segment, TranscribeRequest,
+    Transcript,
 };
 pub use protocol::{DaemonMessage, PROTOCOL_VERSION, WorkerKind, WorkerMessage};
 pub use rubric::{Criterion, Level, Rubric};

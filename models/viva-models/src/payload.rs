@@ -97,6 +97,26 @@ pub struct EvaluateItem {
     pub rubric: Rubric,
     /// Untrusted student data: workers must delimit it in the prompt.
     pub transcript: String,
+    /// Answers the instructor graded, as anchors for the levels (transcript
+    /// text and levels only: never who gave them). The daemon picks a few
+    /// per level within a size budget; the prompt fences them like the
+    /// transcript.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exemplars: Vec<Exemplar>,
+}
+
+/// An instructor-graded answer shown to an evaluator as an example.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exemplar {
+    pub transcript: String,
+    pub levels: Vec<ExemplarLevel>,
+}
+
+/// The instructor's level for one criterion of an [`Exemplar`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExemplarLevel {
+    pub criterion_id: String,
+    pub level: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

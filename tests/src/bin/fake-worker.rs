@@ -151,7 +151,6 @@ struct Worker {
 
 impl Worker {
     fn log(&self, ev: &str, job: Option<&str>, items: Option<usize>, ok: Option<bool>) {
-        let Some(file) = &self.log else { return };
         let mut line = serde_json::json!({
             "ev": ev,
             "pid": self.pid,
@@ -164,6 +163,11 @@ impl Worker {
         if let (Some(ok), Some(obj)) = (ok, line.as_object_mut()) {
             obj.insert("ok".into(), ok.into());
         }
+        self.log_line(line);
+    }
+
+    fn log_line(&self, line: serde_json::Value) {
+        let Some(file) = &self.log else { return };
         let mut buf = line.to_string().into_bytes();
         buf.push(b'\n');
         // One write on an O_APPEND descriptor: lines of concurrent workers
@@ -306,6 +310,14 @@ impl Worker {
         sleep_ms(env_ms("FAKE_EVAL_FIXED_MS"));
         let mut outcomes = Vec::with_capacity(n);
         for (i, item) in req.items.iter().enumerate() {
+            if !item.exemplars.is_empty() {
+                // What the daemon sent as the instructor's examples, for
+                // tests of what an evaluator sees.
+                self.log_line(serde_json::json!({
+                    "ev": "exemplars", "role": self.role, "submission": item.submission_id,
+                    "exemplars": item.exemplars, "t_ms": now_unix_ms(),
+                }));
+            }
             if item.transcript.contains("EVAL_CRASH_ONCE") {
                 let marker = marker_dir().join(format!(
                     "{}.crashed",
