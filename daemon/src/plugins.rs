@@ -700,6 +700,7 @@ mod tests {
             reasons: Vec::new(),
             report: serde_json::json!({}),
             evaluator_flags: Vec::new(),
+            calibration_hold: None,
         };
         let evaluation = |flags: Vec<String>| viva_models::Evaluation {
             role: "a".into(),
