@@ -151,6 +151,12 @@ pub struct Assignment {
     pub release_policy: ReleasePolicy,
     /// Attempts each student has (`None`: unlimited).
     pub max_attempts: Option<u32>,
+    /// The answers' language, a Whisper code such as "fr" (`None`: Whisper
+    /// detects it from each recording).
+    pub language: Option<String>,
+    /// Course terms given to Whisper as its initial prompt, so it spells
+    /// them as the course does (`None`: none).
+    pub vocabulary: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -173,6 +179,13 @@ pub struct AssignmentInput {
     /// Attempts each student has (absent or null: unlimited).
     #[serde(default)]
     pub max_attempts: Option<u32>,
+    /// The answers' language: a Whisper code ("fr"; a tag such as "fr-CA"
+    /// is stored as "fr"), or absent, null, "" or "auto" to detect it.
+    #[serde(default)]
+    pub language: Option<String>,
+    /// Course terms for Whisper's initial prompt (absent, null or "": none).
+    #[serde(default)]
+    pub vocabulary: Option<String>,
 }
 
 pub const DEFAULT_PLUGIN: &str = "weighted-criteria";
@@ -203,6 +216,10 @@ impl AssignmentInput {
                 "max_attempts must be at least 1 (leave it out for unlimited attempts)",
             ));
         }
+        viva_models::language::normalise_language(self.language.as_deref())
+            .map_err(|m| Error::bad_request("invalid_assignment", m))?;
+        viva_models::language::normalise_vocabulary(self.vocabulary.as_deref())
+            .map_err(|m| Error::bad_request("invalid_assignment", m))?;
         if let Some(cfg) = &self.plugin_config
             && !cfg.is_object()
         {
@@ -284,6 +301,8 @@ fn assignment_from_row(r: &Row<'_>) -> rusqlite::Result<(Assignment, String, Str
             plugin_config: serde_json::Value::Null,
             release_policy: ReleasePolicy::parse(&r.get::<_, String>("release_policy")?),
             max_attempts: r.get("max_attempts")?,
+            language: r.get("language")?,
+            vocabulary: r.get("vocabulary")?,
             created_at: r.get("created_at")?,
             updated_at: r.get("updated_at")?,
         },
@@ -334,12 +353,19 @@ pub fn upsert_assignment(
         .clone()
         .unwrap_or_else(|| serde_json::json!({}))
         .to_string();
+    let bad = |m: String| Error::bad_request("invalid_assignment", m);
+    let language =
+        viva_models::language::normalise_language(input.language.as_deref()).map_err(bad)?;
+    let vocabulary =
+        viva_models::language::normalise_vocabulary(input.vocabulary.as_deref()).map_err(bad)?;
     tx.execute(
         "INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, plugin_config,
-                                  release_policy, created_at, updated_at, max_attempts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)
+                                  release_policy, created_at, updated_at, max_attempts,
+                                  language, vocabulary)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11, ?12)
          ON CONFLICT(id) DO UPDATE SET title = ?3, prompt = ?4, rubric = ?5, plugin = ?6,
-             plugin_config = ?7, release_policy = ?8, updated_at = ?9, max_attempts = ?10",
+             plugin_config = ?7, release_policy = ?8, updated_at = ?9, max_attempts = ?10,
+             language = ?11, vocabulary = ?12",
         params![
             id,
             context_id,
@@ -350,7 +376,9 @@ pub fn upsert_assignment(
             cfg,
             input.release_policy.unwrap_or_default().as_str(),
             now,
-            input.max_attempts
+            input.max_attempts,
+            language,
+            vocabulary
         ],
     )?;
     get_assignment(tx, id)?.ok_or(Error::NotFound("assignment"))
@@ -638,6 +666,8 @@ pub fn sandbox_assignment() -> AssignmentInput {
         plugin_config: None,
         release_policy: Some(ReleasePolicy::Manual),
         max_attempts: None,
+        language: None,
+        vocabulary: Some("photosynthesis, chlorophyll, chloroplast, glucose, carbon dioxide".into()),
     }
 }
 

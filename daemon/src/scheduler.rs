@@ -945,8 +945,8 @@ impl Scheduler {
             let payload = JobPayload::Transcribe(TranscribeRequest {
                 wav_path: job.wav_path.clone(),
                 audio_seconds: job.duration_seconds,
-                language: None,
-                initial_prompt: None,
+                language: job.language.clone(),
+                initial_prompt: job.vocabulary.clone(),
             });
             self.spawn_call(slot.clone(), handle.clone(), vec![job], payload);
         }
@@ -1032,6 +1032,9 @@ impl Scheduler {
                             assignment_prompt: a.prompt.clone(),
                             rubric: a.rubric.clone(),
                             transcript: t.text.clone(),
+                            // The instructor's language, else what Whisper
+                            // heard (an English-only model always says "en").
+                            language: a.language.clone().or_else(|| t.language.clone()),
                         });
                         jobs_in_call.push(c);
                     }

@@ -519,6 +519,8 @@ fn resolve_assignment(
         plugin_config: Some(a.plugin_config.clone()),
         release_policy: Some(a.release_policy),
         max_attempts: a.max_attempts,
+        language: a.language.clone(),
+        vocabulary: a.vocabulary.clone(),
     };
     domain::upsert_assignment(tx, context, &id, &input)?;
     domain::audit(

@@ -77,6 +77,7 @@ fn items(n: usize) -> Vec<EvaluateItem> {
                 .into(),
             rubric: rubric(),
             transcript: TRANSCRIPTS[i % TRANSCRIPTS.len()].into(),
+            language: None,
         })
         .collect()
 }

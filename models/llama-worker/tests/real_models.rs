@@ -127,6 +127,7 @@ fn items(prompt: &str, rubric: &Rubric, transcripts: &[&str]) -> Vec<EvaluateIte
             assignment_prompt: prompt.into(),
             rubric: rubric.clone(),
             transcript: (*t).into(),
+            language: None,
         })
         .collect()
 }

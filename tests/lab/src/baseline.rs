@@ -157,6 +157,7 @@ async fn evaluate(
             assignment_prompt: ctx.prompt.clone(),
             rubric: ctx.rubric.clone(),
             transcript: text.clone(),
+            language: None,
         })
         .collect();
     let t = Instant::now();
