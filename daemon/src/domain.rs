@@ -463,8 +463,14 @@ impl Submission {
     /// phrasing was caught). After release: everything but the instructor's
     /// override note, unless the instructor shared it (`share_note`), and
     /// the evaluators' evidence and rationale that fail
-    /// [`viva_models::evidence`]'s checks (blanked).
+    /// [`viva_models::evidence`]'s checks (blanked). Whisper's per-word
+    /// probabilities are for reviewers only, never for learners.
     pub fn redact_for_learner(&mut self) {
+        if let Some(t) = &mut self.transcript {
+            for s in &mut t.segments {
+                s.words.clear();
+            }
+        }
         if self.state != SubmissionState::Released {
             self.evaluations.clear();
             self.score = None;
@@ -796,6 +802,39 @@ mod tests {
         assert_eq!(
             instructor[0].ratings[1].rationale, "1",
             "only the learner's copy"
+        );
+    }
+
+    #[test]
+    fn a_learner_never_reads_whispers_word_probabilities() {
+        let mut s = scored("released");
+        s.transcript = Some(Transcript {
+            text: "Plants use sunlight.".into(),
+            language: Some("en".into()),
+            segments: vec![viva_models::Segment {
+                start_ms: 0,
+                end_ms: 1000,
+                text: "Plants use sunlight.".into(),
+                avg_logprob: -0.2,
+                no_speech_prob: 0.01,
+                low_confidence: false,
+                words: vec![viva_models::Word {
+                    text: " Plants".into(),
+                    p: 0.3,
+                }],
+            }],
+            audio_seconds: 1.0,
+            processing_seconds: 0.1,
+            model: String::new(),
+        });
+        let staff = s.clone();
+        s.redact_for_learner();
+        let t = s.transcript.as_ref().expect("transcript");
+        assert!(t.segments[0].words.is_empty());
+        assert_eq!(t.segments[0].text, "Plants use sunlight.");
+        assert_eq!(
+            staff.transcript.as_ref().expect("staff").segments[0].words.len(),
+            1
         );
     }
 

@@ -1,7 +1,7 @@
 // Entry point: reads the page data (LTI launch) or the URL fragment
 // (standalone /app#token=…), says who is signed in, and shows the view for
 // the session's roles: student, instructor (course) or administrator.
-import S from './strings.en.js';
+import S from './i18n.js';
 import { Api } from './api.js';
 import { h, clear, tabs, notice, errorText } from './ui.js';
 

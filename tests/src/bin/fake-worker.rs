@@ -19,7 +19,8 @@
 //!   `"request"`: what the job asked for (STT: `wav_path`, `language`,
 //!   `initial_prompt`; evaluator: each item's `submission_id` and
 //!   `language`), so tests check what the daemon sent. A fake transcript's
-//!   language is the requested one (else "en").
+//!   language is the requested one (else "en"), and its one segment's
+//!   words have probability 0.95 except "transcript", 0.35 (unsure).
 //! - `FAKE_LOAD_MS`: time to "load the model"; `FAKE_LOAD_GATE=/path`: keep
 //!   loading until that file exists. `FAKE_LOAD_FAIL`: when set
 //!   and not empty, loading fails with an `Error` frame and the worker exits 1.
@@ -289,7 +290,15 @@ impl Worker {
                 avg_logprob: -0.25,
                 no_speech_prob: 0.01,
                 low_confidence: false,
-                words: Vec::new(),
+                // Whisper-like words: "transcript" is the one it was unsure of.
+                words: text
+                    .split(' ')
+                    .enumerate()
+                    .map(|(i, w)| viva_models::Word {
+                        text: if i == 0 { w.to_owned() } else { format!(" {w}") },
+                        p: if w == "transcript" { 0.35 } else { 0.95 },
+                    })
+                    .collect(),
             }],
             audio_seconds: req.audio_seconds,
             processing_seconds: started.elapsed().as_secs_f64(),
