@@ -30,6 +30,7 @@ export default {
   unknown: 'inconnu',
   views: { student: 'Ma réponse', instructor: 'Cours', admin: 'Administration' },
   viewNav: 'Vues',
+  roleNames: { learner: 'étudiant·e', instructor: 'enseignant·e', admin: 'administration' },
   chooseAssignment: 'Devoir',
   noAssignments: 'Ce cours n’a pas encore de devoir Viva.',
   noAssignmentStudent: 'Votre enseignant·e n’a pas encore préparé ce devoir.',
@@ -124,7 +125,7 @@ export default {
   transcriptHelp: 'Choisissez une ligne pour écouter l’enregistrement à partir de là.',
   noTranscript: 'Pas encore de transcription.',
   lowConfidence: '(peut-être mal entendu)',
-  unsureWord: (pct) => `Whisper n’était pas sûr de ce mot (sûr à ${pct} %)`,
+  unsureWord: (pct) => `Whisper n’était sûr de ce mot qu’à ${pct} %`,
   unsureWordsHelp: 'Les mots surlignés sont ceux dont Whisper était le moins sûr : écoutez-les avant de vous y fier.',
   media: 'Enregistrement',
   mediaUnavailable: (why) => `L’enregistrement ne peut pas être lu : ${why}`,
@@ -146,7 +147,7 @@ export default {
   },
 
   // Instructor
-  tabs: { queue: 'File', rubric: 'Grille et module', students: 'Étudiant·es' },
+  tabs: { queue: 'File d’attente', rubric: 'Grille et module', students: 'Étudiant·es' },
   newAssignment: 'Nouveau devoir',
   queueTitle: 'Tableau de bord de la file',
   refreshing: 'Mis à jour toutes les quelques secondes.',

@@ -279,6 +279,15 @@ impl Worker {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let text = format!("fake transcript of {stem}");
+        // Whisper-like words: "transcript" is the one it was unsure of.
+        let words = text
+            .split(' ')
+            .enumerate()
+            .map(|(i, w)| viva_models::Word {
+                text: if i == 0 { w.to_owned() } else { format!(" {w}") },
+                p: if w == "transcript" { 0.35 } else { 0.95 },
+            })
+            .collect();
         let end_ms = (req.audio_seconds.max(0.0) * 1000.0).round() as u64;
         let transcript = Transcript {
             text: text.clone(),
@@ -290,15 +299,7 @@ impl Worker {
                 avg_logprob: -0.25,
                 no_speech_prob: 0.01,
                 low_confidence: false,
-                // Whisper-like words: "transcript" is the one it was unsure of.
-                words: text
-                    .split(' ')
-                    .enumerate()
-                    .map(|(i, w)| viva_models::Word {
-                        text: if i == 0 { w.to_owned() } else { format!(" {w}") },
-                        p: if w == "transcript" { 0.35 } else { 0.95 },
-                    })
-                    .collect(),
+                words,
             }],
             audio_seconds: req.audio_seconds,
             processing_seconds: started.elapsed().as_secs_f64(),
