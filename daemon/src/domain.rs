@@ -673,7 +673,9 @@ pub fn sandbox_assignment() -> AssignmentInput {
         release_policy: Some(ReleasePolicy::Manual),
         max_attempts: None,
         language: None,
-        vocabulary: Some("photosynthesis, chlorophyll, chloroplast, glucose, carbon dioxide".into()),
+        vocabulary: Some(
+            "photosynthesis, chlorophyll, chloroplast, glucose, carbon dioxide".into(),
+        ),
     }
 }
 
@@ -833,7 +835,9 @@ mod tests {
         assert!(t.segments[0].words.is_empty());
         assert_eq!(t.segments[0].text, "Plants use sunlight.");
         assert_eq!(
-            staff.transcript.as_ref().expect("staff").segments[0].words.len(),
+            staff.transcript.as_ref().expect("staff").segments[0]
+                .words
+                .len(),
             1
         );
     }

@@ -163,7 +163,11 @@ async fn a_french_assignment_sends_its_language_and_vocabulary_to_whisper() {
         .into_iter()
         .filter(|e| e["ev"] == "request" && e["kind"] == "evaluator")
         .collect();
-    assert_eq!(eval_requests.len(), 2, "one per evaluator: {eval_requests:?}");
+    assert_eq!(
+        eval_requests.len(),
+        2,
+        "one per evaluator: {eval_requests:?}"
+    );
     for e in &eval_requests {
         assert_eq!(e["request"]["items"][0]["language"], "fr", "{e}");
     }
@@ -198,7 +202,11 @@ async fn an_assignment_without_a_language_detects_it_and_passes_no_prompt() {
         .collect();
     assert_eq!(stt.len(), 1, "{stt:?}");
     assert!(stt[0]["request"]["language"].is_null(), "{:?}", stt[0]);
-    assert!(stt[0]["request"]["initial_prompt"].is_null(), "{:?}", stt[0]);
+    assert!(
+        stt[0]["request"]["initial_prompt"].is_null(),
+        "{:?}",
+        stt[0]
+    );
     // The evaluators get the language the (fake) worker reported.
     let evals: Vec<serde_json::Value> = d
         .fake_events()

@@ -1226,7 +1226,10 @@ async fn the_page_language_follows_accept_language() {
     assert!(en.contains("<html lang=\"en\">") && en.contains("\"locale\":\"en\""));
     // A language the widget lacks: English until the script asks the browser.
     let de = page(Some("de-DE")).await;
-    assert!(de.contains("<html lang=\"en\">") && !de.contains("\"locale\""), "{de}");
+    assert!(
+        de.contains("<html lang=\"en\">") && !de.contains("\"locale\""),
+        "{de}"
+    );
     // Both catalogues are served.
     let v = page(None).await;
     let version = v

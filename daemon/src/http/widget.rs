@@ -219,15 +219,24 @@ mod tests {
     fn the_locale_comes_from_the_launch_then_accept_language() {
         let with = |v: &str| {
             let mut h = HeaderMap::new();
-            h.insert(header::ACCEPT_LANGUAGE, HeaderValue::from_str(v).expect("header"));
+            h.insert(
+                header::ACCEPT_LANGUAGE,
+                HeaderValue::from_str(v).expect("header"),
+            );
             h
         };
         let none = HeaderMap::new();
         assert_eq!(pick_locale(Some("fr-CA"), &none), Some("fr"));
         assert_eq!(pick_locale(Some("fr_FR"), &with("en")), Some("fr"));
         // A launch locale the widget lacks falls through to the browser.
-        assert_eq!(pick_locale(Some("de-DE"), &with("fr;q=0.5, de")), Some("fr"));
-        assert_eq!(pick_locale(None, &with("de-DE, en-GB;q=0.8, fr;q=0.9")), Some("fr"));
+        assert_eq!(
+            pick_locale(Some("de-DE"), &with("fr;q=0.5, de")),
+            Some("fr")
+        );
+        assert_eq!(
+            pick_locale(None, &with("de-DE, en-GB;q=0.8, fr;q=0.9")),
+            Some("fr")
+        );
         assert_eq!(pick_locale(None, &with("en-US,en;q=0.9")), Some("en"));
         assert_eq!(pick_locale(None, &with("fr;q=0, en;q=0.1")), Some("en"));
         assert_eq!(pick_locale(None, &with("de")), None);
@@ -243,7 +252,9 @@ mod tests {
         for line in body.lines() {
             let indent = line.len() - line.trim_start().len();
             let t = line.trim_start();
-            let Some((key, rest)) = t.split_once(':') else { continue };
+            let Some((key, rest)) = t.split_once(':') else {
+                continue;
+            };
             let key = key.trim_matches(|c| c == '\'' || c == '"');
             if key.is_empty() || !key.chars().all(|c| c.is_alphanumeric() || "_-".contains(c)) {
                 continue;
@@ -291,7 +302,10 @@ mod tests {
                 "strings.{l}.js lacks {missing:?}: add them (web-widget/README.md, \"Strings\")"
             );
             let extra: Vec<&String> = other.difference(&en).collect();
-            assert!(extra.is_empty(), "strings.{l}.js has keys English lacks: {extra:?}");
+            assert!(
+                extra.is_empty(),
+                "strings.{l}.js has keys English lacks: {extra:?}"
+            );
         }
     }
 

@@ -701,9 +701,19 @@ mod tests {
         };
         let e = entry(
             vec![
-                part("pkg-a", "a/data/model.bin.part1", b"first ", Some("model.bin")),
+                part(
+                    "pkg-a",
+                    "a/data/model.bin.part1",
+                    b"first ",
+                    Some("model.bin"),
+                ),
                 part("pkg-c", "c/data/config.json", b"{}", None),
-                part("pkg-b", "b/data/model.bin.part2", b"second", Some("model.bin")),
+                part(
+                    "pkg-b",
+                    "b/data/model.bin.part2",
+                    b"second",
+                    Some("model.bin"),
+                ),
             ],
             b"unused",
         );
@@ -718,7 +728,10 @@ mod tests {
             std::fs::read(dest.join("model.bin")).expect("model.bin"),
             b"first second"
         );
-        assert_eq!(std::fs::read(dest.join("config.json")).expect("config"), b"{}");
+        assert_eq!(
+            std::fs::read(dest.join("config.json")).expect("config"),
+            b"{}"
+        );
         assert!(!dest.join("model.bin.part1").exists());
     }
 

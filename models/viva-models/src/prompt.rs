@@ -185,7 +185,11 @@ mod tests {
     #[test]
     fn prompt_states_the_answer_language() {
         let mut it = item("La photosynthèse produit du glucose.");
-        assert!(!build_prompt(&it, &PromptOptions::default()).system.contains("answered in"));
+        assert!(
+            !build_prompt(&it, &PromptOptions::default())
+                .system
+                .contains("answered in")
+        );
         it.language = Some("fr".into());
         let p = build_prompt(&it, &PromptOptions::default());
         assert!(

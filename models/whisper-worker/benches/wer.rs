@@ -164,7 +164,11 @@ fn main() {
             let cs: Vec<&Clip> = french.iter().collect();
             for (label, lang, prompt) in [
                 ("language fr", Some("fr"), None),
-                ("language fr + vocabulary", Some("fr"), Some(FRENCH_VOCABULARY)),
+                (
+                    "language fr + vocabulary",
+                    Some("fr"),
+                    Some(FRENCH_VOCABULARY),
+                ),
                 ("detected (auto)", None, None),
             ] {
                 let mut sink = Vec::new();
@@ -196,7 +200,10 @@ fn main() {
     for m in &table {
         for p in m {
             let n = p.len().max(1) as f64;
-            mean.push_str(&format!(" **{:.2}** |", p.iter().map(|x| x.0).sum::<f64>() / n));
+            mean.push_str(&format!(
+                " **{:.2}** |",
+                p.iter().map(|x| x.0).sum::<f64>() / n
+            ));
             rtf.push_str(&format!(" {:.2} |", p.iter().map(|x| x.1).sum::<f64>() / n));
         }
     }

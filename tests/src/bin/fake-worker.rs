@@ -284,7 +284,11 @@ impl Worker {
             .split(' ')
             .enumerate()
             .map(|(i, w)| viva_models::Word {
-                text: if i == 0 { w.to_owned() } else { format!(" {w}") },
+                text: if i == 0 {
+                    w.to_owned()
+                } else {
+                    format!(" {w}")
+                },
                 p: if w == "transcript" { 0.35 } else { 0.95 },
             })
             .collect();
