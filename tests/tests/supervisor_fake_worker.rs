@@ -288,6 +288,7 @@ fn item(id: &str, transcript: &str) -> EvaluateItem {
         assignment_prompt: "Explain photosynthesis.".into(),
         rubric: rubric(),
         transcript: transcript.into(),
+        language: None,
     }
 }
 
