@@ -10,7 +10,8 @@
 //! reuse the test build: the C++ is optimised in both). Needs the models
 //! (see `viva models fetch`), espeak-ng and ffmpeg. `WER_VOICES` (comma-
 //! separated espeak-ng voices) and `WER_THREADS` (default 2) override the
-//! defaults. WER is word-level edit distance over the reference's words,
+//! defaults; `WER_SENTENCES=N` uses the first N sentences of each set (a
+//! quicker run on a busy machine). WER is word-level edit distance over the reference's words,
 //! after lower-casing and dropping punctuation (`common::wer`).
 
 #[path = "../tests/common/mod.rs"]
@@ -77,6 +78,10 @@ fn run(
         driver.submit_in(&c.wav, language, prompt);
         let t = driver.result().1.expect("transcript");
         let w = wer(c.text, &t.text);
+        eprintln!(
+            "  {:<16} {:>5.2} s  WER {w:.2}  {}",
+            c.voice, t.processing_seconds, t.text
+        );
         worst.push((w, c.text.to_owned(), t.text.clone()));
         sum += w;
         secs += t.processing_seconds;
@@ -93,10 +98,15 @@ fn main() {
     let voices: Vec<String> = std::env::var("WER_VOICES")
         .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect())
         .unwrap_or_else(|_| VOICES.iter().map(|s| (*s).to_owned()).collect());
+    let n_sentences: usize = std::env::var("WER_SENTENCES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(SENTENCES.len());
     let dir = tempfile::tempdir().expect("tempdir");
     let mut clips = Vec::new();
     for (vi, voice) in voices.iter().enumerate() {
-        for (si, text) in SENTENCES.iter().enumerate() {
+        for (si, text) in SENTENCES.iter().take(n_sentences).enumerate() {
             let wav = dir.path().join(format!("en-{vi}-{si}.wav"));
             let seconds = espeak_wav(text, voice, 165, &wav, None);
             clips.push(Clip {
@@ -108,7 +118,7 @@ fn main() {
         }
     }
     let mut french = Vec::new();
-    for (si, text) in FRENCH.iter().enumerate() {
+    for (si, text) in FRENCH.iter().take(n_sentences).enumerate() {
         let wav = dir.path().join(format!("fr-{si}.wav"));
         let seconds = espeak_wav(text, "fr-fr", 165, &wav, None);
         french.push(Clip {
@@ -131,7 +141,7 @@ fn main() {
         .collect();
     println!(
         "\n# Whisper word error rate per espeak-ng voice ({} sentences each, greedy, {threads} threads)\n",
-        SENTENCES.len()
+        n_sentences.min(SENTENCES.len())
     );
     // results[model][prompt][voice] = (wer, rtf)
     let mut table: Vec<Vec<Vec<(f64, f64)>>> = Vec::new();
@@ -212,7 +222,7 @@ fn main() {
     if !french_rows.is_empty() {
         println!(
             "\n# French (espeak-ng fr-fr, {} sentences) on whisper-base\n",
-            FRENCH.len()
+            french.len()
         );
         println!("| decoding | WER | RTF |\n|---|---|---|");
         for (label, w, rtf, _) in &french_rows {
