@@ -151,6 +151,12 @@ pub struct Assignment {
     pub release_policy: ReleasePolicy,
     /// Attempts each student has (`None`: unlimited).
     pub max_attempts: Option<u32>,
+    /// The answers' language, a Whisper code such as "fr" (`None`: Whisper
+    /// detects it from each recording).
+    pub language: Option<String>,
+    /// Course terms given to Whisper as its initial prompt, so it spells
+    /// them as the course does (`None`: none).
+    pub vocabulary: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
     /// The current version of the rubric, prompt, plugin and its
@@ -184,6 +190,13 @@ pub struct AssignmentInput {
     /// Attempts each student has (absent or null: unlimited).
     #[serde(default)]
     pub max_attempts: Option<u32>,
+    /// The answers' language: a Whisper code ("fr"; a tag such as "fr-CA"
+    /// is stored as "fr"), or absent, null, "" or "auto" to detect it.
+    #[serde(default)]
+    pub language: Option<String>,
+    /// Course terms for Whisper's initial prompt (absent, null or "": none).
+    #[serde(default)]
+    pub vocabulary: Option<String>,
 }
 
 pub const DEFAULT_PLUGIN: &str = "weighted-criteria";
@@ -214,6 +227,10 @@ impl AssignmentInput {
                 "max_attempts must be at least 1 (leave it out for unlimited attempts)",
             ));
         }
+        viva_models::language::normalise_language(self.language.as_deref())
+            .map_err(|m| Error::bad_request("invalid_assignment", m))?;
+        viva_models::language::normalise_vocabulary(self.vocabulary.as_deref())
+            .map_err(|m| Error::bad_request("invalid_assignment", m))?;
         if let Some(cfg) = &self.plugin_config
             && !cfg.is_object()
         {
@@ -295,6 +312,8 @@ fn assignment_from_row(r: &Row<'_>) -> rusqlite::Result<(Assignment, String, Str
             plugin_config: serde_json::Value::Null,
             release_policy: ReleasePolicy::parse(&r.get::<_, String>("release_policy")?),
             max_attempts: r.get("max_attempts")?,
+            language: r.get("language")?,
+            vocabulary: r.get("vocabulary")?,
             created_at: r.get("created_at")?,
             updated_at: r.get("updated_at")?,
             version: r.get("version")?,
@@ -621,12 +640,19 @@ fn write_assignment(
         .clone()
         .unwrap_or_else(|| serde_json::json!({}))
         .to_string();
+    let bad = |m: String| Error::bad_request("invalid_assignment", m);
+    let language =
+        viva_models::language::normalise_language(input.language.as_deref()).map_err(bad)?;
+    let vocabulary =
+        viva_models::language::normalise_vocabulary(input.vocabulary.as_deref()).map_err(bad)?;
     tx.execute(
         "INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, plugin_config,
-                                  release_policy, created_at, updated_at, max_attempts)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)
+                                  release_policy, created_at, updated_at, max_attempts,
+                                  language, vocabulary)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11, ?12)
          ON CONFLICT(id) DO UPDATE SET title = ?3, prompt = ?4, rubric = ?5, plugin = ?6,
-             plugin_config = ?7, release_policy = ?8, updated_at = ?9, max_attempts = ?10",
+             plugin_config = ?7, release_policy = ?8, updated_at = ?9, max_attempts = ?10,
+             language = ?11, vocabulary = ?12",
         params![
             id,
             context_id,
@@ -637,7 +663,9 @@ fn write_assignment(
             cfg,
             input.release_policy.unwrap_or_default().as_str(),
             now,
-            input.max_attempts
+            input.max_attempts,
+            language,
+            vocabulary
         ],
     )?;
     get_assignment(tx, id)?.ok_or(Error::NotFound("assignment"))
@@ -729,8 +757,14 @@ impl Submission {
     /// phrasing was caught). After release: everything but the instructor's
     /// override note, unless the instructor shared it (`share_note`), and
     /// the evaluators' evidence and rationale that fail
-    /// [`viva_models::evidence`]'s checks (blanked).
+    /// [`viva_models::evidence`]'s checks (blanked). Whisper's per-word
+    /// probabilities are for reviewers only, never for learners.
     pub fn redact_for_learner(&mut self) {
+        if let Some(t) = &mut self.transcript {
+            for s in &mut t.segments {
+                s.words.clear();
+            }
+        }
         if self.state != SubmissionState::Released {
             self.evaluations.clear();
             self.score = None;
@@ -934,6 +968,10 @@ pub fn sandbox_assignment() -> AssignmentInput {
         plugin_config: None,
         release_policy: Some(ReleasePolicy::Manual),
         max_attempts: None,
+        language: None,
+        vocabulary: Some(
+            "photosynthesis, chlorophyll, chloroplast, glucose, carbon dioxide".into(),
+        ),
     }
 }
 
@@ -1156,6 +1194,41 @@ mod tests {
         assert_eq!(
             version_change(&old, &prompt).map(|c| c.0),
             Some(VersionChange::Evaluation)
+        );
+    }
+
+    #[test]
+    fn a_learner_never_reads_whispers_word_probabilities() {
+        let mut s = scored("released");
+        s.transcript = Some(Transcript {
+            text: "Plants use sunlight.".into(),
+            language: Some("en".into()),
+            segments: vec![viva_models::Segment {
+                start_ms: 0,
+                end_ms: 1000,
+                text: "Plants use sunlight.".into(),
+                avg_logprob: -0.2,
+                no_speech_prob: 0.01,
+                low_confidence: false,
+                words: vec![viva_models::Word {
+                    text: " Plants".into(),
+                    p: 0.3,
+                }],
+            }],
+            audio_seconds: 1.0,
+            processing_seconds: 0.1,
+            model: String::new(),
+        });
+        let staff = s.clone();
+        s.redact_for_learner();
+        let t = s.transcript.as_ref().expect("transcript");
+        assert!(t.segments[0].words.is_empty());
+        assert_eq!(t.segments[0].text, "Plants use sunlight.");
+        assert_eq!(
+            staff.transcript.as_ref().expect("staff").segments[0]
+                .words
+                .len(),
+            1
         );
     }
 

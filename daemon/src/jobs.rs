@@ -405,6 +405,10 @@ pub struct Claimed {
     pub duration_seconds: f64,
     pub transcript: Option<Transcript>,
     pub assignment_id: String,
+    /// The assignment's language (`None`: detect it) and vocabulary, for
+    /// the STT job.
+    pub language: Option<String>,
+    pub vocabulary: Option<String>,
 }
 
 /// Claims queued jobs (those still queued; others are skipped).
@@ -427,8 +431,9 @@ pub fn claim(
         }
         let c = tx.query_row(
             "SELECT j.submission_id, j.stage, COALESCE(s.wav_path, ''),
-                    s.duration_seconds, s.transcript, s.assignment_id
-             FROM jobs j JOIN submissions s ON s.id = j.submission_id WHERE j.id = ?1",
+                    s.duration_seconds, s.transcript, s.assignment_id, a.language, a.vocabulary
+             FROM jobs j JOIN submissions s ON s.id = j.submission_id
+             LEFT JOIN assignments a ON a.id = s.assignment_id WHERE j.id = ?1",
             [id],
             |r| {
                 let transcript: Option<String> = r.get(4)?;
@@ -440,6 +445,8 @@ pub fn claim(
                     duration_seconds: r.get(3)?,
                     transcript: transcript.and_then(|t| serde_json::from_str(&t).ok()),
                     assignment_id: r.get(5)?,
+                    language: r.get(6)?,
+                    vocabulary: r.get(7)?,
                 })
             },
         )?;

@@ -1015,8 +1015,8 @@ impl Scheduler {
             let payload = JobPayload::Transcribe(TranscribeRequest {
                 wav_path: job.wav_path.clone(),
                 audio_seconds: job.duration_seconds,
-                language: None,
-                initial_prompt: None,
+                language: job.language.clone(),
+                initial_prompt: job.vocabulary.clone(),
             });
             self.spawn_call(slot.clone(), handle.clone(), vec![job], payload);
         }
@@ -1115,6 +1115,9 @@ impl Scheduler {
                             rubric: a.rubric.clone(),
                             transcript: t.text.clone(),
                             exemplars: exemplars.remove(&c.submission_id).unwrap_or_default(),
+                            // The instructor's language, else what Whisper
+                            // heard (an English-only model always says "en").
+                            language: a.language.clone().or_else(|| t.language.clone()),
                         });
                         jobs_in_call.push(c);
                     }

@@ -339,6 +339,13 @@ pub const MIGRATIONS: &[&str] = &[
         updated_at    INTEGER NOT NULL
     );
     "#,
+    // 13: an assignment's language (a Whisper code such as 'fr'; NULL: Whisper
+    // detects it) and vocabulary (course terms, Whisper's initial prompt;
+    // NULL: none). Both travel in each STT job.
+    r#"
+    ALTER TABLE assignments ADD COLUMN language TEXT;
+    ALTER TABLE assignments ADD COLUMN vocabulary TEXT;
+    "#,
 ];
 
 /// The schema version this build understands.
@@ -958,6 +965,32 @@ mod tests {
             n, 0,
             "a deleted submission takes its calibration rows along"
         );
+    }
+
+    #[test]
+    fn the_language_migration_leaves_existing_assignments_detecting() {
+        // The last migration is this one until another is appended: test it
+        // on a database just before and just after.
+        let v = MIGRATIONS
+            .iter()
+            .position(|m| m.contains("ADD COLUMN vocabulary"))
+            .expect("the language migration");
+        let (_d, mut conn, path) = db_at(v);
+        conn.execute_batch(COURSE).expect("course");
+        migrate_to(&mut conn, &path, &MIGRATIONS[..v + 1]).expect("migrate");
+        let (lang, vocab): (Option<String>, Option<String>) = conn
+            .query_row(
+                "SELECT language, vocabulary FROM assignments WHERE id = 'a'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("read");
+        assert_eq!((lang, vocab), (None, None));
+        conn.execute(
+            "UPDATE assignments SET language = 'fr', vocabulary = 'chlorophylle' WHERE id = 'a'",
+            [],
+        )
+        .expect("set");
     }
 
     #[test]

@@ -527,6 +527,10 @@ class Handler(BaseHTTPRequestHandler):
                              email_address=spec.get("email"))
         launch.set_launch_context_claim(spec.get("context", "course-1"), context_title=spec.get("context_title", "Biology 101"))
         launch.set_launch_presentation_claim(document_target="iframe", return_url=f"{s.base}/course/return")
+        if spec.get("locale"):
+            # The user's language (LTI 1.3 launch_presentation.locale).
+            launch.lti_claim_launch_presentation[
+                "https://purl.imsglobal.org/spec/lti/claim/launch_presentation"]["locale"] = spec["locale"]
         if spec.get("custom"):
             launch.set_custom_parameters_claim(spec["custom"])
         if spec.get("kind", "resource") == "deeplink":

@@ -2460,3 +2460,32 @@ async fn a_rubric_edit_is_rescored_and_reaches_the_gradebook_only_on_release() {
         .await;
     assert_eq!(status, 403);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_launch_locale_claim_sets_the_widget_language() {
+    let Some(env) = Env::start().await else {
+        return;
+    };
+    assert_eq!(env.register().await.status(), 200);
+    let mut spec = learner("eleve-1");
+    spec["locale"] = json!("fr-CA");
+    let l = env.launch(spec).await;
+    assert_eq!(l.status, 200, "{}", l.body);
+    assert!(l.body.contains("<html lang=\"fr\">"), "{}", l.body);
+    assert_eq!(
+        l.data.as_ref().map(|d| d["locale"].clone()),
+        Some(json!("fr"))
+    );
+    // A locale the widget lacks, and no Accept-Language: the page leaves
+    // the choice to the browser's languages.
+    let mut spec = learner("student-2");
+    spec["locale"] = json!("de-DE");
+    let l = env.launch(spec).await;
+    assert_eq!(l.status, 200, "{}", l.body);
+    assert!(l.body.contains("<html lang=\"en\">"), "{}", l.body);
+    assert!(
+        l.data.as_ref().is_some_and(|d| d.get("locale").is_none()),
+        "{:?}",
+        l.data
+    );
+}

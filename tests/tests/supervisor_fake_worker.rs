@@ -96,8 +96,10 @@ fn read_log(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The lifecycle events, without the `request` lines that precede each job.
 fn events(log: &[serde_json::Value]) -> Vec<String> {
     log.iter()
+        .filter(|e| e["ev"] != "request")
         .map(|e| e["ev"].as_str().expect("ev").to_string())
         .collect()
 }
@@ -287,6 +289,7 @@ fn item(id: &str, transcript: &str) -> EvaluateItem {
         rubric: rubric(),
         transcript: transcript.into(),
         exemplars: Vec::new(),
+        language: None,
     }
 }
 

@@ -1424,3 +1424,140 @@ async fn admin_view_shows_models_registrations_and_plugins_accessibly() {
     assert!(axe.len() >= 5, "{axe:?}");
     d.stop().await;
 }
+
+// ---- languages ----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_page_language_follows_accept_language() {
+    let d = fast_daemon(&[]).await;
+    let page = |lang: Option<&'static str>| {
+        let url = format!("{}/app", d.url);
+        async move {
+            let mut r = reqwest::Client::new().get(url);
+            if let Some(l) = lang {
+                r = r.header("Accept-Language", l);
+            }
+            r.send().await.expect("page").text().await.expect("body")
+        }
+    };
+    let fr = page(Some("fr-FR,fr;q=0.9,en;q=0.8")).await;
+    assert!(fr.contains("<html lang=\"fr\">"), "{fr}");
+    assert!(fr.contains("\"locale\":\"fr\""), "{fr}");
+    let en = page(Some("en-GB,en;q=0.9")).await;
+    assert!(en.contains("<html lang=\"en\">") && en.contains("\"locale\":\"en\""));
+    // A language the widget lacks: English until the script asks the browser.
+    let de = page(Some("de-DE")).await;
+    assert!(
+        de.contains("<html lang=\"en\">") && !de.contains("\"locale\""),
+        "{de}"
+    );
+    // Both catalogues are served.
+    let v = page(None).await;
+    let version = v
+        .split("/widget/")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .expect("widget version")
+        .to_owned();
+    for file in ["i18n.js", "strings.fr.js"] {
+        let r = reqwest::get(format!("{}/widget/{version}/{file}", d.url))
+            .await
+            .expect("asset");
+        assert_eq!(r.status(), 200, "{file}");
+    }
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_french_browser_gets_the_widget_in_french_accessibly() {
+    let Some(b) = browser() else { return };
+    let d = fast_daemon(&[]).await;
+    let teacher = d.token(Role::Instructor, "enseignante", "sandbox");
+    let (status, a) = send(
+        &d,
+        "POST",
+        &teacher,
+        "/api/v1/assignments",
+        Some(json!({
+            "id": "oral-fr",
+            "title": "Oral : la photosynthèse",
+            "prompt": "Expliquez la photosynthèse en une minute.",
+            "language": "fr",
+            "vocabulary": "photosynthèse, chlorophylle",
+            "release_policy": "auto",
+            "rubric": {"criteria": [
+                {"id": "content", "title": "Contenu",
+                 "levels": [{"label": "missing", "points": 0}, {"label": "partial", "points": 2},
+                            {"label": "complete", "points": 4}]}]}
+        })),
+    )
+    .await;
+    assert!(status == 201 || status == 200, "{status} {a}");
+    let media = d.dir.path().join("media");
+    std::fs::create_dir_all(&media).expect("dir");
+    let file = video(&media, "reponse.mp4", 2.0, true);
+    let student = d.token(Role::Learner, "eleve", "sandbox");
+    let out = artifacts("french");
+    let lang = ["--lang".to_owned(), "fr-FR".into()];
+    let mut args = vec![
+        "--token".to_owned(),
+        student.clone(),
+        "--assignment".into(),
+        "oral-fr".into(),
+        "--file".into(),
+        file.display().to_string(),
+    ];
+    args.extend(lang.iter().cloned());
+    let r = scenario(&b, &d, "student-french", &out, &args).await;
+    let seen = &r["seen"];
+    assert_eq!(seen["lang"], "fr", "{seen}");
+    assert!(
+        seen["result_text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("Votre résultat") && t.contains("Critère")),
+        "{seen}"
+    );
+    assert!(
+        seen["total"]
+            .as_str()
+            .is_some_and(|t| t.contains("sur") && t.contains("points")),
+        "{seen}"
+    );
+    // Captions are tagged with the transcript's language, not `en`.
+    assert_eq!(seen["captions_lang"], "fr", "{seen}");
+    // Whisper's word probabilities are for staff only.
+    assert_eq!(seen["unsure_marks"], 0, "{seen}");
+
+    let (_, subs) = d
+        .get(&student, "/api/v1/assignments/oral-fr/submissions")
+        .await;
+    let id = subs[0]["id"].as_str().expect("submission").to_owned();
+    let mut args = vec![
+        "--token".to_owned(),
+        teacher,
+        "--assignment".into(),
+        "oral-fr".into(),
+        "--submission".into(),
+        id,
+    ];
+    args.extend(lang.iter().cloned());
+    let r = scenario(&b, &d, "instructor-french", &out, &args).await;
+    let seen = &r["seen"];
+    assert_eq!(seen["language"], "fr", "{seen}");
+    assert!(
+        seen["language_text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("français")),
+        "the language's name in French: {seen}"
+    );
+    assert_eq!(seen["vocabulary"], "photosynthèse, chlorophylle");
+    // The word the (fake) Whisper was unsure of, marked with how sure it was.
+    assert_eq!(seen["unsure"], "transcript", "{seen}");
+    assert!(
+        seen["unsure_title"]
+            .as_str()
+            .is_some_and(|t| t.contains("qu’à 35 %")),
+        "{seen}"
+    );
+    d.stop().await;
+}

@@ -9,6 +9,10 @@ Scenarios (first argument):
   instructor-edit  edit the rubric and configure the plugin through its form
   instructor-review  review a flagged submission, override, release
   admin            the admin view: health, models, registrations, plugins
+  student-french   a browser set to French: the student view in French,
+                   upload, the released result with French captions
+  instructor-french  the same browser: dashboard, rubric editor (language
+                   and vocabulary) and review with Whisper's unsure words
 
 Every scenario checks what it does (an AssertionError fails it), runs
 axe-core when --axe is given, saves screenshots into --out, fails on browser
@@ -38,7 +42,7 @@ from selenium.common.exceptions import StaleElementReferenceException  # noqa: E
 RESULT = {"screenshots": [], "axe": {}, "console": []}
 
 
-def make_driver(args, audio=None):
+def make_driver(args, audio=None, lang=None):
     profile = tempfile.mkdtemp(prefix="viva-widget-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = args.chromium
@@ -62,6 +66,10 @@ def make_driver(args, audio=None):
             "--use-fake-device-for-media-stream",
             f"--use-file-for-fake-audio-capture={audio}%noloop",
         ]
+    if lang:
+        # The browser's language: navigator.languages and Accept-Language.
+        flags.append(f"--lang={lang}")
+        opts.add_experimental_option("prefs", {"intl.accept_languages": lang})
     for f in flags:
         opts.add_argument(f)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -501,7 +509,84 @@ def admin(driver, args):
     RESULT["seen"] = seen
 
 
+def french_page(driver):
+    """The page speaks French: <html lang>, and no English of the core strings."""
+    lang = driver.execute_script("return document.documentElement.lang")
+    assert lang == "fr", f"<html lang> is {lang!r}"
+    body = text(driver, "body")
+    for english in ("Signed in as", "Your answer", "Your result", "Queue dashboard", "Save assignment"):
+        assert english not in body, f"English left on the French page: {english!r} in {body[:400]!r}"
+    return lang
+
+
+def student_french(driver, args):
+    open_app(driver, args, args.token, f"&assignment={args.assignment}")
+    wait(driver, lambda: q(driver, "[data-testid=mode-upload]"), what="the answer form")
+    seen = {"lang": french_page(driver), "upload_button": driver.execute_script(
+                "const i = document.querySelector('[data-testid=mode-upload]'); return i.labels[0].textContent.trim()"),
+            "me": text(driver, "#me")}
+    assert seen["upload_button"] == "Envoyer un fichier", seen
+    assert seen["me"].startswith("Connecté·e en tant que"), seen
+    shot(driver, args, "1-form")
+    axe(driver, args, "student-form-fr")
+    q(driver, "[data-testid=mode-upload]").click()
+    q(driver, "[data-testid=file-input]").send_keys(args.file)
+    wait(driver, lambda: "Choisi" in text(driver, "[data-testid=file-status]"), what="the file check, in French")
+    q(driver, "[data-testid=file-submit]").click()
+    wait(driver, lambda: q(driver, "[data-testid=status]"), what="the live status")
+    seen["status"] = text(driver, "[data-testid=status]")
+    wait(driver, lambda: q(driver, "[data-testid=result]"), timeout=args.timeout, what="the released result")
+    wait(driver, lambda: q(driver, "[data-testid=player]"), what="the media player")
+    wait(driver, lambda: driver.find_elements(By.CSS_SELECTOR, "[data-testid=player] track"), what="the captions track")
+    seen["result_text"] = text(driver, "[data-testid=result]")
+    seen["total"] = text(driver, "[data-testid=total]")
+    seen["captions_lang"] = q(driver, "[data-testid=player] track").get_attribute("srclang")
+    seen["transcript"] = text(driver, "[data-testid=transcript]")
+    seen["unsure_marks"] = len(driver.find_elements(By.CSS_SELECTOR, "[data-testid=unsure-word]"))
+    french_page(driver)
+    shot(driver, args, "2-result")
+    axe(driver, args, "student-result-fr")
+    no_overflow(driver, 320, "student-result-fr")
+    shot(driver, args, "2-result-320")
+    no_overflow(driver, 1280, "student-result-fr")
+    RESULT["seen"] = seen
+
+
+def instructor_french(driver, args):
+    open_app(driver, args, args.token, f"&assignment={args.assignment}&view=instructor")
+    wait(driver, lambda: q(driver, "[data-testid=dashboard] table"), what="the dashboard table")
+    seen = {"lang": french_page(driver), "tabs": [b.text for b in driver.find_elements(By.CSS_SELECTOR, "[role=tab]")]}
+    assert "Grille et module" in seen["tabs"], seen
+    shot(driver, args, "1-dashboard")
+    axe(driver, args, "instructor-dashboard-fr")
+    [b for b in driver.find_elements(By.CSS_SELECTOR, "[role=tab]") if b.text == "Grille et module"][0].click()
+    wait(driver, lambda: q(driver, "[data-testid=assignment-language]"), what="the language menu")
+    sel = q(driver, "[data-testid=assignment-language]")
+    seen["language"] = sel.get_attribute("value")
+    seen["language_text"] = driver.execute_script("const s = arguments[0]; return s.options[s.selectedIndex].text", sel)
+    seen["vocabulary"] = q(driver, "[data-testid=assignment-vocabulary]").get_attribute("value")
+    french_page(driver)
+    shot(driver, args, "2-rubric")
+    axe(driver, args, "instructor-rubric-fr")
+    [b for b in driver.find_elements(By.CSS_SELECTOR, "[role=tab]") if b.text == "File d’attente"][0].click()
+    wait(driver, lambda: q(driver, f"tr[data-submission='{args.submission}'] [data-testid=review]"), what="the row")
+    q(driver, f"tr[data-submission='{args.submission}'] [data-testid=review]").click()
+    wait(driver, lambda: q(driver, "[data-testid=override-form]"), what="the review screen")
+    wait(driver, lambda: q(driver, "[data-testid=unsure-word]"), what="Whisper's unsure word")
+    mark = q(driver, "[data-testid=unsure-word]")
+    seen["unsure"] = driver.execute_script("return arguments[0].firstChild.textContent", mark)
+    seen["unsure_title"] = mark.get_attribute("title")
+    seen["unsure_help"] = text(driver, "[data-testid=unsure-help]")
+    french_page(driver)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", mark)
+    shot(driver, args, "3-review")
+    axe(driver, args, "instructor-review-fr")
+    RESULT["seen"] = seen
+
+
 SCENARIOS = {
+    "student-french": student_french,
+    "instructor-french": instructor_french,
     "student-upload": student_upload,
     "student-record": student_record,
     "instructor-edit": instructor_edit,
@@ -531,6 +616,8 @@ def main():
     ap.add_argument("--timeout", type=float, default=90)
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--driver", default="/usr/bin/chromedriver")
+    ap.add_argument("--lang", help="the browser's language, e.g. fr-FR")
+    ap.add_argument("--assignment", default="sandbox-oral-1")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -540,7 +627,7 @@ def main():
         return sorted(subs, key=lambda s: s["attempt"])[-1]["id"]
 
     args.submission_hint = submission_hint
-    driver = make_driver(args, audio=args.audio)
+    driver = make_driver(args, audio=args.audio, lang=args.lang)
     ok = False
     try:
         SCENARIOS[args.scenario](driver, args)

@@ -3,7 +3,7 @@
 // dynamic registration instructions, rubric plugins (upload, validate,
 // enable/disable, recent failures), the installation checks of `viva
 // doctor` and the audit log.
-import S from './strings.en.js';
+import S from './i18n.js';
 import { h, clear, announce, notice, tabs, table, fmtBytes, fmtDate, errorText, field } from './ui.js';
 
 const enc = encodeURIComponent;

@@ -2,7 +2,7 @@
 // progress, live status over fetch-streamed SSE (EventSource cannot send the
 // token, and LMS iframes block cookies) with reconnection, and media through
 // single-use tickets.
-import S from './strings.en.js';
+import S from './i18n.js';
 
 export class ApiError extends Error {
   constructor(message, status, code) {

@@ -1,7 +1,7 @@
 // Entry point: reads the page data (LTI launch) or the URL fragment
 // (standalone /app#token=…), says who is signed in, and shows the view for
 // the session's roles: student, instructor (course) or administrator.
-import S from './strings.en.js';
+import S from './i18n.js';
 import { Api } from './api.js';
 import { h, clear, tabs, notice, errorText } from './ui.js';
 
@@ -40,7 +40,7 @@ async function main() {
     document.body.setAttribute('data-ready', 'error');
     return;
   }
-  me.textContent = S.signedIn(who.name || who.user_id, who.roles.join(', '), who.context_title || who.context_id);
+  me.textContent = S.signedIn(who.name || who.user_id, who.roles.map((r) => S.roleNames[r] || r).join(', '), who.context_title || who.context_id);
   const ctx = { api, data, me: who, assignmentId: data.assignment || frag.assignment || null, main };
   const views = [];
   if (who.viva_admin) views.push({ id: 'admin', label: S.views.admin, load: () => import('./admin.js') });

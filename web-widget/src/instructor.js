@@ -2,13 +2,18 @@
 // one submission (video, transcript, both evaluations side by side, plugin
 // report, override, release, audit log), the rubric editor with the plugin's
 // generated configuration form, and who has not submitted.
-import S from './strings.en.js';
+import S, { languageName } from './i18n.js';
 import { h, clear, announce, notice, tabs, table, fmtDate, fmtPoints, fmtBytes, errorText, uid, field, checkField } from './ui.js';
 import { mediaPanel, reportOf } from './student.js';
 import { schemaForm } from './schemaform.js';
 import { calibrationPanel, blindForm, instructorGrade, downloadCsv } from './calibration.js';
 
 const enc = encodeURIComponent;
+
+// Whisper's languages (viva_models::language::WHISPER_LANGUAGES), for the
+// assignment's language menu; names come from the browser in the reader's
+// language.
+const WHISPER_LANGUAGES = 'en zh de es ru ko fr ja pt tr pl ca nl ar sv it id hi fi vi he uk el ms cs ro da hu ta no th ur hr bg lt la mi ml cy sk te fa lv bn sr az sl kn et mk br eu is hy ne mn bs kk sq sw gl mr pa si km sn yo so af oc ka be tg sd gu am yi lo uz fo ht ps tk nn mt sa lb my bo tl mg as tt haw ln ha ba jw su yue'.split(' ');
 
 export function mount(panel, ctx) {
   const { api } = ctx;
@@ -199,7 +204,7 @@ export function mount(panel, ctx) {
           h('ul', {}, reasons.map((x) => h('li', { text: x })))));
       }
       if (media && media.dispose) media.dispose();
-      media = mediaPanel(api, sub);
+      media = mediaPanel(api, sub, { staff: true, language: a.language });
       parts.push(media, evaluations(a, sub), instructorGrade(api, a, sub, mine, render), pluginReport(score), overrideForm(a, sub), auditList(audit, passback));
       clear(area, ...parts);
     }
@@ -358,6 +363,11 @@ export function mount(panel, ctx) {
     const promptEl = h('textarea', { rows: '3', value: a.prompt, required: true, 'data-testid': 'assignment-prompt' });
     const policy = h('select', { 'data-testid': 'release-policy' }, Object.entries(S.policies).map(([k, v]) => h('option', { value: k, text: v, selected: k === a.release_policy })));
     const attempts = h('input', { type: 'number', min: '1', step: '1', inputmode: 'numeric', 'data-testid': 'max-attempts', value: a.max_attempts == null ? '' : String(a.max_attempts) });
+    const languages = WHISPER_LANGUAGES.map((c) => [c, languageName(c)]).sort((x, y) => x[1].localeCompare(y[1]));
+    const language = h('select', { 'data-testid': 'assignment-language' },
+      h('option', { value: '', text: S.languageAuto, selected: !a.language }),
+      languages.map(([c, n]) => h('option', { value: c, text: `${n} (${c})`, selected: c === a.language })));
+    const vocabulary = h('textarea', { rows: '2', maxlength: '600', value: a.vocabulary || '', 'data-testid': 'assignment-vocabulary' });
     const crit = h('div', { class: 'criteria', 'data-testid': 'criteria-editor' });
     const maxLine = h('p', { class: 'muted', 'aria-live': 'polite' });
     const maxTotal = () => model.criteria.reduce((t, c) => t + (Number(c.weight) || 0) * Math.max(0, ...c.levels.map((l) => Number(l.points) || 0)), 0);
@@ -456,6 +466,7 @@ export function mount(panel, ctx) {
     const formEl = h('form', { class: 'rubric-form', novalidate: true },
       h('h2', { text: S.rubricTitle }), msg,
       field(S.title, title), field(S.prompt, promptEl), field(S.releasePolicy, policy), field(S.maxAttempts, attempts, S.maxAttemptsHelp),
+      field(S.language, language, S.languageHelp), field(S.vocabulary, vocabulary, S.vocabularyHelp),
       h('fieldset', { class: 'criteria-set' }, h('legend', { text: S.criteria }), crit, maxLine, h('div', { class: 'buttons' }, addCrit, exportBtn),
         field(S.importRubric, importInput)),
       h('fieldset', { class: 'plugin-set' }, h('legend', { text: S.plugin }), field(S.plugin, pluginSel), h('h3', { text: S.pluginConfig }), cfgHolder, cfgMsg),
@@ -466,6 +477,7 @@ export function mount(panel, ctx) {
       const body = {
         title: title.value, prompt: promptEl.value, release_policy: policy.value,
         max_attempts: attempts.value.trim() === '' ? null : Number(attempts.value),
+        language: language.value || null, vocabulary: vocabulary.value.trim() || null,
         rubric: { criteria: model.criteria.map((c) => ({ ...c, weight: Number(c.weight), levels: c.levels.map((l) => ({ ...l, points: Number(l.points) })) })) },
         plugin: pluginSel.value, plugin_config: form ? form.value() : {},
       };

@@ -1,7 +1,7 @@
 // Recording in the browser: camera+microphone or microphone only, a level
 // meter, a countdown, a timer, preview and re-record. Calls onReady(blob,
 // filename) when the student submits the recording.
-import S from './strings.en.js';
+import S from './i18n.js';
 import { h, clear, announce, notice, fmtClock, uid } from './ui.js';
 
 function pickType(video) {

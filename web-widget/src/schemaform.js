@@ -2,7 +2,7 @@
 // form-sized subset the plugin host accepts: an object of string, enum,
 // integer, number and boolean properties with title, description, default,
 // minimum and maximum). value() returns the configuration object.
-import S from './strings.en.js';
+import S from './i18n.js';
 import { h, uid } from './ui.js';
 
 export function schemaForm(schema, value) {

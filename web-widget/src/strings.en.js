@@ -1,5 +1,8 @@
-// Every string the widget shows, in English. To localise, copy this file
-// (strings.<lang>.js), translate the values and import it in app.js.
+// Every string the widget shows, in English, the reference catalogue.
+// Modules read them through i18n.js (`import S from './i18n.js'`), which
+// picks the reader's language. A new key goes here AND into every other
+// catalogue (strings.fr.js); the test
+// the_french_catalogue_has_every_key_of_the_english_one fails otherwise.
 // Functions build the sentences that carry numbers or names.
 
 const plural = (n, one, many) => (n === 1 ? one : many);
@@ -28,6 +31,7 @@ export default {
   unknown: 'unknown',
   views: { student: 'My answer', instructor: 'Course', admin: 'Administration' },
   viewNav: 'Views',
+  roleNames: { learner: 'learner', instructor: 'instructor', admin: 'admin' },
   chooseAssignment: 'Assignment',
   noAssignments: 'This course has no Viva assignments yet.',
   noAssignmentStudent: 'Your instructor has not set this assignment up yet.',
@@ -122,8 +126,11 @@ export default {
   transcriptHelp: 'Select a line to play the recording from there.',
   noTranscript: 'No transcript yet.',
   lowConfidence: '(may be misheard)',
+  unsureWord: (pct) => `Whisper was only ${pct} % sure of this word`,
+  unsureWordsHelp: 'Highlighted words are the ones Whisper was least sure of: listen to them before relying on them.',
   media: 'Recording',
   mediaUnavailable: (why) => `The recording cannot be played: ${why}`,
+  mediaDeleted: 'deleted after the retention period',
   loadingMedia: 'Loading the recording…',
   failedTitle: 'Processing failed',
   failedWhat:
@@ -202,6 +209,11 @@ export default {
   prompt: 'Question students answer',
   releasePolicy: 'When grades reach students',
   maxAttempts: 'Attempts each student has',
+  language: 'Language of the answers',
+  languageAuto: 'Detect it in each recording',
+  languageHelp: 'Whisper transcribes in this language and the evaluators are told it. Choose “Detect it in each recording” when students may answer in several languages.',
+  vocabulary: 'Course vocabulary',
+  vocabularyHelp: 'Terms students are likely to say that Whisper may misspell, separated by commas (at most 600 characters). Whisper gets them as a hint.',
   maxAttemptsHelp: 'Leave empty for unlimited attempts. A student who has used them all is told so, in plain words, when they submit another; nothing of it is kept.',
   policies: {
     manual: 'After I release them',

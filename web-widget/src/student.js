@@ -1,6 +1,6 @@
 // Student view: record or upload an answer, watch it move through the two
 // phases (live over SSE), then read the transcript and feedback.
-import S from './strings.en.js';
+import S, { locale } from './i18n.js';
 import { h, clear, announce, notice, fmtBytes, fmtClock, fmtDate, fmtPoints, errorText, uid } from './ui.js';
 import { recorder } from './recorder.js';
 
@@ -14,17 +14,42 @@ function vtt(segments) {
   return 'WEBVTT\n\n' + segments.map((s, i) => `${i + 1}\n${t(s.start_ms)} --> ${t(Math.max(s.end_ms, s.start_ms + 500))}\n${s.text.trim()}\n`).join('\n');
 }
 
-export function mediaPanel(api, sub) {
+// Whisper's words below this probability are marked for reviewers
+// (viva_models::payload::LOW_WORD_PROBABILITY).
+const UNSURE = 0.5;
+
+// A segment's text; for staff (`opts.staff`) the words Whisper was unsure of
+// are marked, with how sure it was for screen readers and on hover.
+function segmentText(s, staff) {
+  const words = staff && Array.isArray(s.words) ? s.words : [];
+  if (!words.some((w) => w.p < UNSURE)) return [s.text.trim()];
+  return words.map((w, i) => {
+    const text = i === 0 ? w.text.trimStart() : w.text;
+    if (w.p >= UNSURE) return text;
+    const lead = text.match(/^\s*/)[0];
+    const label = S.unsureWord(Math.round(w.p * 100));
+    return [lead, h('mark', { class: 'unsure', 'data-testid': 'unsure-word', title: label, 'data-p': w.p },
+      text.slice(lead.length), h('span', { class: 'sr-only', text: ` (${label})` }))];
+  });
+}
+
+// The transcript's language for captions: what Whisper decoded in, else the
+// assignment's, else the page's.
+const captionLang = (sub, lang) => (sub.transcript && sub.transcript.language) || lang || locale;
+
+export function mediaPanel(api, sub, opts = {}) {
   const status = h('p', { class: 'muted', text: S.loadingMedia });
   const holder = h('div', { class: 'player' }, status);
   const segments = (sub.transcript && sub.transcript.segments) || [];
+  const lang = captionLang(sub, opts.language);
   let player = null;
   const urls = [];
+  const unsure = opts.staff && segments.some((s) => (s.words || []).some((w) => w.p < UNSURE));
   const lines = segments.map((s) => {
     const b = h('button', {
       type: 'button', class: 'seg', 'data-start': s.start_ms,
       on: { click: () => { if (player) { player.currentTime = s.start_ms / 1000; player.play().catch(() => {}); } } },
-    }, h('span', { class: 'ts', text: fmtClock(s.start_ms) }), ' ', s.text.trim(), s.low_confidence ? h('span', { class: 'muted', text: ' ' + S.lowConfidence }) : null);
+    }, h('span', { class: 'ts', text: fmtClock(s.start_ms) }), ' ', h('span', { lang }, segmentText(s, opts.staff)), s.low_confidence ? h('span', { class: 'muted', text: ' ' + S.lowConfidence }) : null);
     return h('li', {}, b);
   });
   const list = segments.length
@@ -33,7 +58,8 @@ export function mediaPanel(api, sub) {
   const tid = uid('t');
   const el = h('section', { class: 'media', 'aria-labelledby': tid },
     h('h3', { id: tid, text: S.media }), holder,
-    h('h3', { text: S.transcript }), segments.length ? h('p', { class: 'help', text: S.transcriptHelp }) : null, list);
+    h('h3', { text: S.transcript }), segments.length ? h('p', { class: 'help', text: S.transcriptHelp }) : null,
+    unsure ? h('p', { class: 'help', 'data-testid': 'unsure-help', text: S.unsureWordsHelp }) : null, list);
   if (sub.media_available !== false) {
     api.mediaUrl(sub.id).then((m) => {
       urls.push(m.url);
@@ -42,7 +68,7 @@ export function mediaPanel(api, sub) {
       if (segments.length) {
         const cap = URL.createObjectURL(new Blob([vtt(segments)], { type: 'text/vtt' }));
         urls.push(cap);
-        player.append(h('track', { kind: 'captions', srclang: 'en', label: S.transcript, src: cap, default: true }));
+        player.append(h('track', { kind: 'captions', srclang: lang, label: S.transcript, src: cap, default: true }));
       }
       player.addEventListener('timeupdate', () => {
         const ms = player.currentTime * 1000;
@@ -55,7 +81,7 @@ export function mediaPanel(api, sub) {
       clear(holder, player);
     }).catch((e) => { status.textContent = S.mediaUnavailable(errorText(e)); });
   } else {
-    status.textContent = S.mediaUnavailable('deleted after the retention period');
+    status.textContent = S.mediaUnavailable(S.mediaDeleted);
   }
   el.dispose = () => urls.forEach((u) => URL.revokeObjectURL(u));
   return el;

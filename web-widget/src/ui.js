@@ -1,5 +1,5 @@
 // Small DOM helpers: element creation, announcements, formatting, tabs.
-import S from './strings.en.js';
+import S, { locale } from './i18n.js';
 
 let seq = 0;
 export const uid = (p = 'v') => `${p}-${++seq}`;
@@ -61,7 +61,7 @@ export function fmtClock(ms) {
 }
 
 export function fmtDate(ms) {
-  return new Date(ms).toLocaleString(undefined, { dateStyle: 'medium', timeStyle: 'medium' });
+  return new Date(ms).toLocaleString(locale, { dateStyle: 'medium', timeStyle: 'medium' });
 }
 
 export function fmtPoints(x) {

@@ -18,7 +18,8 @@ pub enum ModelsAction {
     Fetch {
         #[command(flatten)]
         common: ModelsArgs,
-        /// Only these models (names or file names; default: all).
+        /// Only these models (names or file names; default: all but the
+        /// optional ones, which are fetched only when named).
         names: Vec<String>,
     },
     /// Check every model file's size and sha256.
@@ -140,7 +141,8 @@ fn setup(
 
 fn select<'m>(manifest: &'m Manifest, names: &[String]) -> anyhow::Result<Vec<&'m ModelEntry>> {
     if names.is_empty() {
-        return Ok(manifest.models.iter().collect());
+        // Optional models (the demo's larger ones) only when named.
+        return Ok(manifest.models.iter().filter(|m| !m.optional).collect());
     }
     names
         .iter()

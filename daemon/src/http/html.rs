@@ -118,22 +118,30 @@ pub(super) fn script_json(v: &serde_json::Value) -> String {
 }
 
 /// The widget's page: `data` (token, assignment, roles …) for the script;
-/// `frame_ancestors` the origins that may frame it (`None`: only this origin).
+/// `frame_ancestors` the origins that may frame it (`None`: only this origin);
+/// `locale` the widget's language when the launch or the browser's
+/// Accept-Language named one it has (`None`: the script asks the browser;
+/// the page says English until then). It is also `data.locale`.
 pub(super) fn shell(
     title: &str,
-    data: serde_json::Value,
+    mut data: serde_json::Value,
     frame_ancestors: Option<&[String]>,
+    locale: Option<&str>,
 ) -> Response {
     let nonce = viva_lti::login::random_token(16);
     let v = super::widget::version();
+    if let (Some(l), Some(obj)) = (locale, data.as_object_mut()) {
+        obj.insert("locale".into(), l.into());
+    }
     let html = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+        "<!doctype html><html lang=\"{}\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>{}</title><link rel=\"stylesheet\" href=\"/widget/{v}/style.css\"></head>\
          <body><div id=\"viva-app\" class=\"viva\"><noscript>Viva needs JavaScript: turn it on \
          for this site and reload.</noscript></div>\
          <script type=\"application/json\" id=\"viva-data\">{}</script>\
          <script type=\"module\" nonce=\"{nonce}\" src=\"/widget/{v}/app.js\"></script></body></html>",
+        esc(locale.unwrap_or("en")),
         esc(title),
         script_json(&data)
     );

@@ -365,7 +365,9 @@ pub(super) async fn launch(
             Err(e) => return lti_error_page(&e),
         };
     let clear_cookie = state_cookie(&state, "", 0);
-    let mut resp = match complete_launch(&st, &reg, launch).await {
+    // The widget's language: the platform's locale claim, else the browser's.
+    let locale = super::widget::pick_locale(launch.locale.as_deref(), &headers);
+    let mut resp = match complete_launch(&st, &reg, launch, locale).await {
         Ok(r) => r,
         Err(e) => daemon_error_page(&e),
     };
@@ -519,6 +521,8 @@ fn resolve_assignment(
         plugin_config: Some(a.plugin_config.clone()),
         release_policy: Some(a.release_policy),
         max_attempts: a.max_attempts,
+        language: a.language.clone(),
+        vocabulary: a.vocabulary.clone(),
     };
     // The copy grades as the original does: the same plugin file.
     let pin = Some(a.plugin_sha256.as_str()).filter(|s| !s.is_empty());
@@ -547,7 +551,12 @@ var form=document.getElementById('create');if(form){form.addEventListener('submi
 place({assignment:{title:form.title.value,prompt:form.prompt.value,rubric:s.default_rubric}});});}
 })();"#;
 
-async fn complete_launch(st: &AppState, reg: &Registration, launch: Launch) -> Result<Response> {
+async fn complete_launch(
+    st: &AppState,
+    reg: &Registration,
+    launch: Launch,
+    locale: Option<&'static str>,
+) -> Result<Response> {
     let access = viva_lti::roles::map_roles(&launch.roles);
     let is_instructor = access
         .iter()
@@ -668,6 +677,7 @@ async fn complete_launch(st: &AppState, reg: &Registration, launch: Launch) -> R
                     "limits": super::widget::limits(st),
                 }),
                 Some(&frame),
+                locale,
             ))
         }
     }

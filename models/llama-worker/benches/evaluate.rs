@@ -10,6 +10,11 @@
 //!    the answers are the same.
 //! 4. Worker start-to-ready (spawn → `Loaded`) and stop-to-exit (`Shutdown`
 //!    → reaped): the cost of a phase switch.
+//! 5. `judge` (not in the default sections): each model's level, evidence
+//!    and rationale for five answers whose right level is known, to compare
+//!    evaluators by eye: `BENCH_MODELS=smollm2,qwen BENCH_SECTIONS=judge`
+//!    (qwen is the demo's Qwen2.5-Coder-0.5B, `viva models fetch
+//!    qwen2.5-coder-0.5b-instruct-q4_k_m`).
 //!
 //! Environment: `VIVA_MODELS_DIR` (default `~/.cache/viva/models`),
 //! `BENCH_MODELS` (default `smollm2,gemma`), `BENCH_THREADS` (default 2),
@@ -78,6 +83,7 @@ fn items(n: usize) -> Vec<EvaluateItem> {
             rubric: rubric(),
             transcript: TRANSCRIPTS[i % TRANSCRIPTS.len()].into(),
             exemplars: Vec::new(),
+            language: None,
         })
         .collect()
 }
@@ -98,6 +104,78 @@ fn run(engine: &Engine, items: &[EvaluateItem]) -> (Vec<String>, CallStats, f64)
         })
         .collect();
     (answers, stats, wall)
+}
+
+/// Five answers with the content level a teacher would give.
+const JUDGED: [(&str, &str); 5] = [
+    (
+        "Plants use sunlight, water and carbon dioxide to make glucose and oxygen in the chloroplasts.",
+        "complete",
+    ),
+    (
+        "Photosynthesis is when plants eat soil. It happens in the roots at night.",
+        "missing",
+    ),
+    (
+        "I am not sure. Plants need light to grow, and they make oxygen, I think.",
+        "partial",
+    ),
+    (
+        "Plants breathe in oxygen and breathe out carbon dioxide, like us, and that is photosynthesis.",
+        "missing",
+    ),
+    (
+        "In the chloroplast, light, water and carbon dioxide produce glucose and oxygen. In conclusion, \
+         leaves feed the plant.",
+        "complete",
+    ),
+];
+
+fn bench_judge(name: &str, engine: &Engine) {
+    let items: Vec<EvaluateItem> = JUDGED
+        .iter()
+        .enumerate()
+        .map(|(i, (t, _))| EvaluateItem {
+            submission_id: format!("j{i}"),
+            assignment_prompt: "Explain how plants turn sunlight into food: inputs, outputs, \
+                                and where it happens."
+                .into(),
+            rubric: rubric(),
+            transcript: (*t).into(),
+            language: Some("en".into()),
+        })
+        .collect();
+    let started = Instant::now();
+    let (outcomes, _) =
+        match engine.evaluate(&items, "bench", &AtomicBool::new(false), &mut |_, _| {}) {
+            Ok(r) => r,
+            Err(e) => panic!("evaluation failed: {e}"),
+        };
+    println!(
+        "\n## {name}: judgements of five answers ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    println!("| answer | right content level | content level | evidence | rationale |");
+    println!("|---|---|---|---|---|");
+    let short = |s: &str, n: usize| s.chars().take(n).collect::<String>().replace('|', "/");
+    let mut right = 0;
+    for ((text, want), o) in JUDGED.iter().zip(&outcomes) {
+        let rating = o
+            .evaluation
+            .as_ref()
+            .and_then(|e| e.ratings.iter().find(|r| r.criterion_id == "content"));
+        let (level, evidence, rationale) = rating
+            .map(|r| (r.level.as_str(), r.evidence.as_str(), r.rationale.as_str()))
+            .unwrap_or(("(error)", "", ""));
+        right += usize::from(level == *want);
+        println!(
+            "| {} | {want} | {level} | {} | {} |",
+            short(text, 40),
+            short(evidence, 50),
+            short(rationale, 70)
+        );
+    }
+    println!("\n{name}: {right} of {} content levels right", JUDGED.len());
 }
 
 fn bench_items() -> usize {
@@ -365,6 +443,7 @@ fn main() {
     let models = [
         ("smollm2", "smollm2-135m-instruct-q4_1.gguf"),
         ("gemma", "gemma-3-270m-q4_k_m.gguf"),
+        ("qwen", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
     ];
     // llama.cpp's load chatter would bury the tables.
     llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
@@ -405,6 +484,9 @@ fn main() {
         let sections = std::env::var("BENCH_SECTIONS")
             .unwrap_or_else(|_| "batches,grammar,reuse,lifecycle".into());
         let want = |s: &str| sections.split(',').any(|w| w.trim() == s);
+        if want("judge") {
+            bench_judge(name, &engine);
+        }
         if want("batches") {
             bench_batches(name, &mut engine);
         }

@@ -142,6 +142,7 @@ fn items(prompt: &str, rubric: &Rubric, transcripts: &[&str]) -> Vec<EvaluateIte
             rubric: rubric.clone(),
             transcript: (*t).into(),
             exemplars: Vec::new(),
+            language: None,
         })
         .collect()
 }

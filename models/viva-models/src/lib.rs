@@ -15,6 +15,8 @@
 //!   beyond its inference library — the prompt (with the untrusted transcript
 //!   fenced), the GBNF output grammar generated from the rubric and the parser
 //!   of the answer, and the detection of instruction-like transcripts.
+//! - [`language`]: Whisper's languages and the checks of an assignment's
+//!   language and vocabulary (Whisper's initial prompt).
 //! - [`evidence`]: checks of an evaluator's evidence and rationale: quotes
 //!   against the transcript, degenerate text (repetition, no letters,
 //!   placeholders), the review flags they earn, and sanitising for students.
@@ -35,6 +37,7 @@ pub mod fetch;
 pub mod flags;
 pub mod grammar;
 pub mod injection;
+pub mod language;
 pub mod manifest;
 pub mod payload;
 pub mod prompt;
@@ -44,7 +47,7 @@ pub mod rubric;
 pub use payload::{
     CriterionRating, EvaluateItem, EvaluateRequest, EvaluateResponse, Evaluation,
     EvaluationOutcome, Exemplar, ExemplarLevel, JobPayload, JobResult, Segment, TranscribeRequest,
-    Transcript,
+    Transcript, Word,
 };
 pub use protocol::{DaemonMessage, PROTOCOL_VERSION, WorkerKind, WorkerMessage};
 pub use rubric::{Criterion, Level, Rubric};

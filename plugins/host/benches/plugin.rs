@@ -66,6 +66,7 @@ fn thirty_minute_request() -> ScoreRequest {
             avg_logprob: -0.2 - (i % 7) as f32 * 0.05,
             no_speech_prob: 0.01,
             low_confidence: false,
+            words: Vec::new(),
         });
     }
     let rubric = rubric();

@@ -158,6 +158,7 @@ async fn evaluate(
             rubric: ctx.rubric.clone(),
             transcript: text.clone(),
             exemplars: Vec::new(),
+            language: None,
         })
         .collect();
     let t = Instant::now();

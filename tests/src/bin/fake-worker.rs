@@ -15,7 +15,12 @@
 //!   `ev` is `start`, `loaded`, `job_start`, `job_end` or `exit`; `job` and
 //!   `items` (batch size of an evaluator job) are null where they do not
 //!   apply; `t_ms` is Unix time in milliseconds. `job_end` also has
-//!   `"ok": true|false`.
+//!   `"ok": true|false`. Before each `job_start` a `request` line has
+//!   `"request"`: what the job asked for (STT: `wav_path`, `language`,
+//!   `initial_prompt`; evaluator: each item's `submission_id` and
+//!   `language`), so tests check what the daemon sent. A fake transcript's
+//!   language is the requested one (else "en"), and its one segment's
+//!   words have probability 0.95 except "transcript", 0.35 (unsure).
 //! - `FAKE_LOAD_MS`: time to "load the model"; `FAKE_LOAD_GATE=/path`: keep
 //!   loading until that file exists. `FAKE_LOAD_FAIL`: when set
 //!   and not empty, loading fails with an `Error` frame and the worker exits 1.
@@ -177,6 +182,25 @@ impl Worker {
         }
     }
 
+    /// The `request` line: what a job asked for.
+    fn log_request(&self, job: &str, request: serde_json::Value) {
+        let Some(file) = &self.log else { return };
+        let line = serde_json::json!({
+            "ev": "request",
+            "pid": self.pid,
+            "kind": self.kind.as_str(),
+            "role": self.role,
+            "job": job,
+            "request": request,
+            "t_ms": now_unix_ms(),
+        });
+        let mut buf = line.to_string().into_bytes();
+        buf.push(b'\n');
+        if let Err(e) = (&*file).write_all(&buf) {
+            eprintln!("fake-worker: cannot write FAKE_LOG: {e}");
+        }
+    }
+
     fn send(&self, msg: &WorkerMessage) {
         let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = writer.send(msg) {
@@ -240,6 +264,14 @@ impl Worker {
     }
 
     fn transcribe(&self, job_id: &str, req: &TranscribeRequest) -> WorkerMessage {
+        self.log_request(
+            job_id,
+            serde_json::json!({
+                "wav_path": req.wav_path,
+                "language": req.language,
+                "initial_prompt": req.initial_prompt,
+            }),
+        );
         self.log("job_start", Some(job_id), None, None);
         let started = Instant::now();
         let duration = env_ms("FAKE_STT_FIXED_MS")
@@ -280,10 +312,23 @@ impl Worker {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let text = format!("fake transcript of {stem}");
+        // Whisper-like words: "transcript" is the one it was unsure of.
+        let words = text
+            .split(' ')
+            .enumerate()
+            .map(|(i, w)| viva_models::Word {
+                text: if i == 0 {
+                    w.to_owned()
+                } else {
+                    format!(" {w}")
+                },
+                p: if w == "transcript" { 0.35 } else { 0.95 },
+            })
+            .collect();
         let end_ms = (req.audio_seconds.max(0.0) * 1000.0).round() as u64;
         let transcript = Transcript {
             text: text.clone(),
-            language: Some("en".into()),
+            language: Some(req.language.clone().unwrap_or_else(|| "en".into())),
             segments: vec![Segment {
                 start_ms: 0,
                 end_ms,
@@ -291,6 +336,7 @@ impl Worker {
                 avg_logprob: -0.25,
                 no_speech_prob: 0.01,
                 low_confidence: false,
+                words,
             }],
             audio_seconds: req.audio_seconds,
             processing_seconds: started.elapsed().as_secs_f64(),
@@ -305,6 +351,12 @@ impl Worker {
 
     fn evaluate(&self, job_id: &str, req: &EvaluateRequest) -> WorkerMessage {
         let n = req.items.len();
+        let items: Vec<serde_json::Value> = req
+            .items
+            .iter()
+            .map(|i| serde_json::json!({"submission_id": i.submission_id, "language": i.language}))
+            .collect();
+        self.log_request(job_id, serde_json::json!({ "items": items }));
         self.log("job_start", Some(job_id), Some(n), None);
         let per_item = env_ms("FAKE_EVAL_MS_PER_ITEM");
         sleep_ms(env_ms("FAKE_EVAL_FIXED_MS"));

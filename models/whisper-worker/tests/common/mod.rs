@@ -29,6 +29,14 @@ pub fn models_dir() -> PathBuf {
         })
 }
 
+/// A manifest model's file when it is in the models directory.
+pub fn manifest_model(name: &str) -> Option<PathBuf> {
+    let manifest = Manifest::builtin().expect("built-in manifest");
+    let entry = manifest.find(name)?;
+    let path = models_dir().join(&entry.file);
+    path.is_file().then_some(path)
+}
+
 /// The manifest's Whisper model file; panics with the fix when it is missing.
 pub fn whisper_model() -> PathBuf {
     let manifest = Manifest::builtin().expect("built-in manifest");
@@ -203,6 +211,16 @@ impl Driver {
 
     /// Starts a transcription; returns its job id.
     pub fn submit(&mut self, wav: &Path, initial_prompt: Option<&str>) -> String {
+        self.submit_in(wav, None, initial_prompt)
+    }
+
+    /// Starts a transcription in `language` (`None`: the worker's default).
+    pub fn submit_in(
+        &mut self,
+        wav: &Path,
+        language: Option<&str>,
+        initial_prompt: Option<&str>,
+    ) -> String {
         self.next += 1;
         let job_id = format!("j{}", self.next);
         self.send(&DaemonMessage::Job {
@@ -210,7 +228,7 @@ impl Driver {
             payload: JobPayload::Transcribe(TranscribeRequest {
                 wav_path: wav.display().to_string(),
                 audio_seconds: 0.0,
-                language: None,
+                language: language.map(str::to_owned),
                 initial_prompt: initial_prompt.map(str::to_owned),
             }),
         });
