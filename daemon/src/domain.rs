@@ -1148,6 +1148,8 @@ mod tests {
             updated_at: 0,
             version: 1,
             plugin_sha256: "aa".into(),
+            language: None,
+            vocabulary: None,
         }
     }
 

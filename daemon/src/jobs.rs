@@ -1209,6 +1209,10 @@ fn rescore_change(
         updated_at: 0,
         version: v.version,
         plugin_sha256: v.plugin_sha256.clone(),
+        // Language and vocabulary shape transcription, not grading: they
+        // are not part of a version.
+        language: None,
+        vocabulary: None,
     };
     domain::version_change(&as_assignment(from), &as_assignment(to))
         .map_or(domain::VersionChange::Scoring, |(c, _)| c)

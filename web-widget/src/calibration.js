@@ -2,7 +2,7 @@
 // the combined grade with the instructor's own grading (per criterion, with
 // a plain-words verdict, the release gate and CSV export), grading blind
 // before seeing the evaluations, marking exemplars, and CSV downloads.
-import S from './strings.en.js';
+import S from './i18n.js';
 import { h, clear, announce, notice, table, field, errorText } from './ui.js';
 
 const enc = encodeURIComponent;

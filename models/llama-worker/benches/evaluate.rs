@@ -143,6 +143,7 @@ fn bench_judge(name: &str, engine: &Engine) {
             rubric: rubric(),
             transcript: (*t).into(),
             language: Some("en".into()),
+            exemplars: Vec::new(),
         })
         .collect();
     let started = Instant::now();
