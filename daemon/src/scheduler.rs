@@ -282,7 +282,7 @@ enum Event {
         seconds: f64,
     },
     ScoreDone {
-        job: Claimed,
+        job: Box<Claimed>,
         result: std::result::Result<(ScoreOutcome, ReleasePolicy), ScoreError>,
     },
 }
@@ -1259,7 +1259,10 @@ impl Scheduler {
                         .map(|o| (o, policy))
                     }
                 };
-                let _ = tx.send(Event::ScoreDone { job, result });
+                let _ = tx.send(Event::ScoreDone {
+                    job: Box::new(job),
+                    result,
+                });
             });
         }
         Ok(true)
@@ -1429,7 +1432,7 @@ impl Scheduler {
             }
             Event::ScoreDone { job, result } => {
                 self.score_in_flight = self.score_in_flight.saturating_sub(1);
-                if let Err(e) = self.finish_score(job, result).await {
+                if let Err(e) = self.finish_score(*job, result).await {
                     tracing::error!(error = %e, "recording a score failed");
                 }
             }
