@@ -45,6 +45,10 @@ fn viva_lab_has_the_options_of_viva_lab() {
         "--batch-window <BATCH_WINDOW>",
         "--eval-batch-size <EVAL_BATCH_SIZE>",
         "--timeout <TIMEOUT>",
+        "--profile <PROFILE>",
+        "--scale <SCALE>",
+        "--max-phase-wait <MAX_PHASE_WAIT>",
+        "--warm-up <WARM_UP>",
     ] {
         assert!(help.contains(option), "{option} missing from:\n{help}");
     }
@@ -52,6 +56,6 @@ fn viva_lab_has_the_options_of_viva_lab() {
         .lines()
         .filter(|l| l.trim_start().starts_with('-'))
         .count();
-    // The 21 above, -h/--help and -V/--version.
-    assert_eq!(options, 23, "{help}");
+    // The 25 above, -h/--help and -V/--version.
+    assert_eq!(options, 27, "{help}");
 }
