@@ -1334,7 +1334,8 @@ async fn instructor_releases_a_selection_grades_blind_and_reads_the_calibration(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_view_shows_models_registrations_and_plugins_accessibly() {
     let Some(b) = browser() else { return };
-    let d = fast_daemon(&[]).await;
+    // Workers that report GPU memory, as the `cuda` builds do.
+    let d = fast_daemon(&[("FAKE_DEVICE_MEMORY_MB", "2000".into())]).await;
     let media = d.dir.path().join("media");
     std::fs::create_dir_all(&media).expect("dir");
     let alice = d.token(Role::Learner, "alice", "sandbox");
@@ -1373,9 +1374,17 @@ async fn admin_view_shows_models_registrations_and_plugins_accessibly() {
         "Evaluator b",
         "fake-evaluator",
         "100 MiB",
+        "2000 MiB on the GPU (measured; configured 100 MiB)",
     ] {
         assert!(models.contains(m), "{m} missing from {models}");
     }
+    // The switch from STT to evaluation, measured: the STT worker's
+    // 2000 MiB before, the two evaluators' 4000 MiB after.
+    let swaps = seen["swaps"].as_str().unwrap_or_default();
+    assert!(
+        swaps.contains("Evaluators") && swaps.contains("2000 MiB") && swaps.contains("4000 MiB"),
+        "{seen}"
+    );
     assert!(
         seen["dynreg"]
             .as_str()
