@@ -148,7 +148,7 @@ export function mount(panel, ctx) {
           h('th', { scope: 'row', text: r.user_name || r.user_id }), h('td', { text: String(r.attempt) }), h('td', {}, status, eta ? h('div', { class: 'muted', text: eta }) : null), h('td', {}, score), h('td', {}, actions));
       });
       const sys = h('p', {}, S.systemStatus(S.systemPhase[d.system_phase] || d.system_phase),
-        d.batch ? ` — ${S.batchProgress(d.batch.stt_done, d.batch.size)}` : '', '. ', S.counts(d.counts));
+        d.batch ? ` — ${S.batchProgress(d.batch.stt_done, d.batch.size)}` : '', '. ', S.counts(d.counts, S.states));
       const alerts = (d.unavailable || []).map((u) => notice('warn', S.modelDown(u.role === 'stt' ? S.stt : S.evaluatorRole(u.role), u.error)));
       clear(wrap, ...alerts, sys, h('div', { class: 'buttons' }, relAll, relSel, csv), checkField(S.calib.blindFirst, blindBox),
         d.rows.length ? table(S.queueTitle, [h('span', { class: 'sr-only', text: S.calib.selectColumn }), S.student, S.attempt, S.status, S.score, S.actions], rows) : h('p', { text: S.noSubmissions }));

@@ -164,7 +164,7 @@ export default {
   needsReview: 'Needs review',
   releaseAll: (n) => `Release all grades awaiting review (${n})`,
   releasedN: (n) => `${n} ${plural(n, 'grade', 'grades')} released to the gradebook.`,
-  counts: (c) => Object.entries(c).map(([k, v]) => `${v} ${k.replace('_', ' ')}`).join(', '),
+  counts: (c, states) => Object.entries(c).map(([k, v]) => `${v} ${(states[k] || k.replace('_', ' ')).toLowerCase()}`).join(', '),
   inQueue: (phase, pos, len) => `${phase}: position ${pos} of ${len}`,
   running: (phase) => `${phase}: running`,
 

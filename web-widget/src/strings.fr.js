@@ -163,7 +163,7 @@ export default {
   needsReview: 'À relire',
   releaseAll: (n) => `Publier toutes les notes en attente de relecture (${n})`,
   releasedN: (n) => `${n} ${plural(n, 'note publiée', 'notes publiées')} dans le carnet de notes.`,
-  counts: (c) => Object.entries(c).map(([k, v]) => `${v} ${k.replace('_', ' ')}`).join(', '),
+  counts: (c, states) => Object.entries(c).map(([k, v]) => `${states[k] || k} : ${v}`).join(', '),
   inQueue: (phase, pos, len) => `${phase} : position ${pos} sur ${len}`,
   running: (phase) => `${phase} : en cours`,
 
