@@ -465,7 +465,15 @@ async fn measured_gpu_memory_drives_auto_and_records_each_switch() {
     })
     .await;
     let admin = d.token(Role::Admin, "admin", "sandbox");
-    let (_, status) = d.get(&admin, "/api/v1/status").await;
+    // The scheduler's first snapshot comes a moment after the start.
+    let mut status = serde_json::Value::Null;
+    for _ in 0..100 {
+        status = d.get(&admin, "/api/v1/status").await.1;
+        if status["policy"] != "" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         status["policy"], "two-phase",
         "configured figures: {status}"
