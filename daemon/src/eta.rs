@@ -1058,6 +1058,9 @@ pub struct Snapshot {
     pub hold: Option<Hold>,
     pub entries: BTreeMap<String, QueueEntry>,
     pub stats: StatsView,
+    /// Each slot's GPU memory as its worker last measured it (MiB), kept
+    /// after the worker stops (it is the model's footprint).
+    pub measured_mb: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]

@@ -1912,6 +1912,7 @@ impl Scheduler {
             ready: self.slots.contains_key("stt") && !self.roles.is_empty(),
             entries,
             stats: StatsView::from(&self.stats),
+            measured_mb: self.measured_mb.clone(),
             hold: self.hold.map(|(kind, until_ms)| crate::eta::Hold {
                 phase: match kind {
                     WorkerKind::Stt => "stt",

@@ -215,7 +215,8 @@ pub(super) async fn system(
             measured_mb: process
                 .as_ref()
                 .and_then(|p| p.device_memory.as_ref())
-                .map(|d| d.process_bytes >> 20),
+                .map(|d| d.process_bytes >> 20)
+                .or_else(|| snap.measured_mb.get("stt").copied()),
             loaded: process.as_ref().is_some_and(|p| p.state != "starting"),
             process,
         });
@@ -231,7 +232,8 @@ pub(super) async fn system(
             measured_mb: process
                 .as_ref()
                 .and_then(|p| p.device_memory.as_ref())
-                .map(|d| d.process_bytes >> 20),
+                .map(|d| d.process_bytes >> 20)
+                .or_else(|| snap.measured_mb.get(&format!("evaluator:{role}")).copied()),
             loaded: process.as_ref().is_some_and(|p| p.state != "starting"),
             process,
         });
