@@ -996,19 +996,22 @@ pub(crate) fn audit_entries(
          WHERE (?1 IS NULL OR subject = ?1) ORDER BY id DESC LIMIT ?2",
     )?;
     let rows = stmt
-        .query_map(params![subject, limit], |r| {
-            let details: String = r.get(5)?;
-            Ok(AuditEntry {
-                id: r.get(0)?,
-                at: r.get(1)?,
-                actor: r.get(2)?,
-                action: r.get(3)?,
-                subject: r.get(4)?,
-                details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
-            })
-        })?
+        .query_map(params![subject, limit], audit_from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
+}
+
+/// An `audit_log` row selected as `id, at, actor, action, subject, details`.
+fn audit_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
+    let details: String = r.get(5)?;
+    Ok(AuditEntry {
+        id: r.get(0)?,
+        at: r.get(1)?,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        subject: r.get(4)?,
+        details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
+    })
 }
 
 /// The audit log of an assignment and its submissions, newest first: who
@@ -1025,17 +1028,7 @@ pub(crate) fn assignment_audit(
          ORDER BY id DESC LIMIT ?2",
     )?;
     let rows = stmt
-        .query_map(params![assignment_id, limit], |r| {
-            let details: String = r.get(5)?;
-            Ok(AuditEntry {
-                id: r.get(0)?,
-                at: r.get(1)?,
-                actor: r.get(2)?,
-                action: r.get(3)?,
-                subject: r.get(4)?,
-                details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
-            })
-        })?
+        .query_map(params![assignment_id, limit], audit_from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
 }

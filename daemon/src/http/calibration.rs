@@ -81,36 +81,36 @@ pub(super) struct GateView {
 
 pub(super) async fn put_gate(
     State(st): State<AppState>,
-    Session(mut c): Session,
+    Session(c): Session,
     Path(id): Path<String>,
     Json(g): Json<Gate>,
 ) -> Result<Json<GateView>> {
-    let a = load_managed_assignment(&st, &mut c, id).await?;
-    let actor = c.actor();
-    let aid = a.id.clone();
-    st.store
-        .write(move |tx| calibration::set_gate(tx, &aid, &actor, Some(g)))
-        .await?;
-    Ok(Json(GateView {
-        assignment_id: a.id,
-        gate: Some(g),
-    }))
+    set_gate(st, c, id, Some(g)).await
 }
 
 pub(super) async fn delete_gate(
     State(st): State<AppState>,
-    Session(mut c): Session,
+    Session(c): Session,
     Path(id): Path<String>,
+) -> Result<Json<GateView>> {
+    set_gate(st, c, id, None).await
+}
+
+async fn set_gate(
+    st: AppState,
+    mut c: crate::auth::Claims,
+    id: String,
+    gate: Option<Gate>,
 ) -> Result<Json<GateView>> {
     let a = load_managed_assignment(&st, &mut c, id).await?;
     let actor = c.actor();
     let aid = a.id.clone();
     st.store
-        .write(move |tx| calibration::set_gate(tx, &aid, &actor, None))
+        .write(move |tx| calibration::set_gate(tx, &aid, &actor, gate))
         .await?;
     Ok(Json(GateView {
         assignment_id: a.id,
-        gate: None,
+        gate,
     }))
 }
 

@@ -1367,16 +1367,7 @@ async fn viva_run(
                     .into_iter()
                     .flatten()
                     .filter(|i| i["resourceLinkId"] == link.as_str())
-                    .filter_map(|i| {
-                        i["id"]
-                            .as_str()?
-                            .split("/lineitems/")
-                            .nth(1)?
-                            .split('/')
-                            .next()?
-                            .parse()
-                            .ok()
-                    })
+                    .filter_map(line_item_number)
                     .collect();
                 let full = log["scores"]
                     .as_array()
@@ -1538,6 +1529,18 @@ async fn viva_run(
 }
 
 /// The platform's final state against what Viva released.
+/// The platform's number of a line item (`…/lineitems/N…` in its id).
+fn line_item_number(item: &Value) -> Option<u64> {
+    item["id"]
+        .as_str()?
+        .split("/lineitems/")
+        .nth(1)?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn final_state(
     runs: &[StudentRun],
     students: &[media::Student],
@@ -1550,19 +1553,7 @@ fn final_state(
         .map(|v| v.iter().filter(|i| i["resourceLinkId"] == link).collect())
         .unwrap_or_default();
     f.line_items = items.len();
-    let item_numbers: Vec<u64> = items
-        .iter()
-        .filter_map(|i| {
-            i["id"]
-                .as_str()?
-                .split("/lineitems/")
-                .nth(1)?
-                .split('/')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let item_numbers: Vec<u64> = items.iter().copied().filter_map(line_item_number).collect();
     let scores: Vec<&Value> = log["scores"]
         .as_array()
         .map(|v| v.iter().collect())
