@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use crate::db::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
 use viva_models::calibration::{self as stats, Agreement, Rated};
 use viva_models::{Criterion, Evaluation, Exemplar, ExemplarLevel, Rubric};
@@ -189,7 +189,7 @@ pub(crate) fn instructor_levels(conn: &Connection, sid: &str) -> Result<Vec<Inst
                 graded_at: r.get(5)?,
             })
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
@@ -291,7 +291,7 @@ fn exemplar_rows(conn: &Connection, a: &Assignment) -> Result<Vec<(String, Exemp
         .query_map([&a.id], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     let mut out = Vec::new();
     for (sid, transcript) in rows {
         let Some(text) = transcript
@@ -516,7 +516,7 @@ fn collect(conn: &Connection, a: &Assignment) -> Result<Vec<Graded>> {
                 r.get::<_, f64>(2)?,
             ))
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     let mut order: Vec<String> = Vec::new();
     let mut instructor: HashMap<String, HashMap<String, f64>> = HashMap::new();
     for (sid, cid, points) in rows {
@@ -550,7 +550,7 @@ fn machine_grades(conn: &Connection, sid: &str) -> Result<(EvaluatorLevels, Hash
         .query_map([sid], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     let mut evaluators = BTreeMap::new();
     let mut combined = HashMap::new();
     for (stage, result) in rows {
@@ -723,7 +723,7 @@ pub(crate) fn report(conn: &Connection, a: &Assignment) -> Result<Report> {
     )?;
     let exemplars = stmt
         .query_map([&a.id], |r| r.get(0))?
-        .collect::<rusqlite::Result<Vec<String>>>()?;
+        .collect::<crate::db::Result<Vec<String>>>()?;
     Ok(Report {
         assignment_id: a.id.clone(),
         graded: data.len(),
@@ -840,7 +840,7 @@ pub(crate) fn grades_csv(conn: &Connection, a: &Assignment) -> Result<String> {
              WHERE m.context_id = ?1",
         )?;
         stmt.query_map([&a.context_id], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?
+            .collect::<crate::db::Result<_>>()?
     };
     let mut roles: Vec<String> = subs
         .iter()

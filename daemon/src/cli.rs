@@ -52,6 +52,18 @@ enum Command {
     },
     /// Create or upgrade the database, then exit.
     Migrate,
+    /// Copy a SQLite store into a new, empty PostgreSQL store (moving a
+    /// site to several nodes). Stop the daemon first; the source is only read.
+    MigrateStore {
+        /// The source: `sqlite:/var/lib/viva/viva.db` (or `sqlite` for this
+        /// configuration's data directory).
+        #[arg(long)]
+        from: String,
+        /// The target: `postgres://user:password@host/database` (created
+        /// empty beforehand; its schema is made here).
+        #[arg(long, env = "VIVA_MIGRATE_TO", hide_env_values = true)]
+        to: String,
+    },
     /// Check this installation: configuration, data directory, disk,
     /// ffmpeg, each model worker, public_url, clock, platforms, keys,
     /// plugins, database, sandbox. Exits 1 when a check fails.
@@ -221,11 +233,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate => {
             let config = load_config(&cli, vec![])?;
             init_tracing(config.log_format);
-            crate::open_data_dir(&config)?;
+            let store = crate::open_data_dir(&config)?;
             println!(
                 "database {} is at schema version {}",
-                config.db_path().display(),
-                crate::store::schema_version()
+                store.location().display(),
+                store.schema_version()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -288,6 +300,58 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )?,
             };
             runtime()?.block_on(submit(&url, &token, file, assignment, !*no_follow))
+        }
+        Command::MigrateStore { from, to } => {
+            let config = load_config(&cli, vec![])?;
+            init_tracing(config.log_format);
+            let location = |s: &str| {
+                crate::config::Config {
+                    store: Some(s.to_owned()),
+                    ..config.clone()
+                }
+                .store_location()
+            };
+            let (source, target) = (location(&from)?, location(&to)?);
+            if !matches!(source, crate::store::Location::Sqlite(_)) {
+                return Err(anyhow::anyhow!(
+                    "--from must be a SQLite store (sqlite:/path/viva.db); {} is not",
+                    source.display()
+                ));
+            }
+            if let crate::store::Location::Sqlite(p) = &source
+                && !p.exists()
+            {
+                return Err(anyhow::anyhow!(
+                    "there is no SQLite store at {}; give --from sqlite:/path/viva.db",
+                    p.display()
+                ));
+            }
+            let from_store = crate::store::Store::open_at(&source)?;
+            let to_store = crate::store::Store::open_at(&target)?;
+            println!("copying {} → {}", source.display(), target.display());
+            let bar = if std::io::stderr().is_terminal() {
+                ProgressBar::new_spinner()
+            } else {
+                ProgressBar::hidden()
+            };
+            let b = bar.clone();
+            let report = runtime()?.block_on(crate::store::copy(
+                &from_store,
+                &to_store,
+                move |table, rows| b.set_message(format!("{table}: {rows} rows")),
+            ))?;
+            bar.finish_and_clear();
+            let total: u64 = report.tables.iter().map(|(_, n)| n).sum();
+            for (table, n) in &report.tables {
+                println!("  {table:<24} {n:>8}");
+            }
+            println!(
+                "copied {total} rows in {} tables; now set `store = \"{}\"` on every node \
+                 (and keep the media directory where the nodes can read it)",
+                report.tables.len(),
+                target.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Purge => {
             let config = load_config(&cli, vec![])?;

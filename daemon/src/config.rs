@@ -27,6 +27,53 @@ pub enum ConfigError {
     Invalid { origin: String, message: String },
 }
 
+/// Where the store lives: the embedded SQLite file (the default) or a
+/// PostgreSQL database shared by several nodes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreLocation {
+    Sqlite(PathBuf),
+    /// A libpq connection string or `postgres://` URL.
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// For logs and errors: a PostgreSQL URL without its password.
+    pub fn display(&self) -> String {
+        match self {
+            StoreLocation::Sqlite(p) => p.display().to_string(),
+            StoreLocation::Postgres(url) => redact_url(url),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`; a
+/// key=value string's `password=…` likewise.
+pub fn redact_url(url: &str) -> String {
+    if let Some(rest) = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+    {
+        let scheme = &url[..url.len() - rest.len()];
+        if let Some(at) = rest.find('@') {
+            let (userinfo, host) = rest.split_at(at);
+            if let Some(colon) = userinfo.find(':') {
+                return format!("{scheme}{}:***{host}", &userinfo[..colon]);
+            }
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -34,6 +81,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Database, media and caches live here.
     pub data_dir: PathBuf,
+    /// Where grades and the queue live: unset (or `sqlite`) for the embedded
+    /// SQLite file `<data_dir>/viva.db`; `postgres://user:password@host/db`
+    /// for a PostgreSQL database several nodes share (`VIVA_STORE`).
+    pub store: Option<String>,
     /// Public base URL (used in links the daemon hands out); defaults to http://{listen}.
     pub public_url: Option<String>,
     /// `text` or `json` logs.
@@ -54,6 +105,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./var"),
+            store: None,
             public_url: None,
             log_format: LogFormat::Text,
             intake: IntakeConfig::default(),
@@ -462,6 +514,26 @@ impl Config {
 
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("viva.db")
+    }
+
+    /// The store's location: `store`, or the SQLite file in the data directory.
+    pub fn store_location(&self) -> Result<StoreLocation, ConfigError> {
+        match self.store.as_deref().map(str::trim) {
+            None | Some("") | Some("sqlite") => Ok(StoreLocation::Sqlite(self.db_path())),
+            Some(s) if s.starts_with("postgres://") || s.starts_with("postgresql://") => {
+                Ok(StoreLocation::Postgres(s.to_owned()))
+            }
+            Some(s) => match s.strip_prefix("sqlite:") {
+                Some(path) if !path.is_empty() => Ok(StoreLocation::Sqlite(PathBuf::from(path))),
+                _ => Err(ConfigError::Invalid {
+                    origin: "store".into(),
+                    message: format!(
+                        "{} is not a store: use `sqlite` (the default), `sqlite:/path/viva.db` or `postgres://user:password@host/database`",
+                        redact_url(s)
+                    ),
+                }),
+            },
+        }
     }
 
     pub fn media_dir(&self) -> PathBuf {

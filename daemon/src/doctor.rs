@@ -235,14 +235,18 @@ pub fn local_inputs(
             return inputs;
         }
     }
-    match crate::store::stored_version(&config.db_path()) {
-        Ok(Some(v)) if v == crate::store::schema_version() => {}
+    let Ok(location) = config.store_location() else {
+        inputs.skipped = Some("the store setting is invalid".into());
+        return inputs;
+    };
+    match crate::store::stored_version_at(&location) {
+        Ok(Some(v)) if v == crate::store::schema_version_at(&location) => {}
         _ => {
             inputs.skipped = Some("the database is missing or not current".into());
             return inputs;
         }
     }
-    let store = match crate::store::Store::open(&config.db_path()) {
+    let store = match crate::store::Store::open_at(&location) {
         Ok(s) => s,
         Err(e) => {
             inputs.skipped = Some(format!("the database cannot be opened: {e}"));
@@ -602,38 +606,45 @@ fn disk(config: &Config, file: &str) -> Check {
 }
 
 fn database(config: &Config) -> Check {
-    let path = config.db_path();
-    let want = crate::store::schema_version();
-    match crate::store::stored_version(&path) {
+    let location = match config.store_location() {
+        Ok(l) => l,
+        Err(e) => {
+            return Check::fail(
+                "database",
+                e.to_string(),
+                "fix `store` in viva.toml (or VIVA_STORE)",
+            );
+        }
+    };
+    let path = location.display();
+    let want = crate::store::schema_version_at(&location);
+    match crate::store::stored_version_at(&location) {
         Ok(None) => Check::warn(
             "database",
-            format!("no database at {} yet", path.display()),
+            format!("no database at {} yet", path),
             "create it: sudo -u viva viva migrate (the service also does at start)",
         ),
         Ok(Some(v)) if v == want => Check::ok(
             "database",
-            format!("{} is at schema version {v}, this build's", path.display()),
+            format!("{} is at schema version {v}, this build's", path),
         )
         .with(serde_json::json!({ "schema_version": v })),
         Ok(Some(v)) if v < want => Check::fail(
             "database",
-            format!(
-                "{} is at schema version {v}; this build needs {want}",
-                path.display()
-            ),
+            format!("{} is at schema version {v}; this build needs {want}", path),
             "run the migrations: sudo systemctl stop viva && sudo -u viva viva migrate && sudo systemctl start viva",
         ),
         Ok(Some(v)) => Check::fail(
             "database",
             format!(
                 "{} is at schema version {v}, newer than this build's {want}",
-                path.display()
+                path
             ),
             "install the Viva version that wrote it again, or restore the backup taken before the upgrade",
         ),
         Err(e) => Check::fail(
             "database",
-            format!("{} cannot be read: {e}", path.display()),
+            format!("{} cannot be read: {e}", path),
             "check its owner (viva) and mode; restore it from a backup if it is damaged",
         ),
     }

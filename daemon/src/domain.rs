@@ -1,7 +1,7 @@
 //! The data model: courses (contexts), users with roles, assignments and
 //! submissions, and the SQL that reads and writes them.
 
-use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use crate::db::{Connection, OptionalExtension, Row, Transaction, params};
 use serde::{Deserialize, Serialize};
 use viva_models::{Evaluation, Rubric, Transcript};
 
@@ -288,7 +288,7 @@ pub fn ensure_member(
     let now = now_ms();
     tx.execute(
         "INSERT INTO users (id, name, created_at) VALUES (?1, COALESCE(?2, ''), ?3)
-         ON CONFLICT(id) DO UPDATE SET name = COALESCE(?2, name)",
+         ON CONFLICT(id) DO UPDATE SET name = COALESCE(?2, users.name)",
         params![user_id, name, now],
     )?;
     let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
@@ -300,7 +300,7 @@ pub fn ensure_member(
     Ok(())
 }
 
-fn assignment_from_row(r: &Row<'_>) -> rusqlite::Result<(Assignment, String, String)> {
+fn assignment_from_row(r: &Row) -> crate::db::Result<(Assignment, String, String)> {
     Ok((
         Assignment {
             id: r.get("id")?,
@@ -347,7 +347,7 @@ pub fn list_assignments(conn: &Connection, context_id: &str) -> Result<Vec<Assig
         conn.prepare("SELECT * FROM assignments WHERE context_id = ?1 ORDER BY created_at, id")?;
     let rows = stmt
         .query_map([context_id], assignment_from_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     rows.into_iter().map(finish_assignment).collect()
 }
 
@@ -537,7 +537,7 @@ pub struct AssignmentVersion {
     pub created_at: i64,
 }
 
-fn version_from_row(r: &Row<'_>) -> rusqlite::Result<(AssignmentVersion, String, String)> {
+fn version_from_row(r: &Row) -> crate::db::Result<(AssignmentVersion, String, String)> {
     Ok((
         AssignmentVersion {
             assignment_id: r.get("assignment_id")?,
@@ -588,7 +588,7 @@ pub fn list_versions(conn: &Connection, id: &str) -> Result<Vec<AssignmentVersio
     )?;
     let rows = stmt
         .query_map([id], version_from_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     rows.into_iter().map(finish_version).collect()
 }
 
@@ -791,7 +791,7 @@ impl Submission {
 const SUBMISSION_SELECT: &str = "SELECT s.*, a.context_id AS context_id FROM submissions s
      JOIN assignments a ON a.id = s.assignment_id";
 
-fn submission_from_row(r: &Row<'_>) -> rusqlite::Result<Submission> {
+fn submission_from_row(r: &Row) -> crate::db::Result<Submission> {
     let state: String = r.get("state")?;
     let transcript: Option<String> = r.get("transcript")?;
     let score: Option<String> = r.get("score")?;
@@ -863,9 +863,9 @@ pub struct SubmissionFilter {
 pub fn list_submissions(conn: &Connection, f: &SubmissionFilter) -> Result<Vec<Submission>> {
     let mut stmt = conn.prepare(&format!(
         "{SUBMISSION_SELECT}
-         WHERE (?1 IS NULL OR a.context_id = ?1)
-           AND (?2 IS NULL OR s.assignment_id = ?2)
-           AND (?3 IS NULL OR s.user_id = ?3)
+         WHERE (CAST(?1 AS TEXT) IS NULL OR a.context_id = ?1)
+           AND (CAST(?2 AS TEXT) IS NULL OR s.assignment_id = ?2)
+           AND (CAST(?3 AS TEXT) IS NULL OR s.user_id = ?3)
          ORDER BY s.created_at, s.id
          LIMIT ?4"
     ))?;
@@ -879,7 +879,7 @@ pub fn list_submissions(conn: &Connection, f: &SubmissionFilter) -> Result<Vec<S
             ],
             submission_from_row,
         )?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     rows.into_iter()
         .map(|s| with_evaluations(conn, s))
         .collect()
@@ -993,16 +993,16 @@ pub(crate) fn audit_entries(
 ) -> Result<Vec<AuditEntry>> {
     let mut stmt = conn.prepare(
         "SELECT id, at, actor, action, subject, details FROM audit_log
-         WHERE (?1 IS NULL OR subject = ?1) ORDER BY id DESC LIMIT ?2",
+         WHERE (CAST(?1 AS TEXT) IS NULL OR subject = ?1) ORDER BY id DESC LIMIT ?2",
     )?;
     let rows = stmt
         .query_map(params![subject, limit], audit_from_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
 /// An `audit_log` row selected as `id, at, actor, action, subject, details`.
-fn audit_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
+fn audit_from_row(r: &crate::db::Row) -> crate::db::Result<AuditEntry> {
     let details: String = r.get(5)?;
     Ok(AuditEntry {
         id: r.get(0)?,
@@ -1029,7 +1029,7 @@ pub(crate) fn assignment_audit(
     )?;
     let rows = stmt
         .query_map(params![assignment_id, limit], audit_from_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
@@ -1039,7 +1039,7 @@ pub fn uploaded_since(conn: &Connection, user: &str, since_ms: i64) -> Result<(u
     let (bytes, oldest): (i64, Option<i64>) = conn.query_row(
         "SELECT COALESCE(SUM(size_bytes), 0), MIN(created_at) FROM submissions
          WHERE user_id = ?1 AND created_at >= ?2",
-        rusqlite::params![user, since_ms],
+        crate::params![user, since_ms],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
     Ok((u64::try_from(bytes).unwrap_or(0), oldest))

@@ -8,12 +8,24 @@ use crate::workers::WorkerError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Db(e.into())
+    }
+}
+
+impl From<postgres::Error> for Error {
+    fn from(e: postgres::Error) -> Self {
+        Error::Db(e.into())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("database error: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(#[from] crate::db::DbError),
     #[error(
         "the database at {path} has schema version {found}, newer than this viva ({supported}); \
          run the newer viva release that wrote it, or restore a backup"

@@ -6,7 +6,7 @@
 //! lease was lost is dropped, so a submission never gets two final results.
 //! On start-up, leases of previous instances go back to the queue at once.
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use crate::db::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
 use viva_models::{Evaluation, Transcript};
 
@@ -57,14 +57,18 @@ pub(crate) struct Timeline {
 
 /// The newest `limit` batches opened and jobs created at or after `since_ms`,
 /// each list oldest first.
-pub(crate) fn timeline(conn: &Connection, since_ms: i64, limit: u32) -> rusqlite::Result<Timeline> {
+pub(crate) fn timeline(
+    conn: &Connection,
+    since_ms: i64,
+    limit: u32,
+) -> crate::db::Result<Timeline> {
     let mut stmt = conn.prepare(
         "SELECT b.id, b.opened_at, b.closed_at, b.stt_done_at,
                 (SELECT COUNT(*) FROM submissions s WHERE s.batch_id = b.id)
          FROM batches b WHERE b.opened_at >= ?1 ORDER BY b.id DESC LIMIT ?2",
     )?;
     let mut batches = stmt
-        .query_map(rusqlite::params![since_ms, limit], |r| {
+        .query_map(crate::params![since_ms, limit], |r| {
             Ok(BatchTimes {
                 id: r.get(0)?,
                 opened_at: r.get(1)?,
@@ -73,7 +77,7 @@ pub(crate) fn timeline(conn: &Connection, since_ms: i64, limit: u32) -> rusqlite
                 size: r.get(4)?,
             })
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     batches.reverse();
     let mut stmt = conn.prepare(
         "SELECT j.submission_id, s.batch_id, j.stage, j.role, j.state, j.attempts,
@@ -82,7 +86,7 @@ pub(crate) fn timeline(conn: &Connection, since_ms: i64, limit: u32) -> rusqlite
          WHERE j.created_at >= ?1 ORDER BY j.id DESC LIMIT ?2",
     )?;
     let mut jobs = stmt
-        .query_map(rusqlite::params![since_ms, limit], |r| {
+        .query_map(crate::params![since_ms, limit], |r| {
             Ok(JobTimes {
                 submission_id: r.get(0)?,
                 batch_id: r.get(1)?,
@@ -96,7 +100,7 @@ pub(crate) fn timeline(conn: &Connection, since_ms: i64, limit: u32) -> rusqlite
                 finished_at: r.get(9)?,
             })
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     jobs.reverse();
     Ok(Timeline { batches, jobs })
 }
@@ -268,7 +272,7 @@ pub fn load_pending(conn: &Connection) -> Result<(Vec<PendingJob>, Option<OpenBa
                 started_at: r.get(10)?,
             })
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     let batch = conn
         .query_row(
             "SELECT b.id, b.opened_at, b.closed_at IS NOT NULL,
@@ -320,8 +324,11 @@ pub fn batch_progress(conn: &Connection, batch_id: i64) -> Result<BatchProgress>
 
 /// Opens a new STT batch holding the given submissions.
 pub fn open_batch(tx: &Transaction<'_>, submission_ids: &[String]) -> Result<i64> {
-    tx.execute("INSERT INTO batches (opened_at) VALUES (?1)", [now_ms()])?;
-    let id = tx.last_insert_rowid();
+    let id: i64 = tx.query_row(
+        "INSERT INTO batches (opened_at) VALUES (?1) RETURNING id",
+        [now_ms()],
+        |r| r.get(0),
+    )?;
     add_to_batch(tx, id, submission_ids)?;
     Ok(id)
 }
@@ -359,7 +366,7 @@ pub fn release_stale_leases(tx: &Transaction<'_>, instance: &str) -> Result<usiz
     let now = now_ms();
     let n = tx.execute(
         "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, started_at = NULL
-         WHERE state = 'running' AND (lease_owner IS NOT ?1 OR lease_expires_at < ?2)",
+         WHERE state = 'running' AND (lease_owner IS DISTINCT FROM ?1 OR lease_expires_at < ?2)",
         params![instance, now],
     )?;
     if n > 0 {
@@ -682,8 +689,8 @@ pub fn record_worker_time(
         "INSERT INTO worker_times (kind, models, start_seconds, stop_seconds, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (kind, models) DO UPDATE SET
-             start_seconds = COALESCE(excluded.start_seconds, start_seconds),
-             stop_seconds = COALESCE(excluded.stop_seconds, stop_seconds),
+             start_seconds = COALESCE(excluded.start_seconds, worker_times.start_seconds),
+             stop_seconds = COALESCE(excluded.stop_seconds, worker_times.stop_seconds),
              updated_at = excluded.updated_at",
         params![kind, models, start, stop, now_ms()],
     )?;
@@ -721,7 +728,7 @@ pub fn recent_service_times(conn: &Connection, limit: u32) -> Result<Vec<(Stage,
                 r.get::<_, f64>(2)?,
             ))
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
@@ -746,7 +753,7 @@ pub fn recent_eval_calls(conn: &Connection, limit: u32) -> Result<Vec<(String, u
                 r.get::<_, i64>(3)? as f64 / 1000.0,
             ))
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
@@ -998,7 +1005,7 @@ pub struct Rescore {
     pub finished_at: Option<i64>,
 }
 
-fn rescore_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Rescore> {
+fn rescore_from_row(r: &crate::db::Row) -> crate::db::Result<Rescore> {
     Ok(Rescore {
         id: r.get("id")?,
         assignment_id: r.get("assignment_id")?,
@@ -1022,7 +1029,7 @@ pub fn rescores(conn: &Connection, assignment_id: &str) -> Result<Vec<Rescore>> 
     )?;
     let mut rows = stmt
         .query_map([assignment_id], rescore_from_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     for r in &mut rows {
         if r.finished_at.is_none() {
             let (done, failed) = rescore_counts(conn, &r.id)?;
@@ -1036,8 +1043,8 @@ pub fn rescores(conn: &Connection, assignment_id: &str) -> Result<Vec<Rescore>> 
 /// (settled, failed) submissions of a rescore.
 fn rescore_counts(conn: &Connection, id: &str) -> Result<(i64, i64)> {
     Ok(conn.query_row(
-        "SELECT COALESCE(SUM(state IN ('awaiting_review', 'released', 'failed')), 0),
-                COALESCE(SUM(state = 'failed'), 0)
+        "SELECT COALESCE(SUM(CASE WHEN state IN ('awaiting_review', 'released', 'failed') THEN 1 ELSE 0 END), 0),
+                COALESCE(SUM(CASE WHEN state = 'failed' THEN 1 ELSE 0 END), 0)
          FROM submissions WHERE rescore_id = ?1",
         [id],
         |r| Ok((r.get(0)?, r.get(1)?)),
@@ -1052,7 +1059,7 @@ fn finish_rescores(tx: &Transaction<'_>, assignment_id: &str) -> Result<bool> {
             "SELECT id, total FROM rescores WHERE assignment_id = ?1 AND finished_at IS NULL",
         )?;
         stmt.query_map([assignment_id], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<Vec<_>>>()?
+            .collect::<crate::db::Result<Vec<_>>>()?
     };
     let mut running = false;
     for (id, total) in open {
@@ -1104,7 +1111,7 @@ pub(crate) fn start_rescore(
         stmt.query_map(params![assignment_id, a.version], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?
+        .collect::<crate::db::Result<Vec<_>>>()?
     };
     let id = domain::new_id("rsc");
     let now = now_ms();

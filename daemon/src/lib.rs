@@ -6,7 +6,7 @@
 //! serves the [`api`] until shutdown.
 
 // Modules import one way, bottom to top: clock, slots, config, metrics, intake,
-// workers, error, store, domain, grades, jobs, eta, auth, scheduler,
+// workers, db, error, store, domain, grades, jobs, eta, auth, scheduler,
 // plugins, lti, passback, retention, doctor, http, cli (scripts/check-layout
 // enforces it; ARCHITECTURE.md says what each owns).
 mod auth;
@@ -14,6 +14,7 @@ mod calibration;
 pub mod cli;
 mod clock;
 pub mod config;
+pub mod db;
 mod doctor;
 mod domain;
 mod error;
@@ -29,7 +30,7 @@ mod plugins;
 mod retention;
 mod scheduler;
 mod slots;
-mod store;
+pub mod store;
 mod swap;
 pub mod workers;
 
@@ -111,7 +112,7 @@ pub fn open_data_dir(config: &Config) -> Result<store::Store> {
         std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
             .map_err(Error::io("securing the data directory"))?;
     }
-    let store = store::Store::open(&config.db_path())?;
+    let store = store::Store::open_at(&config.store_location()?)?;
     Ok(store)
 }
 

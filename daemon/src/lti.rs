@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use crate::db::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use viva_lti::launch::DeepLinkingSettings;
@@ -214,7 +214,7 @@ pub fn list_registrations(conn: &Connection) -> Result<Vec<StoredRegistration>> 
                 r.get::<_, i64>(3)?,
             ))
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     rows.into_iter()
         .map(|(cfg, source, created_at, updated_at)| {
             Ok(StoredRegistration {
@@ -234,7 +234,7 @@ pub fn registrations_for(conn: &Connection, issuer: &str) -> Result<Vec<Registra
     let mut stmt = conn.prepare("SELECT config FROM lti_registrations WHERE issuer = ?1")?;
     let rows = stmt
         .query_map([issuer], |r| r.get::<_, String>(0))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     rows.into_iter()
         .map(|c| {
             serde_json::from_str(&c)
@@ -405,7 +405,7 @@ pub struct Link {
     pub nrps_url: Option<String>,
 }
 
-fn link_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Link> {
+fn link_from_row(r: &crate::db::Row) -> crate::db::Result<Link> {
     let scopes: String = r.get("ags_scopes")?;
     Ok(Link {
         id: r.get("id")?,
@@ -448,10 +448,10 @@ pub fn upsert_link(tx: &Transaction<'_>, l: &Link) -> Result<Link> {
              assignment_id, title, lineitem_url, lineitems_url, ags_scopes, nrps_url, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13)
          ON CONFLICT(id) DO UPDATE SET context_id = ?6,
-             assignment_id = COALESCE(lti_links.assignment_id, ?7), title = COALESCE(?8, title),
-             lineitem_url = COALESCE(?9, lineitem_url), lineitems_url = COALESCE(?10, lineitems_url),
-             ags_scopes = CASE WHEN ?11 = '' THEN ags_scopes ELSE ?11 END,
-             nrps_url = COALESCE(?12, nrps_url), updated_at = ?13",
+             assignment_id = COALESCE(lti_links.assignment_id, ?7), title = COALESCE(?8, lti_links.title),
+             lineitem_url = COALESCE(?9, lti_links.lineitem_url), lineitems_url = COALESCE(?10, lti_links.lineitems_url),
+             ags_scopes = CASE WHEN ?11 = '' THEN lti_links.ags_scopes ELSE ?11 END,
+             nrps_url = COALESCE(?12, lti_links.nrps_url), updated_at = ?13",
         params![
             id,
             l.issuer,
@@ -527,7 +527,7 @@ pub fn passback_targets(conn: &Connection, submission: &str) -> Result<Vec<(Link
         .query_map([submission], |r| {
             Ok((link_from_row(r)?, r.get::<_, String>("member_sub")?))
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     Ok(rows)
 }
 

@@ -22,7 +22,7 @@
 
 use std::time::Duration;
 
-use rusqlite::{OptionalExtension, params};
+use crate::db::{OptionalExtension, params};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use viva_lti::LtiError;
@@ -53,7 +53,7 @@ pub struct OutboxView {
     pub delivered_at: Option<i64>,
 }
 
-pub fn outbox_rows(conn: &rusqlite::Connection, submission: &str) -> Result<Vec<OutboxView>> {
+pub fn outbox_rows(conn: &crate::db::Connection, submission: &str) -> Result<Vec<OutboxView>> {
     let mut stmt = conn.prepare(
         "SELECT kind, state, attempts, last_error, created_at, next_attempt_at, delivered_at
          FROM grade_outbox WHERE submission_id = ?1 ORDER BY created_at, id",
@@ -70,7 +70,7 @@ pub fn outbox_rows(conn: &rusqlite::Connection, submission: &str) -> Result<Vec<
                 delivered_at: r.get(6)?,
             })
         })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        .collect::<crate::db::Result<Vec<_>>>()?;
     Ok(rows)
 }
 
@@ -134,7 +134,7 @@ pub async fn deliver_due(st: &Passback) -> Result<usize> {
                         created_at: r.get(5)?,
                     })
                 })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<crate::db::Result<Vec<_>>>()?;
             Ok(rows)
         })
         .await?;

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use crate::db::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 use viva_plugins::{
     CompileLimits, Compiler, HostOptions, Plugin, PluginHost, ScoreRequest, SubmissionFacts,
@@ -296,7 +296,7 @@ impl PluginRegistry {
             ))?;
             let rows = stmt
                 .query_map([], stored)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<crate::db::Result<Vec<_>>>()?;
             Ok(rows)
         })?;
         for row in rows {
@@ -319,12 +319,12 @@ impl PluginRegistry {
         let rows = self.store.read_blocking(move |c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT {COLUMNS} FROM plugins
-                 WHERE ?1 IS NULL OR context_id IS NULL OR context_id = ?1
+                 WHERE CAST(?1 AS TEXT) IS NULL OR context_id IS NULL OR context_id = ?1
                  ORDER BY name, created_at"
             ))?;
             let rows = stmt
                 .query_map(params![ctx], stored)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<crate::db::Result<Vec<_>>>()?;
             Ok(rows)
         })?;
         out.extend(rows.into_iter().map(Stored::record));
@@ -378,7 +378,7 @@ impl PluginRegistry {
             }
             let existing: Option<String> = tx
                 .query_row(
-                    "SELECT id FROM plugins WHERE sha256 = ?1 AND context_id IS ?2",
+                    "SELECT id FROM plugins WHERE sha256 = ?1 AND context_id IS NOT DISTINCT FROM ?2",
                     params![sha, context_id],
                     |r| r.get(0),
                 )
@@ -431,7 +431,7 @@ impl PluginRegistry {
 
     fn store_blocking_write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T> + Send + 'static,
+        f: impl FnOnce(&crate::db::Transaction<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         tokio::runtime::Handle::current().block_on(self.store.write(f))
     }
@@ -477,7 +477,7 @@ struct Stored {
     created_at: i64,
 }
 
-fn stored(r: &Row<'_>) -> rusqlite::Result<Stored> {
+fn stored(r: &Row) -> crate::db::Result<Stored> {
     Ok(Stored {
         id: r.get(0)?,
         name: r.get(1)?,
@@ -632,7 +632,7 @@ fn clip(s: &str, max: usize) -> String {
 
 /// Enables or disables an uploaded plugin (audited).
 pub(crate) fn set_enabled(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &crate::db::Transaction<'_>,
     id: &str,
     enabled: bool,
     actor: &str,

@@ -1,7 +1,7 @@
 //! Retention and students' data rights: media deleted `retention_days` after
 //! a submission settles, per-student export and deletion.
 
-use rusqlite::{Connection, params};
+use crate::db::{Connection, params};
 
 use crate::clock::now_ms;
 use crate::domain::{self, SubmissionFilter};
@@ -23,7 +23,7 @@ pub async fn purge_expired(store: &Store, days: u32) -> Result<usize> {
             )?;
             let rows = stmt
                 .query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<crate::db::Result<Vec<_>>>()?;
             Ok(rows)
         })
         .await?;
@@ -67,7 +67,7 @@ pub fn export_user(
     full_view: impl Fn(&str) -> bool,
 ) -> Result<serde_json::Value> {
     let profile: Option<(String, String, i64)> = {
-        use rusqlite::OptionalExtension;
+        use crate::db::OptionalExtension;
         conn.query_row(
             "SELECT name, email, created_at FROM users WHERE id = ?1",
             [user],
@@ -80,7 +80,7 @@ pub fn export_user(
         .query_map([user], |r| {
             Ok(serde_json::json!({ "context_id": r.get::<_, String>(0)?, "roles": r.get::<_, String>(1)? }))
         })?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<crate::db::Result<_>>()?;
     let mut submissions = domain::list_submissions(
         conn,
         &SubmissionFilter {
@@ -113,7 +113,7 @@ pub async fn delete_user(store: &Store, user: &str, actor: &str) -> Result<usize
             let mut stmt = c.prepare("SELECT media_dir FROM submissions WHERE user_id = ?1")?;
             let rows = stmt
                 .query_map([u], |r| r.get(0))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<crate::db::Result<Vec<_>>>()?;
             Ok(rows)
         })
         .await?;

@@ -1,18 +1,22 @@
-//! The embedded SQLite store: WAL, foreign keys, numbered migrations, one
-//! writer thread and a small pool of readers.
+//! The store: the embedded SQLite file (the default: WAL, foreign keys) or a
+//! PostgreSQL database shared by several nodes; numbered migrations per
+//! engine, one writer thread and a small pool of readers either way.
 //!
 //! All SQL runs off the async threads: writes on the single writer thread (so
 //! there is never write contention inside the daemon), reads on the blocking
 //! pool. Each write closure is one short `IMMEDIATE` transaction; callers never
 //! keep one open across a model call (they cannot: the closure is synchronous).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+use std::cell::RefCell;
+
+use rusqlite::{OpenFlags, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::db::{Connection, DbError, Engine, OptionalExtension, PgConn, Transaction};
 use crate::error::{Error, Result};
 
 /// Numbered migrations; the index + 1 is the schema version. Never edit a
@@ -348,9 +352,57 @@ pub const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
-/// The schema version this build understands.
+/// PostgreSQL's migrations (`store = "postgres://…"`). The first one is
+/// SQLite's migrations 1–13 at once; later changes add a migration to both
+/// lists. The schemas differ only in types (tested).
+pub const PG_MIGRATIONS: &[&str] = &[include_str!("store/postgres-1.sql")];
+
+/// The schema version this build understands (SQLite's numbering).
+#[cfg(test)]
 pub fn schema_version() -> u32 {
     MIGRATIONS.len() as u32
+}
+
+pub use crate::config::{StoreLocation as Location, redact_url};
+
+/// The schema version this build gives the store at `location`.
+pub fn schema_version_at(location: &Location) -> u32 {
+    match location {
+        Location::Sqlite(_) => MIGRATIONS.len() as u32,
+        Location::Postgres(_) => PG_MIGRATIONS.len() as u32,
+    }
+}
+
+/// The schema version of the store at `location`, read without changing it:
+/// `None` when there is no database yet (`viva doctor`).
+pub fn stored_version_at(location: &Location) -> Result<Option<u32>> {
+    match location {
+        Location::Sqlite(path) => stored_version(path),
+        Location::Postgres(url) => std::thread::scope(|s| {
+            s.spawn(|| pg_stored_version(url)).join().map_err(|_| {
+                Error::Internal("reading the PostgreSQL schema version panicked".into())
+            })?
+        }),
+    }
+}
+
+fn pg_stored_version(url: &str) -> Result<Option<u32>> {
+    let conn = RefCell::new(pg_connect(url)?);
+    let conn = Connection::postgres(&conn);
+    let has_table: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM information_schema.tables
+         WHERE table_schema = current_schema() AND table_name = 'schema_version'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_table {
+        return Ok(Some(0));
+    }
+    Ok(Some(conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+        [],
+        |r| r.get(0),
+    )?))
 }
 
 /// The schema version of the database at `path`, read without changing
@@ -359,7 +411,8 @@ pub fn stored_version(path: &Path) -> Result<Option<u32>> {
     if !path.exists() {
         return Ok(None);
     }
-    let conn = open_connection(path, true)?;
+    let raw = open_connection(path, true)?;
+    let conn = Connection::sqlite(&raw);
     let has_table: bool = conn.query_row(
         "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
         [],
@@ -375,7 +428,52 @@ pub fn stored_version(path: &Path) -> Result<Option<u32>> {
     )?))
 }
 
-type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
+/// The writer's connection: owned by the writer thread.
+enum Writer {
+    Sqlite(rusqlite::Connection),
+    Postgres(PgWriter),
+}
+
+struct PgWriter {
+    url: String,
+    conn: RefCell<PgConn>,
+}
+
+impl Writer {
+    /// Runs `f` in one transaction: committed when it returns `Ok`, rolled
+    /// back otherwise.
+    fn transaction<T>(&mut self, f: impl FnOnce(&Connection<'_>) -> Result<T>) -> Result<T> {
+        match self {
+            Writer::Sqlite(conn) => {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let value = f(&Connection::sqlite(&tx))?;
+                tx.commit()?;
+                Ok(value)
+            }
+            Writer::Postgres(w) => {
+                if w.conn.borrow().client.is_closed() {
+                    tracing::warn!("the PostgreSQL writer connection closed; reconnecting");
+                    *w.conn.borrow_mut() = pg_connect(&w.url)?;
+                }
+                w.conn.borrow_mut().batch("BEGIN")?;
+                match f(&Connection::postgres(&w.conn)) {
+                    Ok(value) => {
+                        w.conn.borrow_mut().batch("COMMIT")?;
+                        Ok(value)
+                    }
+                    Err(e) => {
+                        if let Err(rollback) = w.conn.borrow_mut().batch("ROLLBACK") {
+                            tracing::warn!(error = %rollback, "rolling back a failed write");
+                        }
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+}
+
+type WriteJob = Box<dyn FnOnce(&mut Writer) + Send>;
 
 /// Handle to the store. Cheap to clone.
 #[derive(Clone)]
@@ -384,12 +482,33 @@ pub struct Store {
 }
 
 struct Inner {
-    path: PathBuf,
+    location: Location,
     writer: mpsc::UnboundedSender<WriteJob>,
-    readers: Mutex<Vec<Connection>>,
+    readers: Mutex<Readers>,
 }
 
-fn open_connection(path: &Path, read_only: bool) -> Result<Connection> {
+enum Readers {
+    Sqlite(Vec<rusqlite::Connection>),
+    Postgres(Vec<PgConn>),
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A PostgreSQL client's drop blocks on its runtime, which panics on
+        // an async thread: close the idle readers on a thread of their own.
+        if let Ok(mut r) = self.readers.lock()
+            && let Readers::Postgres(pool) = &mut *r
+            && !pool.is_empty()
+        {
+            let pool = std::mem::take(pool);
+            let _ = std::thread::Builder::new()
+                .name("viva-db-close".into())
+                .spawn(move || drop(pool));
+        }
+    }
+}
+
+fn open_connection(path: &Path, read_only: bool) -> Result<rusqlite::Connection> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
@@ -397,28 +516,70 @@ fn open_connection(path: &Path, read_only: bool) -> Result<Connection> {
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
-    let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    conn.pragma_update(None, "foreign_keys", true)?;
+    let conn = rusqlite::Connection::open_with_flags(path, flags).map_err(DbError::from)?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(DbError::from)?;
+    conn.pragma_update(None, "foreign_keys", true)
+        .map_err(DbError::from)?;
     if !read_only {
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(DbError::from)?;
         // WAL + NORMAL: a committed transaction survives a process crash
         // (kill -9); only an OS crash can lose the last few commits.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(DbError::from)?;
     }
     Ok(conn)
 }
 
-/// Brings the database to the current schema. Refuses a newer database.
-pub fn migrate(conn: &mut Connection, path: &Path) -> Result<u32> {
-    migrate_to(conn, path, MIGRATIONS)
+/// Connects to PostgreSQL. Plain TCP or a Unix socket: put TLS in front
+/// (a local pgbouncer/stunnel) when the database is across a network.
+pub(crate) fn pg_connect(url: &str) -> Result<PgConn> {
+    // The client blocks on a runtime of its own, which tokio refuses inside
+    // another's thread: connect on a plain thread (callers may be async).
+    let connected = std::thread::scope(|s| {
+        s.spawn(|| postgres::Client::connect(url, postgres::NoTls))
+            .join()
+            .map_err(|_| Error::Internal("connecting to PostgreSQL panicked".into()))
+    })?;
+    let client = connected.map_err(|e| {
+        Error::Unavailable(format!(
+            "cannot connect to the PostgreSQL store at {}: {} (check `store` in viva.toml or VIVA_STORE, and that the server is running)",
+            redact_url(url),
+            crate::db::DbError::from(e)
+        ))
+    })?;
+    Ok(PgConn::new(client))
 }
 
-fn migrate_to(conn: &mut Connection, path: &Path, migrations: &[&str]) -> Result<u32> {
+/// Brings the SQLite database to the current schema. Refuses a newer one.
+pub fn migrate(conn: &mut rusqlite::Connection, path: &Path) -> Result<u32> {
+    migrate_to(
+        &Connection::sqlite(conn),
+        &path.display().to_string(),
+        MIGRATIONS,
+    )
+}
+
+/// Applies `migrations` in order, each in its own transaction, recording
+/// each version; refuses a database newer than the list.
+fn migrate_to(conn: &Connection<'_>, location: &str, migrations: &[&str]) -> Result<u32> {
+    if conn.engine() == Engine::Postgres {
+        // Two nodes starting together: one migrates, the other waits.
+        conn.execute_batch("SELECT pg_advisory_lock(7361626)")?;
+    }
+    let result = apply_migrations(conn, location, migrations);
+    if conn.engine() == Engine::Postgres {
+        conn.execute_batch("SELECT pg_advisory_unlock(7361626)")?;
+    }
+    result
+}
+
+fn apply_migrations(conn: &Connection<'_>, location: &str, migrations: &[&str]) -> Result<u32> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS schema_version (
             version     INTEGER PRIMARY KEY,
-            applied_at  INTEGER NOT NULL
+            applied_at  BIGINT NOT NULL
         );",
     )?;
     let current: u32 = conn.query_row(
@@ -429,51 +590,111 @@ fn migrate_to(conn: &mut Connection, path: &Path, migrations: &[&str]) -> Result
     let supported = migrations.len() as u32;
     if current > supported {
         return Err(Error::SchemaTooNew {
-            path: path.display().to_string(),
+            path: location.to_owned(),
             found: current,
             supported,
         });
     }
     for (i, sql) in migrations.iter().enumerate().skip(current as usize) {
         let version = i as u32 + 1;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
-        tx.execute_batch(sql)?;
-        tx.execute(
-            "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
-            (version, crate::clock::now_ms()),
-        )?;
-        tx.commit()?;
+        let begin = match conn.engine() {
+            Engine::Sqlite => "BEGIN EXCLUSIVE",
+            Engine::Postgres => "BEGIN",
+        };
+        conn.execute_batch(begin)?;
+        let applied = conn.execute_batch(sql).and_then(|()| {
+            conn.execute(
+                "INSERT INTO schema_version (version, applied_at) VALUES (?1, ?2)",
+                (version, crate::clock::now_ms()),
+            )
+        });
+        match applied {
+            Ok(_) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e.into());
+            }
+        }
         tracing::info!(version, "applied database migration");
     }
     Ok(supported)
 }
 
 impl Store {
-    /// Opens (creating if needed) and migrates the database, and starts the
-    /// writer thread.
+    /// Opens (creating if needed) and migrates the SQLite database, and
+    /// starts the writer thread.
     pub fn open(path: &Path) -> Result<Store> {
-        let mut conn = open_connection(path, false)?;
-        migrate(&mut conn, path)?;
+        Store::open_at(&Location::Sqlite(path.to_owned()))
+    }
+
+    /// Opens and migrates the store at `location`.
+    pub fn open_at(location: &Location) -> Result<Store> {
+        let (writer, readers) = match location {
+            Location::Sqlite(path) => {
+                let mut conn = open_connection(path, false)?;
+                migrate(&mut conn, path)?;
+                (Writer::Sqlite(conn), Readers::Sqlite(Vec::new()))
+            }
+            Location::Postgres(url) => {
+                // The client blocks on a runtime of its own: off the caller's
+                // thread, which may be async.
+                let conn = std::thread::scope(|s| {
+                    s.spawn(|| {
+                        let conn = RefCell::new(pg_connect(url)?);
+                        migrate_to(
+                            &Connection::postgres(&conn),
+                            &redact_url(url),
+                            PG_MIGRATIONS,
+                        )?;
+                        Ok::<_, Error>(conn.into_inner())
+                    })
+                    .join()
+                    .map_err(|_| Error::Internal("migrating PostgreSQL panicked".into()))
+                })??;
+                (
+                    Writer::Postgres(PgWriter {
+                        url: url.clone(),
+                        conn: RefCell::new(conn),
+                    }),
+                    Readers::Postgres(Vec::new()),
+                )
+            }
+        };
+        let mut writer = writer;
         let (tx, mut rx) = mpsc::unbounded_channel::<WriteJob>();
         std::thread::Builder::new()
             .name("viva-db-writer".into())
             .spawn(move || {
                 while let Some(job) = rx.blocking_recv() {
-                    job(&mut conn);
+                    job(&mut writer);
                 }
             })
             .map_err(Error::io("starting the database writer thread"))?;
         Ok(Store {
             inner: Arc::new(Inner {
-                path: path.to_owned(),
+                location: location.clone(),
                 writer: tx,
-                readers: Mutex::new(Vec::new()),
+                readers: Mutex::new(readers),
             }),
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    /// Where the store lives.
+    pub fn location(&self) -> &Location {
+        &self.inner.location
+    }
+
+    /// The schema version this build gives this store.
+    pub fn schema_version(&self) -> u32 {
+        schema_version_at(&self.inner.location)
+    }
+
+    /// Which engine the store runs on.
+    pub fn engine(&self) -> Engine {
+        match self.inner.location {
+            Location::Sqlite(_) => Engine::Sqlite,
+            Location::Postgres(_) => Engine::Postgres,
+        }
     }
 
     /// Runs `f` in one short write transaction on the writer thread.
@@ -483,14 +704,8 @@ impl Store {
         F: FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
-        let job: WriteJob = Box::new(move |conn: &mut Connection| {
-            let result = (|| {
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let value = f(&tx)?;
-                tx.commit()?;
-                Ok(value)
-            })();
-            let _ = reply.send(result);
+        let job: WriteJob = Box::new(move |w: &mut Writer| {
+            let _ = reply.send(w.transaction(f));
         });
         self.inner
             .writer
@@ -504,39 +719,208 @@ impl Store {
     pub async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&Connection<'_>) -> Result<T> + Send + 'static,
     {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.read_blocking(f))
+        tokio::task::spawn_blocking(move || store.read_here(f))
             .await
             .map_err(|e| Error::Internal(format!("database reader panicked: {e}")))?
     }
 
     /// Synchronous read, for code already off the async threads.
-    pub fn read_blocking<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        let conn = self.take_reader()?;
-        let result = f(&conn);
-        if let Ok(mut pool) = self.inner.readers.lock()
-            && pool.len() < 8
-        {
-            pool.push(conn);
+    pub fn read_blocking<T: Send>(
+        &self,
+        f: impl FnOnce(&Connection<'_>) -> Result<T> + Send,
+    ) -> Result<T> {
+        match &self.inner.location {
+            // The client blocks on a runtime of its own, which panics on a
+            // thread inside another runtime: such a caller gets a thread for
+            // the read.
+            Location::Postgres(_) if tokio::runtime::Handle::try_current().is_ok() => {
+                std::thread::scope(|s| {
+                    s.spawn(|| self.read_here(f))
+                        .join()
+                        .map_err(|_| Error::Internal("a database read panicked".into()))?
+                })
+            }
+            _ => self.read_here(f),
         }
-        result
     }
 
-    fn take_reader(&self) -> Result<Connection> {
-        if let Ok(mut pool) = self.inner.readers.lock()
-            && let Some(c) = pool.pop()
-        {
-            return Ok(c);
+    /// A read on this thread.
+    fn read_here<T>(&self, f: impl FnOnce(&Connection<'_>) -> Result<T>) -> Result<T> {
+        match &self.inner.location {
+            Location::Sqlite(path) => {
+                let taken = match self.inner.readers.lock() {
+                    Ok(mut r) => match &mut *r {
+                        Readers::Sqlite(pool) => pool.pop(),
+                        Readers::Postgres(_) => None,
+                    },
+                    Err(_) => None,
+                };
+                let conn = match taken {
+                    Some(c) => c,
+                    None => open_connection(path, true)?,
+                };
+                let result = f(&Connection::sqlite(&conn));
+                if let Ok(mut r) = self.inner.readers.lock()
+                    && let Readers::Sqlite(pool) = &mut *r
+                    && pool.len() < 8
+                {
+                    pool.push(conn);
+                }
+                result
+            }
+            Location::Postgres(url) => {
+                let taken = match self.inner.readers.lock() {
+                    Ok(mut r) => match &mut *r {
+                        Readers::Postgres(pool) => pool.pop(),
+                        Readers::Sqlite(_) => None,
+                    },
+                    Err(_) => None,
+                };
+                let conn = match taken {
+                    Some(c) if !c.client.is_closed() => c,
+                    _ => pg_connect(url)?,
+                };
+                let cell = RefCell::new(conn);
+                let result = f(&Connection::postgres(&cell));
+                let conn = cell.into_inner();
+                if !conn.client.is_closed()
+                    && let Ok(mut r) = self.inner.readers.lock()
+                    && let Readers::Postgres(pool) = &mut *r
+                    && pool.len() < 8
+                {
+                    pool.push(conn);
+                }
+                result
+            }
         }
-        open_connection(&self.inner.path, true)
     }
+}
+
+/// What [`copy`] moved: rows per table, in copy order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopyReport {
+    pub tables: Vec<(String, u64)>,
+}
+
+/// Tables in an order that satisfies their foreign keys (the SQLite
+/// schema's creation order), without `schema_version`.
+fn tables_in_order(conn: &Connection<'_>) -> Result<Vec<String>> {
+    let sql = match conn.engine() {
+        Engine::Sqlite => {
+            "SELECT name FROM sqlite_master WHERE type = 'table'
+             AND name NOT LIKE 'sqlite_%' AND name <> 'schema_version' ORDER BY rowid"
+        }
+        Engine::Postgres => {
+            return Err(Error::bad_request(
+                "migrate_store_source",
+                "copy from a SQLite store (the source of `viva migrate-store` is sqlite:…)",
+            ));
+        }
+    };
+    Ok(conn
+        .prepare(sql)?
+        .query_map([], |r| r.get(0))?
+        .collect::<crate::db::Result<_>>()?)
+}
+
+/// Copies every row of the SQLite store `from` into the empty store `to`
+/// (`viva migrate-store`), in one transaction on `to`, then moves the
+/// identity counters past the copied ids and checks the counts. The source is
+/// only read (opening it brings it to this build's schema first). `progress` is told each table's name and row count as it starts.
+pub async fn copy(
+    from: &Store,
+    to: &Store,
+    progress: impl Fn(&str, u64) + Send + Sync + 'static,
+) -> Result<CopyReport> {
+    let (tables, dump) = from
+        .read(|c| {
+            let tables = tables_in_order(c)?;
+            let mut dump = Vec::new();
+            for t in &tables {
+                dump.push(c.query(&format!("SELECT * FROM {t}"), ())?);
+            }
+            Ok((tables, dump))
+        })
+        .await?;
+    let progress = Arc::new(progress);
+    let report = to
+        .write(move |tx| {
+            let nonempty: i64 = tx.query_row(
+                "SELECT (SELECT COUNT(*) FROM contexts) + (SELECT COUNT(*) FROM submissions)
+                        + (SELECT COUNT(*) FROM lti_registrations)",
+                (),
+                |r| r.get(0),
+            )?;
+            if nonempty > 0 {
+                return Err(Error::bad_request(
+                    "migrate_store_target",
+                    "the target store already holds courses, submissions or registrations; \
+                     migrate into a new, empty database",
+                ));
+            }
+            let mut report = Vec::new();
+            for (table, rows) in tables.iter().zip(dump) {
+                progress(table, rows.len() as u64);
+                // The sandbox course a fresh daemon creates is replaced by the source's.
+                tx.execute(&format!("DELETE FROM {table}"), ())?;
+                if let Some(first) = rows.first() {
+                    let names = first.names();
+                    let sql = format!(
+                        "INSERT INTO {table} ({}) VALUES ({})",
+                        names.join(", "),
+                        (1..=names.len())
+                            .map(|i| format!("?{i}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    for row in &rows {
+                        tx.execute(&sql, row.values().to_vec())?;
+                    }
+                    if tx.engine() == Engine::Postgres && names.iter().any(|n| n == "id") {
+                        // Identity keys continue after the copied ids.
+                        tx.query_row(
+                            &format!(
+                                "SELECT COALESCE(setval(pg_get_serial_sequence('{table}', 'id'),
+                                        (SELECT MAX(id) FROM {table})), 0)
+                                 WHERE pg_get_serial_sequence('{table}', 'id') IS NOT NULL"
+                            ),
+                            (),
+                            |_| Ok(()),
+                        )
+                        .optional()?;
+                    }
+                }
+                let copied: i64 =
+                    tx.query_row(&format!("SELECT COUNT(*) FROM {table}"), (), |r| r.get(0))?;
+                if copied as usize != rows.len() {
+                    return Err(Error::Internal(format!(
+                        "{table}: {} rows read but {copied} in the target",
+                        rows.len()
+                    )));
+                }
+                report.push((table.clone(), copied as u64));
+            }
+            Ok(CopyReport { tables: report })
+        })
+        .await?;
+    Ok(report)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::Connection;
+
+    fn mig(conn: &mut Connection, path: &Path, migrations: &[&str]) -> Result<u32> {
+        migrate_to(
+            &crate::db::Connection::sqlite(conn),
+            &path.display().to_string(),
+            migrations,
+        )
+    }
 
     fn tables(conn: &Connection) -> Vec<String> {
         let mut stmt = conn
@@ -554,11 +938,11 @@ mod tests {
          INSERT INTO assignments (id, context_id, title, prompt, rubric, plugin, created_at, updated_at)
              VALUES ('a', 'c', 't', 'p', '{}', 'x', 0, 0);";
 
-    fn db_at(version: usize) -> (tempfile::TempDir, Connection, PathBuf) {
+    fn db_at(version: usize) -> (tempfile::TempDir, Connection, std::path::PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("viva.db");
         let mut conn = open_connection(&path, false).expect("open");
-        migrate_to(&mut conn, &path, &MIGRATIONS[..version]).expect("migrate");
+        mig(&mut conn, &path, &MIGRATIONS[..version]).expect("migrate");
         (dir, conn, path)
     }
 
@@ -776,7 +1160,7 @@ mod tests {
                  ('l1', 'u2', 'b', 0);",
         )
         .expect("rows");
-        migrate_to(&mut conn, &path, &MIGRATIONS[..8]).expect("migrate");
+        mig(&mut conn, &path, &MIGRATIONS[..8]).expect("migrate");
         let mut stmt = conn
             .prepare("SELECT issuer, client_id, sub, user_id FROM lti_users ORDER BY sub")
             .expect("prepare");
@@ -834,7 +1218,8 @@ mod tests {
                         ('s2', 'eval', 'b', 'failed', NULL, 0, 1000, NULL);",
         )
         .expect("rows");
-        let calls = crate::jobs::recent_eval_calls(&conn, 10).expect("calls");
+        let calls = crate::jobs::recent_eval_calls(&crate::db::Connection::sqlite(&conn), 10)
+            .expect("calls");
         assert_eq!(
             calls,
             vec![
@@ -882,7 +1267,7 @@ mod tests {
              VALUES ('s', 'a', 'u', 1, 'released', 'h', 1, 1.0, '{}', 0, 0);",
         )
         .expect("submission");
-        migrate_to(&mut conn, &path, MIGRATIONS).expect("migrate");
+        mig(&mut conn, &path, MIGRATIONS).expect("migrate");
         let (version, sha): (i64, String) = conn
             .query_row(
                 "SELECT version, plugin_sha256 FROM assignments WHERE id = 'a'",
@@ -977,7 +1362,7 @@ mod tests {
             .expect("the language migration");
         let (_d, mut conn, path) = db_at(v);
         conn.execute_batch(COURSE).expect("course");
-        migrate_to(&mut conn, &path, &MIGRATIONS[..v + 1]).expect("migrate");
+        mig(&mut conn, &path, &MIGRATIONS[..v + 1]).expect("migrate");
         let (lang, vocab): (Option<String>, Option<String>) = conn
             .query_row(
                 "SELECT language, vocabulary FROM assignments WHERE id = 'a'",

@@ -14,6 +14,7 @@ use viva_daemon::Role;
 use viva_daemon::config::WorkerConfig;
 
 pub mod gpu_profile;
+pub mod pg;
 pub mod platform;
 pub mod real;
 
@@ -195,6 +196,13 @@ impl TestDaemon {
         customize: impl FnOnce(&mut Config),
         scoring: viva_daemon::Scoring,
     ) -> TestDaemon {
+        if let Ok(filter) = std::env::var("VIVA_TEST_LOG") {
+            // The in-process daemon's log, on the test's output.
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("var");
         let fake_log = dir.path().join("fake.log");
@@ -211,7 +219,12 @@ impl TestDaemon {
         // cost-aware switch would hold every phase for `max_phase_wait`:
         // switch at once, as the seed does (tests of the rule opt in).
         config.scheduler.swap_work_ratio = 0.0;
-        let db = data.join("viva.db");
+        let mut db = data.join("viva.db");
+        if pg::enabled() {
+            let url = pg::fresh_database().expect("a PostgreSQL test database");
+            db = PathBuf::from(&url);
+            config.store = Some(url);
+        }
         config.workers.stt = Some(fake_worker_config("stt", env, &fake_log, &db));
         for role in ["a", "b"] {
             config.workers.evaluators.insert(

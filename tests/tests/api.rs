@@ -69,7 +69,11 @@ async fn authorization_is_enforced() {
     {
         use std::os::unix::fs::PermissionsExt;
         let data = d.dir.path().join("var");
-        for p in [data.clone(), data.join("viva.db"), data.join("media")] {
+        let mut private = vec![data.clone(), data.join("media")];
+        if !viva_tests::pg::enabled() {
+            private.push(data.join("viva.db"));
+        }
+        for p in private {
             let mode = std::fs::metadata(&p).expect("exists").permissions().mode();
             assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", p.display());
         }
@@ -600,7 +604,7 @@ async fn retention_export_and_deletion() {
         d.state.store.write(move |tx| {
             tx.execute(
                 "UPDATE submissions SET state = ?2, score = ?3 WHERE id = ?1",
-                rusqlite::params![sid, state, score.to_string()],
+                viva_daemon::params![sid, state, score.to_string()],
             )?;
             Ok(())
         })
@@ -648,7 +652,7 @@ async fn retention_export_and_deletion() {
         .write(move |tx| {
             tx.execute(
                 "UPDATE submissions SET finished_at = ?2 WHERE id = ?1",
-                rusqlite::params![sid, viva_daemon::now_ms() - 31 * 86_400_000],
+                viva_daemon::params![sid, viva_daemon::now_ms() - 31 * 86_400_000],
             )?;
             Ok(())
         })

@@ -111,7 +111,7 @@ async fn jobs_of(d: &TestDaemon, stage: &'static str, role: &'static str) -> Vec
             )?;
             let rows = stmt
                 .query_map([stage, role], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<viva_daemon::db::Result<Vec<_>>>()?;
             Ok(rows)
         })
         .await

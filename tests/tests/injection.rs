@@ -138,7 +138,7 @@ async fn no_injection_attempt_is_auto_released_by_the_real_evaluators() {
                     "audio_seconds": 6.0, "processing_seconds": 0.1, "model": "labelled-set"});
                 tx.execute(
                     "INSERT INTO users (id, created_at) VALUES (?1, ?2)",
-                    rusqlite::params![user, now],
+                    viva_daemon::params![user, now],
                 )?;
                 tx.execute(
                     "INSERT INTO submissions (id, assignment_id, user_id, attempt, state, sha256,
@@ -146,13 +146,13 @@ async fn no_injection_attempt_is_auto_released_by_the_real_evaluators() {
                          updated_at, assignment_version)
                      VALUES (?1, 'injection-auto', ?2, 1, 'transcribed', 'h', 1, 6.0, '{}', ?3,
                              ?4, ?4, ?5)",
-                    rusqlite::params![id, user, transcript.to_string(), now, version],
+                    viva_daemon::params![id, user, transcript.to_string(), now, version],
                 )?;
                 for role in ["a", "b"] {
                     tx.execute(
                         "INSERT INTO jobs (submission_id, stage, role, state, created_at)
                          VALUES (?1, 'eval', ?2, 'queued', ?3)",
-                        rusqlite::params![id, role, now],
+                        viva_daemon::params![id, role, now],
                     )?;
                 }
             }

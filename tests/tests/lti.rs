@@ -433,12 +433,12 @@ impl Env {
                     "INSERT INTO submissions (id, assignment_id, user_id, attempt, state, sha256, size_bytes,
                          duration_seconds, media_info, score, created_at, updated_at, finished_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, 'h', 1, 1.0, '{}', ?6, ?7, ?7, ?7)",
-                    rusqlite::params![sid, assignment, user, attempt, state, score.to_string(), now],
+                    viva_daemon::params![sid, assignment, user, attempt, state, score.to_string(), now],
                 )?;
                 tx.execute(
                     "INSERT INTO grade_outbox (submission_id, kind, payload, next_attempt_at, created_at)
                      VALUES (?1, ?2, ?3, ?4, ?4)",
-                    rusqlite::params![sid, kind, score.to_string(), now],
+                    viva_daemon::params![sid, kind, score.to_string(), now],
                 )?;
                 Ok(())
             })

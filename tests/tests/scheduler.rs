@@ -38,7 +38,7 @@ async fn batch_sizes(d: &TestDaemon) -> Vec<i64> {
             )?;
             let rows = stmt
                 .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<Vec<i64>>>()?;
+                .collect::<viva_daemon::db::Result<Vec<i64>>>()?;
             Ok(rows)
         })
         .await
@@ -432,7 +432,7 @@ async fn cost_aware_switching_gathers_a_trickle_and_keeps_its_bound() {
             )?;
             let rows = stmt
                 .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<Vec<i64>>>()?;
+                .collect::<viva_daemon::db::Result<Vec<i64>>>()?;
             Ok(rows)
         })
         .await

@@ -350,7 +350,7 @@ pub(super) async fn plugin_failures(
                         state: r.get(7)?,
                     })
                 })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<crate::db::Result<Vec<_>>>()?;
             Ok(rows)
         })
         .await?;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::db::OptionalExtension;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{FromRequest, Path, Query, Request, State};
@@ -13,7 +14,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use rusqlite::OptionalExtension;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
@@ -49,7 +49,7 @@ pub(super) async fn me(State(st): State<AppState>, Session(c): Session) -> Resul
     let title = st
         .store
         .read(move |conn| {
-            use rusqlite::OptionalExtension;
+            use crate::db::OptionalExtension;
             Ok(conn
                 .query_row("SELECT title FROM contexts WHERE id = ?1", [ctx], |r| {
                     r.get::<_, String>(0)
@@ -121,7 +121,7 @@ pub(super) async fn status(
                 )?;
                 let mut out = Vec::new();
                 for id in ids {
-                    if stmt.exists(rusqlite::params![id, ctx])? {
+                    if stmt.exists(crate::params![id, ctx])? {
                         out.push(id);
                     }
                 }
@@ -277,12 +277,12 @@ pub(super) async fn list_versions(
             )?;
             let counts: std::collections::HashMap<i64, i64> = stmt
                 .query_map([&id], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<rusqlite::Result<_>>()?;
+                .collect::<crate::db::Result<_>>()?;
             let stale: i64 = conn.query_row(
                 "SELECT COUNT(*) FROM submissions WHERE assignment_id = ?1
                    AND state IN ('awaiting_review', 'released')
                    AND COALESCE(assignment_version, 0) != ?2",
-                rusqlite::params![id, current],
+                crate::params![id, current],
                 |r| r.get(0),
             )?;
             Ok((versions, counts, stale))
@@ -598,7 +598,7 @@ async fn submission_by_key(
                 .query_row(
                     "SELECT id FROM submissions
                      WHERE assignment_id = ?1 AND user_id = ?2 AND upload_key = ?3",
-                    rusqlite::params![a, u, key],
+                    crate::params![a, u, key],
                     |r| r.get(0),
                 )
                 .optional()?;

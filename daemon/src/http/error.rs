@@ -301,11 +301,7 @@ mod tests {
                 500,
                 "internal",
             ),
-            (
-                Error::Db(rusqlite::Error::QueryReturnedNoRows),
-                500,
-                "internal",
-            ),
+            (Error::Db(crate::db::DbError::NoRows), 500, "internal"),
             (
                 Error::SchemaTooNew {
                     path: s("viva.db"),

@@ -488,7 +488,7 @@ async fn provision(st: &AppState, launch: &Launch) -> Result<Provisioned> {
 /// assignment is in this course, or in another course of the same
 /// registration (a copied course: the assignment is copied too).
 fn resolve_assignment(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &crate::db::Transaction<'_>,
     link: &Link,
     launch: &Launch,
     context: &str,
@@ -1029,10 +1029,10 @@ pub(super) async fn members(
                  WHERE s.assignment_id = ?1 AND u.issuer = ?2 AND u.client_id = ?3",
             )?;
             let rows = stmt
-                .query_map(rusqlite::params![a, issuer, client_id], |r| {
+                .query_map(crate::params![a, issuer, client_id], |r| {
                     r.get::<_, String>(0)
                 })?
-                .collect::<rusqlite::Result<_>>()?;
+                .collect::<crate::db::Result<_>>()?;
             Ok((rows, ids))
         })
         .await?;

@@ -11,12 +11,12 @@
 
 use std::time::Duration;
 
+use crate::db::{Connection, params};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use rusqlite::{Connection, params};
 use serde::Serialize;
 
 use super::AppState;
@@ -161,7 +161,7 @@ pub(super) async fn release_all(
                      ORDER BY created_at, id",
                 )?;
                 stmt.query_map([&a.id], |r| r.get(0))?
-                    .collect::<rusqlite::Result<_>>()?
+                    .collect::<crate::db::Result<_>>()?
             };
             let now = now_ms();
             let mut out = Vec::new();
@@ -229,7 +229,7 @@ fn user_names(conn: &Connection, ctx: &str) -> Result<std::collections::HashMap<
     )?;
     let rows = stmt
         .query_map([ctx], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+        .collect::<crate::db::Result<_>>()?;
     Ok(rows)
 }
 
@@ -357,7 +357,7 @@ pub(super) async fn roster(
                         submitted: r.get(3)?,
                     })
                 })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<crate::db::Result<Vec<_>>>()?;
             Ok(rows)
         })
         .await?;

@@ -204,7 +204,7 @@ async fn run(p: &Profile, scale: f64, at: &[f64], mode: Mode) -> anyhow::Result<
                 .query_map([], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })?
-                .collect::<rusqlite::Result<Vec<Times>>>()?;
+                .collect::<viva_daemon::db::Result<Vec<Times>>>()?;
             Ok(rows)
         })
         .await?;

@@ -35,7 +35,7 @@
 //!   `fake_failure` (retryable); `crash-once` → abort mid-job unless
 //!   `<wav_path>.crashed` exists (which the crash creates); `crash-always` →
 //!   abort mid-job; `hang` → never answer.
-//! - `FAKE_DB=/path/viva.db`: the daemon stores every normalised WAV as
+//! - `FAKE_DB=/path/viva.db` (or a `postgres://` URL): the daemon stores every normalised WAV as
 //!   `<media>/<submission>/audio.wav`, so the upload's name is not in the
 //!   path. With `FAKE_DB` set, the worker looks up the submission's
 //!   `original_name` by `wav_path` (read-only) and matches the markers above
@@ -453,6 +453,23 @@ impl Worker {
 /// daemon's database at `$FAKE_DB` (unset, or not found: `None`).
 fn original_name(wav_path: &str) -> Option<String> {
     let db = std::env::var_os("FAKE_DB").filter(|p| !p.is_empty())?;
+    if let Some(url) = db.to_str().filter(|d| d.starts_with("postgres://")) {
+        let found = postgres::Client::connect(url, postgres::NoTls).and_then(|mut c| {
+            c.query_opt(
+                "SELECT original_name FROM submissions WHERE wav_path = $1",
+                &[&wav_path],
+            )
+        });
+        return match found {
+            Ok(row) => row
+                .and_then(|r| r.get::<_, Option<String>>(0))
+                .filter(|n| !n.is_empty()),
+            Err(e) => {
+                eprintln!("fake-worker: cannot look up {wav_path} in FAKE_DB: {e}");
+                None
+            }
+        };
+    }
     let lookup = || -> rusqlite::Result<Option<String>> {
         let conn =
             rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;

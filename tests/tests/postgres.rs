@@ -1,0 +1,208 @@
+//! The PostgreSQL store against a real PostgreSQL (a throwaway cluster from
+//! Debian's `postgresql`, see `viva_tests::pg`): its schema is SQLite's with
+//! PostgreSQL's types, and values cross both engines alike.
+//!
+//! The scheduler, API and LTI suites also run on PostgreSQL:
+//! `VIVA_TEST_STORE=postgres cargo test --workspace --test scheduler --test api --test lti`
+//! (scripts/test does).
+
+use std::collections::BTreeMap;
+
+use viva_daemon::db::{Connection, Engine, Value};
+use viva_daemon::store::{Location, Store};
+
+fn skip() -> bool {
+    if viva_tests::pg::bin_dir().is_none() && std::env::var_os("VIVA_TEST_POSTGRES").is_none() {
+        assert!(
+            std::env::var_os("VIVA_REQUIRE_POSTGRES").is_none(),
+            "VIVA_REQUIRE_POSTGRES is set but PostgreSQL's server is not installed"
+        );
+        eprintln!("SKIPPED: PostgreSQL's server is not installed (apt-get install postgresql)");
+        return true;
+    }
+    false
+}
+
+fn pg_store() -> Store {
+    let url = viva_tests::pg::fresh_database().expect("a test database");
+    let store = Store::open_at(&Location::Postgres(url)).expect("open the PostgreSQL store");
+    assert_eq!(store.engine(), Engine::Postgres);
+    store
+}
+
+/// Column name → type class, per table.
+type Schema = BTreeMap<String, Vec<(String, &'static str)>>;
+
+fn class(decl: &str) -> &'static str {
+    let d = decl.to_ascii_uppercase();
+    if d.contains("INT") {
+        "integer"
+    } else if d.contains("REAL") || d.contains("DOUBLE") || d.contains("FLOAT") {
+        "real"
+    } else if d.contains("TEXT") || d.contains("CHAR") {
+        "text"
+    } else {
+        "other"
+    }
+}
+
+fn schema(conn: &Connection<'_>) -> viva_daemon::Result<Schema> {
+    let (tables_sql, columns_sql) = match conn.engine() {
+        Engine::Sqlite => (
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+            "SELECT name, type FROM pragma_table_info(?1) ORDER BY cid",
+        ),
+        Engine::Postgres => (
+            "SELECT table_name FROM information_schema.tables
+             WHERE table_schema = current_schema() ORDER BY table_name",
+            "SELECT column_name, data_type FROM information_schema.columns
+             WHERE table_schema = current_schema() AND table_name = ?1 ORDER BY ordinal_position",
+        ),
+    };
+    let tables: Vec<String> = conn
+        .prepare(tables_sql)?
+        .query_map([], |r| r.get(0))?
+        .collect::<viva_daemon::db::Result<_>>()?;
+    let mut out = Schema::new();
+    for t in tables {
+        let cols = conn
+            .prepare(columns_sql)?
+            .query_map([&t], |r| {
+                Ok((r.get::<_, String>(0)?, class(&r.get::<_, String>(1)?)))
+            })?
+            .collect::<viva_daemon::db::Result<_>>()?;
+        out.insert(t, cols);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn the_postgres_schema_is_sqlites_with_postgres_types() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sqlite = Store::open(&dir.path().join("viva.db")).expect("sqlite");
+    let pg = pg_store();
+    let a = sqlite.read(|c| schema(c)).await.expect("sqlite schema");
+    let b = pg.read(|c| schema(c)).await.expect("postgres schema");
+    assert!(a.len() > 20, "{a:?}");
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "the same tables"
+    );
+    for (table, cols) in &a {
+        assert_eq!(
+            cols, &b[table],
+            "table {table}: the same columns, in order, of the same kinds"
+        );
+    }
+    // Opening again migrates nothing and keeps the data.
+    pg.write(|tx| {
+        tx.execute(
+            "INSERT INTO contexts (id, title, created_at) VALUES (?1, ?2, ?3)",
+            ("c1", "Course", 5i64),
+        )?;
+        Ok(())
+    })
+    .await
+    .expect("insert");
+}
+
+#[tokio::test]
+async fn values_cross_postgres_as_they_cross_sqlite() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sqlite = Store::open(&dir.path().join("viva.db")).expect("sqlite");
+    let pg = pg_store();
+    for store in [sqlite, pg] {
+        let engine = store.engine();
+        let got = store
+            .write(|tx| {
+                tx.execute(
+                    "INSERT INTO contexts (id, title, created_at) VALUES (?1, ?2, ?3)",
+                    viva_daemon::params!["c", "Café ünïcode", 1_700_000_000_000i64],
+                )?;
+                tx.execute(
+                    "INSERT INTO worker_times (kind, models, start_seconds, stop_seconds, updated_at)
+                     VALUES (?1, ?2, ?3, NULL, ?4)",
+                    viva_daemon::params!["stt", "m", 1.25f64, 7u32],
+                )?;
+                // An identity key comes back with RETURNING on both.
+                let batch: i64 = tx.query_row(
+                    "INSERT INTO batches (opened_at) VALUES (?1) RETURNING id",
+                    [3i64],
+                    |r| r.get(0),
+                )?;
+                let row = tx.query_row(
+                    "SELECT c.title, c.created_at, w.start_seconds, w.stop_seconds,
+                            COUNT(*) > 0, COALESCE(SUM(w.updated_at), 0), ?1 + 1
+                     FROM contexts c, worker_times w WHERE c.id = ?2
+                     GROUP BY c.title, c.created_at, w.start_seconds, w.stop_seconds",
+                    viva_daemon::params![41i64, "c"],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, i64>("created_at")?,
+                            r.get::<_, f64>(2)?,
+                            r.get::<_, Option<f64>>(3)?,
+                            r.get::<_, bool>(4)?,
+                            r.get::<_, i64>(5)?,
+                            r.get::<_, i64>(6)?,
+                        ))
+                    },
+                )?;
+                Ok((batch, row))
+            })
+            .await
+            .expect("values");
+        assert_eq!(
+            got,
+            (
+                1,
+                (
+                    "Café ünïcode".to_string(),
+                    1_700_000_000_000,
+                    1.25,
+                    None,
+                    true,
+                    7,
+                    42
+                )
+            ),
+            "{engine:?}"
+        );
+        // A failed write leaves nothing behind.
+        let failed = store
+            .write(|tx| {
+                tx.execute(
+                    "INSERT INTO contexts (id, title, created_at) VALUES ('d', 'D', 1)",
+                    (),
+                )?;
+                tx.execute(
+                    "INSERT INTO contexts (id, title, created_at) VALUES ('c', 'again', 1)",
+                    (),
+                )?;
+                Ok(())
+            })
+            .await
+            .expect_err("a duplicate key");
+        match &failed {
+            viva_daemon::Error::Db(e) => assert!(e.is_unique_violation(), "{engine:?}: {e}"),
+            e => panic!("{engine:?}: {e}"),
+        }
+        let n: i64 = store
+            .read(|c| Ok(c.query_row("SELECT COUNT(*) FROM contexts", [], |r| r.get(0))?))
+            .await
+            .expect("count");
+        assert_eq!(n, 1, "{engine:?}: the failed transaction rolled back");
+        let v: Value = store
+            .read(|c| Ok(c.query_row("SELECT NULL", [], |r| r.get(0))?))
+            .await
+            .expect("null");
+        assert_eq!(v, Value::Null);
+    }
+}
