@@ -571,6 +571,11 @@ pub const RESERVED_ENV: &[&str] = &[
     "REQUIRE_BROWSER",
     "REQUIRE_MODELS",
     "REQUIRE_PACKAGE",
+    "REQUIRE_POSTGRES",
+    "MIGRATE_TO",
+    "TEST_STORE",
+    "TEST_POSTGRES",
+    "TEST_LOG",
 ];
 
 fn parse_env_value(raw: &str) -> toml::Value {

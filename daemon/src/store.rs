@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use rusqlite::{OpenFlags, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::{Connection, DbError, Engine, OptionalExtension, PgConn, Transaction};
+use crate::db::{Connection, DbError, Engine, PgConn, Transaction};
 use crate::error::{Error, Result};
 
 /// Numbered migrations; the index + 1 is the schema version. Never edit a
@@ -879,18 +879,25 @@ pub async fn copy(
                     for row in &rows {
                         tx.execute(&sql, row.values().to_vec())?;
                     }
-                    if tx.engine() == Engine::Postgres && names.iter().any(|n| n == "id") {
-                        // Identity keys continue after the copied ids.
-                        tx.query_row(
-                            &format!(
-                                "SELECT COALESCE(setval(pg_get_serial_sequence('{table}', 'id'),
-                                        (SELECT MAX(id) FROM {table})), 0)
-                                 WHERE pg_get_serial_sequence('{table}', 'id') IS NOT NULL"
-                            ),
-                            (),
-                            |_| Ok(()),
-                        )
-                        .optional()?;
+                    if tx.engine() == Engine::Postgres {
+                        let identity: bool = tx.query_row(
+                            "SELECT COUNT(*) > 0 FROM information_schema.columns
+                             WHERE table_schema = current_schema() AND table_name = ?1
+                               AND column_name = 'id' AND is_identity = 'YES'",
+                            [table.as_str()],
+                            |r| r.get(0),
+                        )?;
+                        if identity {
+                            // Identity keys continue after the copied ids.
+                            tx.query_row(
+                                &format!(
+                                    "SELECT setval(pg_get_serial_sequence('{table}', 'id'), MAX(id))
+                                     FROM {table}"
+                                ),
+                                (),
+                                |_| Ok(()),
+                            )?;
+                        }
                     }
                 }
                 let copied: i64 =

@@ -377,6 +377,16 @@ impl TestDaemon {
             let _ = j.await;
         }
     }
+
+    /// Stops the daemon and hands over its directory (data, media, logs),
+    /// which then outlives it.
+    pub async fn stop_keeping_files(mut self) -> tempfile::TempDir {
+        self.shutdown.cancel();
+        if let Some(j) = self.join.take() {
+            let _ = j.await;
+        }
+        self.dir
+    }
 }
 
 /// Largest number of overlapping intervals among `(start, end)` event pairs

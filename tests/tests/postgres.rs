@@ -206,3 +206,101 @@ async fn values_cross_postgres_as_they_cross_sqlite() {
         assert_eq!(v, Value::Null);
     }
 }
+
+/// `viva migrate-store` moves a SQLite site into PostgreSQL: every row, the
+/// grades and transcripts as they were, and new work continues after the
+/// copied ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_store_moves_a_sqlite_site_to_postgres() {
+    use std::time::Duration;
+    use viva_daemon::Role;
+    use viva_tests::{TestDaemon, tone};
+    if skip() {
+        return;
+    }
+    // A site on SQLite (whatever VIVA_TEST_STORE says) with graded work.
+    let old = TestDaemon::start(&[], |c| {
+        c.store = None;
+        c.scheduler.stt_batch_size = 2;
+        c.scheduler.batch_window = Duration::from_millis(200);
+    })
+    .await;
+    let tok = old.token(Role::Learner, "migrating-student", "sandbox");
+    let mut ids = Vec::new();
+    for name in ["first.wav", "second.wav", "third.wav"] {
+        let f = tone(old.dir.path(), name, 1.0);
+        let (status, body) = old.upload(&tok, "sandbox-oral-1", &f).await;
+        assert_eq!(status, 201, "{body}");
+        ids.push(body["id"].as_str().expect("id").to_owned());
+    }
+    let before = old.wait_settled(&ids, Duration::from_secs(60)).await;
+    for s in &before {
+        assert_eq!(s["state"], "evaluated", "{s}");
+    }
+    let kept = old.stop_keeping_files().await;
+    let db = kept.path().join("var/viva.db");
+
+    let url = viva_tests::pg::fresh_database().expect("a target database");
+    let mut cmd = std::process::Command::new(viva_tests::viva_bin());
+    cmd.args(["migrate-store", "--from"])
+        .arg(format!("sqlite:{}", db.display()))
+        .env("VIVA_MIGRATE_TO", &url)
+        .env("VIVA_DATA_DIR", kept.path().join("var"));
+    let out = viva_tests::process::output(&mut cmd, Duration::from_secs(120)).expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("submissions") && stdout.contains("copied"),
+        "{stdout}"
+    );
+    // A second run refuses: the target is no longer empty.
+    let again = viva_tests::process::output(&mut cmd, Duration::from_secs(120)).expect("runs");
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("new, empty database"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // The same site on PostgreSQL.
+    let target = url.clone();
+    let new = TestDaemon::start(&[], move |c| {
+        c.store = Some(target);
+        c.scheduler.stt_batch_size = 1;
+    })
+    .await;
+    let admin = new.token(Role::Admin, "test-admin", "sandbox");
+    for (id, was) in ids.iter().zip(&before) {
+        let (status, now) = new.get(&admin, &format!("/api/v1/submissions/{id}")).await;
+        assert_eq!(status, 200, "{now}");
+        assert_eq!(now["media_available"], true, "{now}");
+        for field in [
+            "state",
+            "transcript",
+            "evaluations",
+            "attempt",
+            "user_id",
+            "sha256",
+            "batch_id",
+            "duration_seconds",
+            "created_at",
+            "finished_at",
+        ] {
+            assert_eq!(now[field], was[field], "{field} of {id}");
+        }
+    }
+    // New work continues: a fresh upload gets a new batch and is graded.
+    let tok = new.token(Role::Learner, "migrating-student", "sandbox");
+    let f = tone(new.dir.path(), "fourth.wav", 1.0);
+    let (status, body) = new.upload(&tok, "sandbox-oral-1", &f).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["attempt"], 4, "attempts continue: {body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = new.wait_settled(&[id], Duration::from_secs(60)).await;
+    assert_eq!(done[0]["state"], "evaluated", "{}", done[0]);
+    new.stop().await;
+}
