@@ -56,6 +56,9 @@
 //! - `FAKE_DEVICE_MEMORY_MB` (and `FAKE_DEVICE_TOTAL_MB`): report that much
 //!   GPU memory held (`Memory` frames) after loading and after each job, as
 //!   a real worker on a GPU does.
+//! - `FAKE_REMOTE=1`: say `remote: true` in Hello, as `viva-remote-worker`
+//!   does (its model is on an HTTP server; the scheduler keeps the role
+//!   loaded in every phase).
 //!
 //! The worker exits 0 on `Shutdown` (after `Bye`) and when its stdin closes.
 
@@ -122,6 +125,10 @@ fn parse_args() -> anyhow::Result<Args> {
         role,
         max_parallel,
     })
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 fn env_ms(name: &str) -> f64 {
@@ -537,6 +544,9 @@ fn run() -> anyhow::Result<()> {
         worker: PROGRAM.into(),
         pid: worker.pid,
         max_parallel_jobs: args.max_parallel,
+        // FAKE_REMOTE=1: claim to be a remote worker (its model on an HTTP
+        // server), which the scheduler keeps loaded in every phase.
+        remote: env_flag("FAKE_REMOTE"),
     });
 
     match reader.read::<DaemonMessage>()? {
@@ -600,6 +610,7 @@ fn run() -> anyhow::Result<()> {
         model: model.name,
         load_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         memory_bytes: None,
+        max_parallel_jobs: None,
     });
     worker.report_memory();
 
