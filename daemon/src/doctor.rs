@@ -731,7 +731,10 @@ async fn worker_check(
         );
     }
     let model = &worker.model_path;
+    // No model_path: a remote worker (its server is in its options); the
+    // load check below starts it, and it checks that its server answers.
     let size = match std::fs::metadata(model) {
+        _ if model.as_os_str().is_empty() => 0,
         Ok(m) if m.is_file() => m.len(),
         Ok(_) => {
             return Check::fail(

@@ -526,3 +526,119 @@ async fn measured_gpu_memory_drives_auto_and_records_each_switch() {
     );
     d.stop().await;
 }
+
+/// Spawns per slot, and whether a process of a slot `a` picks was ever
+/// alive with one of a slot `b` picks (from the supervisor's history).
+fn slot_profile(
+    d: &TestDaemon,
+    a: impl Fn(&str) -> bool,
+    b: impl Fn(&str) -> bool,
+) -> (HashMap<String, usize>, bool) {
+    let mut alive: HashMap<u32, String> = HashMap::new();
+    let mut spawns: HashMap<String, usize> = HashMap::new();
+    let mut together = false;
+    for e in d.state.scheduler.supervisor.history() {
+        match e.event {
+            "spawned" => {
+                *spawns.entry(e.slot.clone()).or_default() += 1;
+                alive.insert(e.pid, e.slot.clone());
+            }
+            "exited" => {
+                alive.remove(&e.pid);
+            }
+            _ => {}
+        }
+        together |= alive.values().any(|s| a(s)) && alive.values().any(|s| b(s));
+    }
+    (spawns, together)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_evaluator_stays_loaded_through_phase_switches() {
+    // Evaluator "b" says `remote` in its Hello (as viva-remote-worker
+    // does): two-phase still keeps STT and the local evaluator "a" apart,
+    // while "b" is started once and served in every phase.
+    let d = TestDaemon::start(
+        &[
+            ("FAKE_STT_FIXED_MS", ms(300)),
+            ("FAKE_EVAL_FIXED_MS", ms(150)),
+        ],
+        |c| {
+            c.scheduler.stt_batch_size = 2;
+            c.scheduler.swap_work_ratio = 0.0;
+            if let Some(b) = c.workers.evaluators.get_mut("b") {
+                b.env.insert("FAKE_REMOTE".into(), "1".into());
+                b.memory_mb = 0;
+            }
+        },
+    )
+    .await;
+    let ids = upload_all(&d, &["r1.wav", "r2.wav", "r3.wav", "r4.wav"], 0.5).await;
+    let subs = d.wait_settled(&ids, Duration::from_secs(90)).await;
+    let (spawns, local_together) = slot_profile(&d, |s| s == "stt", |s| s == "evaluator:a");
+    assert!(
+        !local_together,
+        "the local evaluator was alive with the STT worker: {spawns:?}"
+    );
+    assert_eq!(
+        spawns.get("evaluator:b"),
+        Some(&1),
+        "the remote evaluator is started once and never stopped by a switch: {spawns:?}"
+    );
+    let (_, remote_together) = slot_profile(&d, |s| s == "stt", |s| s == "evaluator:b");
+    assert!(
+        remote_together,
+        "the remote evaluator stayed loaded while STT ran: {spawns:?}"
+    );
+    let switches = d
+        .state
+        .scheduler
+        .phase_history()
+        .iter()
+        .filter(|p| p.phase == "stt")
+        .count();
+    assert!(switches >= 2, "two batches → two STT phases ({switches})");
+    let snap = d.state.scheduler.snapshot();
+    assert_eq!(snap.policy, "two-phase");
+    let b = snap
+        .workers
+        .iter()
+        .find(|p| p.slot == "evaluator:b")
+        .expect("the remote evaluator is still running");
+    assert!(b.remote);
+    for s in &subs {
+        assert_eq!(s["state"], "evaluated", "{s}");
+        assert_eq!(s["evaluations"].as_array().map(Vec::len), Some(2), "{s}");
+    }
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_stt_worker_makes_two_phase_pipelined() {
+    // With speech to text on a server, nothing on this GPU needs keeping
+    // apart: the scheduler runs pipelined and never stops the STT worker.
+    let d = TestDaemon::start(
+        &[
+            ("FAKE_STT_FIXED_MS", ms(300)),
+            ("FAKE_EVAL_FIXED_MS", ms(150)),
+        ],
+        |c| {
+            c.scheduler.stt_batch_size = 2;
+            c.scheduler.swap_work_ratio = 0.0;
+            if let Some(stt) = c.workers.stt.as_mut() {
+                stt.env.insert("FAKE_REMOTE".into(), "1".into());
+            }
+        },
+    )
+    .await;
+    let ids = upload_all(&d, &["t1.wav", "t2.wav", "t3.wav", "t4.wav"], 0.5).await;
+    let subs = d.wait_settled(&ids, Duration::from_secs(90)).await;
+    let (spawns, together) = slot_profile(&d, |s| s == "stt", |s| s.starts_with("evaluator:"));
+    assert_eq!(spawns.get("stt"), Some(&1), "{spawns:?}");
+    assert!(together, "the evaluators ran beside the remote STT worker");
+    assert_eq!(d.state.scheduler.snapshot().policy, "pipelined");
+    for s in &subs {
+        assert_eq!(s["state"], "evaluated", "{s}");
+    }
+    d.stop().await;
+}

@@ -79,6 +79,11 @@ pub fn request_body(backend: &Backend, item: &EvaluateItem) -> (serde_json::Valu
                 "json_schema": {"name": "evaluation", "strict": true, "schema": schema},
             });
         }
+        Constraint::JsonObject => {
+            let schema = serde_json::to_value(output_schema(&item.rubric, limits))
+                .unwrap_or(serde_json::Value::Null);
+            body["response_format"] = json!({"type": "json_object", "schema": schema});
+        }
         Constraint::Grammar => body["grammar"] = json!(grammar.gbnf),
         Constraint::None => {}
     }
@@ -91,16 +96,12 @@ pub fn request_body(backend: &Backend, item: &EvaluateItem) -> (serde_json::Valu
 /// body is written from the typed schema.
 fn body_text(backend: &Backend, item: &EvaluateItem, body: &serde_json::Value) -> String {
     let text = body.to_string();
-    if backend
-        .options()
-        .constraint
-        .unwrap_or(Constraint::JsonSchema)
-        != Constraint::JsonSchema
-    {
-        return text;
-    }
-    let sorted = serde_json::to_string(&body["response_format"]["json_schema"]["schema"])
-        .unwrap_or_default();
+    let schema = match backend.options().constraint.unwrap_or(Constraint::JsonSchema) {
+        Constraint::JsonSchema => &body["response_format"]["json_schema"]["schema"],
+        Constraint::JsonObject => &body["response_format"]["schema"],
+        Constraint::Grammar | Constraint::None => return text,
+    };
+    let sorted = serde_json::to_string(schema).unwrap_or_default();
     let ordered = serde_json::to_string(&output_schema(&item.rubric, backend.options().limits()))
         .unwrap_or_default();
     text.replacen(&sorted, &ordered, 1)
@@ -245,6 +246,12 @@ mod tests {
         assert!(g.starts_with("root ::= "), "{g}");
         assert_eq!(body["max_tokens"], 50);
         assert_eq!(body["seed"], 7);
+        let b = backend(json!({"constraint": "json_object"}));
+        let it = item();
+        let (body, _) = request_body(&b, &it);
+        assert_eq!(body["response_format"]["type"], "json_object");
+        let text = body_text(&b, &it, &body);
+        assert!(text.find("\"rationale\":{") < text.find("\"level\":{"), "{text}");
         let b = backend(json!({"constraint": "none"}));
         let (body, _) = request_body(&b, &item());
         assert!(body.get("grammar").is_none() && body.get("response_format").is_none());

@@ -16,8 +16,12 @@ use crate::Error;
 #[serde(rename_all = "snake_case")]
 pub enum Constraint {
     /// OpenAI's `response_format: {type: "json_schema", …}` with the
-    /// rubric's schema (vLLM, llama.cpp's server, llama-cpp-python, Ollama).
+    /// rubric's schema (vLLM, llama.cpp's server, Ollama).
     JsonSchema,
+    /// `response_format: {type: "json_object", schema: …}`: the older form
+    /// llama-cpp-python's server (0.3) takes; llama.cpp's server takes it
+    /// too.
+    JsonObject,
     /// The rubric's GBNF grammar in the request's `grammar` field: the
     /// exact grammar the local worker uses (llama.cpp's server and
     /// llama-cpp-python take it; others ignore or refuse it).
