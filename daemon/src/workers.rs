@@ -788,7 +788,15 @@ impl Worker {
     }
 
     fn info(&self) -> ProcessInfo {
-        let (state, jobs_done, in_flight, load_ms, model_memory_bytes, device_memory, remote_health) = {
+        let (
+            state,
+            jobs_done,
+            in_flight,
+            load_ms,
+            model_memory_bytes,
+            device_memory,
+            remote_health,
+        ) = {
             let st = lock(&self.state);
             (
                 self.phase_name(&st),

@@ -52,7 +52,12 @@ struct Worker {
 impl Worker {
     /// Starts the worker, checks its Hello, sends Load; returns it with the
     /// answer to Load (Loaded, or the Error that says why not).
-    fn start(args: &[&str], env: &[(&str, &str)], name: &str, options: Value) -> (Worker, WorkerMessage) {
+    fn start(
+        args: &[&str],
+        env: &[(&str, &str)],
+        name: &str,
+        options: Value,
+    ) -> (Worker, WorkerMessage) {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("worker.log");
         let mut cmd = Command::new(worker_bin("viva-remote-worker"));
@@ -151,7 +156,10 @@ impl Worker {
     fn stop(mut self) -> String {
         // The worker may have exited already (a failed load): no answer.
         if let Ok(frame) = encode(&DaemonMessage::Shutdown) {
-            let _ = self.stdin.write_all(&frame).and_then(|()| self.stdin.flush());
+            let _ = self
+                .stdin
+                .write_all(&frame)
+                .and_then(|()| self.stdin.flush());
         }
         let _ = process::wait(&mut self.child, Duration::from_secs(10));
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -329,11 +337,20 @@ fn serve(conn: TcpStream, seen: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
         });
     }
     let (status, answer) = if auth.as_deref() != Some(&format!("Bearer {KEY}")) {
-        (401, json!({"error": {"message": "invalid api key"}}).to_string())
+        (
+            401,
+            json!({"error": {"message": "invalid api key"}}).to_string(),
+        )
     } else if path.ends_with("/models") {
-        (200, json!({"object": "list", "data": [{"id": "fault-model"}]}).to_string())
+        (
+            200,
+            json!({"object": "list", "data": [{"id": "fault-model"}]}).to_string(),
+        )
     } else if body.contains("FAULT_500") {
-        (500, format!("boom, and you sent {}", auth.unwrap_or_default()))
+        (
+            500,
+            format!("boom, and you sent {}", auth.unwrap_or_default()),
+        )
     } else if body.contains("FAULT_SLOW") {
         std::thread::sleep(Duration::from_secs(3));
         (200, completion(&valid_answer()))
@@ -402,7 +419,13 @@ fn faults_fail_only_their_own_item_with_a_plain_reason_after_the_retries() {
         fault_options(&server),
     );
     assert!(
-        matches!(loaded, WorkerMessage::Loaded { max_parallel_jobs: Some(2), .. }),
+        matches!(
+            loaded,
+            WorkerMessage::Loaded {
+                max_parallel_jobs: Some(2),
+                ..
+            }
+        ),
         "{loaded:?}\n{}",
         w.log()
     );
@@ -440,7 +463,10 @@ fn faults_fail_only_their_own_item_with_a_plain_reason_after_the_retries() {
     let out = outcomes(answer);
     let base = server.url();
     for id in ["ok1", "ok2", "ok3"] {
-        let e = out[id].evaluation.as_ref().unwrap_or_else(|| panic!("{id}: {:?}", out[id]));
+        let e = out[id]
+            .evaluation
+            .as_ref()
+            .unwrap_or_else(|| panic!("{id}: {:?}", out[id]));
         assert_eq!(e.role, "b");
         assert_eq!(e.model, "remote-evaluator");
         assert_eq!(e.ratings.len(), 2);
@@ -478,7 +504,8 @@ fn faults_fail_only_their_own_item_with_a_plain_reason_after_the_retries() {
     assert_eq!(count("FAULT_JUNK"), 3);
     assert_eq!(count("Chlorophyll"), 1);
     assert!(
-        seen.iter().all(|s| s.auth.as_deref() == Some(&format!("Bearer {KEY}"))),
+        seen.iter()
+            .all(|s| s.auth.as_deref() == Some(&format!("Bearer {KEY}"))),
         "every request carries the key"
     );
     // The request: the rubric's schema, the local prompt, greedy.
@@ -494,8 +521,8 @@ fn faults_fail_only_their_own_item_with_a_plain_reason_after_the_retries() {
     assert_eq!(body["temperature"], 0.0);
     assert_eq!(body["response_format"]["type"], "json_schema");
     assert_eq!(
-        body["response_format"]["json_schema"]["schema"]["properties"]["ratings"]["prefixItems"]
-            [1]["properties"]["level"]["enum"],
+        body["response_format"]["json_schema"]["schema"]["properties"]["ratings"]["prefixItems"][1]
+            ["properties"]["level"]["enum"],
         json!(["unclear", "clear"])
     );
     // Health for the admin view: every try counted, latency of successes.
@@ -504,10 +531,16 @@ fn faults_fail_only_their_own_item_with_a_plain_reason_after_the_retries() {
     assert_eq!(h.model, "fault-model");
     assert_eq!(h.requests, 1 + 6 + 3 + 9, "{h:?}");
     assert_eq!(h.failures, 9, "{h:?}");
-    assert!(h.latency_p50_ms.is_some() && h.last_success_unix_ms.is_some(), "{h:?}");
+    assert!(
+        h.latency_p50_ms.is_some() && h.last_success_unix_ms.is_some(),
+        "{h:?}"
+    );
     assert_eq!(h.concurrency, 2);
     let log = w.stop();
-    assert!(log.contains("try 1 of 3"), "the log tells the retries:\n{log}");
+    assert!(
+        log.contains("try 1 of 3"),
+        "the log tells the retries:\n{log}"
+    );
     assert!(
         !log.contains("SECRET-4242"),
         "the API key is in the worker's log:\n{log}"
@@ -550,11 +583,15 @@ fn a_transcription_server_answering_junk_or_500_fails_that_job_only() {
     for (marker, expected) in [
         (
             "FAULT_500",
-            format!("the transcription server at {base} returned HTTP 500 Internal Server Error 3 times"),
+            format!(
+                "the transcription server at {base} returned HTTP 500 Internal Server Error 3 times"
+            ),
         ),
         (
             "FAULT_JUNK",
-            format!("the transcription server at {base} answered with something other than the expected JSON"),
+            format!(
+                "the transcription server at {base} answered with something other than the expected JSON"
+            ),
         ),
     ] {
         match w.call(marker, job(Some(marker)), Duration::from_secs(30)) {
@@ -593,12 +630,19 @@ fn a_server_that_is_down_or_refuses_the_key_fails_the_load_with_a_reason() {
         .expect("port")
         .port();
     let url = format!("http://127.0.0.1:{port}/v1");
-    let (w, answer) = Worker::start(&["--role", "a"], &[], "m", json!({"url": url, "connect_timeout": "2s"}));
+    let (w, answer) = Worker::start(
+        &["--role", "a"],
+        &[],
+        "m",
+        json!({"url": url, "connect_timeout": "2s"}),
+    );
     match answer {
         WorkerMessage::Error { code, message, .. } => {
             assert_eq!(code, "server_unreachable");
             assert!(
-                message.starts_with(&format!("the evaluation server at {url} could not be reached")),
+                message.starts_with(&format!(
+                    "the evaluation server at {url} could not be reached"
+                )),
                 "{message}"
             );
         }
@@ -752,7 +796,10 @@ fn real_openai_compatible_servers_transcribe_and_evaluate() {
             result: JobResult::Transcript(t),
             ..
         } => t,
-        other => panic!("expected a transcript, got {other:?}\n{}", whisper_server.log()),
+        other => panic!(
+            "expected a transcript, got {other:?}\n{}",
+            whisper_server.log()
+        ),
     };
     let stt_seconds = t0.elapsed().as_secs_f64();
     let text = transcript.text.to_lowercase();
@@ -763,7 +810,10 @@ fn real_openai_compatible_servers_transcribe_and_evaluate() {
     assert!(!transcript.segments.is_empty());
     assert_eq!(transcript.language.as_deref(), Some("en"));
     let stt_health = stt.health.clone().expect("health");
-    assert!(stt_health.ok && stt_health.latency_p50_ms.is_some(), "{stt_health:?}");
+    assert!(
+        stt_health.ok && stt_health.latency_p50_ms.is_some(),
+        "{stt_health:?}"
+    );
     stt.stop();
 
     // Evaluation, constrained by the rubric's schema, then by its grammar.
@@ -800,7 +850,10 @@ fn real_openai_compatible_servers_transcribe_and_evaluate() {
         let ids: Vec<&str> = e.ratings.iter().map(|r| r.criterion_id.as_str()).collect();
         assert_eq!(ids, ["content", "clarity"], "{constraint}");
         for (r, c) in e.ratings.iter().zip(&rubric().criteria) {
-            assert!(c.levels.iter().any(|l| l.label == r.level), "{constraint}: {r:?}");
+            assert!(
+                c.levels.iter().any(|l| l.label == r.level),
+                "{constraint}: {r:?}"
+            );
         }
         assert!(e.generated_tokens > 0 && e.prompt_tokens > 0, "{e:?}");
         ev.stop();
@@ -892,7 +945,11 @@ fn documented_remote_configurations_parse_and_their_options_pass_the_worker() {
             servers.extend(check_remote_workers(&config, doc));
         }
     }
-    for (name, port) in [("vLLM", ":8000/v1"), ("llama.cpp", ":8080/v1"), ("Ollama", ":11434/v1")] {
+    for (name, port) in [
+        ("vLLM", ":8000/v1"),
+        ("llama.cpp", ":8080/v1"),
+        ("Ollama", ":11434/v1"),
+    ] {
         assert!(
             servers.iter().any(|u| u.ends_with(port)),
             "no {name} example ({port}) among {servers:?}"
@@ -909,7 +966,11 @@ fn remote_examples_of_the_example_file(text: &str) -> Vec<String> {
             part.lines()
                 .skip(1)
                 .take_while(|l| l.starts_with('#') && !l.starts_with("# end-remote-example"))
-                .map(|l| l.strip_prefix("# ").or_else(|| l.strip_prefix('#')).unwrap_or(l))
+                .map(|l| {
+                    l.strip_prefix("# ")
+                        .or_else(|| l.strip_prefix('#'))
+                        .unwrap_or(l)
+                })
                 .collect::<Vec<_>>()
                 .join("\n")
                 + "\n"

@@ -606,6 +606,26 @@ async fn a_remote_evaluator_stays_loaded_through_phase_switches() {
         .find(|p| p.slot == "evaluator:b")
         .expect("the remote evaluator is still running");
     assert!(b.remote);
+    // The admin view: the remote role's server, health and latency.
+    let admin = d.token(Role::Admin, "root", "sandbox");
+    let (status, sys) = d.get(&admin, "/api/v1/admin/system").await;
+    assert_eq!(status, 200, "{sys}");
+    let models = sys["models"].as_array().expect("models");
+    let row = |role: &str| {
+        models
+            .iter()
+            .find(|m| m["role"] == role)
+            .unwrap_or_else(|| panic!("no row for {role}: {sys}"))
+    };
+    let remote = &row("b")["remote"];
+    assert_eq!(remote["url"], "http://fake-server.invalid/v1", "{sys}");
+    assert_eq!(remote["ok"], true);
+    assert_eq!(remote["latency_p50_ms"], 42);
+    assert!(
+        remote["requests"].as_u64().is_some_and(|n| n >= 2),
+        "{remote}"
+    );
+    assert!(row("a")["remote"].is_null(), "{sys}");
     for s in &subs {
         assert_eq!(s["state"], "evaluated", "{s}");
         assert_eq!(s["evaluations"].as_array().map(Vec::len), Some(2), "{s}");

@@ -59,7 +59,7 @@ export function mount(panel, ctx) {
   function models(sys) {
     const proc = (p) => (p ? S.processInfo({ ...p, rss: p.rss_bytes ? fmtBytes(p.rss_bytes) : '?', peak: p.peak_rss_bytes ? fmtBytes(p.peak_rss_bytes) : '?' }) : S.notRunning);
     const rows = sys.models.map((m) => [
-      m.kind === 'stt' ? S.stt : S.evaluatorRole(m.role), m.model, m.remote ? S.remoteModel(m.remote.model) : m.model_file, S.memoryFigure(m.memory_mb, m.measured_mb),
+      m.kind === 'stt' ? S.stt : S.evaluatorRole(m.role), m.model, m.remote ? S.remoteModel(m.remote.model) : m.model_file, m.remote ? S.remoteMemory : S.memoryFigure(m.memory_mb, m.measured_mb),
       h('span', { class: `badge ${m.loaded ? 'ok' : ''}`, text: m.loaded ? S.yes : S.no }), proc(m.process),
     ]);
     // Remote workers: their server's health and latency (as last reported).

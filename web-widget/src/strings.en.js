@@ -309,6 +309,7 @@ export default {
   requestsFigure: (n, failed) => `${n} sent, ${failed} failed`,
   lastSuccess: 'Last success',
   remoteModel: (model) => `remote: ${model}`,
+  remoteMemory: 'on its server (not this machine)',
   loaded: 'Loaded',
   processCol: 'Process',
   processInfo: (p) => `pid ${p.pid}, ${p.state}, ${p.jobs_done} jobs, RSS ${p.rss}, peak ${p.peak}`,

@@ -308,6 +308,7 @@ export default {
   requestsFigure: (n, failed) => `${n} envoyées, ${failed} en échec`,
   lastSuccess: 'Dernier succès',
   remoteModel: (model) => `distant : ${model}`,
+  remoteMemory: 'sur son serveur (pas sur cette machine)',
   evaluators: 'Évaluateurs',
   loaded: 'Chargé',
   processCol: 'Processus',

@@ -96,7 +96,11 @@ pub fn request_body(backend: &Backend, item: &EvaluateItem) -> (serde_json::Valu
 /// body is written from the typed schema.
 fn body_text(backend: &Backend, item: &EvaluateItem, body: &serde_json::Value) -> String {
     let text = body.to_string();
-    let schema = match backend.options().constraint.unwrap_or(Constraint::JsonSchema) {
+    let schema = match backend
+        .options()
+        .constraint
+        .unwrap_or(Constraint::JsonSchema)
+    {
         Constraint::JsonSchema => &body["response_format"]["json_schema"]["schema"],
         Constraint::JsonObject => &body["response_format"]["schema"],
         Constraint::Grammar | Constraint::None => return text,
@@ -251,7 +255,10 @@ mod tests {
         let (body, _) = request_body(&b, &it);
         assert_eq!(body["response_format"]["type"], "json_object");
         let text = body_text(&b, &it, &body);
-        assert!(text.find("\"rationale\":{") < text.find("\"level\":{"), "{text}");
+        assert!(
+            text.find("\"rationale\":{") < text.find("\"level\":{"),
+            "{text}"
+        );
         let b = backend(json!({"constraint": "none"}));
         let (body, _) = request_body(&b, &item());
         assert!(body.get("grammar").is_none() && body.get("response_format").is_none());

@@ -58,7 +58,8 @@
 //!   a real worker on a GPU does.
 //! - `FAKE_REMOTE=1`: say `remote: true` in Hello, as `viva-remote-worker`
 //!   does (its model is on an HTTP server; the scheduler keeps the role
-//!   loaded in every phase).
+//!   loaded in every phase), and report a simulated server's health
+//!   (`Remote` frames) after loading and after each job.
 //!
 //! The worker exits 0 on `Shutdown` (after `Bye`) and when its stdin closes.
 
@@ -241,6 +242,27 @@ impl Worker {
     /// reports after loading and after each call (`Memory`), of a device of
     /// `FAKE_DEVICE_TOTAL_MB` (default 81 559, an H100) that it holds alone.
     fn report_memory(&self) {
+        if env_flag("FAKE_REMOTE") {
+            // As viva-remote-worker reports its server, after the load and
+            // after each call.
+            static REPORTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = REPORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            self.send(&WorkerMessage::Remote {
+                health: viva_models::protocol::RemoteHealth {
+                    url: "http://fake-server.invalid/v1".into(),
+                    model: self.model.clone(),
+                    ok: true,
+                    last_success_unix_ms: Some(now_unix_ms()),
+                    last_failure_unix_ms: None,
+                    last_error: None,
+                    latency_p50_ms: Some(42),
+                    latency_p95_ms: Some(80),
+                    requests: n,
+                    failures: 0,
+                    concurrency: 4,
+                },
+            });
+        }
         let mb = env_ms("FAKE_DEVICE_MEMORY_MB");
         if mb <= 0.0 {
             return;
