@@ -204,7 +204,9 @@ impl RemoteOptions {
         // "fr-CA" → "fr"; "auto" → none (the server detects it).
         o.language = viva_models::language::normalise_language(o.language.as_deref())
             .map_err(Error::Options)?;
-        if o.low_confidence_logprob.is_some_and(|v| !(v <= 0.0)) {
+        if o.low_confidence_logprob
+            .is_some_and(|v| v.is_nan() || v > 0.0)
+        {
             return bad("low_confidence_logprob must be a log-probability (0 or less)".into());
         }
         if o.no_speech_threshold
