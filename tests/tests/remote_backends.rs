@@ -254,8 +254,7 @@ impl FaultServer {
                 std::thread::spawn(move || {
                     let now = f.fetch_add(1, Ordering::SeqCst) + 1;
                     m.fetch_max(now, Ordering::SeqCst);
-                    let _ = serve(conn, &s);
-                    f.fetch_sub(1, Ordering::SeqCst);
+                    let _ = serve(conn, &s, InFlight(&f));
                 });
             }
         });
@@ -288,7 +287,18 @@ impl Drop for FaultServer {
     }
 }
 
-fn serve(conn: TcpStream, seen: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
+/// One request counted in flight until its answer is about to be written
+/// (the client cannot send its next request before that, so the count
+/// never exceeds what the client holds in flight).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn serve(conn: TcpStream, seen: &Mutex<Vec<Seen>>, in_flight: InFlight<'_>) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
@@ -353,12 +363,12 @@ fn serve(conn: TcpStream, seen: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
         )
     } else if body.contains("FAULT_SLOW") {
         std::thread::sleep(Duration::from_secs(3));
-        (200, completion(&valid_answer()))
+        (200, completion(&valid_answer_for(&body)))
     } else if body.contains("FAULT_JUNK") {
         (200, completion("certainly! here is my evaluation: strong"))
     } else if path.ends_with("/chat/completions") {
         std::thread::sleep(Duration::from_millis(150));
-        (200, completion(&valid_answer()))
+        (200, completion(&valid_answer_for(&body)))
     } else if path.ends_with("/audio/transcriptions") {
         (
             200,
@@ -372,12 +382,39 @@ fn serve(conn: TcpStream, seen: &Mutex<Vec<Seen>>) -> std::io::Result<()> {
         (404, "{}".to_owned())
     };
     let mut conn = conn;
+    drop(in_flight);
     write!(
         conn,
         "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
         answer.len()
     )?;
     conn.flush()
+}
+
+/// A valid answer to the request's rubric (read from its schema: each
+/// criterion with its last level), else to this file's rubric.
+fn valid_answer_for(body: &str) -> String {
+    let request: Value = serde_json::from_str(body).unwrap_or_default();
+    let criteria =
+        request["response_format"]["json_schema"]["schema"]["properties"]["ratings"]["prefixItems"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+    if criteria.is_empty() {
+        return valid_answer();
+    }
+    let ratings: Vec<Value> = criteria
+        .iter()
+        .map(|c| {
+            let p = &c["properties"];
+            json!({"criterion_id": p["criterion_id"]["const"],
+                   "evidence": "fake transcript",
+                   "rationale": "it names the topic",
+                   "level": p["level"]["enum"].as_array().and_then(|l| l.last()).cloned()
+                       .unwrap_or_default()})
+        })
+        .collect();
+    json!({"addresses_grader": false, "ratings": ratings}).to_string()
 }
 
 fn valid_answer() -> String {
@@ -684,6 +721,99 @@ fn a_server_that_is_down_or_refuses_the_key_fails_the_load_with_a_reason() {
         }
         other => panic!("expected a load error, got {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_daemon_a_failing_server_fails_only_those_submissions_with_its_reason() {
+    // Evaluator "b" is viva-remote-worker on the fault server; STT and
+    // evaluator "a" are fake local workers. The fake transcript carries the
+    // upload's file name, so its markers reach the server.
+    let server = FaultServer::start();
+    let options: toml::Table = toml::from_str(&format!(
+        "url = \"{}\"\nmodel = \"fault-model\"\napi_key_env = \"VIVA_TEST_REMOTE_KEY\"\n\
+         timeout = \"1s\"\nretries = 2\nbackoff = \"50ms\"\nmax_backoff = \"100ms\"\n",
+        server.url()
+    ))
+    .expect("options");
+    let d = viva_tests::TestDaemon::start(&[("FAKE_STT_FIXED_MS", "50".into())], |c| {
+        c.scheduler.max_attempts = 2;
+        c.scheduler.retry_backoff = Duration::from_millis(100);
+        c.scheduler.swap_work_ratio = 0.0;
+        let b = c.workers.evaluators.get_mut("b").expect("evaluator b");
+        b.command = worker_bin("viva-remote-worker");
+        b.args.clear();
+        b.model = "remote-b".into();
+        b.model_path = PathBuf::new();
+        b.memory_mb = 0;
+        b.options = options;
+        b.env.insert("VIVA_TEST_REMOTE_KEY".into(), KEY.into());
+    })
+    .await;
+    let tok = d.token(viva_daemon::Role::Learner, "student", "sandbox");
+    let mut ids = Vec::new();
+    for name in [
+        "ok-one.wav",
+        "FAULT_500.wav",
+        "FAULT_JUNK.wav",
+        "ok-two.wav",
+    ] {
+        let f = viva_tests::tone(d.dir.path(), name, 0.5);
+        let (status, body) = d.upload(&tok, "sandbox-oral-1", &f).await;
+        assert_eq!(status, 201, "{body}");
+        ids.push(body["id"].as_str().expect("id").to_owned());
+    }
+    let done = d.wait_settled(&ids, Duration::from_secs(120)).await;
+    let base = server.url();
+    for i in [0, 3] {
+        assert_eq!(done[i]["state"], "evaluated", "{}", done[i]);
+        let evals = done[i]["evaluations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            evals
+                .iter()
+                .any(|e| e["role"] == "b" && e["model"] == "remote-b"),
+            "{}",
+            done[i]
+        );
+    }
+    for (i, expected) in [
+        (
+            1,
+            format!(
+                "the evaluation server at {base} returned HTTP 500 Internal Server Error 3 times"
+            ),
+        ),
+        (
+            2,
+            format!(
+                "the evaluation server at {base} answered with something other than the expected JSON"
+            ),
+        ),
+    ] {
+        assert_eq!(done[i]["state"], "failed", "{}", done[i]);
+        let reason = done[i]["failure_reason"].as_str().unwrap_or_default();
+        assert!(reason.contains(&expected), "{reason}");
+        assert!(!reason.contains("SECRET"), "{reason}");
+    }
+    // Each attempt made its three tries: two attempts, six requests.
+    let seen = server.seen();
+    assert_eq!(
+        seen.iter().filter(|s| s.body.contains("FAULT_500")).count(),
+        6
+    );
+    // The remote evaluator stayed one process through it all.
+    let spawned = d
+        .state
+        .scheduler
+        .supervisor
+        .history()
+        .iter()
+        .filter(|e| e.slot == "evaluator:b" && e.event == "spawned")
+        .count();
+    assert_eq!(spawned, 1);
+    d.stop().await;
 }
 
 // ---- real servers ---------------------------------------------------------------

@@ -103,6 +103,18 @@ pub struct RemoteOptions {
     /// confidence (default 0.6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub no_speech_threshold: Option<f32>,
+    /// `verbose_json` (default: segments with their log-probabilities) or
+    /// `json` (text only) for servers without the verbose format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<SttFormat>,
+}
+
+/// The transcription format asked of an STT server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SttFormat {
+    VerboseJson,
+    Json,
 }
 
 fn default_timeout() -> Duration {
@@ -137,7 +149,12 @@ const EVALUATOR_KEYS: [&str; 7] = [
     "rationale_chars",
     "max_transcript_chars",
 ];
-const STT_KEYS: [&str; 3] = ["language", "low_confidence_logprob", "no_speech_threshold"];
+const STT_KEYS: [&str; 4] = [
+    "language",
+    "low_confidence_logprob",
+    "no_speech_threshold",
+    "response_format",
+];
 
 impl RemoteOptions {
     /// Reads and checks the options object of a model spec for a worker of
@@ -234,6 +251,7 @@ impl RemoteOptions {
             WorkerKind::Stt => {
                 o.low_confidence_logprob.get_or_insert(LOW_LOGPROB);
                 o.no_speech_threshold.get_or_insert(HIGH_NO_SPEECH);
+                o.response_format.get_or_insert(SttFormat::VerboseJson);
             }
         }
         o
@@ -353,6 +371,14 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&r).expect("json");
         assert!(v.get("constraint").is_none(), "{r}");
         assert!((v["no_speech_threshold"].as_f64().expect("f") - 0.6).abs() < 1e-6);
+        assert_eq!(v["response_format"], "verbose_json");
+        assert!(
+            check_options(
+                r#"{"url":"https://h/v1","response_format":"text"}"#,
+                WorkerKind::Stt
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use viva_models::language::{WHISPER_LANGUAGES, language_name};
 use viva_models::{Segment, TranscribeRequest, Transcript};
 
 use crate::backend::{Backend, RequestError};
-use crate::options::{HIGH_NO_SPEECH, LOW_LOGPROB};
+use crate::options::{HIGH_NO_SPEECH, LOW_LOGPROB, SttFormat};
 
 #[derive(Deserialize)]
 struct Verbose {
@@ -124,9 +124,13 @@ pub async fn transcribe(
         let mut form = reqwest::multipart::Form::new()
             .part("file", part)
             .text("model", backend.model().to_owned())
-            .text("response_format", "verbose_json")
-            .text("temperature", "0")
-            .text("timestamp_granularities[]", "segment");
+            .text("temperature", "0");
+        form = match backend.options().response_format {
+            Some(SttFormat::Json) => form.text("response_format", "json"),
+            _ => form
+                .text("response_format", "verbose_json")
+                .text("timestamp_granularities[]", "segment"),
+        };
         if let Some(l) = &language {
             form = form.text("language", l.clone());
         }

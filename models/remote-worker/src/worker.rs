@@ -364,11 +364,18 @@ async fn run_job(
                 message: None,
             });
             // Items run side by side; the server's `concurrency` bounds them.
-            let outcomes = futures::future::join_all(
-                req.items
-                    .iter()
-                    .map(|item| evaluate::evaluate_item(backend, role, model_name, item)),
-            )
+            let done = std::sync::atomic::AtomicU64::new(0);
+            let outcomes = futures::future::join_all(req.items.iter().map(|item| async {
+                let outcome = evaluate::evaluate_item(backend, role, model_name, item).await;
+                let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                out.send(&WorkerMessage::Progress {
+                    job_id: job_id.to_owned(),
+                    done: n,
+                    total,
+                    message: None,
+                });
+                outcome
+            }))
             .await;
             let failed = outcomes.iter().filter(|o| o.error.is_some()).count();
             eprintln!(
