@@ -816,7 +816,94 @@ async fn through_the_daemon_a_failing_server_fails_only_those_submissions_with_i
     d.stop().await;
 }
 
+#[test]
+fn viva_doctor_checks_that_each_remote_server_answers() {
+    let server = FaultServer::start();
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let remote = worker_bin("viva-remote-worker");
+    let config = dir.path().join("viva.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"data_dir = "{data}"
+[workers.evaluators.a]
+command = "{remote}"
+model = "down"
+options = {{ url = "http://127.0.0.1:{closed}/v1", connect_timeout = "2s" }}
+[workers.evaluators.b]
+command = "{remote}"
+model = "up"
+env = {{ VIVA_TEST_REMOTE_KEY = "{KEY}" }}
+options = {{ url = "{url}", api_key_env = "VIVA_TEST_REMOTE_KEY" }}
+"#,
+            data = dir.path().join("var").display(),
+            remote = remote.display(),
+            url = server.url(),
+        ),
+    )
+    .expect("config");
+    let doctor = |extra: &[&str]| {
+        let mut cmd = Command::new(viva_tests::viva_bin());
+        process::clean_viva_env(&mut cmd)
+            .arg("--config")
+            .arg(&config)
+            .args(["doctor", "--json"])
+            .args(extra);
+        let o = process::output(&mut cmd, process::SHORT).unwrap_or_else(|e| panic!("{e}"));
+        let report: Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("no JSON ({e}):\n{}", process::text(&o)));
+        let check = |name: &str| {
+            report["checks"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["name"] == name))
+                .cloned()
+                .unwrap_or_else(|| panic!("no {name} check in {report:#}"))
+        };
+        (check("worker:a"), check("worker:b"))
+    };
+    let (a, b) = doctor(&[]);
+    assert_eq!(b["status"], "ok", "{b}");
+    assert!(
+        b["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("answered the handshake")),
+        "{b}"
+    );
+    assert_eq!(a["status"], "fail", "{a}");
+    assert!(
+        a["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("could not be reached")),
+        "{a}"
+    );
+    assert!(!a.to_string().contains("SECRET") && !b.to_string().contains("SECRET"));
+    let (a, b) = doctor(&["--no-load"]);
+    for c in [a, b] {
+        assert_eq!(c["status"], "ok", "{c}");
+        assert!(
+            c["summary"]
+                .as_str()
+                .is_some_and(|s| s.contains("a remote worker")),
+            "{c}"
+        );
+    }
+}
+
 // ---- real servers ---------------------------------------------------------------
+
+/// `$VIVA_CACHE`, else `~/.cache/viva` (where scripts/lib.sh keeps its venvs).
+fn cache_dir() -> PathBuf {
+    std::env::var_os("VIVA_CACHE")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/viva")
+        })
+}
 
 /// The venv of `ensure_remote_servers`, or `None` (and a loud message)
 /// when it is missing and not required.
@@ -824,11 +911,12 @@ fn remote_python() -> Option<PathBuf> {
     let required = std::env::var("VIVA_REQUIRE_REMOTE").is_ok_and(|v| v == "1");
     let python = std::env::var_os("VIVA_REMOTE_PYTHON")
         .map(PathBuf::from)
-        .filter(|p| p.exists());
+        .unwrap_or_else(|| cache_dir().join("remote-venv/bin/python"));
+    let python = Some(python).filter(|p| p.exists());
     if python.is_none() {
-        let msg = "SKIPPED: the OpenAI-compatible test servers are not installed: run \
-                   `source scripts/lib.sh && ensure_remote_servers` (scripts/test does) and set \
-                   VIVA_REMOTE_PYTHON and VIVA_REMOTE_CT2_WHISPER";
+        let msg = "SKIPPED: the OpenAI-compatible test servers are not installed (no \
+                   VIVA_REMOTE_PYTHON, no $VIVA_CACHE/remote-venv): run \
+                   `source scripts/lib.sh && ensure_remote_servers` (scripts/test does)";
         assert!(!required, "VIVA_REQUIRE_REMOTE=1 but {msg}");
         eprintln!("\n*** {msg} ***\n");
     }
@@ -860,7 +948,15 @@ fn real_openai_compatible_servers_transcribe_and_evaluate() {
     let Some(python) = remote_python() else {
         return;
     };
-    let ct2 = std::env::var("VIVA_REMOTE_CT2_WHISPER").expect("VIVA_REMOTE_CT2_WHISPER");
+    let ct2 = std::env::var_os("VIVA_REMOTE_CT2_WHISPER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("ct2-whisper-tiny.en"));
+    assert!(
+        ct2.join("model.bin").is_file(),
+        "{} has no model.bin: run `source scripts/lib.sh && ensure_remote_servers`",
+        ct2.display()
+    );
+    let ct2 = ct2.display().to_string();
     let gguf = model(EVALUATOR_A_MODEL);
     let (whisper_server, whisper_url) = start_server(
         "faster-whisper-server",

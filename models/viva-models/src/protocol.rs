@@ -16,9 +16,15 @@
 //!   ◀──────────────────────────── Progress { job_id, … }*
 //!   ◀──────────────────────────── Result { job_id, result } | Error { job_id, … }
 //!   ◀──────────────────────────── Memory { device }           (on a GPU)
+//!   ◀──────────────────────────── Remote { health }           (a remote worker)
 //!   Shutdown ────────────────────▶
 //!   ◀──────────────────────────── Bye                        (then exit 0)
 //! ```
+//!
+//! A remote worker (`viva-remote-worker`: its model is on an HTTP inference
+//! server) says `remote: true` in Hello, names its concurrency in
+//! `Loaded.max_parallel_jobs` (its options arrive with Load, after Hello),
+//! and reports the server's health after its load check and after each job.
 //!
 //! A worker also exits when its stdin closes and when its parent dies
 //! ([`exit_with_parent`]), so a killed daemon never leaves a model loaded.
