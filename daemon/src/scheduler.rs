@@ -1438,9 +1438,9 @@ impl Scheduler {
                                 .with_label_values(&[&slot])
                                 .set(0);
                         }
-                        if s.remote {
-                            // Not a model load: keep it out of the swap's cost.
-                        } else {
+                        // A remote start loads no model: it stays out of
+                        // the swap's measured cost.
+                        if !s.remote {
                             self.stats.observe_start(s.spec_kind.as_str(), seconds);
                         }
                         if learned {

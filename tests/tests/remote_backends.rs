@@ -676,9 +676,10 @@ fn a_server_that_is_down_or_refuses_the_key_fails_the_load_with_a_reason() {
     match answer {
         WorkerMessage::Error { code, message, .. } => {
             assert_eq!(code, "server_unreachable");
+            // The cause in plain words, not reqwest's "error sending request".
             assert!(
                 message.starts_with(&format!(
-                    "the evaluation server at {url} could not be reached"
+                    "the evaluation server at {url} could not be reached (Connection refused"
                 )),
                 "{message}"
             );

@@ -141,6 +141,20 @@ fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
     sorted.get(i.min(sorted.len() - 1)).copied()
 }
 
+/// The innermost cause of a client error ("Connection refused (os error
+/// 111)"): reqwest's own text ("error sending request for url …") says
+/// less, and the reason names the server already.
+fn root_cause(e: &reqwest::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    if std::ptr::addr_eq(cause, e as &dyn std::error::Error) {
+        return e.to_string();
+    }
+    cause.to_string()
+}
+
 /// An excerpt of a body for a reason: one line, printable, short.
 fn excerpt(text: &str) -> String {
     let one_line: String = text
@@ -276,8 +290,7 @@ impl Backend {
             if e.is_timeout() {
                 Failure::Timeout(timeout)
             } else {
-                // Without the URL: the reason names the server already.
-                Failure::Connect(self.safe(&e.without_url().to_string()))
+                Failure::Connect(self.safe(&root_cause(&e)))
             }
         };
         let response = self.authorised(request).send().await.map_err(classify)?;
