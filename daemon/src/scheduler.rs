@@ -1119,105 +1119,117 @@ impl Scheduler {
                 continue;
             };
             let remote = handle.is_remote();
-            if remote {
-                if in_flight >= handle.max_parallel_jobs().max(1) as usize {
+            // A local evaluator takes one call at a time; a remote one as
+            // many as fill its server's `concurrency` (one request per
+            // submission), sent together.
+            let rounds = if remote {
+                let batch = self.cfg.eval_batch_size.max(1);
+                (handle.max_parallel_jobs().max(1) as usize)
+                    .div_ceil(batch)
+                    .saturating_sub(in_flight)
+            } else if busy >= self.cfg.eval_concurrency || in_flight > 0 {
+                0
+            } else {
+                1
+            };
+            for round in 0..rounds {
+                let ids: Vec<i64> = by_role
+                    .get(&role)
+                    .map(|v| {
+                        v.iter()
+                            .skip(round * self.cfg.eval_batch_size)
+                            .take(self.cfg.eval_batch_size)
+                            .map(|j| j.id)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if ids.is_empty() {
+                    break;
+                }
+                let claimed = self.claim(ids).await?;
+                if claimed.is_empty() {
                     continue;
                 }
-            } else if busy >= self.cfg.eval_concurrency || in_flight > 0 {
-                continue;
-            }
-            let ids: Vec<i64> = by_role
-                .get(&role)
-                .map(|v| {
-                    v.iter()
-                        .take(self.cfg.eval_batch_size)
-                        .map(|j| j.id)
-                        .collect()
-                })
-                .unwrap_or_default();
-            let claimed = self.claim(ids).await?;
-            if claimed.is_empty() {
-                continue;
-            }
-            // Each submission is judged under the assignment version it
-            // records (a rubric edit affects it only through a rescore),
-            // with the instructor's examples for it.
-            let submission_ids: Vec<String> =
-                claimed.iter().map(|c| c.submission_id.clone()).collect();
-            let (assignments, mut exemplars): (
-                HashMap<String, Assignment>,
-                HashMap<String, Vec<viva_models::Exemplar>>,
-            ) = self
-                .store
-                .read(move |c| {
-                    let mut m = HashMap::new();
-                    let mut ex = HashMap::new();
-                    for id in submission_ids {
-                        if let Some(a) = crate::domain::assignment_for_submission(c, &id)? {
-                            ex.extend(crate::calibration::exemplars_for(
-                                c,
-                                &a,
-                                std::slice::from_ref(&id),
-                            )?);
-                            m.insert(id, a);
+                // Each submission is judged under the assignment version it
+                // records (a rubric edit affects it only through a rescore),
+                // with the instructor's examples for it.
+                let submission_ids: Vec<String> =
+                    claimed.iter().map(|c| c.submission_id.clone()).collect();
+                let (assignments, mut exemplars): (
+                    HashMap<String, Assignment>,
+                    HashMap<String, Vec<viva_models::Exemplar>>,
+                ) = self
+                    .store
+                    .read(move |c| {
+                        let mut m = HashMap::new();
+                        let mut ex = HashMap::new();
+                        for id in submission_ids {
+                            if let Some(a) = crate::domain::assignment_for_submission(c, &id)? {
+                                ex.extend(crate::calibration::exemplars_for(
+                                    c,
+                                    &a,
+                                    std::slice::from_ref(&id),
+                                )?);
+                                m.insert(id, a);
+                            }
+                        }
+                        Ok((m, ex))
+                    })
+                    .await?;
+                let mut items = Vec::new();
+                let mut jobs_in_call = Vec::new();
+                for c in claimed {
+                    match (assignments.get(&c.submission_id), &c.transcript) {
+                        (Some(a), Some(t)) => {
+                            items.push(EvaluateItem {
+                                submission_id: c.submission_id.clone(),
+                                assignment_prompt: a.prompt.clone(),
+                                rubric: a.rubric.clone(),
+                                transcript: t.text.clone(),
+                                exemplars: exemplars.remove(&c.submission_id).unwrap_or_default(),
+                                // The instructor's language, else what Whisper
+                                // heard (an English-only model always says "en").
+                                language: a.language.clone().or_else(|| t.language.clone()),
+                            });
+                            jobs_in_call.push(c);
+                        }
+                        _ => {
+                            tracing::warn!(submission = %c.submission_id, assignment = %c.assignment_id,
+                                "an evaluation job lost its assignment or transcript");
+                            let instance = self.instance.clone();
+                            let max = self.cfg.max_attempts;
+                            self.store
+                                .write(move |tx| {
+                                    jobs::fail_job(
+                                        tx,
+                                        c.job_id,
+                                        &instance,
+                                        "its assignment or transcript is missing",
+                                        false,
+                                        max,
+                                        0,
+                                    )
+                                })
+                                .await?;
                         }
                     }
-                    Ok((m, ex))
-                })
-                .await?;
-            let mut items = Vec::new();
-            let mut jobs_in_call = Vec::new();
-            for c in claimed {
-                match (assignments.get(&c.submission_id), &c.transcript) {
-                    (Some(a), Some(t)) => {
-                        items.push(EvaluateItem {
-                            submission_id: c.submission_id.clone(),
-                            assignment_prompt: a.prompt.clone(),
-                            rubric: a.rubric.clone(),
-                            transcript: t.text.clone(),
-                            exemplars: exemplars.remove(&c.submission_id).unwrap_or_default(),
-                            // The instructor's language, else what Whisper
-                            // heard (an English-only model always says "en").
-                            language: a.language.clone().or_else(|| t.language.clone()),
-                        });
-                        jobs_in_call.push(c);
-                    }
-                    _ => {
-                        tracing::warn!(submission = %c.submission_id, assignment = %c.assignment_id,
-                            "an evaluation job lost its assignment or transcript");
-                        let instance = self.instance.clone();
-                        let max = self.cfg.max_attempts;
-                        self.store
-                            .write(move |tx| {
-                                jobs::fail_job(
-                                    tx,
-                                    c.job_id,
-                                    &instance,
-                                    "its assignment or transcript is missing",
-                                    false,
-                                    max,
-                                    0,
-                                )
-                            })
-                            .await?;
-                    }
                 }
+                if items.is_empty() {
+                    continue;
+                }
+                if let Some(s) = self.slots.get_mut(&slot) {
+                    s.in_flight += 1;
+                }
+                if !remote {
+                    busy += 1;
+                }
+                self.spawn_call(
+                    slot.clone(),
+                    handle.clone(),
+                    jobs_in_call,
+                    JobPayload::Evaluate(EvaluateRequest { items }),
+                );
             }
-            if items.is_empty() {
-                continue;
-            }
-            if let Some(s) = self.slots.get_mut(&slot) {
-                s.in_flight += 1;
-            }
-            if !remote {
-                busy += 1;
-            }
-            self.spawn_call(
-                slot,
-                handle,
-                jobs_in_call,
-                JobPayload::Evaluate(EvaluateRequest { items }),
-            );
         }
         Ok(())
     }

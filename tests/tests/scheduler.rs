@@ -662,3 +662,59 @@ async fn a_remote_stt_worker_makes_two_phase_pipelined() {
     }
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_evaluator_has_its_own_concurrency_not_eval_concurrency() {
+    // eval_concurrency = 1 holds the local evaluator "a" to one call; the
+    // remote "b" (max_parallel_jobs 3, as its `concurrency` would say) runs
+    // up to three calls of eval_batch_size = 1 at once beside it.
+    let d = TestDaemon::start(
+        &[
+            ("FAKE_STT_FIXED_MS", ms(50)),
+            ("FAKE_EVAL_FIXED_MS", ms(400)),
+        ],
+        |c| {
+            c.scheduler.stt_batch_size = 6;
+            c.scheduler.min_batch_wait = Duration::from_secs(2);
+            c.scheduler.eval_concurrency = 1;
+            c.scheduler.eval_batch_size = 1;
+            c.scheduler.swap_work_ratio = 0.0;
+            if let Some(b) = c.workers.evaluators.get_mut("b") {
+                b.env.insert("FAKE_REMOTE".into(), "1".into());
+                b.args.extend(["--max-parallel".into(), "3".into()]);
+            }
+        },
+    )
+    .await;
+    let names: Vec<String> = (0..6).map(|i| format!("k{i}.wav")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let ids = upload_all(&d, &names, 0.5).await;
+    let subs = d.wait_settled(&ids, Duration::from_secs(90)).await;
+    assert!(subs.iter().all(|s| s["state"] == "evaluated"), "{subs:?}");
+    let ev = d.fake_events();
+    let of_role = |role: &str| {
+        events_of(
+            &ev.iter()
+                .filter(|e| e["role"] == role)
+                .cloned()
+                .collect::<Vec<_>>(),
+            "evaluator",
+        )
+        .into_iter()
+        .map(|(j, s)| (j.to_owned(), s))
+        .collect::<Vec<_>>()
+    };
+    let a = of_role("a");
+    let b = of_role("b");
+    assert_eq!(
+        max_overlap(a.iter().map(|(j, s)| (j.as_str(), *s))),
+        1,
+        "eval_concurrency = 1 holds the local evaluator"
+    );
+    let b_max = max_overlap(b.iter().map(|(j, s)| (j.as_str(), *s)));
+    assert_eq!(
+        b_max, 3,
+        "the remote evaluator runs its own 3 calls at once (dispatched together)"
+    );
+    d.stop().await;
+}
