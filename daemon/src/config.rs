@@ -350,7 +350,9 @@ pub struct WorkerConfig {
     pub env: std::collections::BTreeMap<String, String>,
     /// Model name shown to users and stored with results.
     pub model: String,
-    /// Model file.
+    /// Model file. Not needed by a remote worker (`viva-remote-worker`),
+    /// whose model is on the server named in its options.
+    #[serde(default)]
     pub model_path: PathBuf,
     /// Backend options passed to the worker (threads, gpu_layers, …).
     #[serde(default)]

@@ -742,7 +742,10 @@ async fn worker_check(
         );
     }
     let model = &worker.model_path;
+    // No model_path: a remote worker (its server is in its options); the
+    // load check below starts it, and it checks that its server answers.
     let size = match std::fs::metadata(model) {
+        _ if model.as_os_str().is_empty() => 0,
         Ok(m) if m.is_file() => m.len(),
         Ok(_) => {
             return Check::fail(
@@ -762,6 +765,28 @@ async fn worker_check(
         }
     };
     let mib = |b: u64| b / (1024 * 1024);
+    if !load && model.as_os_str().is_empty() {
+        return match last_error {
+            Some(e) => Check::fail(
+                name,
+                format!(
+                    "{}: the daemon's last start of it failed: {e}",
+                    worker.model
+                ),
+                format!(
+                    "fix its server or its options under {section} in {file}, then `viva workers retry {}`",
+                    role.unwrap_or("stt")
+                ),
+            ),
+            None => Check::ok(
+                name,
+                format!(
+                    "{} has no model file here (a remote worker: its server is in its options); not started in this run",
+                    worker.model
+                ),
+            ),
+        };
+    }
     if !load {
         if let Some(e) = last_error {
             return Check::fail(

@@ -263,6 +263,14 @@ struct Slot {
     next_start_ms: i64,
     idle_since: Instant,
     last_error: Option<String>,
+    /// The slot's worker said `remote` in its Hello (learned at its first
+    /// start, then kept): its model is on an inference server, so the slot
+    /// is always loaded — started whenever it is down, never stopped by a
+    /// phase switch or for idleness, dispatched to in every phase, bounded
+    /// by its own `concurrency` (the worker's `max_parallel_jobs`) instead
+    /// of `stt_concurrency`/`eval_concurrency`, and never counted against
+    /// the GPU memory budget.
+    remote: bool,
 }
 
 enum Event {
@@ -579,6 +587,7 @@ impl Scheduler {
         }
         // A decision can unlock another (batch finished → evaluation), so
         // repeat until nothing changes, bounded.
+        self.start_slots(|s| s.remote);
         for _ in 0..4 {
             let (pending, batch) = self.store.read(jobs::load_pending).await?;
             self.batch = batch;
@@ -598,6 +607,16 @@ impl Scheduler {
 
     async fn step_two_phase(&mut self, pending: &[PendingJob]) -> Result<bool> {
         let now = now_ms();
+        // Remote evaluator roles are served in every phase and take no
+        // part in the phase decision (a remote STT slot makes the policy
+        // pipelined, see `remote_policy`).
+        let remote_evals: Vec<&PendingJob> = pending
+            .iter()
+            .filter(|j| j.stage == Stage::Eval && self.is_remote_role(&j.role))
+            .collect();
+        if !remote_evals.is_empty() {
+            self.dispatch_evals(&remote_evals).await?;
+        }
         // A role that cannot start holds nothing up: while its breaker is
         // open (and no probe is due) its jobs are left out of the decision,
         // so the other phase and the other roles keep being served.
@@ -672,7 +691,9 @@ impl Scheduler {
         let eval_pending: Vec<&PendingJob> = pending
             .iter()
             .filter(|j| {
-                j.stage == Stage::Eval && !self.paused(&format!("evaluator:{}", j.role), now)
+                j.stage == Stage::Eval
+                    && !self.paused(&format!("evaluator:{}", j.role), now)
+                    && !self.is_remote_role(&j.role)
             })
             .collect();
         let waiting: Vec<&PendingJob> = pending
@@ -762,7 +783,9 @@ impl Scheduler {
         self.slots
             .values()
             .find(|s| {
-                s.in_flight > 0 || matches!(s.state, SlotState::Ready(_) | SlotState::Starting)
+                !s.remote
+                    && (s.in_flight > 0
+                        || matches!(s.state, SlotState::Ready(_) | SlotState::Starting))
             })
             .map(|s| s.spec_kind)
     }
@@ -881,7 +904,10 @@ impl Scheduler {
     fn ensure_only(&mut self, kind: WorkerKind) -> bool {
         let names: Vec<String> = self.slots.keys().cloned().collect();
         let switching = self.slots.values().any(|s| {
-            s.spec_kind != kind && s.in_flight == 0 && matches!(s.state, SlotState::Ready(_))
+            s.spec_kind != kind
+                && !s.remote
+                && s.in_flight == 0
+                && matches!(s.state, SlotState::Ready(_))
         });
         if switching {
             self.begin_swap_record(kind);
@@ -890,7 +916,7 @@ impl Scheduler {
             let Some(slot) = self.slots.get_mut(name) else {
                 continue;
             };
-            if slot.spec_kind == kind || slot.in_flight > 0 {
+            if slot.spec_kind == kind || slot.in_flight > 0 || slot.remote {
                 continue;
             }
             if let SlotState::Ready(h) = &slot.state {
@@ -914,11 +940,11 @@ impl Scheduler {
             WorkerKind::Stt => WorkerKind::Evaluator,
             WorkerKind::Evaluator => WorkerKind::Stt,
         };
-        let others_alive = self.supervisor.alive(other) > 0
+        let others_alive = self.supervisor.alive_local(other) > 0
             || self
                 .slots
                 .values()
-                .any(|s| s.spec_kind == other && !matches!(s.state, SlotState::Down));
+                .any(|s| s.spec_kind == other && !s.remote && !matches!(s.state, SlotState::Down));
         if others_alive {
             return false;
         }
@@ -927,10 +953,15 @@ impl Scheduler {
     }
 
     fn ensure_started(&mut self, kind: WorkerKind) {
+        self.start_slots(|s| s.spec_kind == kind);
+    }
+
+    /// Starts the slots `pick` chooses that are down and due.
+    fn start_slots(&mut self, pick: impl Fn(&Slot) -> bool) {
         let now = now_ms();
         let mut earliest: Option<i64> = None;
         for (name, slot) in self.slots.iter_mut() {
-            if slot.spec_kind != kind || !matches!(slot.state, SlotState::Down) {
+            if !pick(slot) || !matches!(slot.state, SlotState::Down) {
                 continue;
             }
             if now < slot.next_start_ms {
@@ -955,6 +986,31 @@ impl Scheduler {
         }
         if let Some(t) = earliest {
             self.wake_at(t);
+        }
+    }
+
+    /// Whether `role`'s evaluator is known to be remote.
+    fn is_remote_role(&self, role: &str) -> bool {
+        self.slots
+            .get(&format!("evaluator:{role}"))
+            .is_some_and(|s| s.remote)
+    }
+
+    /// Two-phase exists so that STT and the evaluators never hold the GPU
+    /// together; when either side is wholly remote there is nothing to
+    /// keep apart, and the policy is pipelined.
+    fn remote_policy(&self, policy: Policy) -> Policy {
+        let stt_remote = self.slots.get("stt").is_some_and(|s| s.remote);
+        let mut evals = self
+            .slots
+            .values()
+            .filter(|s| s.spec_kind == WorkerKind::Evaluator)
+            .peekable();
+        let evals_remote = evals.peek().is_some() && evals.all(|s| s.remote);
+        if policy == Policy::TwoPhase && (stt_remote || evals_remote) {
+            Policy::Pipelined
+        } else {
+            policy
         }
     }
 
@@ -983,11 +1039,13 @@ impl Scheduler {
         let Some((slot, handle, in_flight)) = self.ready_slot(WorkerKind::Stt, None) else {
             return Ok(());
         };
-        let capacity = self
-            .cfg
-            .stt_concurrency
-            .min(handle.max_parallel_jobs().max(1) as usize)
-            .saturating_sub(in_flight);
+        let parallel = handle.max_parallel_jobs().max(1) as usize;
+        let limit = if handle.is_remote() {
+            parallel
+        } else {
+            self.cfg.stt_concurrency.min(parallel)
+        };
+        let capacity = limit.saturating_sub(in_flight);
         if capacity == 0 {
             return Ok(());
         }
@@ -1025,10 +1083,11 @@ impl Scheduler {
 
     async fn dispatch_evals(&mut self, candidates: &[&PendingJob]) -> Result<()> {
         let now = now_ms();
+        // Busy local evaluators; remote ones have their own limit.
         let mut busy = self
             .slots
             .values()
-            .filter(|s| s.spec_kind == WorkerKind::Evaluator && s.in_flight > 0)
+            .filter(|s| s.spec_kind == WorkerKind::Evaluator && s.in_flight > 0 && !s.remote)
             .count();
         // Roles whose oldest ready job is oldest go first (fair alternation
         // when eval_concurrency is below the number of roles).
@@ -1054,107 +1113,123 @@ impl Scheduler {
             .collect();
         order.sort_by_key(|(r, t)| (*t, r.clone()));
         for (role, _) in order {
-            if busy >= self.cfg.eval_concurrency {
-                break;
-            }
             let Some((slot, handle, in_flight)) =
                 self.ready_slot(WorkerKind::Evaluator, Some(&role))
             else {
                 continue;
             };
-            if in_flight > 0 {
-                continue;
-            }
-            let ids: Vec<i64> = by_role
-                .get(&role)
-                .map(|v| {
-                    v.iter()
-                        .take(self.cfg.eval_batch_size)
-                        .map(|j| j.id)
-                        .collect()
-                })
-                .unwrap_or_default();
-            let claimed = self.claim(ids).await?;
-            if claimed.is_empty() {
-                continue;
-            }
-            // Each submission is judged under the assignment version it
-            // records (a rubric edit affects it only through a rescore),
-            // with the instructor's examples for it.
-            let submission_ids: Vec<String> =
-                claimed.iter().map(|c| c.submission_id.clone()).collect();
-            let (assignments, mut exemplars): (
-                HashMap<String, Assignment>,
-                HashMap<String, Vec<viva_models::Exemplar>>,
-            ) = self
-                .store
-                .read(move |c| {
-                    let mut m = HashMap::new();
-                    let mut ex = HashMap::new();
-                    for id in submission_ids {
-                        if let Some(a) = crate::domain::assignment_for_submission(c, &id)? {
-                            ex.extend(crate::calibration::exemplars_for(
-                                c,
-                                &a,
-                                std::slice::from_ref(&id),
-                            )?);
-                            m.insert(id, a);
+            let remote = handle.is_remote();
+            // A local evaluator takes one call at a time; a remote one as
+            // many as fill its server's `concurrency` (one request per
+            // submission), sent together.
+            let rounds = if remote {
+                let batch = self.cfg.eval_batch_size.max(1);
+                (handle.max_parallel_jobs().max(1) as usize)
+                    .div_ceil(batch)
+                    .saturating_sub(in_flight)
+            } else if busy >= self.cfg.eval_concurrency || in_flight > 0 {
+                0
+            } else {
+                1
+            };
+            for round in 0..rounds {
+                let ids: Vec<i64> = by_role
+                    .get(&role)
+                    .map(|v| {
+                        v.iter()
+                            .skip(round * self.cfg.eval_batch_size)
+                            .take(self.cfg.eval_batch_size)
+                            .map(|j| j.id)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if ids.is_empty() {
+                    break;
+                }
+                let claimed = self.claim(ids).await?;
+                if claimed.is_empty() {
+                    continue;
+                }
+                // Each submission is judged under the assignment version it
+                // records (a rubric edit affects it only through a rescore),
+                // with the instructor's examples for it.
+                let submission_ids: Vec<String> =
+                    claimed.iter().map(|c| c.submission_id.clone()).collect();
+                let (assignments, mut exemplars): (
+                    HashMap<String, Assignment>,
+                    HashMap<String, Vec<viva_models::Exemplar>>,
+                ) = self
+                    .store
+                    .read(move |c| {
+                        let mut m = HashMap::new();
+                        let mut ex = HashMap::new();
+                        for id in submission_ids {
+                            if let Some(a) = crate::domain::assignment_for_submission(c, &id)? {
+                                ex.extend(crate::calibration::exemplars_for(
+                                    c,
+                                    &a,
+                                    std::slice::from_ref(&id),
+                                )?);
+                                m.insert(id, a);
+                            }
+                        }
+                        Ok((m, ex))
+                    })
+                    .await?;
+                let mut items = Vec::new();
+                let mut jobs_in_call = Vec::new();
+                for c in claimed {
+                    match (assignments.get(&c.submission_id), &c.transcript) {
+                        (Some(a), Some(t)) => {
+                            items.push(EvaluateItem {
+                                submission_id: c.submission_id.clone(),
+                                assignment_prompt: a.prompt.clone(),
+                                rubric: a.rubric.clone(),
+                                transcript: t.text.clone(),
+                                exemplars: exemplars.remove(&c.submission_id).unwrap_or_default(),
+                                // The instructor's language, else what Whisper
+                                // heard (an English-only model always says "en").
+                                language: a.language.clone().or_else(|| t.language.clone()),
+                            });
+                            jobs_in_call.push(c);
+                        }
+                        _ => {
+                            tracing::warn!(submission = %c.submission_id, assignment = %c.assignment_id,
+                                "an evaluation job lost its assignment or transcript");
+                            let instance = self.instance.clone();
+                            let max = self.cfg.max_attempts;
+                            self.store
+                                .write(move |tx| {
+                                    jobs::fail_job(
+                                        tx,
+                                        c.job_id,
+                                        &instance,
+                                        "its assignment or transcript is missing",
+                                        false,
+                                        max,
+                                        0,
+                                    )
+                                })
+                                .await?;
                         }
                     }
-                    Ok((m, ex))
-                })
-                .await?;
-            let mut items = Vec::new();
-            let mut jobs_in_call = Vec::new();
-            for c in claimed {
-                match (assignments.get(&c.submission_id), &c.transcript) {
-                    (Some(a), Some(t)) => {
-                        items.push(EvaluateItem {
-                            submission_id: c.submission_id.clone(),
-                            assignment_prompt: a.prompt.clone(),
-                            rubric: a.rubric.clone(),
-                            transcript: t.text.clone(),
-                            exemplars: exemplars.remove(&c.submission_id).unwrap_or_default(),
-                            // The instructor's language, else what Whisper
-                            // heard (an English-only model always says "en").
-                            language: a.language.clone().or_else(|| t.language.clone()),
-                        });
-                        jobs_in_call.push(c);
-                    }
-                    _ => {
-                        tracing::warn!(submission = %c.submission_id, assignment = %c.assignment_id,
-                            "an evaluation job lost its assignment or transcript");
-                        let instance = self.instance.clone();
-                        let max = self.cfg.max_attempts;
-                        self.store
-                            .write(move |tx| {
-                                jobs::fail_job(
-                                    tx,
-                                    c.job_id,
-                                    &instance,
-                                    "its assignment or transcript is missing",
-                                    false,
-                                    max,
-                                    0,
-                                )
-                            })
-                            .await?;
-                    }
                 }
+                if items.is_empty() {
+                    continue;
+                }
+                if let Some(s) = self.slots.get_mut(&slot) {
+                    s.in_flight += 1;
+                }
+                if !remote {
+                    busy += 1;
+                }
+                self.spawn_call(
+                    slot.clone(),
+                    handle.clone(),
+                    jobs_in_call,
+                    JobPayload::Evaluate(EvaluateRequest { items }),
+                );
             }
-            if items.is_empty() {
-                continue;
-            }
-            if let Some(s) = self.slots.get_mut(&slot) {
-                s.in_flight += 1;
-            }
-            busy += 1;
-            self.spawn_call(
-                slot,
-                handle,
-                jobs_in_call,
-                JobPayload::Evaluate(EvaluateRequest { items }),
-            );
         }
         Ok(())
     }
@@ -1361,7 +1436,9 @@ impl Scheduler {
                 };
                 match result {
                     Ok(h) => {
-                        tracing::info!(%slot, pid = h.pid(), load_ms = h.load_ms(), "worker ready");
+                        tracing::info!(%slot, pid = h.pid(), load_ms = h.load_ms(), remote = h.is_remote(), "worker ready");
+                        let learned = h.is_remote() && !s.remote;
+                        s.remote = h.is_remote();
                         s.state = SlotState::Ready(h);
                         s.idle_since = Instant::now();
                         s.last_error = None;
@@ -1373,7 +1450,19 @@ impl Scheduler {
                                 .with_label_values(&[&slot])
                                 .set(0);
                         }
-                        self.stats.observe_start(s.spec_kind.as_str(), seconds);
+                        // A remote start loads no model: it stays out of
+                        // the swap's measured cost.
+                        if !s.remote {
+                            self.stats.observe_start(s.spec_kind.as_str(), seconds);
+                        }
+                        if learned {
+                            let policy = self.remote_policy(self.policy);
+                            if policy != self.policy {
+                                tracing::info!(%slot, ?policy, "a remote worker leaves nothing to keep apart on the GPU: the policy is pipelined");
+                                self.policy = policy;
+                            }
+                            self.notify.notify_one();
+                        }
                     }
                     Err(e) => {
                         s.failures += 1;
@@ -1662,7 +1751,7 @@ impl Scheduler {
             return;
         }
         for (name, slot) in self.slots.iter_mut() {
-            if slot.in_flight > 0 {
+            if slot.in_flight > 0 || slot.remote {
                 continue;
             }
             if let SlotState::Ready(h) = &slot.state {
@@ -1772,6 +1861,7 @@ impl Scheduler {
             let total: u64 = self
                 .slots
                 .iter()
+                .filter(|(_, s)| !s.remote)
                 .map(|(name, s)| {
                     self.measured_mb
                         .get(name)
@@ -1780,11 +1870,11 @@ impl Scheduler {
                 })
                 .sum();
             let budget = self.cfg.gpu_memory_budget_mb;
-            let policy = if budget > 0 && total <= budget {
+            let policy = self.remote_policy(if budget > 0 && total <= budget {
                 Policy::Pipelined
             } else {
                 Policy::TwoPhase
-            };
+            });
             if policy != self.policy {
                 tracing::info!(
                     total_mb = total,
@@ -1974,6 +2064,7 @@ impl Slot {
             next_start_ms: 0,
             idle_since: Instant::now(),
             last_error: None,
+            remote: false,
         }
     }
 

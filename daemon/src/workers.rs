@@ -28,7 +28,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -225,6 +225,12 @@ pub struct ProcessInfo {
     /// The GPU memory the worker last reported holding (measured by NVML
     /// after its load and after each call; only a worker on a GPU reports).
     pub device_memory: Option<viva_models::device::DeviceMemory>,
+    /// The worker's model is on an inference server it calls over HTTP
+    /// (its Hello said `remote`): the scheduler keeps it in every phase.
+    pub remote: bool,
+    /// A remote worker's server: health and latency, as last reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_health: Option<viva_models::protocol::RemoteHealth>,
 }
 
 /// Something that happened to a worker process.
@@ -287,6 +293,7 @@ struct WorkerState {
     load_ms: Option<u64>,
     model_memory_bytes: Option<u64>,
     device_memory: Option<viva_models::device::DeviceMemory>,
+    remote_health: Option<viva_models::protocol::RemoteHealth>,
     exit_status: Option<String>,
 }
 
@@ -302,6 +309,8 @@ struct Worker {
     started: Instant,
     stop_grace: Duration,
     max_parallel_jobs: AtomicU32,
+    /// Set from the worker's Hello.
+    remote: AtomicBool,
     next_job: AtomicU64,
     state: Mutex<WorkerState>,
     /// Frames for the writer task; `None` once stdin is (being) closed.
@@ -431,6 +440,7 @@ impl Supervisor {
             started: Instant::now(),
             stop_grace: self.inner.timeouts.stop_grace,
             max_parallel_jobs: AtomicU32::new(1),
+            remote: AtomicBool::new(false),
             next_job: AtomicU64::new(0),
             state: Mutex::new(WorkerState {
                 phase: Phase::Starting,
@@ -441,6 +451,7 @@ impl Supervisor {
                 load_ms: None,
                 model_memory_bytes: None,
                 device_memory: None,
+                remote_health: None,
                 exit_status: None,
             }),
             frames: Mutex::new(Some(frames_tx)),
@@ -573,6 +584,7 @@ impl Supervisor {
             worker: program,
             pid: their_pid,
             max_parallel_jobs,
+            remote,
         } = first
         else {
             return Err(StartFailure::Error(WorkerError::Handshake(format!(
@@ -600,7 +612,8 @@ impl Supervisor {
         worker
             .max_parallel_jobs
             .store(max_parallel_jobs.max(1), Ordering::Relaxed);
-        tracing::debug!(slot = %worker.slot, pid = worker.pid, %program, max_parallel_jobs, "worker said hello");
+        worker.remote.store(remote, Ordering::Relaxed);
+        tracing::debug!(slot = %worker.slot, pid = worker.pid, %program, max_parallel_jobs, remote, "worker said hello");
 
         let hello = DaemonMessage::Hello {
             protocol: PROTOCOL_VERSION,
@@ -640,8 +653,14 @@ impl Supervisor {
                 Ok(Some(Control::Frame(WorkerMessage::Loaded {
                     load_ms,
                     memory_bytes,
+                    max_parallel_jobs,
                     ..
-                }))) => return Ok((load_ms, memory_bytes)),
+                }))) => {
+                    if let Some(n) = max_parallel_jobs {
+                        worker.max_parallel_jobs.store(n.max(1), Ordering::Relaxed);
+                    }
+                    return Ok((load_ms, memory_bytes));
+                }
                 Ok(Some(Control::Frame(WorkerMessage::Error { code, message, .. }))) => {
                     return Err(StartFailure::Error(WorkerError::Load(format!(
                         "model {}: {code}: {message}",
@@ -672,6 +691,16 @@ impl Supervisor {
             .workers
             .iter()
             .filter(|w| w.kind == kind)
+            .count()
+    }
+
+    /// Like [`Supervisor::alive`], without the remote workers (whose models
+    /// hold no memory here): what a phase switch waits for.
+    pub fn alive_local(&self, kind: WorkerKind) -> usize {
+        lock(&self.inner.table)
+            .workers
+            .iter()
+            .filter(|w| w.kind == kind && !w.remote.load(Ordering::Relaxed))
             .count()
     }
 
@@ -759,7 +788,15 @@ impl Worker {
     }
 
     fn info(&self) -> ProcessInfo {
-        let (state, jobs_done, in_flight, load_ms, model_memory_bytes, device_memory) = {
+        let (
+            state,
+            jobs_done,
+            in_flight,
+            load_ms,
+            model_memory_bytes,
+            device_memory,
+            remote_health,
+        ) = {
             let st = lock(&self.state);
             (
                 self.phase_name(&st),
@@ -768,6 +805,7 @@ impl Worker {
                 st.load_ms,
                 st.model_memory_bytes,
                 st.device_memory.clone(),
+                st.remote_health.clone(),
             )
         };
         let (peak_rss_bytes, rss_bytes) = proc_memory(self.pid);
@@ -789,6 +827,8 @@ impl Worker {
             memory_mb: self.memory_mb,
             model_memory_bytes,
             device_memory,
+            remote: self.remote.load(Ordering::Relaxed),
+            remote_health,
         }
     }
 
@@ -860,6 +900,9 @@ impl Worker {
             ),
             WorkerMessage::Memory { device } => {
                 lock(&self.state).device_memory = Some(device);
+            }
+            WorkerMessage::Remote { health } => {
+                lock(&self.state).remote_health = Some(health);
             }
             WorkerMessage::Progress {
                 job_id,
@@ -939,6 +982,7 @@ fn message_type(msg: &WorkerMessage) -> &'static str {
         WorkerMessage::Hello { .. } => "hello",
         WorkerMessage::Loaded { .. } => "loaded",
         WorkerMessage::Memory { .. } => "memory",
+        WorkerMessage::Remote { .. } => "remote",
         WorkerMessage::Progress { .. } => "progress",
         WorkerMessage::Result { .. } => "result",
         WorkerMessage::Error { .. } => "error",
@@ -967,9 +1011,15 @@ impl WorkerHandle {
         &self.worker.model
     }
 
-    /// From the worker's Hello (at least 1).
+    /// From the worker's Hello, or its Loaded when that names it (at
+    /// least 1).
     pub fn max_parallel_jobs(&self) -> u32 {
         self.worker.max_parallel_jobs.load(Ordering::Relaxed)
+    }
+
+    /// Whether the worker's model is on a remote server (its Hello said so).
+    pub fn is_remote(&self) -> bool {
+        self.worker.remote.load(Ordering::Relaxed)
     }
 
     /// As the worker reported it in `Loaded`.

@@ -191,6 +191,7 @@ fn the_debian_package_installs_a_hardened_service_and_its_doctor_finds_each_faul
         ("usr/bin/viva", true),
         ("usr/bin/viva-whisper-worker", true),
         ("usr/bin/viva-llama-worker", true),
+        ("usr/bin/viva-remote-worker", true),
         ("etc/viva/viva.toml", false),
         ("usr/lib/systemd/system/viva.service", false),
         ("usr/share/doc/viva/deploy.md", false),

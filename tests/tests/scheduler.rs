@@ -526,3 +526,195 @@ async fn measured_gpu_memory_drives_auto_and_records_each_switch() {
     );
     d.stop().await;
 }
+
+/// Spawns per slot, and whether a process of a slot `a` picks was ever
+/// alive with one of a slot `b` picks (from the supervisor's history).
+fn slot_profile(
+    d: &TestDaemon,
+    a: impl Fn(&str) -> bool,
+    b: impl Fn(&str) -> bool,
+) -> (HashMap<String, usize>, bool) {
+    let mut alive: HashMap<u32, String> = HashMap::new();
+    let mut spawns: HashMap<String, usize> = HashMap::new();
+    let mut together = false;
+    for e in d.state.scheduler.supervisor.history() {
+        match e.event {
+            "spawned" => {
+                *spawns.entry(e.slot.clone()).or_default() += 1;
+                alive.insert(e.pid, e.slot.clone());
+            }
+            "exited" => {
+                alive.remove(&e.pid);
+            }
+            _ => {}
+        }
+        together |= alive.values().any(|s| a(s)) && alive.values().any(|s| b(s));
+    }
+    (spawns, together)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_evaluator_stays_loaded_through_phase_switches() {
+    // Evaluator "b" says `remote` in its Hello (as viva-remote-worker
+    // does): two-phase still keeps STT and the local evaluator "a" apart,
+    // while "b" is started once and served in every phase.
+    let d = TestDaemon::start(
+        &[
+            ("FAKE_STT_FIXED_MS", ms(300)),
+            ("FAKE_EVAL_FIXED_MS", ms(150)),
+        ],
+        |c| {
+            c.scheduler.stt_batch_size = 2;
+            c.scheduler.swap_work_ratio = 0.0;
+            if let Some(b) = c.workers.evaluators.get_mut("b") {
+                b.env.insert("FAKE_REMOTE".into(), "1".into());
+                b.memory_mb = 0;
+            }
+        },
+    )
+    .await;
+    let ids = upload_all(&d, &["r1.wav", "r2.wav", "r3.wav", "r4.wav"], 0.5).await;
+    let subs = d.wait_settled(&ids, Duration::from_secs(90)).await;
+    let (spawns, local_together) = slot_profile(&d, |s| s == "stt", |s| s == "evaluator:a");
+    assert!(
+        !local_together,
+        "the local evaluator was alive with the STT worker: {spawns:?}"
+    );
+    assert_eq!(
+        spawns.get("evaluator:b"),
+        Some(&1),
+        "the remote evaluator is started once and never stopped by a switch: {spawns:?}"
+    );
+    let (_, remote_together) = slot_profile(&d, |s| s == "stt", |s| s == "evaluator:b");
+    assert!(
+        remote_together,
+        "the remote evaluator stayed loaded while STT ran: {spawns:?}"
+    );
+    let switches = d
+        .state
+        .scheduler
+        .phase_history()
+        .iter()
+        .filter(|p| p.phase == "stt")
+        .count();
+    assert!(switches >= 2, "two batches → two STT phases ({switches})");
+    let snap = d.state.scheduler.snapshot();
+    assert_eq!(snap.policy, "two-phase");
+    let b = snap
+        .workers
+        .iter()
+        .find(|p| p.slot == "evaluator:b")
+        .expect("the remote evaluator is still running");
+    assert!(b.remote);
+    // The admin view: the remote role's server, health and latency.
+    let admin = d.token(Role::Admin, "root", "sandbox");
+    let (status, sys) = d.get(&admin, "/api/v1/admin/system").await;
+    assert_eq!(status, 200, "{sys}");
+    let models = sys["models"].as_array().expect("models");
+    let row = |role: &str| {
+        models
+            .iter()
+            .find(|m| m["role"] == role)
+            .unwrap_or_else(|| panic!("no row for {role}: {sys}"))
+    };
+    let remote = &row("b")["remote"];
+    assert_eq!(remote["url"], "http://fake-server.invalid/v1", "{sys}");
+    assert_eq!(remote["ok"], true);
+    assert_eq!(remote["latency_p50_ms"], 42);
+    assert!(
+        remote["requests"].as_u64().is_some_and(|n| n >= 2),
+        "{remote}"
+    );
+    assert!(row("a")["remote"].is_null(), "{sys}");
+    for s in &subs {
+        assert_eq!(s["state"], "evaluated", "{s}");
+        assert_eq!(s["evaluations"].as_array().map(Vec::len), Some(2), "{s}");
+    }
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_stt_worker_makes_two_phase_pipelined() {
+    // With speech to text on a server, nothing on this GPU needs keeping
+    // apart: the scheduler runs pipelined and never stops the STT worker.
+    let d = TestDaemon::start(
+        &[
+            ("FAKE_STT_FIXED_MS", ms(300)),
+            ("FAKE_EVAL_FIXED_MS", ms(150)),
+        ],
+        |c| {
+            c.scheduler.stt_batch_size = 2;
+            c.scheduler.swap_work_ratio = 0.0;
+            if let Some(stt) = c.workers.stt.as_mut() {
+                stt.env.insert("FAKE_REMOTE".into(), "1".into());
+            }
+        },
+    )
+    .await;
+    let ids = upload_all(&d, &["t1.wav", "t2.wav", "t3.wav", "t4.wav"], 0.5).await;
+    let subs = d.wait_settled(&ids, Duration::from_secs(90)).await;
+    let (spawns, together) = slot_profile(&d, |s| s == "stt", |s| s.starts_with("evaluator:"));
+    assert_eq!(spawns.get("stt"), Some(&1), "{spawns:?}");
+    assert!(together, "the evaluators ran beside the remote STT worker");
+    assert_eq!(d.state.scheduler.snapshot().policy, "pipelined");
+    for s in &subs {
+        assert_eq!(s["state"], "evaluated", "{s}");
+    }
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_evaluator_has_its_own_concurrency_not_eval_concurrency() {
+    // eval_concurrency = 1 holds the local evaluator "a" to one call; the
+    // remote "b" (max_parallel_jobs 3, as its `concurrency` would say) runs
+    // up to three calls of eval_batch_size = 1 at once beside it.
+    let d = TestDaemon::start(
+        &[
+            ("FAKE_STT_FIXED_MS", ms(50)),
+            ("FAKE_EVAL_FIXED_MS", ms(400)),
+        ],
+        |c| {
+            c.scheduler.stt_batch_size = 6;
+            c.scheduler.min_batch_wait = Duration::from_secs(2);
+            c.scheduler.eval_concurrency = 1;
+            c.scheduler.eval_batch_size = 1;
+            c.scheduler.swap_work_ratio = 0.0;
+            if let Some(b) = c.workers.evaluators.get_mut("b") {
+                b.env.insert("FAKE_REMOTE".into(), "1".into());
+                b.args.extend(["--max-parallel".into(), "3".into()]);
+            }
+        },
+    )
+    .await;
+    let names: Vec<String> = (0..6).map(|i| format!("k{i}.wav")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let ids = upload_all(&d, &names, 0.5).await;
+    let subs = d.wait_settled(&ids, Duration::from_secs(90)).await;
+    assert!(subs.iter().all(|s| s["state"] == "evaluated"), "{subs:?}");
+    let ev = d.fake_events();
+    let of_role = |role: &str| {
+        events_of(
+            &ev.iter()
+                .filter(|e| e["role"] == role)
+                .cloned()
+                .collect::<Vec<_>>(),
+            "evaluator",
+        )
+        .into_iter()
+        .map(|(j, s)| (j.to_owned(), s))
+        .collect::<Vec<_>>()
+    };
+    let a = of_role("a");
+    let b = of_role("b");
+    assert_eq!(
+        max_overlap(a.iter().map(|(j, s)| (j.as_str(), *s))),
+        1,
+        "eval_concurrency = 1 holds the local evaluator"
+    );
+    let b_max = max_overlap(b.iter().map(|(j, s)| (j.as_str(), *s)));
+    assert_eq!(
+        b_max, 3,
+        "the remote evaluator runs its own 3 calls at once (dispatched together)"
+    );
+    d.stop().await;
+}

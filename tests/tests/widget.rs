@@ -1334,8 +1334,21 @@ async fn instructor_releases_a_selection_grades_blind_and_reads_the_calibration(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_view_shows_models_registrations_and_plugins_accessibly() {
     let Some(b) = browser() else { return };
-    // Workers that report GPU memory, as the `cuda` builds do.
-    let d = fast_daemon(&[("FAKE_DEVICE_MEMORY_MB", "2000".into())]).await;
+    // Workers that report GPU memory, as the `cuda` builds do; evaluator
+    // "b" is remote (its Hello says so, and it reports its server's health).
+    let d = TestDaemon::start_scoring(
+        &[
+            ("FAKE_STT_FIXED_MS", "1200".to_owned()),
+            ("FAKE_EVAL_FIXED_MS", "1500".to_owned()),
+            ("FAKE_DEVICE_MEMORY_MB", "2000".into()),
+        ],
+        |c| {
+            if let Some(b) = c.workers.evaluators.get_mut("b") {
+                b.env.insert("FAKE_REMOTE".into(), "1".into());
+            }
+        },
+    )
+    .await;
     let media = d.dir.path().join("media");
     std::fs::create_dir_all(&media).expect("dir");
     let alice = d.token(Role::Learner, "alice", "sandbox");
@@ -1378,6 +1391,23 @@ async fn admin_view_shows_models_registrations_and_plugins_accessibly() {
     ] {
         assert!(models.contains(m), "{m} missing from {models}");
     }
+    assert!(
+        models.contains("remote: fake-evaluator")
+            && models.contains("on its server (not this machine)"),
+        "{models}"
+    );
+    // The remote evaluator's server: health and latency.
+    let remote = seen["remote"].as_str().unwrap_or_default();
+    for r in [
+        "Evaluator b",
+        "http://fake-server.invalid/v1",
+        "answering",
+        "median 42 ms, 95% under 80 ms",
+        "0 failed",
+    ] {
+        assert!(remote.contains(r), "{r} missing from {remote:?}");
+    }
+    assert!(!remote.contains("Evaluator a"), "{remote}");
     // The switch from STT to evaluation, measured: the STT worker's
     // 2000 MiB before, the two evaluators' 4000 MiB after.
     let swaps = seen["swaps"].as_str().unwrap_or_default();

@@ -476,6 +476,7 @@ def admin(driver, args):
     wait(driver, lambda: q(driver, "[data-testid=models]"), what="the models tab by keyboard")
     seen["models"] = text(driver, "[data-testid=models]")
     seen["swaps"] = text(driver, "[data-testid=memory-swaps]") if driver.find_elements(By.CSS_SELECTOR, "[data-testid=memory-swaps]") else ""
+    seen["remote"] = text(driver, "[data-testid=remote-servers]") if driver.find_elements(By.CSS_SELECTOR, "[data-testid=remote-servers]") else ""
     shot(driver, args, "2-models")
     axe(driver, args, "admin-models")
     no_overflow(driver, 320, "admin-models")

@@ -59,9 +59,18 @@ export function mount(panel, ctx) {
   function models(sys) {
     const proc = (p) => (p ? S.processInfo({ ...p, rss: p.rss_bytes ? fmtBytes(p.rss_bytes) : '?', peak: p.peak_rss_bytes ? fmtBytes(p.peak_rss_bytes) : '?' }) : S.notRunning);
     const rows = sys.models.map((m) => [
-      m.kind === 'stt' ? S.stt : S.evaluatorRole(m.role), m.model, m.model_file, S.memoryFigure(m.memory_mb, m.measured_mb),
+      m.kind === 'stt' ? S.stt : S.evaluatorRole(m.role), m.model, m.remote ? S.remoteModel(m.remote.model) : m.model_file, m.remote ? S.remoteMemory : S.memoryFigure(m.memory_mb, m.measured_mb),
       h('span', { class: `badge ${m.loaded ? 'ok' : ''}`, text: m.loaded ? S.yes : S.no }), proc(m.process),
     ]);
+    // Remote workers: their server's health and latency (as last reported).
+    const remote = sys.models.filter((m) => m.remote).map((m) => {
+      const r = m.remote;
+      const health = r.requests === 0 ? S.remoteNoRequest : (r.ok ? S.remoteOk : S.remoteFailing(r.last_error));
+      return [m.kind === 'stt' ? S.stt : S.evaluatorRole(m.role), r.url,
+        h('span', { class: `badge ${r.ok ? 'ok' : 'warn'}`, text: health }),
+        S.latencyFigure(r.latency_p50_ms, r.latency_p95_ms), S.requestsFigure(r.requests, r.failures),
+        r.last_success_unix_ms == null ? '—' : fmtDate(r.last_success_unix_ms)];
+    });
     const phases = sys.phase_history.slice().reverse().slice(0, 30).map((x) => [fmtDate(x.at_ms), S.systemPhase[x.phase] || x.phase, x.batch_id == null ? '—' : String(x.batch_id)]);
     const swaps = (sys.memory_swaps || []).slice().reverse().slice(0, 30).map((x) => [fmtDate(x.at_ms), x.to === 'stt' ? S.stt : S.evaluators, S.mib(x.before_mb), S.mib(x.after_mb), `${S.mib(x.device_free_before_mb)} → ${S.mib(x.device_free_after_mb)}`]);
     const procs = sys.process_history.slice().reverse().slice(0, 30).map((x) => [fmtDate(x.at_unix_ms), x.slot, `${x.event} (pid ${x.pid})`, x.detail]);
@@ -69,6 +78,7 @@ export function mount(panel, ctx) {
       h('h2', { text: S.adminTabs.models }),
       h('p', { text: `${S.phaseNow}: ${S.systemPhase[sys.phase] || sys.phase}. ${S.queues(sys.queues)}` }),
       table(S.adminTabs.models, [S.role, S.model, S.file, S.memory, S.loaded, S.processCol], rows, { 'data-testid': 'models' }),
+      remote.length ? table(S.remoteServers, [S.role, S.server, S.serverHealth, S.latency, S.requests, S.lastSuccess], remote, { 'data-testid': 'remote-servers' }) : null,
       table(S.phaseHistory, [S.when, S.phase, S.batch], phases),
       swaps.length ? table(S.memorySwaps, [S.when, S.switchedTo, S.heldBefore, S.heldAfter, S.deviceFree], swaps, { 'data-testid': 'memory-swaps' }) : null,
       table(S.processHistory, [S.when, S.role, S.event, S.detail], procs),

@@ -157,6 +157,8 @@ struct ModelRow {
     /// the figure `auto` and this view use instead of `memory_mb`.
     measured_mb: Option<u64>,
     loaded: bool,
+    /// A remote worker's server (health, latency), as it last reported.
+    remote: Option<viva_models::protocol::RemoteHealth>,
     process: Option<crate::workers::ProcessInfo>,
 }
 
@@ -218,6 +220,7 @@ pub(super) async fn system(
                 .map(|d| d.process_bytes >> 20)
                 .or_else(|| snap.measured_mb.get("stt").copied()),
             loaded: process.as_ref().is_some_and(|p| p.state != "starting"),
+            remote: process.as_ref().and_then(|p| p.remote_health.clone()),
             process,
         });
     }
@@ -235,6 +238,7 @@ pub(super) async fn system(
                 .map(|d| d.process_bytes >> 20)
                 .or_else(|| snap.measured_mb.get(&format!("evaluator:{role}")).copied()),
             loaded: process.as_ref().is_some_and(|p| p.state != "starting"),
+            remote: process.as_ref().and_then(|p| p.remote_health.clone()),
             process,
         });
     }

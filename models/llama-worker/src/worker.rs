@@ -176,6 +176,7 @@ pub fn main() -> i32 {
         worker: PROGRAM.into(),
         pid: std::process::id(),
         max_parallel_jobs: 1,
+        remote: false,
     });
 
     match rx.recv() {
@@ -244,6 +245,7 @@ pub fn main() -> i32 {
         model: engine.name().to_owned(),
         load_ms,
         memory_bytes: Some(engine.memory_bytes()),
+        max_parallel_jobs: None,
     });
     if let Some(m) = viva_models::device::frame(cfg!(feature = "cuda")) {
         out.send(&m);

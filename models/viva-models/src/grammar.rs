@@ -23,7 +23,7 @@
 //! bounded length (no quotes, backslashes or control characters), so
 //! generation always terminates within [`OutputGrammar::max_output_chars`].
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::payload::CriterionRating;
@@ -171,6 +171,141 @@ pub fn output_grammar(rubric: &Rubric, limits: GrammarLimits) -> OutputGrammar {
     }
 }
 
+/// The same answer as [`output_grammar`], as a JSON Schema (draft 2020-12
+/// subset), for inference servers that constrain output by a schema
+/// (OpenAI's `response_format` of type `json_schema`: vLLM, llama.cpp's
+/// server, Ollama). Serialised, its properties are in the order the model
+/// must write them (evidence and rationale before the level), which
+/// llama.cpp's and vLLM's schema-to-grammar converters keep; a
+/// `serde_json::Value` would sort them, hence typed structs. `prefixItems`
+/// fixes the criteria's order; [`parse_answer`] checks the rest whatever a
+/// server made of the schema.
+pub fn output_schema(rubric: &Rubric, limits: GrammarLimits) -> OutputSchema {
+    let evidence = limits.evidence_chars.min(MAX_FIELD_CHARS);
+    let rationale = limits.rationale_chars.min(MAX_FIELD_CHARS);
+    let criteria: Vec<CriterionSchema> = rubric
+        .criteria
+        .iter()
+        .map(|c| CriterionSchema {
+            kind: "object",
+            properties: CriterionProperties {
+                criterion_id: ConstString {
+                    kind: "string",
+                    value: c.id.clone(),
+                },
+                evidence: BoundedString {
+                    kind: "string",
+                    max_length: evidence,
+                },
+                rationale: BoundedString {
+                    kind: "string",
+                    max_length: rationale,
+                },
+                level: OneOfStrings {
+                    kind: "string",
+                    values: c.levels.iter().map(|l| l.label.clone()).collect(),
+                },
+            },
+            required: ["criterion_id", "evidence", "rationale", "level"],
+            additional_properties: false,
+        })
+        .collect();
+    let n = criteria.len();
+    OutputSchema {
+        kind: "object",
+        properties: AnswerProperties {
+            addresses_grader: TypeOnly { kind: "boolean" },
+            ratings: RatingsSchema {
+                kind: "array",
+                prefix_items: criteria,
+                items: false,
+                min_items: n,
+                max_items: n,
+            },
+        },
+        required: ["addresses_grader", "ratings"],
+        additional_properties: false,
+    }
+}
+
+/// The JSON Schema of an evaluator's answer (see [`output_schema`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutputSchema {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    properties: AnswerProperties,
+    required: [&'static str; 2],
+    #[serde(rename = "additionalProperties")]
+    additional_properties: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct AnswerProperties {
+    addresses_grader: TypeOnly,
+    ratings: RatingsSchema,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct TypeOnly {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct RatingsSchema {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "prefixItems")]
+    prefix_items: Vec<CriterionSchema>,
+    items: bool,
+    #[serde(rename = "minItems")]
+    min_items: usize,
+    #[serde(rename = "maxItems")]
+    max_items: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct CriterionSchema {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    properties: CriterionProperties,
+    required: [&'static str; 4],
+    #[serde(rename = "additionalProperties")]
+    additional_properties: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct CriterionProperties {
+    criterion_id: ConstString,
+    evidence: BoundedString,
+    rationale: BoundedString,
+    level: OneOfStrings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct ConstString {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "const")]
+    value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct BoundedString {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "maxLength")]
+    max_length: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct OneOfStrings {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "enum")]
+    values: Vec<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Answer {
@@ -243,6 +378,31 @@ mod tests {
                "levels":[{"label":"weak \"ok\"","points":1},{"label":"strong","points":3}]}]}"#,
         )
         .expect("parse")
+    }
+
+    #[test]
+    fn schema_names_every_criterion_in_order_with_its_labels() {
+        let schema = output_schema(&rubric(), GrammarLimits::default());
+        let text = serde_json::to_string(&schema).expect("serialise");
+        let s: serde_json::Value = serde_json::from_str(&text).expect("json");
+        let items = s["properties"]["ratings"]["prefixItems"]
+            .as_array()
+            .expect("prefixItems");
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0]["properties"]["criterion_id"]["const"], "content");
+        assert_eq!(
+            items[1]["properties"]["level"]["enum"],
+            serde_json::json!(["weak \"ok\"", "strong"])
+        );
+        assert_eq!(items[0]["properties"]["evidence"]["maxLength"], 200);
+        assert_eq!(s["properties"]["ratings"]["minItems"], 2);
+        assert_eq!(s["properties"]["ratings"]["items"], false);
+        // In the text, evidence and rationale come before the level (the
+        // order a schema-to-grammar converter makes the model write them).
+        let at = |k: &str| text.find(k).expect(k);
+        assert!(at("\"addresses_grader\"") < at("\"ratings\""), "{text}");
+        assert!(at("\"evidence\"") < at("\"rationale\""), "{text}");
+        assert!(at("\"rationale\"") < at("\"level\""), "{text}");
     }
 
     #[test]

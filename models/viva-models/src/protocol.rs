@@ -16,9 +16,15 @@
 //!   ◀──────────────────────────── Progress { job_id, … }*
 //!   ◀──────────────────────────── Result { job_id, result } | Error { job_id, … }
 //!   ◀──────────────────────────── Memory { device }           (on a GPU)
+//!   ◀──────────────────────────── Remote { health }           (a remote worker)
 //!   Shutdown ────────────────────▶
 //!   ◀──────────────────────────── Bye                        (then exit 0)
 //! ```
+//!
+//! A remote worker (`viva-remote-worker`: its model is on an HTTP inference
+//! server) says `remote: true` in Hello, names its concurrency in
+//! `Loaded.max_parallel_jobs` (its options arrive with Load, after Hello),
+//! and reports the server's health after its load check and after each job.
 //!
 //! A worker also exits when its stdin closes and when its parent dies
 //! ([`exit_with_parent`]), so a killed daemon never leaves a model loaded.
@@ -101,6 +107,12 @@ pub enum WorkerMessage {
         /// Most jobs this worker runs at once (parallel decoding states).
         #[serde(default = "one")]
         max_parallel_jobs: u32,
+        /// The worker's model runs on an inference server it calls over
+        /// HTTP (`viva-remote-worker`), not in this process: it holds no
+        /// GPU memory here, so the scheduler treats its role as always
+        /// loaded (no phase switch starts or stops it).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        remote: bool,
     },
     Loaded {
         model: String,
@@ -108,6 +120,15 @@ pub enum WorkerMessage {
         /// Memory the loaded model occupies, when the backend knows it.
         #[serde(default)]
         memory_bytes: Option<u64>,
+        /// Replaces Hello's `max_parallel_jobs` once the options are known
+        /// (a remote worker's `concurrency` arrives with Load).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_parallel_jobs: Option<u32>,
+    },
+    /// A remote worker's backend health, after its load check and after
+    /// each call: for the admin view.
+    Remote {
+        health: RemoteHealth,
     },
     /// The GPU memory this worker holds, measured (NVML) after its model
     /// loaded and after each call; only from a worker whose model is on a
@@ -141,6 +162,37 @@ pub enum WorkerMessage {
 
 fn one() -> u32 {
     1
+}
+
+/// How a remote worker's inference server has been answering.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct RemoteHealth {
+    /// The server's base URL (without credentials).
+    pub url: String,
+    /// The model name sent to the server.
+    pub model: String,
+    /// Whether the last request (after its retries) succeeded.
+    pub ok: bool,
+    #[serde(default)]
+    pub last_success_unix_ms: Option<u64>,
+    #[serde(default)]
+    pub last_failure_unix_ms: Option<u64>,
+    /// The last failure, in plain words (never a credential).
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Median and 95th percentile of the recent successful requests.
+    #[serde(default)]
+    pub latency_p50_ms: Option<u64>,
+    #[serde(default)]
+    pub latency_p95_ms: Option<u64>,
+    /// HTTP requests sent (retries included) and those that failed.
+    #[serde(default)]
+    pub requests: u64,
+    #[serde(default)]
+    pub failures: u64,
+    /// Most requests in flight at once to this server.
+    #[serde(default)]
+    pub concurrency: u32,
 }
 
 /// Serialises one frame (a JSON object and a newline).
@@ -301,10 +353,43 @@ mod tests {
                 .expect("decode");
         match m {
             WorkerMessage::Hello {
-                max_parallel_jobs, ..
-            } => assert_eq!(max_parallel_jobs, 1),
+                max_parallel_jobs,
+                remote,
+                ..
+            } => {
+                assert_eq!(max_parallel_jobs, 1);
+                assert!(!remote);
+            }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn remote_fields_are_optional_and_left_out_when_unset() {
+        let m: WorkerMessage = decode(
+            br#"{"type":"hello","protocol":1,"kind":"evaluator","worker":"w","pid":7,"remote":true}"#,
+        )
+        .expect("decode");
+        assert!(matches!(m, WorkerMessage::Hello { remote: true, .. }));
+        let loaded = WorkerMessage::Loaded {
+            model: "m".into(),
+            load_ms: 1,
+            memory_bytes: None,
+            max_parallel_jobs: None,
+        };
+        let text = String::from_utf8(encode(&loaded).expect("encode")).expect("utf8");
+        assert!(!text.contains("max_parallel_jobs"), "{text}");
+        let health = WorkerMessage::Remote {
+            health: RemoteHealth {
+                url: "http://x/v1".into(),
+                ok: true,
+                latency_p50_ms: Some(12),
+                ..RemoteHealth::default()
+            },
+        };
+        let back: WorkerMessage =
+            decode(encode(&health).expect("encode").trim_ascii()).expect("decode");
+        assert_eq!(back, health);
     }
 
     #[test]

@@ -92,6 +92,7 @@ fn run(advertised_states: u32) -> Result<(), WorkerError> {
             worker: PROGRAM.into(),
             pid: std::process::id(),
             max_parallel_jobs: advertised_states,
+            remote: false,
         },
     );
 
@@ -167,6 +168,7 @@ fn run(advertised_states: u32) -> Result<(), WorkerError> {
             model: model.name.clone(),
             load_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             memory_bytes: resident_bytes(),
+            max_parallel_jobs: None,
         },
     );
     if let Some(m) = viva_models::device::frame(cfg!(feature = "cuda")) {

@@ -56,6 +56,10 @@
 //! - `FAKE_DEVICE_MEMORY_MB` (and `FAKE_DEVICE_TOTAL_MB`): report that much
 //!   GPU memory held (`Memory` frames) after loading and after each job, as
 //!   a real worker on a GPU does.
+//! - `FAKE_REMOTE=1`: say `remote: true` in Hello, as `viva-remote-worker`
+//!   does (its model is on an HTTP server; the scheduler keeps the role
+//!   loaded in every phase), and report a simulated server's health
+//!   (`Remote` frames) after loading and after each job.
 //!
 //! The worker exits 0 on `Shutdown` (after `Bye`) and when its stdin closes.
 
@@ -122,6 +126,10 @@ fn parse_args() -> anyhow::Result<Args> {
         role,
         max_parallel,
     })
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 fn env_ms(name: &str) -> f64 {
@@ -234,6 +242,27 @@ impl Worker {
     /// reports after loading and after each call (`Memory`), of a device of
     /// `FAKE_DEVICE_TOTAL_MB` (default 81 559, an H100) that it holds alone.
     fn report_memory(&self) {
+        if env_flag("FAKE_REMOTE") {
+            // As viva-remote-worker reports its server, after the load and
+            // after each call.
+            static REPORTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = REPORTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            self.send(&WorkerMessage::Remote {
+                health: viva_models::protocol::RemoteHealth {
+                    url: "http://fake-server.invalid/v1".into(),
+                    model: self.model.clone(),
+                    ok: true,
+                    last_success_unix_ms: Some(now_unix_ms()),
+                    last_failure_unix_ms: None,
+                    last_error: None,
+                    latency_p50_ms: Some(42),
+                    latency_p95_ms: Some(80),
+                    requests: n,
+                    failures: 0,
+                    concurrency: 4,
+                },
+            });
+        }
         let mb = env_ms("FAKE_DEVICE_MEMORY_MB");
         if mb <= 0.0 {
             return;
@@ -554,6 +583,9 @@ fn run() -> anyhow::Result<()> {
         worker: PROGRAM.into(),
         pid: worker.pid,
         max_parallel_jobs: args.max_parallel,
+        // FAKE_REMOTE=1: claim to be a remote worker (its model on an HTTP
+        // server), which the scheduler keeps loaded in every phase.
+        remote: env_flag("FAKE_REMOTE"),
     });
 
     match reader.read::<DaemonMessage>()? {
@@ -617,6 +649,7 @@ fn run() -> anyhow::Result<()> {
         model: model.name,
         load_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         memory_bytes: None,
+        max_parallel_jobs: None,
     });
     worker.report_memory();
 

@@ -1,0 +1,3 @@
+fn main() {
+    std::process::exit(viva_remote_worker::worker::main());
+}
