@@ -578,6 +578,9 @@ pub const RESERVED_ENV: &[&str] = &[
     "TEST_STORE",
     "TEST_POSTGRES",
     "TEST_LOG",
+    "REQUIRE_REMOTE",
+    "REMOTE_PYTHON",
+    "REMOTE_CT2_WHISPER",
 ];
 
 fn parse_env_value(raw: &str) -> toml::Value {
