@@ -311,7 +311,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 .store_location()
             };
-            let (source, target) = (location(&from)?, location(&to)?);
+            let (source, target) = (location(from)?, location(to)?);
             if !matches!(source, crate::store::Location::Sqlite(_)) {
                 return Err(anyhow::anyhow!(
                     "--from must be a SQLite store (sqlite:/path/viva.db); {} is not",

@@ -49,11 +49,8 @@ impl StoreLocation {
 /// `postgres://user:secret@host/db` → `postgres://user:***@host/db`; a
 /// key=value string's `password=…` likewise.
 pub fn redact_url(url: &str) -> String {
-    if let Some(rest) = url
-        .strip_prefix("postgres://")
-        .or_else(|| url.strip_prefix("postgresql://"))
-    {
-        let scheme = &url[..url.len() - rest.len()];
+    if let Some(i) = url.find("://") {
+        let (scheme, rest) = url.split_at(i + 3);
         if let Some(at) = rest.find('@') {
             let (userinfo, host) = rest.split_at(at);
             if let Some(colon) = userinfo.find(':') {
@@ -791,6 +788,33 @@ mod tests {
     }
 
     #[test]
+    fn the_store_is_sqlite_by_default_or_a_postgres_url_and_passwords_stay_out_of_messages() {
+        let c = Config::load(None, env(&[]), &[]).expect("defaults");
+        assert_eq!(
+            c.store_location().expect("default"),
+            StoreLocation::Sqlite(PathBuf::from("./var/viva.db"))
+        );
+        let url = "postgres://viva:s3cret@db.example.edu:5432/viva";
+        let c = Config::load(None, env(&[("VIVA_STORE", url)]), &[]).expect("env");
+        let l = c.store_location().expect("postgres");
+        assert_eq!(l, StoreLocation::Postgres(url.into()));
+        assert_eq!(l.display(), "postgres://viva:***@db.example.edu:5432/viva");
+        let c =
+            Config::load(None, env(&[("VIVA_STORE", "sqlite:/srv/viva.db")]), &[]).expect("env");
+        assert_eq!(
+            c.store_location().expect("path"),
+            StoreLocation::Sqlite(PathBuf::from("/srv/viva.db"))
+        );
+        let c = Config::load(None, env(&[("VIVA_STORE", "mysql://u:pw@h/db")]), &[]).expect("env");
+        let e = c.store_location().expect_err("not a store").to_string();
+        assert!(e.contains("postgres://") && !e.contains("pw@"), "{e}");
+        assert_eq!(
+            redact_url("host=db user=viva password=s3cret dbname=viva"),
+            "host=db user=viva password=*** dbname=viva"
+        );
+    }
+
+    #[test]
     fn example_config_parses_and_keeps_sandbox_off() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../viva.example.toml");
         let c = Config::load(Some(&path), env(&[]), &[]).expect("example parses");
@@ -832,8 +856,15 @@ mod tests {
             for (line, block) in toml_blocks(&text) {
                 let file = dir.path().join("block.toml");
                 std::fs::write(&file, &block).expect("write");
-                if let Err(e) = Config::load(Some(&file), env(&[]), &[]) {
-                    panic!("{doc}:{line}: the configuration shown does not parse: {e}\n{block}");
+                match Config::load(Some(&file), env(&[]), &[]) {
+                    Err(e) => {
+                        panic!("{doc}:{line}: the configuration shown does not parse: {e}\n{block}")
+                    }
+                    Ok(c) => {
+                        if let Err(e) = c.store_location() {
+                            panic!("{doc}:{line}: the store shown is not one: {e}\n{block}");
+                        }
+                    }
                 }
                 parsed += 1;
             }

@@ -180,6 +180,15 @@ impl Daemon {
         if cleaned > 0 {
             tracing::info!(cleaned, "removed unfinished uploads left by a previous run");
         }
+        // A daemon killed a moment ago holds the lock until PostgreSQL sees
+        // its connection close: wait a little before refusing.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while let Err(e) = store.claim_single_node().await {
+            if std::time::Instant::now() > deadline {
+                return Err(e);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
         if config.sandbox.enabled {
             store.write(domain::ensure_sandbox).await?;
         }

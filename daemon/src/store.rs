@@ -431,12 +431,36 @@ pub fn stored_version(path: &Path) -> Result<Option<u32>> {
 /// The writer's connection: owned by the writer thread.
 enum Writer {
     Sqlite(rusqlite::Connection),
-    Postgres(PgWriter),
+    Postgres(Box<PgWriter>),
 }
 
 struct PgWriter {
     url: String,
     conn: RefCell<PgConn>,
+    /// This node holds the database's single-node lock (on this
+    /// connection's session; taken again after a reconnect).
+    single_node: bool,
+}
+
+/// The advisory lock a daemon holds on a PostgreSQL store: one node per
+/// database until nodes share the queue.
+const SINGLE_NODE_LOCK: i64 = 7_361_627;
+
+fn take_single_node_lock(conn: &RefCell<PgConn>) -> Result<()> {
+    let got: bool = Connection::postgres(conn).query_row(
+        "SELECT pg_try_advisory_lock(?1)",
+        [SINGLE_NODE_LOCK],
+        |r| r.get(0),
+    )?;
+    if got {
+        Ok(())
+    } else {
+        Err(Error::Unavailable(
+            "another Viva daemon is serving this PostgreSQL database; this release runs one \
+             daemon per database (stop the other one, or give this one its own database)"
+                .into(),
+        ))
+    }
 }
 
 impl Writer {
@@ -454,6 +478,9 @@ impl Writer {
                 if w.conn.borrow().client.is_closed() {
                     tracing::warn!("the PostgreSQL writer connection closed; reconnecting");
                     *w.conn.borrow_mut() = pg_connect(&w.url)?;
+                    if w.single_node {
+                        take_single_node_lock(&w.conn)?;
+                    }
                 }
                 w.conn.borrow_mut().batch("BEGIN")?;
                 match f(&Connection::postgres(&w.conn)) {
@@ -652,10 +679,11 @@ impl Store {
                     .map_err(|_| Error::Internal("migrating PostgreSQL panicked".into()))
                 })??;
                 (
-                    Writer::Postgres(PgWriter {
+                    Writer::Postgres(Box::new(PgWriter {
                         url: url.clone(),
                         conn: RefCell::new(conn),
-                    }),
+                        single_node: false,
+                    })),
                     Readers::Postgres(Vec::new()),
                 )
             }
@@ -695,6 +723,29 @@ impl Store {
             Location::Sqlite(_) => Engine::Sqlite,
             Location::Postgres(_) => Engine::Postgres,
         }
+    }
+
+    /// Makes this handle the database's one daemon (PostgreSQL: a session
+    /// advisory lock on the writer's connection, held while it lives;
+    /// SQLite: the data directory lock does this). Fails when another
+    /// daemon holds it.
+    pub async fn claim_single_node(&self) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        let job: WriteJob = Box::new(move |w: &mut Writer| {
+            let result = match w {
+                Writer::Sqlite(_) => Ok(()),
+                Writer::Postgres(pg) => take_single_node_lock(&pg.conn).map(|()| {
+                    pg.single_node = true;
+                }),
+            };
+            let _ = reply.send(result);
+        });
+        self.inner
+            .writer
+            .send(job)
+            .map_err(|_| Error::Unavailable("the database writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Internal("the database writer dropped a request".into()))?
     }
 
     /// Runs `f` in one short write transaction on the writer thread.

@@ -54,6 +54,13 @@ fn cluster() -> Result<&'static Cluster> {
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// The URL of the server's `postgres` database (for creating databases),
+/// starting the cluster if need be: hand it to child processes as
+/// `VIVA_TEST_POSTGRES` so their databases live in this process's cluster.
+pub fn admin_url() -> Result<String> {
+    Ok(cluster()?.admin_url.clone())
+}
+
 /// A fresh, empty database; its URL.
 pub fn fresh_database() -> Result<String> {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -233,13 +240,12 @@ fn as_server_user(cmd: &mut Command, user: Option<(u32, u32)>) {
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some((uid, gid)) = user {
-                if libc::setgroups(0, std::ptr::null()) != 0
+            if let Some((uid, gid)) = user
+                && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                    || libc::setuid(uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             // After setuid, which clears it.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT);

@@ -112,6 +112,7 @@ fn a_gpu_scale_lab_grades_everyone_and_reports_against_the_profile() {
         "--report",
     ])
     .arg(&report_dir);
+    on_postgres_if_asked(&mut cmd);
     let (status, stdout, stderr) =
         run_with_deadline(cmd, &report_dir.with_extension("out"), LAB_DEADLINE);
     assert!(
@@ -179,6 +180,7 @@ fn lab(platform: &Platform, report_dir: &Path, extra: &[&str]) -> (Value, String
     .arg(report_dir)
     .args(extra)
     .env("VIVA_MODELS_DIR", models_dir());
+    on_postgres_if_asked(&mut cmd);
     let logs = report_dir.with_extension("out");
     let (status, stdout, stderr) = run_with_deadline(cmd, &logs, LAB_DEADLINE);
     assert!(
@@ -191,6 +193,16 @@ fn lab(platform: &Platform, report_dir: &Path, extra: &[&str]) -> (Value, String
     .expect("report JSON");
     assert_eq!(report["ok"], true);
     (report, stdout, stderr)
+}
+
+/// With `VIVA_TEST_STORE=postgres`, the lab's daemons keep their stores in
+/// fresh databases of this test process's PostgreSQL (which outlives the
+/// lab, so the checks can read them).
+fn on_postgres_if_asked(cmd: &mut Command) {
+    if viva_tests::pg::enabled() {
+        let admin = viva_tests::pg::admin_url().expect("the test PostgreSQL");
+        cmd.arg("--postgres").env("VIVA_TEST_POSTGRES", admin);
+    }
 }
 
 /// Runs `cmd` in its own process group with stdout and stderr in files under
@@ -293,20 +305,7 @@ fn check_final_state(platform: &Platform, report: &Value, run_dir: &Path) {
         .expect("line item number");
 
     // The daemon's database: what was released, with which grade.
-    let db = run_dir.join("var/viva.db");
-    let conn =
-        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .expect("daemon database");
-    let mut stmt = conn
-        .prepare(
-            "SELECT u.id, s.state, s.score FROM submissions s JOIN users u ON u.id = s.user_id",
-        )
-        .expect("query");
-    let rows: Vec<(String, String, Option<String>)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .expect("rows")
-        .collect::<Result<_, _>>()
-        .expect("rows");
+    let rows = released_rows(run_dir);
     // One submission per good student, all released; none for the bad file.
     assert_eq!(rows.len(), good.len(), "{rows:?}");
     assert!(rows.iter().all(|r| r.1 == "released"), "{rows:?}");
@@ -405,4 +404,28 @@ fn check_final_state(platform: &Platform, report: &Value, run_dir: &Path) {
         bad_run["rejected"]["message"].as_str().unwrap_or("").len() > 20,
         "{bad_run}"
     );
+}
+
+/// (user, state, score) of every submission, from the run's store (the
+/// SQLite file, or the PostgreSQL database its viva.toml names).
+fn released_rows(run_dir: &Path) -> Vec<(String, String, Option<String>)> {
+    use viva_daemon::store::{Location, Store};
+    let cfg: toml::Table = std::fs::read_to_string(run_dir.join("viva.toml"))
+        .expect("the run's viva.toml")
+        .parse()
+        .expect("toml");
+    let location = match cfg.get("store").and_then(|v| v.as_str()) {
+        Some(url) => Location::Postgres(url.to_owned()),
+        None => Location::Sqlite(run_dir.join("var/viva.db")),
+    };
+    let store = Store::open_at(&location).expect("the daemon's store");
+    store
+        .read_blocking(|c| {
+            Ok(c.prepare(
+                "SELECT u.id, s.state, s.score FROM submissions s JOIN users u ON u.id = s.user_id",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<viva_daemon::db::Result<_>>()?)
+        })
+        .expect("rows")
 }

@@ -84,8 +84,8 @@ async fn the_postgres_schema_is_sqlites_with_postgres_types() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sqlite = Store::open(&dir.path().join("viva.db")).expect("sqlite");
     let pg = pg_store();
-    let a = sqlite.read(|c| schema(c)).await.expect("sqlite schema");
-    let b = pg.read(|c| schema(c)).await.expect("postgres schema");
+    let a = sqlite.read(schema).await.expect("sqlite schema");
+    let b = pg.read(schema).await.expect("postgres schema");
     assert!(a.len() > 20, "{a:?}");
     assert_eq!(
         a.keys().collect::<Vec<_>>(),
@@ -303,4 +303,33 @@ async fn migrate_store_moves_a_sqlite_site_to_postgres() {
     let done = new.wait_settled(&[id], Duration::from_secs(60)).await;
     assert_eq!(done[0]["state"], "evaluated", "{}", done[0]);
     new.stop().await;
+}
+
+/// One daemon per PostgreSQL database in this release: a second one is
+/// refused with the reason, and may start once the first is gone.
+#[tokio::test]
+async fn a_second_daemon_on_the_same_database_is_refused() {
+    if skip() {
+        return;
+    }
+    let url = viva_tests::pg::fresh_database().expect("a test database");
+    let location = Location::Postgres(url);
+    let first = Store::open_at(&location).expect("first");
+    first.claim_single_node().await.expect("the first daemon");
+    let second = Store::open_at(&location).expect("a second handle opens (doctor, migrate)");
+    let e = second
+        .claim_single_node()
+        .await
+        .expect_err("a second daemon is refused");
+    assert!(e.to_string().contains("another Viva daemon"), "{e}");
+    drop(first);
+    // The lock goes with the first daemon's connection.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match second.claim_single_node().await {
+            Ok(()) => break,
+            Err(e) if std::time::Instant::now() > deadline => panic!("still refused: {e}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
 }

@@ -145,6 +145,11 @@ pub struct LabArgs {
     /// its database) with no model loaded, as on any day but the first.
     #[arg(long, default_value_t = 0)]
     warm_up: usize,
+    /// Each run's daemon keeps its store in a fresh PostgreSQL database (a
+    /// throwaway cluster of Debian's server, or the server
+    /// VIVA_TEST_POSTGRES names) instead of SQLite.
+    #[arg(long)]
+    postgres: bool,
 }
 
 impl LabArgs {
@@ -827,7 +832,7 @@ fn daemon_config(
     workers.insert("evaluators".into(), toml::Value::Table(evaluators));
     // No `listen` or `public_url`: `viva serve --listen` sets the address
     // (see `DaemonProc::spawn`), and the public URL follows it.
-    let cfg = json!({
+    let mut cfg = json!({
         "data_dir": data.display().to_string(),
         "intake": {"min_free_bytes": 64 * 1024 * 1024},
         "sessions": {"ttl": "24h"},
@@ -859,6 +864,9 @@ fn daemon_config(
             "tickets_per_ip_per_minute": 0,
         },
     });
+    if args.postgres {
+        cfg["store"] = json!(viva_tests::pg::fresh_database()?);
+    }
     let mut table: toml::Table = toml::Value::try_from(cfg)?
         .as_table()
         .cloned()

@@ -49,6 +49,7 @@ fn viva_lab_has_the_options_of_viva_lab() {
         "--scale <SCALE>",
         "--max-phase-wait <MAX_PHASE_WAIT>",
         "--warm-up <WARM_UP>",
+        "--postgres",
     ] {
         assert!(help.contains(option), "{option} missing from:\n{help}");
     }
@@ -56,6 +57,6 @@ fn viva_lab_has_the_options_of_viva_lab() {
         .lines()
         .filter(|l| l.trim_start().starts_with('-'))
         .count();
-    // The 25 above, -h/--help and -V/--version.
-    assert_eq!(options, 27, "{help}");
+    // The 26 above, -h/--help and -V/--version.
+    assert_eq!(options, 28, "{help}");
 }
