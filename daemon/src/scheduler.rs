@@ -1092,9 +1092,15 @@ impl Scheduler {
     async fn claim(&self, ids: Vec<i64>) -> Result<Vec<Claimed>> {
         let instance = self.instance.clone();
         let until = now_ms() + self.cfg.lease.as_millis() as i64;
-        self.store
+        let started = Instant::now();
+        let claimed = self
+            .store
             .write(move |tx| jobs::claim(tx, &ids, &instance, until))
-            .await
+            .await;
+        self.metrics
+            .claim_seconds
+            .observe(started.elapsed().as_secs_f64());
+        claimed
     }
 
     async fn dispatch_stt(&mut self, candidates: &[&PendingJob]) -> Result<()> {

@@ -8,13 +8,14 @@
 //! alive at once.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use viva_daemon::store::{Location, Store};
-use viva_tests::process::{Daemon, SHORT, STARTUP, clean_viva_env, output};
-use viva_tests::{fake_worker, tone, viva_bin};
+use viva_tests::nodes::{
+    FakeTimes, events, get_json, kinds_overlapped, session, start, upload, write_config,
+};
+use viva_tests::tone;
 
 const UPLOADS: usize = 60;
 
@@ -30,139 +31,6 @@ fn skip() -> bool {
     false
 }
 
-/// A node's configuration in `dir`: `role` api (no workers) or gpu.
-fn write_config(dir: &Path, store: &str, id: &str, role: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).expect("node dir");
-    let mut config = format!(
-        r#"data_dir = "{data}"
-store = "{store}"
-
-[node]
-id = "{id}"
-role = "{role}"
-
-[sandbox]
-enabled = {sandbox}
-
-[intake]
-min_free_bytes = 67108864
-
-[scheduler]
-stt_batch_size = 6
-batch_window = "2s"
-swap_work_ratio = 0
-retry_backoff = "100ms"
-lease = "3s"
-
-[workers]
-stop_grace = "2s"
-"#,
-        data = dir.join("var").display(),
-        sandbox = role == "api",
-    );
-    if role == "gpu" {
-        let env = format!(
-            "env = {{ FAKE_LOG = \"{}\", FAKE_STT_FIXED_MS = \"400\", FAKE_EVAL_FIXED_MS = \"150\" }}",
-            dir.join("fake.log").display()
-        );
-        let worker = fake_worker();
-        for (section, kind, model) in [
-            ("stt", "stt", "fake-stt"),
-            ("evaluators.a", "evaluator", "fake-a"),
-            ("evaluators.b", "evaluator", "fake-b"),
-        ] {
-            config.push_str(&format!(
-                "\n[workers.{section}]\ncommand = \"{}\"\nargs = [\"--kind\", \"{kind}\"]\nmodel = \"{model}\"\nmodel_path = \"/dev/null\"\n{env}\n",
-                worker.display()
-            ));
-        }
-    }
-    let path = dir.join("viva.toml");
-    std::fs::write(&path, config).expect("config");
-    path
-}
-
-fn viva(config: &Path) -> Command {
-    let mut cmd = Command::new(viva_bin());
-    clean_viva_env(&mut cmd).arg("--config").arg(config);
-    cmd
-}
-
-fn start(config: &Path) -> Daemon {
-    Daemon::start(viva(config).arg("serve"), STARTUP).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn session(config: &Path, role: &str, user: &str) -> String {
-    let out = output(
-        viva(config).args([
-            "session",
-            "--role",
-            role,
-            "--user",
-            user,
-            "--context",
-            "sandbox",
-        ]),
-        SHORT,
-    )
-    .expect("viva session");
-    assert!(out.status.success(), "{}", viva_tests::process::text(&out));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn events(log: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-/// At each worker start on one node: was a process of the other kind alive?
-fn kinds_overlapped(log: &Path) -> Option<String> {
-    let mut alive: HashMap<u64, String> = HashMap::new();
-    for e in events(log) {
-        let pid = e["pid"].as_u64().unwrap_or(0);
-        let kind = e["kind"].as_str().unwrap_or("").to_owned();
-        match e["ev"].as_str() {
-            Some("start") => {
-                if let Some((other, k)) = alive.iter().find(|(_, k)| **k != kind) {
-                    return Some(format!("{kind} {pid} started while {k} {other} was alive"));
-                }
-                alive.insert(pid, kind);
-            }
-            Some("exit") => {
-                alive.remove(&pid);
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
-async fn upload(client: &reqwest::Client, url: &str, token: &str, file: &Path) -> Option<String> {
-    let bytes = std::fs::read(file).expect("media");
-    let name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let resp = client
-        .post(format!(
-            "{url}/api/v1/assignments/sandbox-oral-1/submissions"
-        ))
-        .query(&[("filename", name)])
-        .bearer_auth(token)
-        .body(bytes)
-        .send()
-        .await
-        .ok()?;
-    if resp.status().as_u16() != 201 {
-        return None;
-    }
-    let v: serde_json::Value = resp.json().await.ok()?;
-    v["id"].as_str().map(str::to_owned)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_grade_every_upload_once_through_two_kills() {
     if skip() {
@@ -170,9 +38,13 @@ async fn three_nodes_grade_every_upload_once_through_two_kills() {
     }
     let root = tempfile::tempdir().expect("tmp");
     let url = viva_tests::pg::fresh_database().expect("a test database");
-    let api_cfg = write_config(&root.path().join("api"), &url, "api-1", "api");
-    let gpu1_cfg = write_config(&root.path().join("gpu1"), &url, "gpu-1", "gpu");
-    let gpu2_cfg = write_config(&root.path().join("gpu2"), &url, "gpu-2", "gpu");
+    let times = FakeTimes {
+        stt_ms: 400,
+        eval_ms: 150,
+    };
+    let api_cfg = write_config(&root.path().join("api"), &url, "api-1", "api", times);
+    let gpu1_cfg = write_config(&root.path().join("gpu1"), &url, "gpu-1", "gpu", times);
+    let gpu2_cfg = write_config(&root.path().join("gpu2"), &url, "gpu-2", "gpu", times);
     let mut api = start(&api_cfg);
     let mut gpu1 = start(&gpu1_cfg);
     let _gpu2 = start(&gpu2_cfg);
@@ -253,15 +125,12 @@ async fn three_nodes_grade_every_upload_once_through_two_kills() {
         let mut settled = 0;
         last.clear();
         for id in &accepted {
-            let v: serde_json::Value = client
-                .get(format!("{}/api/v1/submissions/{id}", api.url()))
-                .bearer_auth(&admin)
-                .send()
-                .await
-                .expect("get")
-                .json()
-                .await
-                .expect("json");
+            let v = get_json(
+                &client,
+                &format!("{}/api/v1/submissions/{id}", api.url()),
+                &admin,
+            )
+            .await;
             let state = v["state"].as_str().unwrap_or("").to_owned();
             if ["awaiting_review", "released"].contains(&state.as_str()) {
                 settled += 1;
