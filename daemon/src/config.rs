@@ -95,6 +95,59 @@ pub struct Config {
     pub plugins: PluginsConfig,
     pub lti: LtiConfig,
     pub limits: LimitsConfig,
+    pub node: NodeConfig,
+}
+
+/// What this daemon does when several share one PostgreSQL store (`[node]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// This node's name, stable across restarts (leases and batches are
+    /// held under it). Unset: the host name on PostgreSQL; a fresh id per
+    /// start on SQLite (one daemon per file).
+    pub id: Option<String>,
+    /// `all` (HTTP, intake, LTI, grade passback and the GPU queue: one
+    /// node), `api` (everything but the GPU queue: no workers) or `gpu` (the
+    /// GPU queue over the jobs it claims, plus health and metrics; no
+    /// passback or retention sweeps).
+    pub role: NodeRole,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: None,
+            role: NodeRole::All,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    All,
+    Api,
+    Gpu,
+}
+
+impl NodeRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeRole::All => "all",
+            NodeRole::Api => "api",
+            NodeRole::Gpu => "gpu",
+        }
+    }
+
+    /// Runs the GPU queue (workers).
+    pub fn runs_queue(self) -> bool {
+        self != NodeRole::Api
+    }
+
+    /// Runs grade passback and retention sweeps.
+    pub fn runs_api(self) -> bool {
+        self != NodeRole::Gpu
+    }
 }
 
 impl Default for Config {
@@ -114,6 +167,7 @@ impl Default for Config {
             plugins: Default::default(),
             lti: Default::default(),
             limits: Default::default(),
+            node: Default::default(),
         }
     }
 }

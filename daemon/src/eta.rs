@@ -1061,6 +1061,9 @@ pub struct Snapshot {
     /// Each slot's GPU memory as its worker last measured it (MiB), kept
     /// after the worker stops (it is the model's footprint).
     pub measured_mb: BTreeMap<String, u64>,
+    /// The nodes running the GPU queue, when several share the store
+    /// (empty on a single node).
+    pub queue_nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]

@@ -247,17 +247,40 @@ pub struct OpenBatch {
     pub size: usize,
 }
 
+/// Whose queue [`load_pending`] reads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QueueView {
+    /// Everything unfinished: the one node of a site, or an api node
+    /// showing the queue.
+    All,
+    /// A GPU node among several: queued jobs it may take (not STT jobs in
+    /// another node's batch) and the jobs it runs; its own open batch.
+    Node(String),
+}
+
 /// Everything not yet finished, in queue order (oldest submission first).
-pub fn load_pending(conn: &Connection) -> Result<(Vec<PendingJob>, Option<OpenBatch>)> {
-    let mut stmt = conn.prepare(
+pub fn load_pending(
+    conn: &Connection,
+    view: &QueueView,
+) -> Result<(Vec<PendingJob>, Option<OpenBatch>)> {
+    let (filter, node) = match view {
+        QueueView::All => ("j.state IN ('queued', 'running')", ""),
+        QueueView::Node(node) => (
+            "((j.state = 'queued' AND NOT (j.stage = 'stt' AND b.node IS NOT NULL AND b.node <> ?1))
+              OR (j.state = 'running' AND j.lease_owner = ?1))",
+            node.as_str(),
+        ),
+    };
+    let mut stmt = conn.prepare(&format!(
         "SELECT j.id, j.submission_id, j.stage, j.role, j.state, j.attempts, j.not_before,
                 s.batch_id, s.created_at, s.duration_seconds, j.started_at
          FROM jobs j JOIN submissions s ON s.id = j.submission_id
-         WHERE j.state IN ('queued', 'running')
-         ORDER BY s.created_at, s.id, j.stage, j.role",
-    )?;
+         LEFT JOIN batches b ON b.id = s.batch_id
+         WHERE {filter} AND CAST(?1 AS TEXT) IS NOT NULL
+         ORDER BY s.created_at, s.id, j.stage, j.role"
+    ))?;
     let jobs = stmt
-        .query_map([], |r| {
+        .query_map([node], |r| {
             Ok(PendingJob {
                 id: r.get(0)?,
                 submission_id: r.get(1)?,
@@ -277,8 +300,10 @@ pub fn load_pending(conn: &Connection) -> Result<(Vec<PendingJob>, Option<OpenBa
         .query_row(
             "SELECT b.id, b.opened_at, b.closed_at IS NOT NULL,
                     (SELECT COUNT(*) FROM submissions s WHERE s.batch_id = b.id)
-             FROM batches b WHERE b.stt_done_at IS NULL ORDER BY b.id LIMIT 1",
-            [],
+             FROM batches b WHERE b.stt_done_at IS NULL
+               AND (?1 = '' OR b.node IS NULL OR b.node = ?1)
+             ORDER BY b.id LIMIT 1",
+            [node],
             |r| {
                 Ok(OpenBatch {
                     id: r.get(0)?,
@@ -323,10 +348,10 @@ pub fn batch_progress(conn: &Connection, batch_id: i64) -> Result<BatchProgress>
 }
 
 /// Opens a new STT batch holding the given submissions.
-pub fn open_batch(tx: &Transaction<'_>, submission_ids: &[String]) -> Result<i64> {
+pub fn open_batch(tx: &Transaction<'_>, submission_ids: &[String], node: &str) -> Result<i64> {
     let id: i64 = tx.query_row(
-        "INSERT INTO batches (opened_at) VALUES (?1) RETURNING id",
-        [now_ms()],
+        "INSERT INTO batches (opened_at, node) VALUES (?1, ?2) RETURNING id",
+        params![now_ms(), node],
         |r| r.get(0),
     )?;
     add_to_batch(tx, id, submission_ids)?;
@@ -359,14 +384,33 @@ pub fn finish_batch_stt(tx: &Transaction<'_>, batch_id: i64) -> Result<()> {
     Ok(())
 }
 
-/// Puts every lease not held by `instance` (a previous daemon) back in the
-/// queue, and expired leases of anyone. Attempts are not charged: the job did
-/// not fail, its daemon went away.
-pub fn release_stale_leases(tx: &Transaction<'_>, instance: &str) -> Result<usize> {
+/// Which leases a sweep returns to the queue.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sweep {
+    /// The one node of a site: every lease not its own (a previous run's),
+    /// and expired ones.
+    NotMine,
+    /// One of several nodes: expired leases, and at start (`restart`) this
+    /// node's own from its previous run.
+    Expired { restart: bool },
+}
+
+/// Puts stale leases back in the queue (see [`Sweep`]). Attempts are not
+/// charged: the job did not fail, its node went away.
+pub fn release_stale_leases(tx: &Transaction<'_>, instance: &str, sweep: Sweep) -> Result<usize> {
     let now = now_ms();
+    let which = match sweep {
+        Sweep::NotMine => "lease_owner IS DISTINCT FROM ?1 OR lease_expires_at < ?2",
+        Sweep::Expired { restart: true } => "lease_owner = ?1 OR lease_expires_at < ?2",
+        Sweep::Expired { restart: false } => {
+            "lease_expires_at < ?2 AND CAST(?1 AS TEXT) IS NOT NULL"
+        }
+    };
     let n = tx.execute(
-        "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, started_at = NULL
-         WHERE state = 'running' AND (lease_owner IS DISTINCT FROM ?1 OR lease_expires_at < ?2)",
+        &format!(
+            "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, started_at = NULL
+             WHERE state = 'running' AND ({which})"
+        ),
         params![instance, now],
     )?;
     if n > 0 {
@@ -393,6 +437,87 @@ pub fn release_own_leases(tx: &Transaction<'_>, instance: &str) -> Result<usize>
         [now_ms()],
     )?;
     Ok(n)
+}
+
+/// Records that `node` is alive (at start and with each lease renewal).
+pub fn node_seen(tx: &Transaction<'_>, node: &str, role: &str, starting: bool) -> Result<()> {
+    let now = now_ms();
+    tx.execute(
+        "INSERT INTO nodes (id, role, started_at, seen_at) VALUES (?1, ?2, ?3, ?3)
+         ON CONFLICT (id) DO UPDATE SET role = excluded.role, seen_at = excluded.seen_at,
+             started_at = CASE WHEN ?4 = 1 THEN excluded.started_at ELSE nodes.started_at END",
+        params![node, role, now, i64::from(starting)],
+    )?;
+    Ok(())
+}
+
+/// Nodes running the GPU queue seen within `alive_ms`.
+pub fn live_queue_nodes(conn: &Connection, alive_ms: i64) -> Result<Vec<String>> {
+    Ok(conn
+        .prepare("SELECT id FROM nodes WHERE role IN ('all', 'gpu') AND seen_at >= ?1 ORDER BY id")?
+        .query_map([now_ms() - alive_ms], |r| r.get(0))?
+        .collect::<crate::db::Result<_>>()?)
+}
+
+/// Takes over the open batches of queue nodes not seen within `alive_ms`
+/// (killed, or cut off): their submissions still waiting for STT leave the
+/// batch (any node batches them again) and the batch is closed. Returns how
+/// many submissions were freed.
+pub fn dissolve_dead_batches(tx: &Transaction<'_>, me: &str, alive_ms: i64) -> Result<usize> {
+    let now = now_ms();
+    let dead = "SELECT b.id FROM batches b WHERE b.stt_done_at IS NULL AND b.node IS NOT NULL
+                  AND b.node <> ?1
+                  AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = b.node AND n.seen_at >= ?2)";
+    let freed = tx.execute(
+        &format!(
+            "UPDATE submissions SET batch_id = NULL, updated_at = ?3
+             WHERE batch_id IN ({dead})
+               AND EXISTS (SELECT 1 FROM jobs j WHERE j.submission_id = submissions.id
+                           AND j.stage = 'stt' AND j.state IN ('queued', 'running'))"
+        ),
+        params![me, now - alive_ms, now],
+    )?;
+    let closed = tx.execute(
+        &format!(
+            "UPDATE batches SET closed_at = COALESCE(closed_at, ?3), stt_done_at = ?3
+             WHERE id IN ({dead})"
+        ),
+        params![me, now - alive_ms, now],
+    )?;
+    if closed > 0 {
+        tracing::warn!(
+            batches = closed,
+            submissions = freed,
+            "took over the open batches of a node that stopped answering"
+        );
+    }
+    Ok(freed)
+}
+
+/// Adopts the open batches of this site's previous runs (one node: its
+/// instance id is new at each start).
+pub fn adopt_open_batches(tx: &Transaction<'_>, me: &str) -> Result<usize> {
+    Ok(tx.execute(
+        "UPDATE batches SET node = ?1 WHERE stt_done_at IS NULL",
+        [me],
+    )?)
+}
+
+/// Holds the singleton job `name` (grade passback, retention) for
+/// `ttl_ms` when no other node holds it: true when this node may run it now.
+pub fn claim_singleton(tx: &Transaction<'_>, name: &str, node: &str, ttl_ms: i64) -> Result<bool> {
+    let now = now_ms();
+    tx.execute(
+        "INSERT INTO singletons (name, node, expires_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (name) DO NOTHING",
+        params![name, node, now + ttl_ms],
+    )?;
+    let n = tx.execute(
+        "UPDATE singletons SET node = ?2, expires_at = ?3
+         WHERE name = ?1 AND (node = ?2 OR expires_at < ?4)",
+        params![name, node, now + ttl_ms, now],
+    )?;
+    Ok(n > 0)
 }
 
 pub fn renew_leases(tx: &Transaction<'_>, instance: &str, until: i64) -> Result<usize> {

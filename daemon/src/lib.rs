@@ -180,10 +180,17 @@ impl Daemon {
         if cleaned > 0 {
             tracing::info!(cleaned, "removed unfinished uploads left by a previous run");
         }
+        // The node's name: leases and batches are held under it, so on a
+        // shared store it stays the same across restarts.
+        let instance = match (&config.node.id, store.engine()) {
+            (Some(id), _) => id.clone(),
+            (None, db::Engine::Postgres) => host_name(),
+            (None, db::Engine::Sqlite) => domain::new_id("daemon"),
+        };
         // A daemon killed a moment ago holds the lock until PostgreSQL sees
         // its connection close: wait a little before refusing.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-        while let Err(e) = store.claim_single_node().await {
+        while let Err(e) = store.claim_node(&instance).await {
             if std::time::Instant::now() > deadline {
                 return Err(e);
             }
@@ -220,7 +227,6 @@ impl Daemon {
             }
             Scoring::Custom(s) => Some(s),
         };
-        let instance = domain::new_id("daemon");
         let (scheduler, handle) = scheduler::Scheduler::new(
             &config,
             store.clone(),
@@ -228,7 +234,7 @@ impl Daemon {
             metrics.clone(),
             scorer,
         );
-        tracing::info!(%instance, policy = ?config.effective_policy(), "daemon built");
+        tracing::info!(%instance, role = config.node.role.as_str(), policy = ?config.effective_policy(), "daemon built");
         let limits = Arc::new(http::RateLimits::new(&config.limits));
         Ok(Daemon {
             state: AppState {
@@ -262,14 +268,20 @@ impl Daemon {
         } = self;
         let sched_stop = CancellationToken::new();
         let sched = tokio::spawn(scheduler.run(sched_stop.clone()));
-        let sweeper = tokio::spawn(retention_sweeper(state.clone(), shutdown.clone()));
-        let passback = tokio::spawn(passback::run(
-            passback::Passback {
-                store: state.store.clone(),
-                lti: state.lti.clone(),
-            },
-            shutdown.clone(),
-        ));
+        // Passback and retention run on api nodes, one node at a time.
+        let api_jobs = state.config.node.role.runs_api();
+        let sweeper =
+            api_jobs.then(|| tokio::spawn(retention_sweeper(state.clone(), shutdown.clone())));
+        let passback = api_jobs.then(|| {
+            tokio::spawn(passback::run(
+                passback::Passback {
+                    store: state.store.clone(),
+                    lti: state.lti.clone(),
+                    node: state.scheduler.node().to_owned(),
+                },
+                shutdown.clone(),
+            ))
+        });
         let app = router(state.clone());
         let flag = state.shutting_down.clone();
         let sd = shutdown.clone();
@@ -289,8 +301,9 @@ impl Daemon {
             Ok(Err(e)) => tracing::error!(error = %e, "scheduler stopped with an error"),
             Err(e) => tracing::error!(error = %e, "scheduler task panicked"),
         }
-        sweeper.abort();
-        passback.abort();
+        for task in [sweeper, passback].into_iter().flatten() {
+            task.abort();
+        }
         Ok(())
     }
 }
@@ -306,11 +319,43 @@ async fn retention_sweeper(state: AppState, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
+        let node = state.scheduler.node().to_owned();
+        let ttl = every.as_millis() as i64 * 2;
+        match state
+            .store
+            .write(move |tx| jobs::claim_singleton(tx, "retention", &node, ttl))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention sweep: cannot reach the store");
+                continue;
+            }
+        }
         if let Err(e) =
             retention::purge_expired(&state.store, state.config.retention.retention_days).await
         {
             tracing::warn!(error = %e, "retention sweep failed");
         }
+    }
+}
+
+/// This machine's host name (a node's default id on a shared store).
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into `buf`.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    if name.is_empty() {
+        "viva".to_owned()
+    } else {
+        name
     }
 }
 

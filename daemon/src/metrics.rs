@@ -12,6 +12,9 @@ pub struct Metrics {
     pub phase: IntGaugeVec,
     pub phase_seconds: HistogramVec,
     pub stage_seconds: HistogramVec,
+    /// One claim transaction (row-lock waits included): several nodes
+    /// claiming from one PostgreSQL queue.
+    pub claim_seconds: prometheus::Histogram,
     pub jobs: IntCounterVec,
     pub worker_restarts: IntCounterVec,
     pub worker_unavailable: IntGaugeVec,
@@ -39,6 +42,15 @@ impl Metrics {
             HistogramOpts::new("phase_duration_seconds", "How long each phase lasted")
                 .buckets(BUCKETS.to_vec()),
             &["phase"],
+        )?;
+        let claim_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "claim_seconds",
+                "Time to claim queued jobs (one transaction, lock waits included)",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+            ]),
         )?;
         let stage_seconds = HistogramVec::new(
             HistogramOpts::new(
@@ -79,6 +91,7 @@ impl Metrics {
         registry.register(Box::new(phase.clone()))?;
         registry.register(Box::new(phase_seconds.clone()))?;
         registry.register(Box::new(stage_seconds.clone()))?;
+        registry.register(Box::new(claim_seconds.clone()))?;
         registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(worker_restarts.clone()))?;
         registry.register(Box::new(worker_unavailable.clone()))?;
@@ -91,6 +104,7 @@ impl Metrics {
             phase,
             phase_seconds,
             stage_seconds,
+            claim_seconds,
             jobs,
             worker_restarts,
             worker_unavailable,

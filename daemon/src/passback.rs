@@ -39,6 +39,8 @@ use crate::store::Store;
 pub(crate) struct Passback {
     pub store: Store,
     pub lti: Lti,
+    /// This node's id (the passback singleton is held under it).
+    pub node: String,
 }
 
 /// One outbox row as instructors see it.
@@ -100,8 +102,20 @@ pub(crate) async fn run(st: Passback, shutdown: CancellationToken) {
             st.lti.maintain_keys().await;
             next_key_check = std::time::Instant::now() + Duration::from_secs(3600);
         }
-        if let Err(e) = deliver_due(&st).await {
-            tracing::warn!(error = %e, "grade passback round failed");
+        // One node delivers at a time (several api nodes on one store).
+        let node = st.node.clone();
+        match st
+            .store
+            .write(move |tx| crate::jobs::claim_singleton(tx, "passback", &node, 30_000))
+            .await
+        {
+            Ok(true) => {
+                if let Err(e) = deliver_due(&st).await {
+                    tracing::warn!(error = %e, "grade passback round failed");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "grade passback: cannot reach the store"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

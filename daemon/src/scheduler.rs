@@ -30,11 +30,11 @@ use viva_models::{
 };
 
 use crate::clock::now_ms;
-use crate::config::{Config, Policy, SchedulerConfig, WorkerConfig};
+use crate::config::{Config, NodeRole, Policy, SchedulerConfig, WorkerConfig};
 use crate::domain::{Assignment, ReleasePolicy};
 use crate::error::{Error, Result};
 use crate::eta::{PlanInput, ServiceStats, Snapshot, StatsView, Unavailable};
-use crate::jobs::{self, Claimed, FailOutcome, OpenBatch, PendingJob, Stage};
+use crate::jobs::{self, Claimed, FailOutcome, OpenBatch, PendingJob, QueueView, Stage, Sweep};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::swap;
@@ -195,9 +195,15 @@ pub struct SchedulerHandle {
     phases: Arc<std::sync::Mutex<VecDeque<PhaseChange>>>,
     memory_swaps: Arc<std::sync::Mutex<VecDeque<SwapMemory>>>,
     retries: mpsc::UnboundedSender<String>,
+    node: Arc<str>,
 }
 
 impl SchedulerHandle {
+    /// This daemon's node id (leases, batches and singletons are held under it).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// Wakes the scheduler (new upload, retry request …).
     pub fn poke(&self) {
         self.notify.notify_one();
@@ -301,6 +307,12 @@ pub struct Scheduler {
     job_timeout: Duration,
     policy: Policy,
     instance: String,
+    /// What this node does (`[node] role`); an api node runs no queue.
+    role: NodeRole,
+    /// Several nodes may share the store (PostgreSQL): batches are per
+    /// node, leases are taken over only once expired, and the queue is
+    /// read again every second (other nodes add to it).
+    shared: bool,
     supervisor: Supervisor,
     scorer: Option<Arc<dyn Scorer>>,
     metrics: Metrics,
@@ -359,6 +371,9 @@ pub struct SwapMemory {
 
 const DAEMON_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// How often a node sharing the store reads the queue again.
+const SHARED_POLL: Duration = Duration::from_secs(1);
+
 impl Scheduler {
     pub fn new(
         config: &Config,
@@ -399,7 +414,9 @@ impl Scheduler {
             phases: phases.clone(),
             memory_swaps: memory_swaps.clone(),
             retries: retries_tx,
+            node: Arc::from(instance.as_str()),
         };
+        let store_shared = store.engine() == crate::db::Engine::Postgres;
         let scheduler = Scheduler {
             store,
             cfg: config.scheduler.clone(),
@@ -430,6 +447,8 @@ impl Scheduler {
             wake_at_ms: None,
             version: 0,
             last_lease_sweep: Instant::now(),
+            role: config.node.role,
+            shared: store_shared,
             score_in_flight: 0,
             arrivals: VecDeque::new(),
             last_arrival_ms: 0,
@@ -442,9 +461,21 @@ impl Scheduler {
     /// jobs back to the queue.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
         let instance = self.instance.clone();
+        let (role, shared) = (self.role, self.shared);
         let released = self
             .store
-            .write(move |tx| jobs::release_stale_leases(tx, &instance))
+            .write(move |tx| {
+                jobs::node_seen(tx, &instance, role.as_str(), true)?;
+                if !role.runs_queue() {
+                    return Ok(0);
+                }
+                if shared {
+                    jobs::release_stale_leases(tx, &instance, Sweep::Expired { restart: true })
+                } else {
+                    jobs::adopt_open_batches(tx, &instance)?;
+                    jobs::release_stale_leases(tx, &instance, Sweep::NotMine)
+                }
+            })
             .await?;
         if released > 0 {
             tracing::info!(
@@ -459,10 +490,14 @@ impl Scheduler {
                 tracing::error!(error = %e, "scheduler step failed; retrying in 1 s");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            let sleep_for = self
+            let mut sleep_for = self
                 .wake_at_ms
                 .map(|t| Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64))
                 .unwrap_or(Duration::from_secs(3600));
+            if self.shared {
+                // Other nodes add uploads and finish jobs: look again.
+                sleep_for = sleep_for.min(SHARED_POLL);
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.notify.notified() => {}
@@ -528,10 +563,14 @@ impl Scheduler {
 
     async fn renew_leases(&mut self) {
         let instance = self.instance.clone();
+        let role = self.role;
         let until = now_ms() + self.cfg.lease.as_millis() as i64;
         if let Err(e) = self
             .store
-            .write(move |tx| jobs::renew_leases(tx, &instance, until))
+            .write(move |tx| {
+                jobs::node_seen(tx, &instance, role.as_str(), false)?;
+                jobs::renew_leases(tx, &instance, until)
+            })
             .await
         {
             tracing::warn!(error = %e, "renewing job leases failed");
@@ -578,18 +617,40 @@ impl Scheduler {
     /// One decision step.
     async fn tick(&mut self) -> Result<()> {
         self.wake_at_ms = None;
+        if !self.role.runs_queue() {
+            // An api node: the queue as the nodes that run it left it, for
+            // students' positions and ETAs.
+            return self.publish().await;
+        }
         if self.last_lease_sweep.elapsed() >= self.cfg.lease {
             self.last_lease_sweep = Instant::now();
             let instance = self.instance.clone();
+            let shared = self.shared;
+            let alive_ms = self.cfg.lease.as_millis() as i64;
             self.store
-                .write(move |tx| jobs::release_stale_leases(tx, &instance))
+                .write(move |tx| {
+                    if shared {
+                        jobs::release_stale_leases(
+                            tx,
+                            &instance,
+                            Sweep::Expired { restart: false },
+                        )?;
+                        jobs::dissolve_dead_batches(tx, &instance, alive_ms)
+                    } else {
+                        jobs::release_stale_leases(tx, &instance, Sweep::NotMine)
+                    }
+                })
                 .await?;
         }
         // A decision can unlock another (batch finished → evaluation), so
         // repeat until nothing changes, bounded.
         self.start_slots(|s| s.remote);
         for _ in 0..4 {
-            let (pending, batch) = self.store.read(jobs::load_pending).await?;
+            let view = self.queue_view();
+            let (pending, batch) = self
+                .store
+                .read(move |c| jobs::load_pending(c, &view))
+                .await?;
             self.batch = batch;
             self.note_arrivals(&pending, now_ms());
             let changed = match self.policy {
@@ -763,10 +824,11 @@ impl Scheduler {
             .map(|j| j.submission_id.clone())
             .collect();
         let full = ids.len() >= self.cfg.stt_batch_size;
+        let node = self.instance.clone();
         let id = self
             .store
             .write(move |tx| {
-                let id = jobs::open_batch(tx, &ids)?;
+                let id = jobs::open_batch(tx, &ids, &node)?;
                 if full {
                     jobs::close_batch(tx, id)?;
                 }
@@ -1030,9 +1092,15 @@ impl Scheduler {
     async fn claim(&self, ids: Vec<i64>) -> Result<Vec<Claimed>> {
         let instance = self.instance.clone();
         let until = now_ms() + self.cfg.lease.as_millis() as i64;
-        self.store
+        let started = Instant::now();
+        let claimed = self
+            .store
             .write(move |tx| jobs::claim(tx, &ids, &instance, until))
-            .await
+            .await;
+        self.metrics
+            .claim_seconds
+            .observe(started.elapsed().as_secs_f64());
+        claimed
     }
 
     async fn dispatch_stt(&mut self, candidates: &[&PendingJob]) -> Result<()> {
@@ -1888,9 +1956,21 @@ impl Scheduler {
         }
     }
 
+    /// The queue this node decides over.
+    fn queue_view(&self) -> QueueView {
+        if self.shared && self.role.runs_queue() {
+            QueueView::Node(self.instance.clone())
+        } else {
+            QueueView::All
+        }
+    }
+
     async fn publish(&mut self) -> Result<()> {
         self.note_device_memory();
-        let (pending, batch) = self.store.read(jobs::load_pending).await?;
+        let (pending, batch) = self
+            .store
+            .read(|c| jobs::load_pending(c, &QueueView::All))
+            .await?;
         let progress = match &batch {
             Some(b) => {
                 let id = b.id;
@@ -1911,6 +1991,17 @@ impl Scheduler {
         let unavailable = self.unavailable();
         let down: std::collections::BTreeSet<String> = unavailable.keys().cloned().collect();
         let now = now_ms();
+        // Several GPU nodes serve the queue side by side: planned as that
+        // many times the places (each node runs its own phases).
+        let queue_nodes = if self.shared {
+            let alive_ms = self.cfg.lease.as_millis() as i64;
+            self.store
+                .read(move |c| jobs::live_queue_nodes(c, alive_ms))
+                .await?
+        } else {
+            Vec::new()
+        };
+        let parallel = queue_nodes.len().max(1);
         let inp = PlanInput {
             now_ms: now,
             policy: self.policy,
@@ -1918,8 +2009,8 @@ impl Scheduler {
             batch: batch.clone(),
             stt_batch_size: self.cfg.stt_batch_size,
             batch_window_ms: self.cfg.batch_window.as_millis() as i64,
-            stt_concurrency: self.cfg.stt_concurrency,
-            eval_concurrency: self.cfg.eval_concurrency,
+            stt_concurrency: self.cfg.stt_concurrency * parallel,
+            eval_concurrency: self.cfg.eval_concurrency * parallel,
             eval_batch_size: self.cfg.eval_batch_size,
             min_batch_wait_ms: self.cfg.min_batch_wait.as_millis() as i64,
             roles: &self.roles,
@@ -1999,10 +2090,15 @@ impl Scheduler {
                 .filter_map(|(n, s)| s.last_error.clone().map(|e| (n.clone(), e)))
                 .collect(),
             unavailable,
-            ready: self.slots.contains_key("stt") && !self.roles.is_empty(),
+            ready: if self.role.runs_queue() {
+                self.slots.contains_key("stt") && !self.roles.is_empty()
+            } else {
+                !queue_nodes.is_empty()
+            },
             entries,
             stats: StatsView::from(&self.stats),
             measured_mb: self.measured_mb.clone(),
+            queue_nodes,
             hold: self.hold.map(|(kind, until_ms)| crate::eta::Hold {
                 phase: match kind {
                     WorkerKind::Stt => "stt",

@@ -350,12 +350,33 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE assignments ADD COLUMN language TEXT;
     ALTER TABLE assignments ADD COLUMN vocabulary TEXT;
     "#,
+    // 14: several nodes on one store (PostgreSQL): the node whose GPU
+    // queue holds a batch, the nodes and when each was last seen (a node
+    // not seen for a lease has its batches dissolved and its leases taken),
+    // and jobs that run on one node at a time (grade passback, retention).
+    NODES_MIGRATION,
 ];
+
+/// Migration 14 of SQLite, 2 of PostgreSQL (the same SQL on both).
+const NODES_MIGRATION: &str = r#"
+    ALTER TABLE batches ADD COLUMN node TEXT;
+    CREATE TABLE nodes (
+        id          TEXT PRIMARY KEY,
+        role        TEXT NOT NULL,
+        started_at  BIGINT NOT NULL,
+        seen_at     BIGINT NOT NULL
+    );
+    CREATE TABLE singletons (
+        name        TEXT PRIMARY KEY,
+        node        TEXT NOT NULL,
+        expires_at  BIGINT NOT NULL
+    );
+"#;
 
 /// PostgreSQL's migrations (`store = "postgres://…"`). The first one is
 /// SQLite's migrations 1–13 at once; later changes add a migration to both
 /// lists. The schemas differ only in types (tested).
-pub const PG_MIGRATIONS: &[&str] = &[include_str!("store/postgres-1.sql")];
+pub const PG_MIGRATIONS: &[&str] = &[include_str!("store/postgres-1.sql"), NODES_MIGRATION];
 
 /// The schema version this build understands (SQLite's numbering).
 #[cfg(test)]
@@ -437,29 +458,32 @@ enum Writer {
 struct PgWriter {
     url: String,
     conn: RefCell<PgConn>,
-    /// This node holds the database's single-node lock (on this
-    /// connection's session; taken again after a reconnect).
-    single_node: bool,
+    /// The node id whose lock this connection's session holds (taken again
+    /// after a reconnect).
+    node: Option<String>,
 }
 
-/// The advisory lock a daemon holds on a PostgreSQL store: one node per
-/// database until nodes share the queue.
-const SINGLE_NODE_LOCK: i64 = 7_361_627;
+/// The advisory lock key of node `node` on a PostgreSQL store: a node id
+/// serves from one daemon at a time.
+fn node_lock_key(node: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(format!("viva-node:{node}").as_bytes());
+    i64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+}
 
-fn take_single_node_lock(conn: &RefCell<PgConn>) -> Result<()> {
+fn take_node_lock(conn: &RefCell<PgConn>, node: &str) -> Result<()> {
     let got: bool = Connection::postgres(conn).query_row(
         "SELECT pg_try_advisory_lock(?1)",
-        [SINGLE_NODE_LOCK],
+        [node_lock_key(node)],
         |r| r.get(0),
     )?;
     if got {
         Ok(())
     } else {
-        Err(Error::Unavailable(
-            "another Viva daemon is serving this PostgreSQL database; this release runs one \
-             daemon per database (stop the other one, or give this one its own database)"
-                .into(),
-        ))
+        Err(Error::Unavailable(format!(
+            "another Viva daemon is serving this PostgreSQL database as node {node:?}; \
+             give each node its own [node] id (or stop the other one)"
+        )))
     }
 }
 
@@ -478,8 +502,8 @@ impl Writer {
                 if w.conn.borrow().client.is_closed() {
                     tracing::warn!("the PostgreSQL writer connection closed; reconnecting");
                     *w.conn.borrow_mut() = pg_connect(&w.url)?;
-                    if w.single_node {
-                        take_single_node_lock(&w.conn)?;
+                    if let Some(node) = &w.node {
+                        take_node_lock(&w.conn, node)?;
                     }
                 }
                 w.conn.borrow_mut().batch("BEGIN")?;
@@ -682,7 +706,7 @@ impl Store {
                     Writer::Postgres(Box::new(PgWriter {
                         url: url.clone(),
                         conn: RefCell::new(conn),
-                        single_node: false,
+                        node: None,
                     })),
                     Readers::Postgres(Vec::new()),
                 )
@@ -725,17 +749,18 @@ impl Store {
         }
     }
 
-    /// Makes this handle the database's one daemon (PostgreSQL: a session
+    /// Makes this handle node `node`'s daemon (PostgreSQL: a session
     /// advisory lock on the writer's connection, held while it lives;
     /// SQLite: the data directory lock does this). Fails when another
-    /// daemon holds it.
-    pub async fn claim_single_node(&self) -> Result<()> {
+    /// daemon serves as that node.
+    pub async fn claim_node(&self, node: &str) -> Result<()> {
         let (reply, rx) = oneshot::channel();
+        let node = node.to_owned();
         let job: WriteJob = Box::new(move |w: &mut Writer| {
             let result = match w {
                 Writer::Sqlite(_) => Ok(()),
-                Writer::Postgres(pg) => take_single_node_lock(&pg.conn).map(|()| {
-                    pg.single_node = true;
+                Writer::Postgres(pg) => take_node_lock(&pg.conn, &node).map(|()| {
+                    pg.node = Some(node);
                 }),
             };
             let _ = reply.send(result);

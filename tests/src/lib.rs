@@ -14,6 +14,7 @@ use viva_daemon::Role;
 use viva_daemon::config::WorkerConfig;
 
 pub mod gpu_profile;
+pub mod nodes;
 pub mod pg;
 pub mod platform;
 pub mod real;

@@ -305,28 +305,34 @@ async fn migrate_store_moves_a_sqlite_site_to_postgres() {
     new.stop().await;
 }
 
-/// One daemon per PostgreSQL database in this release: a second one is
-/// refused with the reason, and may start once the first is gone.
+/// A node id serves from one daemon at a time: a second daemon under the
+/// same id is refused with the reason (another id is welcome), and may
+/// start once the first is gone.
 #[tokio::test]
-async fn a_second_daemon_on_the_same_database_is_refused() {
+async fn a_second_daemon_with_the_same_node_id_is_refused() {
     if skip() {
         return;
     }
     let url = viva_tests::pg::fresh_database().expect("a test database");
     let location = Location::Postgres(url);
     let first = Store::open_at(&location).expect("first");
-    first.claim_single_node().await.expect("the first daemon");
+    first.claim_node("node-a").await.expect("the first daemon");
     let second = Store::open_at(&location).expect("a second handle opens (doctor, migrate)");
     let e = second
-        .claim_single_node()
+        .claim_node("node-a")
         .await
         .expect_err("a second daemon is refused");
     assert!(e.to_string().contains("another Viva daemon"), "{e}");
+    let other = Store::open_at(&location).expect("a third handle");
+    other
+        .claim_node("node-b")
+        .await
+        .expect("another node id is welcome");
     drop(first);
     // The lock goes with the first daemon's connection.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        match second.claim_single_node().await {
+        match second.claim_node("node-a").await {
             Ok(()) => break,
             Err(e) if std::time::Instant::now() > deadline => panic!("still refused: {e}"),
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
