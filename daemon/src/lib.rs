@@ -51,7 +51,7 @@ pub use lti::user_id as lti_user_id;
 pub use passback::{OutboxView, outbox_rows};
 pub use scheduler::{SchedulerHandle, Scorer};
 
-/// An exclusive lock on the data directory: one daemon per database.
+/// An exclusive lock on the data directory: one daemon per data directory.
 pub struct DataDirLock {
     _file: std::fs::File,
 }
