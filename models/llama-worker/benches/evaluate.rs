@@ -3,14 +3,19 @@
 //!
 //! 1. Prompt and generation tokens/s, one submission at a time against
 //!    batches of 2, 4 and 8 decoded together, and the throughput ratio.
-//! 2. Grammar sampling: the whole vocabulary every step ("naive") against
+//! 2. `continuous`: 1 to 16 items through 1 to 8 slots in rounds
+//!    (`continuous_batching` off), with slots refilled as answers finish,
+//!    and with shared prompt prefixes as well (`share_prompt_prefix`):
+//!    wall time, generated tokens per wall-clock second, and whether the
+//!    answers are the same in every mode.
+//! 3. Grammar sampling: the whole vocabulary every step ("naive") against
 //!    the unconstrained-argmax-first fast path, with the outputs compared.
-//! 3. The KV cache kept across calls (`reuse_kv_cache`, a worker's session)
+//! 4. The KV cache kept across calls (`reuse_kv_cache`, a worker's session)
 //!    against a new context per call: setup time, wall time, and whether
 //!    the answers are the same.
-//! 4. Worker start-to-ready (spawn → `Loaded`) and stop-to-exit (`Shutdown`
+//! 5. Worker start-to-ready (spawn → `Loaded`) and stop-to-exit (`Shutdown`
 //!    → reaped): the cost of a phase switch.
-//! 5. `judge` (not in the default sections): each model's level, evidence
+//! 6. `judge` (not in the default sections): each model's level, evidence
 //!    and rationale for five answers whose right level is known, to compare
 //!    evaluators by eye: `BENCH_MODELS=smollm2,qwen BENCH_SECTIONS=judge`
 //!    (qwen is the demo's Qwen2.5-Coder-0.5B, `viva models fetch
@@ -19,7 +24,7 @@
 //! Environment: `VIVA_MODELS_DIR` (default `~/.cache/viva/models`),
 //! `BENCH_MODELS` (default `smollm2,gemma`), `BENCH_THREADS` (default 2),
 //! `BENCH_ITEMS` (submissions per table row, default 8), `BENCH_SECTIONS`
-//! (default `batches,grammar,reuse,lifecycle`), `BENCH_REPEAT` (rounds of
+//! (default `batches,continuous,grammar,reuse,lifecycle`), `BENCH_REPEAT` (rounds of
 //! the reuse table, default 2).
 
 use std::io::Write;
@@ -233,6 +238,55 @@ fn print_row(batch: usize, s: &CallStats, wall: f64, single_gen: f64, single_ite
     );
 }
 
+/// (items, slots) of the continuous-batching table.
+const CONTINUOUS_ROWS: [(usize, u32); 5] = [(1, 1), (4, 4), (8, 8), (16, 4), (16, 8)];
+
+fn bench_continuous(name: &str, engine: &mut Engine) {
+    println!(
+        "\n## {name}: rounds against continuous batching against continuous batching with \
+         shared prompt prefixes (threads {})",
+        engine.options().threads.unwrap_or(0)
+    );
+    println!(
+        "| items | slots | mode | prompt tok decoded | prompt tok shared | gen tok | steps | wall s | gen tok/s (wall) | items/s | × rounds | same answers |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let base = engine.options().clone();
+    let modes = [
+        ("rounds", false, false),
+        ("continuous", true, false),
+        ("continuous + prefix", true, true),
+    ];
+    for (n, slots) in CONTINUOUS_ROWS {
+        let mut first: Option<(Vec<String>, f64)> = None;
+        for (mode, continuous, share) in modes {
+            let mut options = base.clone();
+            options.parallel = slots;
+            options.continuous_batching = continuous;
+            options.share_prompt_prefix = share;
+            engine.set_options(options);
+            let (answers, s, wall) = run(engine, &items(n));
+            let items_s = n as f64 / wall;
+            let (same, ratio) = match &first {
+                None => {
+                    first = Some((answers, items_s));
+                    ("-".to_owned(), 1.0)
+                }
+                Some((a, r)) => ((answers == *a).to_string(), items_s / r.max(1e-9)),
+            };
+            println!(
+                "| {n} | {slots} | {mode} | {} | {} | {} | {} | {wall:.2} | {:.1} | {items_s:.2} | {ratio:.2}× | {same} |",
+                s.prompt_tokens,
+                s.prompt_tokens_shared,
+                s.generated_tokens,
+                s.steps,
+                s.generated_tokens as f64 / wall,
+            );
+        }
+    }
+    engine.set_options(base);
+}
+
 fn bench_grammar(name: &str, engine: &mut Engine) {
     let n = bench_items().min(4);
     println!("\n## {name}: grammar sampling, one item at a time ({n} items)");
@@ -297,14 +351,7 @@ fn run_session(
             Some(e) => serde_json::to_string(&e.ratings).unwrap_or_default(),
             None => format!("error: {:?}", o.error),
         }));
-        total.items += stats.items;
-        total.prompt_tokens += stats.prompt_tokens;
-        total.generated_tokens += stats.generated_tokens;
-        total.setup_seconds += stats.setup_seconds;
-        total.prompt_seconds += stats.prompt_seconds;
-        total.generation_seconds += stats.generation_seconds;
-        total.contexts_created += stats.contexts_created;
-        total.contexts_reused += stats.contexts_reused;
+        total.add(&stats);
     }
     let wall = started.elapsed().as_secs_f64();
     let cells = session.context_cells();
@@ -483,13 +530,16 @@ fn main() {
         // Warm the page cache and the allocator.
         let _ = run(&engine, &items(1));
         let sections = std::env::var("BENCH_SECTIONS")
-            .unwrap_or_else(|_| "batches,grammar,reuse,lifecycle".into());
+            .unwrap_or_else(|_| "batches,continuous,grammar,reuse,lifecycle".into());
         let want = |s: &str| sections.split(',').any(|w| w.trim() == s);
         if want("judge") {
             bench_judge(name, &engine);
         }
         if want("batches") {
             bench_batches(name, &mut engine);
+        }
+        if want("continuous") {
+            bench_continuous(name, &mut engine);
         }
         if want("grammar") {
             bench_grammar(name, &mut engine);

@@ -1,14 +1,17 @@
 //! The loaded model and batched, grammar-constrained evaluation.
 //!
-//! One call evaluates up to `parallel` submissions together: each gets a
-//! sequence id (and its own KV-cache stream) in one context, each prompt is
-//! decoded in `llama_batch`es of up to `batch_size` tokens, and every
-//! generation step decodes one batch holding the next token of every
-//! unfinished sequence. Larger calls run in chunks of `parallel`. A
-//! [`Session`] (the worker keeps one) reuses the context and its KV cache
-//! from call to call while the calls fit it. Greedy output is the same
-//! whether a submission is decoded alone or in a batch, in a new context or
-//! a kept one (see [`Session`] for the settings that make it so).
+//! One call evaluates its submissions in up to `parallel` slots: each
+//! decoding submission has a sequence id (and its own KV-cache stream) in
+//! one context, each prompt is decoded in `llama_batch`es of up to
+//! `batch_size` tokens, and every generation step decodes one batch holding
+//! the next token of every busy slot. A slot whose answer is complete takes
+//! the next waiting submission (continuous batching), and the prompt part
+//! that submissions of one assignment share is decoded once. A [`Session`]
+//! (the worker keeps one) reuses the context, its KV cache and the prompt
+//! prefixes in it from call to call while the calls fit it. Greedy output
+//! is the same whether a submission is decoded alone or in a batch, in a
+//! new context or a kept one, first or after others (see [`Session`] for
+//! the settings that make it so).
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -1291,11 +1294,21 @@ impl Engine {
                 kept.ctx
                     .copy_kv_cache_seq(k as i32, s.seq_id, None, None)
                     .map_err(cache_error)?;
-                kept.ctx
+                let cut = kept
+                    .ctx
                     .clear_kv_cache_seq(Some(slot as u32), Some(s.split as u32), None)
                     .map_err(cache_error)?;
-                stats.prefix_copies += 1;
-                have = true;
+                have = cut
+                    && kept.ctx.kv_cache_seq_pos_min(s.seq_id) == 0
+                    && kept.ctx.kv_cache_seq_pos_max(s.seq_id) + 1 == s.split as i32;
+                if have {
+                    stats.prefix_copies += 1;
+                } else {
+                    // Not the whole prefix: decode it after all.
+                    kept.ctx
+                        .clear_kv_cache_seq(Some(slot as u32), None, None)
+                        .map_err(cache_error)?;
+                }
             }
         }
         let parts: [(usize, usize); 2] = [(0, s.split), (s.split, s.tokens.len())];
