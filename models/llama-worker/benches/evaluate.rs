@@ -4,8 +4,9 @@
 //! 1. Prompt and generation tokens/s, one submission at a time against
 //!    batches of 2, 4 and 8 decoded together, and the throughput ratio.
 //! 2. `continuous`: 1 to 16 items through 1 to 8 slots in rounds
-//!    (`continuous_batching` off), with slots refilled as answers finish,
-//!    and with shared prompt prefixes as well (`share_prompt_prefix`):
+//!    (`continuous_batching` off) and with slots refilled as answers
+//!    finish, each without and with shared prompt prefixes
+//!    (`share_prompt_prefix`):
 //!    wall time, generated tokens per wall-clock second, and whether the
 //!    answers are the same in every mode.
 //! 3. Grammar sampling: the whole vocabulary every step ("naive") against
@@ -268,8 +269,8 @@ fn bench_repeat() -> usize {
 fn bench_continuous(name: &str, engine: &mut Engine) {
     let repeat = bench_repeat();
     println!(
-        "\n## {name}: rounds against continuous batching against continuous batching with \
-         shared prompt prefixes (threads {}; modes alternate, best wall of {repeat})",
+        "\n## {name}: rounds against continuous batching, without and with shared prompt \
+         prefixes (threads {}; modes alternate, best wall of {repeat})",
         engine.options().threads.unwrap_or(0)
     );
     println!(
@@ -280,6 +281,7 @@ fn bench_continuous(name: &str, engine: &mut Engine) {
     let modes = [
         ("rounds", false, false),
         ("continuous", true, false),
+        ("rounds + prefix (default)", false, true),
         ("continuous + prefix", true, true),
     ];
     for (n, slots) in continuous_rows() {

@@ -19,7 +19,8 @@
 //!   `parallel` slots (a sequence id and KV-cache stream each), one
 //!   `llama_batch` per step carrying a token of every busy slot, each
 //!   sequence with its own grammar sampler; a slot whose answer is complete
-//!   takes the next waiting item at once (continuous batching);
+//!   takes the next waiting item when every slot is free, or at once with
+//!   `continuous_batching`;
 //! - the prompt before the transcript (instructions, rubric, assignment
 //!   prompt) is decoded once and kept in, or copied between, slots;
 //! - the worker keeps that context for its life ([`engine::Session`]), with

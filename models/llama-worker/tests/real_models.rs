@@ -504,6 +504,7 @@ fn joining_mid_decode_changes_no_answer(file: &str, shares_prefixes: bool) {
     llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
     let mut options = short_answers();
     options["parallel"] = 2.into();
+    options["continuous_batching"] = true.into();
     let engine = Engine::load(&ModelSpec {
         name: "joining".into(),
         path: model(file).display().to_string(),
