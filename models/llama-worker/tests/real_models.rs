@@ -492,7 +492,7 @@ async fn smollm2_degenerate_fields_are_closed_early() {
 }
 
 /// Continuous batching: five submissions through two slots, so three join
-/// while another is mid-answer, with two assignments (two prompt prefixes)
+/// while another is mid-answer (then the same call in rounds), with two assignments (two prompt prefixes)
 /// interleaved so that slots keep, copy and replace prefixes. Each answer
 /// must be word for word the one the submission gets alone in a new
 /// context. SmolLM2 shares prefixes; Gemma 3 (sliding-window attention)
@@ -505,7 +505,7 @@ fn joining_mid_decode_changes_no_answer(file: &str, shares_prefixes: bool) {
     let mut options = short_answers();
     options["parallel"] = 2.into();
     options["continuous_batching"] = true.into();
-    let engine = Engine::load(&ModelSpec {
+    let mut engine = Engine::load(&ModelSpec {
         name: "joining".into(),
         path: model(file).display().to_string(),
         options,
@@ -571,6 +571,20 @@ fn joining_mid_decode_changes_no_answer(file: &str, shares_prefixes: bool) {
     if shares_prefixes {
         assert!(stats.prompt_tokens_shared > 0, "{}", stats.summary());
     }
+    drop(session);
+
+    // In rounds (`continuous_batching` off, the default): the same answers.
+    let mut rounds = engine.options().clone();
+    rounds.continuous_batching = false;
+    engine.set_options(rounds);
+    let (outcomes, _) = engine
+        .evaluate(&call, "a", &no, &mut |_, _| {})
+        .expect("evaluate in rounds");
+    assert_eq!(
+        answers(&outcomes),
+        together,
+        "rounds give the answers of continuous batching"
+    );
 }
 
 #[test]
