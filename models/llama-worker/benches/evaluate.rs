@@ -3,14 +3,20 @@
 //!
 //! 1. Prompt and generation tokens/s, one submission at a time against
 //!    batches of 2, 4 and 8 decoded together, and the throughput ratio.
-//! 2. Grammar sampling: the whole vocabulary every step ("naive") against
+//! 2. `continuous`: 1 to 16 items through 1 to 8 slots in rounds
+//!    (`continuous_batching` off) and with slots refilled as answers
+//!    finish, each without and with shared prompt prefixes
+//!    (`share_prompt_prefix`):
+//!    wall time, generated tokens per wall-clock second, and whether the
+//!    answers are the same in every mode.
+//! 3. Grammar sampling: the whole vocabulary every step ("naive") against
 //!    the unconstrained-argmax-first fast path, with the outputs compared.
-//! 3. The KV cache kept across calls (`reuse_kv_cache`, a worker's session)
+//! 4. The KV cache kept across calls (`reuse_kv_cache`, a worker's session)
 //!    against a new context per call: setup time, wall time, and whether
 //!    the answers are the same.
-//! 4. Worker start-to-ready (spawn → `Loaded`) and stop-to-exit (`Shutdown`
+//! 5. Worker start-to-ready (spawn → `Loaded`) and stop-to-exit (`Shutdown`
 //!    → reaped): the cost of a phase switch.
-//! 5. `judge` (not in the default sections): each model's level, evidence
+//! 6. `judge` (not in the default sections): each model's level, evidence
 //!    and rationale for five answers whose right level is known, to compare
 //!    evaluators by eye: `BENCH_MODELS=smollm2,qwen BENCH_SECTIONS=judge`
 //!    (qwen is the demo's Qwen2.5-Coder-0.5B, `viva models fetch
@@ -19,8 +25,10 @@
 //! Environment: `VIVA_MODELS_DIR` (default `~/.cache/viva/models`),
 //! `BENCH_MODELS` (default `smollm2,gemma`), `BENCH_THREADS` (default 2),
 //! `BENCH_ITEMS` (submissions per table row, default 8), `BENCH_SECTIONS`
-//! (default `batches,grammar,reuse,lifecycle`), `BENCH_REPEAT` (rounds of
-//! the reuse table, default 2).
+//! (default `batches,continuous,grammar,reuse,lifecycle`), `BENCH_REPEAT`
+//! (rounds of the continuous and reuse tables, default 2),
+//! `BENCH_CONTINUOUS` (rows of the continuous table as items x slots,
+//! default `1x1,4x4,8x8,16x4,16x8`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -233,6 +241,89 @@ fn print_row(batch: usize, s: &CallStats, wall: f64, single_gen: f64, single_ite
     );
 }
 
+/// (items, slots) of the continuous-batching table; `BENCH_CONTINUOUS`
+/// (e.g. `16x4,16x8`) picks others.
+const CONTINUOUS_ROWS: [(usize, u32); 5] = [(1, 1), (4, 4), (8, 8), (16, 4), (16, 8)];
+
+fn continuous_rows() -> Vec<(usize, u32)> {
+    let Ok(spec) = std::env::var("BENCH_CONTINUOUS") else {
+        return CONTINUOUS_ROWS.to_vec();
+    };
+    spec.split(',')
+        .filter_map(|r| {
+            let (n, k) = r.trim().split_once('x')?;
+            Some((n.parse().ok()?, k.parse().ok()?))
+        })
+        .filter(|&(n, k)| n > 0 && k > 0)
+        .collect()
+}
+
+fn bench_repeat() -> usize {
+    std::env::var("BENCH_REPEAT")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|r| *r > 0)
+        .unwrap_or(2)
+}
+
+fn bench_continuous(name: &str, engine: &mut Engine) {
+    let repeat = bench_repeat();
+    println!(
+        "\n## {name}: rounds against continuous batching, without and with shared prompt \
+         prefixes (threads {}; modes alternate, best wall of {repeat})",
+        engine.options().threads.unwrap_or(0)
+    );
+    println!(
+        "| items | slots | mode | prompt tok decoded | prompt tok shared | gen tok | steps | best wall s | gen tok/s (wall) | items/s | × rounds | same answers |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let base = engine.options().clone();
+    let modes = [
+        ("rounds", false, false),
+        ("continuous", true, false),
+        ("rounds + prefix (default)", false, true),
+        ("continuous + prefix", true, true),
+    ];
+    for (n, slots) in continuous_rows() {
+        // Per mode: answers, stats, best wall.
+        let mut results: Vec<Option<(Vec<String>, CallStats, f64)>> = vec![None; modes.len()];
+        for _ in 0..repeat {
+            for (k, (_, continuous, share)) in modes.into_iter().enumerate() {
+                let mut options = base.clone();
+                options.parallel = slots;
+                options.continuous_batching = continuous;
+                options.share_prompt_prefix = share;
+                engine.set_options(options);
+                let (answers, s, wall) = run(engine, &items(n));
+                let best = results[k].as_ref().map_or(f64::MAX, |r| r.2);
+                if wall < best {
+                    results[k] = Some((answers, s, wall));
+                }
+            }
+        }
+        let Some((first, _, first_wall)) = results[0].clone() else {
+            continue;
+        };
+        for ((mode, _, _), r) in modes.iter().zip(&results) {
+            let Some((answers, s, wall)) = r else {
+                continue;
+            };
+            println!(
+                "| {n} | {slots} | {mode} | {} | {} | {} | {} | {wall:.2} | {:.1} | {:.2} | {:.2}× | {} |",
+                s.prompt_tokens,
+                s.prompt_tokens_shared,
+                s.generated_tokens,
+                s.steps,
+                s.generated_tokens as f64 / wall,
+                n as f64 / wall,
+                first_wall / wall.max(1e-9),
+                *answers == first,
+            );
+        }
+    }
+    engine.set_options(base);
+}
+
 fn bench_grammar(name: &str, engine: &mut Engine) {
     let n = bench_items().min(4);
     println!("\n## {name}: grammar sampling, one item at a time ({n} items)");
@@ -297,14 +388,7 @@ fn run_session(
             Some(e) => serde_json::to_string(&e.ratings).unwrap_or_default(),
             None => format!("error: {:?}", o.error),
         }));
-        total.items += stats.items;
-        total.prompt_tokens += stats.prompt_tokens;
-        total.generated_tokens += stats.generated_tokens;
-        total.setup_seconds += stats.setup_seconds;
-        total.prompt_seconds += stats.prompt_seconds;
-        total.generation_seconds += stats.generation_seconds;
-        total.contexts_created += stats.contexts_created;
-        total.contexts_reused += stats.contexts_reused;
+        total.add(&stats);
     }
     let wall = started.elapsed().as_secs_f64();
     let cells = session.context_cells();
@@ -313,11 +397,7 @@ fn run_session(
 
 fn bench_reuse(name: &str, engine: &mut Engine) {
     let n = bench_items();
-    let repeat: usize = std::env::var("BENCH_REPEAT")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .filter(|r| *r > 0)
-        .unwrap_or(2);
+    let repeat = bench_repeat();
     println!(
         "\n## {name}: KV cache kept across calls (reuse_kv_cache) against a new context per \
          call ({n} items, off and on alternately, {repeat} times)"
@@ -483,13 +563,16 @@ fn main() {
         // Warm the page cache and the allocator.
         let _ = run(&engine, &items(1));
         let sections = std::env::var("BENCH_SECTIONS")
-            .unwrap_or_else(|_| "batches,grammar,reuse,lifecycle".into());
+            .unwrap_or_else(|_| "batches,continuous,grammar,reuse,lifecycle".into());
         let want = |s: &str| sections.split(',').any(|w| w.trim() == s);
         if want("judge") {
             bench_judge(name, &engine);
         }
         if want("batches") {
             bench_batches(name, &mut engine);
+        }
+        if want("continuous") {
+            bench_continuous(name, &mut engine);
         }
         if want("grammar") {
             bench_grammar(name, &mut engine);

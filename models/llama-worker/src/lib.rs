@@ -15,12 +15,17 @@
 //!   once with one of its labels;
 //! - transcripts with instruction-like content get a review flag
 //!   ([`viva_models::injection`]);
-//! - all items of a call decode together in one context, one sequence id
-//!   each, one `llama_batch` per step carrying a token of every unfinished
-//!   sequence, each sequence with its own grammar sampler;
-//! - the worker keeps that context for its life ([`engine::Session`]): its
-//!   KV cache is cleared between calls and reallocated only when a call
-//!   does not fit it.
+//! - the items of a call decode together in one context, in up to
+//!   `parallel` slots (a sequence id and KV-cache stream each), one
+//!   `llama_batch` per step carrying a token of every busy slot, each
+//!   sequence with its own grammar sampler; a slot whose answer is complete
+//!   takes the next waiting item when every slot is free, or at once with
+//!   `continuous_batching`;
+//! - the prompt before the transcript (instructions, rubric, assignment
+//!   prompt) is decoded once and kept in, or copied between, slots;
+//! - the worker keeps that context for its life ([`engine::Session`]), with
+//!   the prompt prefixes its slots hold, and reallocates it only when a
+//!   call does not fit it.
 //!
 //! Grammar sampling takes a fast path: the unconstrained best token is
 //! checked against the grammar alone and taken when it is allowed; only when

@@ -490,3 +490,109 @@ async fn smollm2_degenerate_fields_are_closed_early() {
         full.0
     );
 }
+
+/// Continuous batching: five submissions through two slots, so three join
+/// while another is mid-answer (then the same call in rounds), with two assignments (two prompt prefixes)
+/// interleaved so that slots keep, copy and replace prefixes. Each answer
+/// must be word for word the one the submission gets alone in a new
+/// context. SmolLM2 shares prefixes; Gemma 3 (sliding-window attention)
+/// decodes every prompt whole.
+fn joining_mid_decode_changes_no_answer(file: &str, shares_prefixes: bool) {
+    use std::sync::atomic::AtomicBool;
+    use viva_llama_worker::engine::Engine;
+
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
+    let mut options = short_answers();
+    options["parallel"] = 2.into();
+    options["continuous_batching"] = true.into();
+    let mut engine = Engine::load(&ModelSpec {
+        name: "joining".into(),
+        path: model(file).display().to_string(),
+        options,
+    })
+    .expect("load");
+    assert!(engine.options().continuous_batching && engine.options().share_prompt_prefix);
+    assert_eq!(engine.share_prefix(), shares_prefixes);
+    let (p1, r1) = sandbox();
+    let (p2, r2) = history();
+    let mut call = items(&p1, &r1, &ANSWERS[..3]);
+    // A, A (copies the first's prefix), B (replaces a prefix), A, B.
+    call.insert(
+        2,
+        items(
+            &p2,
+            &r2,
+            &["Alliances and nationalism; the archduke was shot in 1914."],
+        )
+        .remove(0),
+    );
+    call.push(items(&p2, &r2, &["It started because of trade, I think."]).remove(0));
+    for (i, item) in call.iter_mut().enumerate() {
+        item.submission_id = format!("sub-{i}");
+    }
+    let no = AtomicBool::new(false);
+
+    let mut session = engine.session();
+    let mut finished = Vec::new();
+    let (outcomes, stats) = session
+        .evaluate(&call, "a", &no, &mut |done, total| {
+            finished.push((done, total))
+        })
+        .expect("evaluate five through two slots");
+    let together = answers(&outcomes);
+    assert_eq!(finished.last(), Some(&(5, 5)), "{finished:?}");
+    if shares_prefixes {
+        assert!(
+            stats.prompt_tokens_shared > 0 && stats.prefix_copies > 0,
+            "slots kept and copied prefixes: {}",
+            stats.summary()
+        );
+    } else {
+        assert_eq!(stats.prompt_tokens_shared, 0, "{}", stats.summary());
+    }
+
+    for (i, item) in call.iter().enumerate() {
+        let (one, stats) = engine
+            .evaluate(std::slice::from_ref(item), "a", &no, &mut |_, _| {})
+            .expect("evaluate alone");
+        assert_eq!(stats.contexts_created, 1);
+        assert_eq!(
+            together[i],
+            answers(&one)[0],
+            "submission {i} decoded with others joining and leaving must get its answer alone"
+        );
+    }
+    // A second call in the kept context starts from the prefixes the first
+    // left in the slots.
+    let (again, stats) = session
+        .evaluate(&call[..2], "a", &no, &mut |_, _| {})
+        .expect("evaluate again in the session");
+    assert_eq!(answers(&again), together[..2]);
+    if shares_prefixes {
+        assert!(stats.prompt_tokens_shared > 0, "{}", stats.summary());
+    }
+    drop(session);
+
+    // In rounds (`continuous_batching` off, the default): the same answers.
+    let mut rounds = engine.options().clone();
+    rounds.continuous_batching = false;
+    engine.set_options(rounds);
+    let (outcomes, _) = engine
+        .evaluate(&call, "a", &no, &mut |_, _| {})
+        .expect("evaluate in rounds");
+    assert_eq!(
+        answers(&outcomes),
+        together,
+        "rounds give the answers of continuous batching"
+    );
+}
+
+#[test]
+fn smollm2_submissions_join_mid_decode_with_their_single_answers() {
+    joining_mid_decode_changes_no_answer(SMOLLM2, true);
+}
+
+#[test]
+fn gemma_submissions_join_mid_decode_with_their_single_answers() {
+    joining_mid_decode_changes_no_answer(GEMMA, false);
+}
