@@ -312,7 +312,7 @@ export default {
   remoteMemory: 'on its server (not this machine)',
   loaded: 'Loaded',
   processCol: 'Process',
-  processInfo: (p) => `pid ${p.pid}, ${p.state}, ${p.jobs_done} jobs, RSS ${p.rss}, peak ${p.peak}`,
+  processInfo: (p) => `pid ${p.pid}, ${p.state}, ${p.jobs_done} job${p.jobs_done === 1 ? '' : 's'} done, RSS ${p.rss}, peak ${p.peak}`,
   notRunning: 'not running',
   phaseHistory: 'Phase history',
   processHistory: 'Worker processes',

@@ -312,7 +312,7 @@ export default {
   evaluators: 'Évaluateurs',
   loaded: 'Chargé',
   processCol: 'Processus',
-  processInfo: (p) => `pid ${p.pid}, ${p.state}, ${p.jobs_done} tâches, RSS ${p.rss}, pic ${p.peak}`,
+  processInfo: (p) => `pid ${p.pid}, ${p.state}, ${p.jobs_done} tâche${p.jobs_done > 1 ? 's' : ''} faite${p.jobs_done > 1 ? 's' : ''}, RSS ${p.rss}, pic ${p.peak}`,
   notRunning: 'arrêté',
   phaseHistory: 'Historique des phases',
   processHistory: 'Processus des modèles',
