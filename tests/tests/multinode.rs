@@ -150,6 +150,13 @@ async fn three_nodes_grade_every_upload_once_through_two_kills() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    // The api node's admin status names the gpu node still serving.
+    let status = get_json(&client, &format!("{}/api/v1/status", api.url()), &admin).await;
+    let nodes: Vec<&str> = status["queue_nodes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    assert!(nodes.contains(&"gpu-2"), "{status}");
     let store = Store::open_at(&Location::Postgres(url)).expect("the store");
     let ids = accepted.clone();
     let (subs, jobs, unfinished, batches_by_node): (i64, i64, i64, Vec<(String, i64)>) = store

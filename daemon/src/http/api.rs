@@ -96,6 +96,10 @@ pub(super) struct StatusView {
     /// Staff only: a phase switch held back to save a model swap.
     #[serde(skip_serializing_if = "Option::is_none")]
     hold: Option<crate::eta::Hold>,
+    /// Admins only: the gpu nodes serving the queue, when several nodes
+    /// share the store (host names are the site's business).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue_nodes: Option<Vec<String>>,
     /// Instructors and admins: unfinished submissions of their context.
     #[serde(skip_serializing_if = "Option::is_none")]
     entries: Option<Vec<QueueEntry>>,
@@ -151,6 +155,8 @@ pub(super) async fn status(
         stats: staff.then(|| snap.stats.clone()),
         unavailable: staff.then(|| snap.unavailable.values().cloned().collect()),
         hold: snap.hold.clone().filter(|_| staff),
+        queue_nodes: (c.is_admin() && !snap.queue_nodes.is_empty())
+            .then(|| snap.queue_nodes.clone()),
         entries,
     }))
 }
