@@ -409,21 +409,7 @@ pub fn stored_version_at(location: &Location) -> Result<Option<u32>> {
 
 fn pg_stored_version(url: &str) -> Result<Option<u32>> {
     let conn = RefCell::new(pg_connect(url)?);
-    let conn = Connection::postgres(&conn);
-    let has_table: bool = conn.query_row(
-        "SELECT COUNT(*) > 0 FROM information_schema.tables
-         WHERE table_schema = current_schema() AND table_name = 'schema_version'",
-        [],
-        |r| r.get(0),
-    )?;
-    if !has_table {
-        return Ok(Some(0));
-    }
-    Ok(Some(conn.query_row(
-        "SELECT COALESCE(MAX(version), 0) FROM schema_version",
-        [],
-        |r| r.get(0),
-    )?))
+    version_in(&Connection::postgres(&conn))
 }
 
 /// The schema version of the database at `path`, read without changing
@@ -433,12 +419,21 @@ pub fn stored_version(path: &Path) -> Result<Option<u32>> {
         return Ok(None);
     }
     let raw = open_connection(path, true)?;
-    let conn = Connection::sqlite(&raw);
-    let has_table: bool = conn.query_row(
-        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'",
-        [],
-        |r| r.get(0),
-    )?;
+    version_in(&Connection::sqlite(&raw))
+}
+
+/// The highest applied migration (0 before the first).
+fn version_in(conn: &Connection<'_>) -> Result<Option<u32>> {
+    let has_table_sql = match conn.engine() {
+        Engine::Sqlite => {
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        }
+        Engine::Postgres => {
+            "SELECT COUNT(*) > 0 FROM information_schema.tables
+             WHERE table_schema = current_schema() AND table_name = 'schema_version'"
+        }
+    };
+    let has_table: bool = conn.query_row(has_table_sql, [], |r| r.get(0))?;
     if !has_table {
         return Ok(Some(0));
     }
