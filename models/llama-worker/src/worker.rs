@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use viva_models::protocol::{FrameReader, FrameWriter, exit_with_parent, take_stdio};
+use viva_models::protocol::{
+    FrameReader, FrameWriter, Incoming, exit_with_parent, read_daemon_frames, take_stdio,
+};
 use viva_models::{
     DaemonMessage, EvaluateResponse, JobPayload, JobResult, PROTOCOL_VERSION, WorkerKind,
     WorkerMessage,
@@ -72,12 +74,6 @@ pub fn check_options(json: &str) -> Result<String, String> {
     serde_json::to_string(&options).map_err(|e| e.to_string())
 }
 
-enum Incoming {
-    Frame(DaemonMessage),
-    Bad(String),
-    Closed,
-}
-
 struct Out {
     writer: FrameWriter<File>,
 }
@@ -101,33 +97,20 @@ impl Out {
     }
 }
 
-fn spawn_reader(
-    mut reader: FrameReader<File>,
-    cancel: Arc<AtomicBool>,
-) -> mpsc::Receiver<Incoming> {
+fn spawn_reader(reader: FrameReader<File>, cancel: Arc<AtomicBool>) -> mpsc::Receiver<Incoming> {
     let (tx, rx) = mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("protocol-reader".into())
         .spawn(move || {
-            loop {
-                let incoming = match reader.read::<DaemonMessage>() {
-                    Ok(Some(msg)) => {
-                        if msg == DaemonMessage::Shutdown {
-                            cancel.store(true, Ordering::Relaxed);
-                        }
-                        Incoming::Frame(msg)
-                    }
-                    Ok(None) | Err(viva_models::Error::Io(_)) => {
-                        cancel.store(true, Ordering::Relaxed);
-                        let _ = tx.send(Incoming::Closed);
-                        return;
-                    }
-                    Err(e) => Incoming::Bad(e.to_string()),
-                };
-                if tx.send(incoming).is_err() {
-                    return;
+            read_daemon_frames(reader, |incoming| {
+                if matches!(
+                    incoming,
+                    Incoming::Closed | Incoming::Frame(DaemonMessage::Shutdown)
+                ) {
+                    cancel.store(true, Ordering::Relaxed);
                 }
-            }
+                tx.send(incoming).is_ok()
+            })
         });
     if let Err(e) = spawned {
         eprintln!("viva-llama-worker: cannot start the reader thread: {e}");

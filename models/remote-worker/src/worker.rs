@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
-use viva_models::protocol::{FrameReader, FrameWriter, ModelSpec, exit_with_parent, take_stdio};
+use viva_models::protocol::{
+    FrameReader, FrameWriter, Incoming, ModelSpec, exit_with_parent, read_daemon_frames, take_stdio,
+};
 use viva_models::{
     DaemonMessage, EvaluateResponse, JobPayload, JobResult, PROTOCOL_VERSION, WorkerKind,
     WorkerMessage,
@@ -85,12 +87,6 @@ impl Args {
     }
 }
 
-enum Incoming {
-    Frame(DaemonMessage),
-    Bad(String),
-    Closed,
-}
-
 #[derive(Clone)]
 struct Out(Arc<Mutex<FrameWriter<File>>>);
 
@@ -120,25 +116,11 @@ impl Out {
     }
 }
 
-fn spawn_reader(mut reader: FrameReader<File>) -> mpsc::UnboundedReceiver<Incoming> {
+fn spawn_reader(reader: FrameReader<File>) -> mpsc::UnboundedReceiver<Incoming> {
     let (tx, rx) = mpsc::unbounded_channel();
     let spawned = std::thread::Builder::new()
         .name("protocol-reader".into())
-        .spawn(move || {
-            loop {
-                let incoming = match reader.read::<DaemonMessage>() {
-                    Ok(Some(msg)) => Incoming::Frame(msg),
-                    Ok(None) | Err(viva_models::Error::Io(_)) => {
-                        let _ = tx.send(Incoming::Closed);
-                        return;
-                    }
-                    Err(e) => Incoming::Bad(e.to_string()),
-                };
-                if tx.send(incoming).is_err() {
-                    return;
-                }
-            }
-        });
+        .spawn(move || read_daemon_frames(reader, |incoming| tx.send(incoming).is_ok()));
     if let Err(e) = spawned {
         eprintln!("viva-remote-worker: cannot start the reader thread: {e}");
         std::process::exit(1);

@@ -213,6 +213,39 @@ pub fn decode<T: DeserializeOwned>(line: &[u8]) -> Result<T, Error> {
     Ok(serde_json::from_slice(line)?)
 }
 
+/// What a worker's reader thread hands to its main loop.
+#[derive(Debug)]
+pub enum Incoming {
+    Frame(DaemonMessage),
+    /// A frame that is not valid protocol; the worker answers with an error.
+    Bad(String),
+    /// The daemon closed stdin (or it broke): time to exit.
+    Closed,
+}
+
+/// A worker's reader loop: reads the daemon's frames until stdin ends,
+/// passing each to `deliver` (which returns false when nobody listens any
+/// more). Run it on a thread of its own; the last thing delivered is
+/// [`Incoming::Closed`] unless `deliver` stopped it first.
+pub fn read_daemon_frames<R: Read>(
+    mut reader: FrameReader<R>,
+    mut deliver: impl FnMut(Incoming) -> bool,
+) {
+    loop {
+        let incoming = match reader.read::<DaemonMessage>() {
+            Ok(Some(msg)) => Incoming::Frame(msg),
+            Ok(None) | Err(Error::Io(_)) => {
+                deliver(Incoming::Closed);
+                return;
+            }
+            Err(e) => Incoming::Bad(e.to_string()),
+        };
+        if !deliver(incoming) {
+            return;
+        }
+    }
+}
+
 /// Blocking frame reader, for worker binaries.
 pub struct FrameReader<R> {
     inner: BufReader<R>,
