@@ -2,22 +2,31 @@
 //! roles, and single-use tickets for places that cannot send headers
 //! (EventSource, `<video src>`).
 //!
-//! Tokens are HS256 JWTs signed with a 256-bit key kept in
-//! `<data_dir>/keys/session.key` (mode 0600, created on first use). LTI
-//! launches and `viva session` both mint these same tokens.
+//! Tokens are HS256 JWTs signed with a 256-bit key: on SQLite kept in
+//! `<data_dir>/keys/session.key` (mode 0600, created on first use); on a
+//! PostgreSQL store several nodes share, kept in the store sealed with the
+//! secrets key (`secrets`), so every api node verifies every session. LTI
+//! launches and `viva session` both mint these same tokens. Tickets live in
+//! the store (`tickets`, by the sha256 of the ticket), so a ticket minted by
+//! one node is redeemed, once, by any.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+use crate::db::{OptionalExtension, Transaction, params};
 use crate::domain::{Role, Submission};
 use crate::error::{Error, Result};
+use crate::secrets;
+use crate::store::Store;
 
 const ISSUER: &str = "viva";
 const AUDIENCE: &str = "viva-session";
@@ -114,27 +123,13 @@ pub struct LtiScope {
     pub deep_link: Option<String>,
 }
 
-/// Signs and verifies session tokens; keeps single-use tickets.
+/// Signs and verifies session tokens.
 #[derive(Clone)]
 pub struct Sessions {
     encoding: Arc<EncodingKey>,
     decoding: Arc<DecodingKey>,
     ttl: Duration,
     ticket_ttl: Duration,
-    tickets: Arc<Mutex<Tickets>>,
-}
-
-/// Tickets not yet redeemed, bounded: at most [`TICKETS_PER_USER`] per user
-/// and [`TICKETS_MAX`] in all (the oldest go first), expired ones dropped
-/// from the front of the expiry order on every mint (O(log n)).
-#[derive(Default)]
-struct Tickets {
-    by_id: HashMap<String, Ticket>,
-    /// (expiry, sequence) → ticket: expiry and global eviction order.
-    order: std::collections::BTreeMap<(i64, u64), String>,
-    /// user → their tickets by sequence, oldest first.
-    by_user: HashMap<String, std::collections::BTreeMap<u64, String>>,
-    seq: u64,
 }
 
 /// Unredeemed tickets one user may hold (the widget needs two or three).
@@ -142,64 +137,114 @@ pub const TICKETS_PER_USER: usize = 32;
 /// Unredeemed tickets in all.
 pub const TICKETS_MAX: usize = 100_000;
 
-impl Tickets {
-    fn remove(&mut self, id: &str) -> Option<Ticket> {
-        let t = self.by_id.remove(id)?;
-        self.order.remove(&(t.expires_at_ms, t.seq));
-        if let Some(mine) = self.by_user.get_mut(&t.claims.sub) {
-            mine.remove(&t.seq);
-            if mine.is_empty() {
-                self.by_user.remove(&t.claims.sub);
-            }
-        }
-        Some(t)
-    }
-
-    fn insert(&mut self, id: String, mut t: Ticket, now: i64) {
-        while let Some(((exp, _), oldest)) = self.order.first_key_value() {
-            if *exp > now && self.by_id.len() < TICKETS_MAX {
-                break;
-            }
-            let oldest = oldest.clone();
-            self.remove(&oldest);
-        }
-        let user = t.claims.sub.clone();
-        while self
-            .by_user
-            .get(&user)
-            .is_some_and(|m| m.len() >= TICKETS_PER_USER)
-        {
-            let Some(oldest) = self
-                .by_user
-                .get(&user)
-                .and_then(|m| m.first_key_value())
-                .map(|(_, id)| id.clone())
-            else {
-                break;
-            };
-            self.remove(&oldest);
-        }
-        self.seq += 1;
-        t.seq = self.seq;
-        self.order.insert((t.expires_at_ms, t.seq), id.clone());
-        self.by_user
-            .entry(user)
-            .or_default()
-            .insert(t.seq, id.clone());
-        self.by_id.insert(id, t);
-    }
-
-    fn len(&self) -> usize {
-        self.by_id.len()
-    }
+fn ticket_hash(ticket: &str) -> String {
+    hex::encode(Sha256::digest(ticket.as_bytes()))
 }
 
-#[derive(Debug, Clone)]
-struct Ticket {
-    claims: Claims,
-    scope: String,
-    expires_at_ms: i64,
-    seq: u64,
+/// Stores a single-use ticket for `scope` ("events", "media:<id>") carrying
+/// `claims`, valid `ttl`; returns it. Bounded: expired tickets go first,
+/// then the user's oldest past [`TICKETS_PER_USER`], then the oldest of all
+/// past [`TICKETS_MAX`].
+pub fn issue_ticket(
+    tx: &Transaction<'_>,
+    claims: &Claims,
+    scope: &str,
+    ttl: Duration,
+) -> Result<String> {
+    let ticket = hex::encode(rand::random::<[u8; 24]>());
+    let now = crate::clock::now_ms();
+    tx.execute("DELETE FROM tickets WHERE expires_at <= ?1", [now])?;
+    let mine: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM tickets WHERE user_id = ?1",
+        [&claims.sub],
+        |r| r.get(0),
+    )?;
+    let over = mine + 1 - TICKETS_PER_USER as i64;
+    if over > 0 {
+        tx.execute(
+            "DELETE FROM tickets WHERE id_hash IN (SELECT id_hash FROM tickets \
+             WHERE user_id = ?1 ORDER BY created_at, id_hash LIMIT ?2)",
+            params![claims.sub, over],
+        )?;
+    }
+    let all: i64 = tx.query_row("SELECT COUNT(*) FROM tickets", [], |r| r.get(0))?;
+    let over = all + 1 - TICKETS_MAX as i64;
+    if over > 0 {
+        tx.execute(
+            "DELETE FROM tickets WHERE id_hash IN (SELECT id_hash FROM tickets \
+             ORDER BY created_at, id_hash LIMIT ?1)",
+            params![over],
+        )?;
+    }
+    let json = serde_json::to_string(claims)
+        .map_err(|e| Error::Internal(format!("encoding a ticket: {e}")))?;
+    tx.execute(
+        "INSERT INTO tickets (id_hash, user_id, scope, claims, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            ticket_hash(&ticket),
+            claims.sub,
+            scope,
+            json,
+            now,
+            now + ttl.as_millis() as i64
+        ],
+    )?;
+    Ok(ticket)
+}
+
+/// Consumes a ticket: valid once (on any node), within its lifetime, for
+/// its scope.
+pub fn redeem_ticket(tx: &Transaction<'_>, ticket: &str, scope: &str) -> Result<Claims> {
+    let row: Option<(String, String, i64)> = tx
+        .query_row(
+            "DELETE FROM tickets WHERE id_hash = ?1 RETURNING scope, claims, expires_at",
+            [ticket_hash(ticket)],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let (held_scope, claims, expires_at) =
+        row.ok_or_else(|| Error::Unauthorized("the ticket is unknown or already used".into()))?;
+    if expires_at <= crate::clock::now_ms() {
+        return Err(Error::Unauthorized("the ticket has expired".into()));
+    }
+    if held_scope != scope {
+        return Err(Error::Unauthorized(format!(
+            "the ticket is for {held_scope:?}, not {scope:?}"
+        )));
+    }
+    serde_json::from_str(&claims).map_err(|e| Error::Internal(format!("a stored ticket: {e}")))
+}
+
+/// The session signing key: the store's (sealed) on PostgreSQL — seeded by
+/// the first node from its `data_dir/keys/session.key` when it has one (a
+/// site moved with `viva migrate-store`), else a new random key — or the
+/// data directory's file on SQLite.
+pub async fn session_key(config: &Config, store: &Store) -> Result<Vec<u8>> {
+    match secrets::sealing_key(config)? {
+        None => {
+            let dir = config.data_dir.clone();
+            tokio::task::spawn_blocking(move || load_or_create_key(&dir))
+                .await
+                .map_err(|e| Error::Internal(format!("reading the session key: {e}")))?
+        }
+        Some(key) => {
+            let local = key_path(&config.data_dir);
+            let seed = match std::fs::read(&local) {
+                Ok(k) if k.len() >= 32 => k,
+                _ => rand::random::<[u8; 32]>().to_vec(),
+            };
+            let (_, shared) = store
+                .write(move |tx| secrets::put_if_absent(tx, &key, "session_key", &seed))
+                .await?;
+            if shared.len() < 32 {
+                return Err(Error::Internal(
+                    "the shared session key is shorter than 32 bytes".into(),
+                ));
+            }
+            Ok(shared)
+        }
+    }
 }
 
 pub fn key_path(data_dir: &Path) -> PathBuf {
@@ -265,8 +310,12 @@ impl Sessions {
             decoding: Arc::new(DecodingKey::from_secret(key)),
             ttl,
             ticket_ttl,
-            tickets: Arc::new(Mutex::new(Tickets::default())),
         }
+    }
+
+    /// How long a ticket is valid.
+    pub fn ticket_ttl(&self) -> Duration {
+        self.ticket_ttl
     }
 
     pub fn ttl(&self) -> Duration {
@@ -333,50 +382,6 @@ impl Sessions {
                 Error::Unauthorized(why.into())
             })
     }
-
-    /// Mints a single-use ticket for `scope` ("events", "media:<id>").
-    pub fn ticket(&self, claims: &Claims, scope: &str) -> (String, Duration) {
-        let ticket = hex::encode(rand::random::<[u8; 24]>());
-        let now = crate::clock::now_ms();
-        if let Ok(mut t) = self.tickets.lock() {
-            t.insert(
-                ticket.clone(),
-                Ticket {
-                    claims: claims.clone(),
-                    scope: scope.to_owned(),
-                    expires_at_ms: now + self.ticket_ttl.as_millis() as i64,
-                    seq: 0,
-                },
-                now,
-            );
-        }
-        (ticket, self.ticket_ttl)
-    }
-
-    /// Unredeemed tickets kept now.
-    pub fn tickets_held(&self) -> usize {
-        self.tickets.lock().map(|t| t.len()).unwrap_or(0)
-    }
-
-    /// Consumes a ticket: valid once, within its lifetime, for its scope.
-    pub fn redeem(&self, ticket: &str, scope: &str) -> Result<Claims> {
-        let t = self
-            .tickets
-            .lock()
-            .ok()
-            .and_then(|mut t| t.remove(ticket))
-            .ok_or_else(|| Error::Unauthorized("the ticket is unknown or already used".into()))?;
-        if t.expires_at_ms <= crate::clock::now_ms() {
-            return Err(Error::Unauthorized("the ticket has expired".into()));
-        }
-        if t.scope != scope {
-            return Err(Error::Unauthorized(format!(
-                "the ticket is for {:?}, not {scope:?}",
-                t.scope
-            )));
-        }
-        Ok(t.claims)
-    }
 }
 
 #[cfg(test)]
@@ -439,38 +444,92 @@ mod tests {
         assert!(e.to_string().contains("expired"));
     }
 
-    #[test]
-    fn tickets_are_single_use_and_scoped() {
-        let s = sessions();
-        let (_, claims) = s.mint("a", "c", &[Role::Learner], None).expect("mint");
-        let (t, _) = s.ticket(&claims, "events");
-        assert!(s.redeem(&t, "media:x").is_err(), "wrong scope");
-        let (t, _) = s.ticket(&claims, "events");
-        assert_eq!(s.redeem(&t, "events").expect("ok").sub, "a");
-        assert!(s.redeem(&t, "events").is_err(), "second use");
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(&dir.path().join("t.db")).expect("store");
+        (dir, store)
     }
 
-    #[test]
-    fn tickets_are_bounded_per_user_and_the_newest_work() {
+    async fn ticket(store: &Store, c: &Claims, scope: &str) -> String {
+        let (c, scope) = (c.clone(), scope.to_owned());
+        store
+            .write(move |tx| issue_ticket(tx, &c, &scope, Duration::from_secs(60)))
+            .await
+            .expect("ticket")
+    }
+
+    async fn redeem(store: &Store, t: &str, scope: &str) -> Result<Claims> {
+        let (t, scope) = (t.to_owned(), scope.to_owned());
+        store.write(move |tx| redeem_ticket(tx, &t, &scope)).await
+    }
+
+    async fn held(store: &Store) -> usize {
+        let n: i64 = store
+            .read(|c| {
+                Ok(c.query_row(
+                    "SELECT COUNT(*) FROM tickets WHERE expires_at > ?1",
+                    [crate::clock::now_ms()],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .expect("count");
+        n as usize
+    }
+
+    #[tokio::test]
+    async fn tickets_are_single_use_scoped_and_kept_hashed() {
+        let (_dir, store) = store();
+        let s = sessions();
+        let (_, claims) = s.mint("a", "c", &[Role::Learner], None).expect("mint");
+        let t = ticket(&store, &claims, "events").await;
+        assert!(redeem(&store, &t, "media:x").await.is_err(), "wrong scope");
+        let t = ticket(&store, &claims, "events").await;
+        let kept: String = store
+            .read(|c| Ok(c.query_row("SELECT id_hash FROM tickets", [], |r| r.get(0))?))
+            .await
+            .expect("row");
+        assert_ne!(kept, t, "only the ticket's hash is stored");
+        assert_eq!(redeem(&store, &t, "events").await.expect("ok"), claims);
+        assert!(redeem(&store, &t, "events").await.is_err(), "second use");
+        // An expired ticket is refused.
+        let c = claims.clone();
+        let old = store
+            .write(move |tx| issue_ticket(tx, &c, "events", Duration::ZERO))
+            .await
+            .expect("ticket");
+        let e = redeem(&store, &old, "events").await.expect_err("expired");
+        assert!(e.to_string().contains("expired"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn tickets_are_bounded_per_user_and_the_newest_work() {
+        let (_dir, store) = store();
         let s = sessions();
         let (_, a) = s.mint("a", "c", &[Role::Learner], None).expect("mint");
         let (_, b) = s.mint("b", "c", &[Role::Learner], None).expect("mint");
-        let (tb, _) = s.ticket(&b, "events");
+        let tb = ticket(&store, &b, "events").await;
         let mut last = String::new();
-        for _ in 0..10_000 {
-            last = s.ticket(&a, "events").0;
+        for _ in 0..(TICKETS_PER_USER * 4) {
+            last = ticket(&store, &a, "events").await;
         }
         assert_eq!(
-            s.tickets_held(),
+            held(&store).await,
             TICKETS_PER_USER + 1,
-            "one user cannot fill the map"
+            "one user cannot fill the table"
         );
-        assert_eq!(s.redeem(&last, "events").expect("newest").sub, "a");
         assert_eq!(
-            s.redeem(&tb, "events").expect("b's ticket survives").sub,
+            redeem(&store, &last, "events").await.expect("newest").sub,
+            "a"
+        );
+        assert_eq!(
+            redeem(&store, &tb, "events")
+                .await
+                .expect("b's ticket survives")
+                .sub,
             "b"
         );
-        assert_eq!(s.tickets_held(), TICKETS_PER_USER - 1);
+        assert_eq!(held(&store).await, TICKETS_PER_USER - 1);
     }
 
     #[test]

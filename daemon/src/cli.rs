@@ -406,14 +406,18 @@ fn mint(
     crate::domain::validate_id(user, "user id")?;
     crate::domain::validate_id(context, "context id")?;
     let key_path = crate::auth::key_path(&config.data_dir);
-    if !key_path.exists() && !config.data_dir.join("viva.db").exists() {
+    let sqlite = matches!(
+        config.store_location()?,
+        crate::config::StoreLocation::Sqlite(_)
+    );
+    if sqlite && !key_path.exists() && !config.data_dir.join("viva.db").exists() {
         bail!(
             "no Viva data directory at {} (start the daemon once, or pass --data-dir)",
             config.data_dir.display()
         );
     }
     let store = crate::open_data_dir(config)?;
-    let key = crate::auth::load_or_create_key(&config.data_dir)?;
+    let key = runtime()?.block_on(crate::auth::session_key(config, &store))?;
     let sessions =
         crate::auth::Sessions::new(&key, config.sessions.ttl, config.sessions.ticket_ttl);
     let (token, _) = sessions.mint(user, context, roles, name.clone())?;

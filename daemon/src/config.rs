@@ -111,6 +111,15 @@ pub struct NodeConfig {
     /// GPU queue over the jobs it claims, plus health and metrics; no
     /// passback or retention sweeps).
     pub role: NodeRole,
+    /// A file every node has, holding 32 random bytes (raw, or as 64 hex
+    /// digits): it seals the session signing key and the LTI tool keys that
+    /// a PostgreSQL store keeps for all nodes (AES-256-GCM), so any api node
+    /// accepts any session and signs with the same LTI keys. Required with
+    /// `store = "postgres://…"`; unused with SQLite (the keys stay in
+    /// `data_dir/keys`). Create it once with
+    /// `head -c 32 /dev/urandom > /etc/viva/secrets.key` and copy it to
+    /// every node (mode 0600).
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -118,6 +127,7 @@ impl Default for NodeConfig {
         Self {
             id: None,
             role: NodeRole::All,
+            secrets_key_file: None,
         }
     }
 }

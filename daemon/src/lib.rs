@@ -29,6 +29,7 @@ mod passback;
 mod plugins;
 mod retention;
 mod scheduler;
+mod secrets;
 mod slots;
 pub mod store;
 mod swap;
@@ -161,7 +162,7 @@ impl Daemon {
         // Directory creation, file locking, migrations and key I/O are blocking: keep them off
         // the async threads.
         let cfg = config.clone();
-        let (lock, store, key) = tokio::task::spawn_blocking(move || {
+        let (lock, store) = tokio::task::spawn_blocking(move || {
             private_umask();
             std::fs::create_dir_all(&cfg.data_dir).map_err(Error::io(format!(
                 "creating {} (set --data-dir or VIVA_DATA_DIR to a writable place)",
@@ -169,8 +170,7 @@ impl Daemon {
             )))?;
             let lock = DataDirLock::acquire(&cfg.data_dir)?;
             let store = open_data_dir(&cfg)?;
-            let key = auth::load_or_create_key(&cfg.data_dir)?;
-            Ok::<_, Error>((lock, store, key))
+            Ok::<_, Error>((lock, store))
         })
         .await
         .map_err(|e| Error::Internal(format!("start-up task failed: {e}")))??;
@@ -203,6 +203,7 @@ impl Daemon {
             Ok(v) => tracing::info!(ffmpeg = %v, "media tools found"),
             Err(e) => tracing::error!(error = %e, "uploads will fail until this is fixed"),
         }
+        let key = auth::session_key(&config, &store).await?;
         let sessions = auth::Sessions::new(&key, config.sessions.ttl, config.sessions.ticket_ttl);
         let metrics = metrics::Metrics::new()
             .map_err(|e| Error::Internal(format!("metrics registry: {e}")))?;
@@ -210,7 +211,7 @@ impl Daemon {
             Scoring::Plugins(c) => c.clone(),
             _ => viva_plugins::Compiler::InProcess,
         };
-        let lti = lti::Lti::open(&config).await?;
+        let lti = lti::Lti::open(&config, &store).await?;
         let plugins = Arc::new(plugins::PluginRegistry::new(
             &config,
             store.clone(),

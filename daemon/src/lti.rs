@@ -8,25 +8,25 @@
 //! `lti-<hash(issuer, client_id, deployment, context id)>`, so two platforms
 //! (or two tenants of one hosted Canvas) can never share a course or a user.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::db::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use viva_lti::launch::DeepLinkingSettings;
-use viva_lti::{
-    HttpClient, JwksCache, MemoryStateStore, Registration, ServiceClient, ToolKeys, ToolUrls,
-};
+use viva_lti::login::{LoginState, STATE_TTL_SECS, StateLimits};
+use viva_lti::{HttpClient, JwksCache, LtiError, Registration, ServiceClient, ToolKeys, ToolUrls};
 
 use crate::clock::now_ms;
 use crate::config::{Config, LtiConfig};
 use crate::domain::Role;
 use crate::error::{Error, Result};
+use crate::secrets::{self, SealingKey};
 use crate::store::Store;
 
 /// A deep-linking request waiting for the instructor's choice.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DeepLinkContext {
     pub issuer: String,
     pub client_id: String,
@@ -47,10 +47,11 @@ pub struct LtiInner {
     pub tool: ToolUrls,
     pub keys: Arc<ToolKeys>,
     pub jwks: JwksCache,
-    pub states: MemoryStateStore,
     pub services: ServiceClient,
     pub http: HttpClient,
-    pub deep_links: Mutex<HashMap<String, DeepLinkContext>>,
+    /// On a shared (PostgreSQL) store: the sealing key and the version of
+    /// the key ring this node holds.
+    shared: Option<SharedRing>,
     /// Wakes the passback worker (a release, a new outbox row).
     pub passback_wake: tokio::sync::Notify,
 }
@@ -67,9 +68,23 @@ pub fn keys_dir(config: &Config) -> std::path::PathBuf {
     config.data_dir.join("keys").join("lti")
 }
 
+/// The LTI key ring on a store several nodes share.
+struct SharedRing {
+    key: SealingKey,
+    /// The store's `lti_keys` version this node's ring matches.
+    version: AtomicI64,
+}
+
+/// The store's name of the sealed LTI key ring.
+const RING: &str = "lti_keys";
+
 impl Lti {
     /// Opens (creating on first use) the tool keys and builds the clients.
-    pub async fn open(config: &Config) -> Result<Lti> {
+    /// On a PostgreSQL store the key ring is the store's (sealed with the
+    /// secrets key): the first node to start seeds it with its own ring
+    /// (a site moved with `viva migrate-store` keeps its keys), the others
+    /// take it; `data_dir/keys/lti` then only caches it.
+    pub async fn open(config: &Config, store: &Store) -> Result<Lti> {
         let lti = config.lti.clone();
         let tool = ToolUrls::new(&config.public_url())?;
         let dir = keys_dir(config);
@@ -77,6 +92,22 @@ impl Lti {
             .await
             .map_err(|e| Error::Internal(format!("opening LTI keys: {e}")))??;
         let keys = Arc::new(keys);
+        let shared = match secrets::sealing_key(config)? {
+            Some(key) => {
+                let mine = keys.export()?;
+                let k = key.clone();
+                let (version, ring) = store
+                    .write(move |tx| secrets::put_if_absent(tx, &k, RING, &mine))
+                    .await?;
+                keys.import(&ring)?;
+                tracing::info!(kid = ?keys.current_kid(), version, "LTI tool keys from the shared store");
+                Some(SharedRing {
+                    key,
+                    version: AtomicI64::new(version),
+                })
+            }
+            None => None,
+        };
         let http = HttpClient::new(lti.policy(), viva_lti::USER_AGENT)?;
         let mut jwks = JwksCache::new(http.clone());
         jwks.min_refetch = lti.jwks_refetch_interval;
@@ -87,54 +118,266 @@ impl Lti {
                 tool,
                 keys,
                 jwks,
-                states: MemoryStateStore::default(),
                 http,
-                deep_links: Mutex::new(HashMap::new()),
+                shared,
                 passback_wake: tokio::sync::Notify::new(),
             }),
         })
     }
 
-    /// Remembers a deep-linking request for an hour; returns its handle.
-    pub fn save_deep_link(&self, ctx: DeepLinkContext) -> String {
-        let handle = viva_lti::login::random_token(16);
-        if let Ok(mut map) = self.deep_links.lock() {
-            let now = viva_lti::now_secs();
-            map.retain(|_, v| v.expires_at > now);
-            if map.len() < 10_000 {
-                map.insert(handle.clone(), ctx);
-            }
+    /// On a shared store: takes the store's key ring when another node has
+    /// rotated it (every node calls this every minute or so).
+    pub async fn refresh_keys(&self, store: &Store) -> Result<()> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let stored = store.read(|c| secrets::version(c, RING)).await?;
+        if stored == shared.version.load(Ordering::Acquire) {
+            return Ok(());
         }
-        handle
+        let k = shared.key.clone();
+        let Some((version, ring)) = store.read(move |c| secrets::get(c, &k, RING)).await? else {
+            return Ok(());
+        };
+        let keys = self.keys.clone();
+        let changed = tokio::task::spawn_blocking(move || keys.import(&ring))
+            .await
+            .map_err(|e| Error::Internal(format!("importing LTI keys: {e}")))??;
+        shared.version.store(version, Ordering::Release);
+        if changed {
+            tracing::info!(kid = ?self.keys.current_kid(), version, "took the rotated LTI tool keys from the shared store");
+        }
+        Ok(())
     }
 
-    pub fn deep_link(&self, handle: &str) -> Option<DeepLinkContext> {
-        let now = viva_lti::now_secs();
-        self.deep_links
-            .lock()
-            .ok()?
-            .get(handle)
-            .filter(|c| c.expires_at > now)
-            .cloned()
+    /// Runs key rotation when due (called periodically). On a shared store
+    /// one node rotates at a time (the `lti-keys` singleton), starting from
+    /// the store's ring, and stores the result for the others.
+    pub async fn maintain_keys(&self, store: &Store, node: &str) {
+        if let Err(e) = self.maintain_keys_once(store, node).await {
+            tracing::error!(error = %e, "LTI key rotation failed");
+        }
     }
 
-    /// Runs key rotation when due (called periodically).
-    pub async fn maintain_keys(&self) {
+    async fn maintain_keys_once(&self, store: &Store, node: &str) -> Result<()> {
+        if self.shared.is_some() {
+            let node = node.to_owned();
+            // Held two hours, renewed by the hourly check.
+            let mine = store
+                .write(move |tx| crate::jobs::claim_singleton(tx, "lti-keys", &node, 7_200_000))
+                .await?;
+            if !mine {
+                return Ok(());
+            }
+            self.refresh_keys(store).await?;
+        }
         let keys = self.keys.clone();
         let every = self.config.key_rotation.as_secs();
         let lead = self.config.key_publish_lead.as_secs();
         // Keep a retired key a day past the longest token it signed (5 min).
         let retire_after = lead.max(86_400);
-        let r = tokio::task::spawn_blocking(move || {
-            keys.maintain(viva_lti::now_secs(), every, lead, retire_after)
+        let (outcome, ring) = tokio::task::spawn_blocking(move || {
+            let outcome = keys.maintain(viva_lti::now_secs(), every, lead, retire_after)?;
+            let ring = keys.export()?;
+            Ok::<_, LtiError>((outcome, ring))
         })
-        .await;
-        match r {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "LTI key rotation failed"),
-            Err(e) => tracing::error!(error = %e, "LTI key rotation task failed"),
+        .await
+        .map_err(|e| Error::Internal(format!("LTI key rotation task failed: {e}")))??;
+        if let Some(shared) = &self.shared
+            && outcome != viva_lti::keys::Rotation::Idle
+        {
+            let k = shared.key.clone();
+            let version = store
+                .write(move |tx| secrets::replace(tx, &k, RING, &ring))
+                .await?;
+            shared.version.store(version, Ordering::Release);
         }
+        Ok(())
     }
+}
+
+// ---- login states and deep-linking requests ----------------------------------
+//
+// Kept in the store, so the launch may reach another api node than the login
+// did. Each is keyed by the sha256 of its token: what the store holds cannot
+// be presented.
+
+fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Deletes the oldest `n` rows of `table` matching `filter` (`?1`).
+fn evict_oldest(
+    tx: &Transaction<'_>,
+    table: &str,
+    key: &str,
+    filter: Option<&str>,
+    n: i64,
+) -> Result<()> {
+    if n <= 0 {
+        return Ok(());
+    }
+    match filter {
+        Some(issuer) => tx.execute(
+            &format!(
+                "DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} WHERE issuer = ?1 \
+                 ORDER BY created_at, {key} LIMIT ?2)"
+            ),
+            params![issuer, n],
+        )?,
+        None => tx.execute(
+            &format!(
+                "DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} \
+                 ORDER BY created_at, {key} LIMIT ?1)"
+            ),
+            params![n],
+        )?,
+    };
+    Ok(())
+}
+
+/// How many of `count` rows of total `bytes` to drop so that `count + 1`
+/// rows and `bytes + size` fit `max_count` and `max_bytes`.
+fn excess(count: i64, bytes: i64, size: i64, max_count: i64, max_bytes: i64) -> i64 {
+    let by_count = count + 1 - max_count.max(1);
+    let by_bytes = if bytes + size > max_bytes && count > 0 {
+        let avg = (bytes / count).max(1);
+        (bytes + size - max_bytes + avg - 1) / avg
+    } else {
+        0
+    };
+    by_count.max(by_bytes).clamp(0, count)
+}
+
+/// Keeps a login state until its launch, bounded as
+/// [`viva_lti::login::MemoryStateStore`] is: expired states go first, a
+/// state over `max_state_bytes` is refused, a flood naming one platform
+/// evicts that platform's oldest states only (past `max_per_issuer` or
+/// half of `max_bytes`), then the oldest of all past `max_states`/`max_bytes`.
+pub fn put_login_state(
+    tx: &Transaction<'_>,
+    state: &str,
+    value: &LoginState,
+    limits: StateLimits,
+) -> Result<()> {
+    let json = serde_json::to_string(value)
+        .map_err(|e| Error::Internal(format!("encoding a login state: {e}")))?;
+    let size = (json.len() + state.len()) as i64;
+    if size > limits.max_state_bytes as i64 {
+        return Err(LtiError::InvalidParam {
+            name: "login",
+            reason: "the login request is too large".into(),
+        }
+        .into());
+    }
+    let now = value.created_at as i64;
+    tx.execute(
+        "DELETE FROM lti_states WHERE created_at <= ?1",
+        [now - STATE_TTL_SECS as i64],
+    )?;
+    let (n, bytes): (i64, i64) = tx.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM lti_states WHERE issuer = ?1",
+        [&value.issuer],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let drop = excess(
+        n,
+        bytes,
+        size,
+        limits.max_per_issuer as i64,
+        (limits.max_bytes / 2) as i64,
+    );
+    evict_oldest(tx, "lti_states", "state_hash", Some(&value.issuer), drop)?;
+    let (n, bytes): (i64, i64) = tx.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM lti_states",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let drop = excess(
+        n,
+        bytes,
+        size,
+        limits.max_states as i64,
+        limits.max_bytes as i64,
+    );
+    evict_oldest(tx, "lti_states", "state_hash", None, drop)?;
+    tx.execute(
+        "INSERT INTO lti_states (state_hash, issuer, value, size, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![token_hash(state), value.issuer, json, size, now],
+    )?;
+    Ok(())
+}
+
+fn decode_state(json: String) -> Result<LoginState> {
+    serde_json::from_str(&json).map_err(|e| Error::Internal(format!("a stored login state: {e}")))
+}
+
+/// A login state, not consumed (the launch may first need the binding from
+/// platform storage).
+pub fn peek_login_state(conn: &Connection<'_>, state: &str) -> Result<Option<LoginState>> {
+    conn.query_row(
+        "SELECT value FROM lti_states WHERE state_hash = ?1",
+        [token_hash(state)],
+        |r| r.get::<_, String>(0),
+    )
+    .optional()?
+    .map(decode_state)
+    .transpose()
+}
+
+/// Consumes a login state: of two launches with it, on any nodes, one gets it.
+pub fn take_login_state(tx: &Transaction<'_>, state: &str) -> Result<Option<LoginState>> {
+    tx.query_row(
+        "DELETE FROM lti_states WHERE state_hash = ?1 RETURNING value",
+        [token_hash(state)],
+        |r| r.get::<_, String>(0),
+    )
+    .optional()?
+    .map(decode_state)
+    .transpose()
+}
+
+/// Deep-linking requests kept at once.
+const DEEP_LINKS_MAX: i64 = 10_000;
+
+/// Remembers a deep-linking request until `ctx.expires_at`; returns its handle.
+pub fn save_deep_link(tx: &Transaction<'_>, ctx: &DeepLinkContext) -> Result<String> {
+    let handle = viva_lti::login::random_token(16);
+    let now = viva_lti::now_secs() as i64;
+    tx.execute("DELETE FROM lti_deep_links WHERE expires_at <= ?1", [now])?;
+    let n: i64 = tx.query_row("SELECT COUNT(*) FROM lti_deep_links", [], |r| r.get(0))?;
+    evict_oldest(
+        tx,
+        "lti_deep_links",
+        "handle_hash",
+        None,
+        n + 1 - DEEP_LINKS_MAX,
+    )?;
+    let json = serde_json::to_string(ctx)
+        .map_err(|e| Error::Internal(format!("encoding a deep-linking request: {e}")))?;
+    tx.execute(
+        "INSERT INTO lti_deep_links (handle_hash, context, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4)",
+        params![token_hash(&handle), json, now, ctx.expires_at as i64],
+    )?;
+    Ok(handle)
+}
+
+/// A deep-linking request not yet expired.
+pub fn deep_link(conn: &Connection<'_>, handle: &str) -> Result<Option<DeepLinkContext>> {
+    let json: Option<String> = conn
+        .query_row(
+            "SELECT context FROM lti_deep_links WHERE handle_hash = ?1 AND expires_at > ?2",
+            params![token_hash(handle), viva_lti::now_secs() as i64],
+            |r| r.get(0),
+        )
+        .optional()?;
+    json.map(|j| {
+        serde_json::from_str(&j)
+            .map_err(|e| Error::Internal(format!("a stored deep-linking request: {e}")))
+    })
+    .transpose()
 }
 
 // ---- identities ---------------------------------------------------------------
@@ -556,6 +799,161 @@ pub fn open_store(config: &Config) -> Result<Store> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn login_state(issuer: &str, now: u64) -> LoginState {
+        LoginState {
+            issuer: issuer.into(),
+            client_id: "c".into(),
+            nonce: "n".into(),
+            binding: "b".into(),
+            created_at: now,
+            request: viva_lti::LoginRequest {
+                iss: issuer.into(),
+                login_hint: "h".into(),
+                target_link_uri: "https://viva.example.edu/lti/launch".into(),
+                lti_message_hint: None,
+                client_id: Some("c".into()),
+                lti_deployment_id: None,
+                lti_storage_target: None,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn login_states_are_single_use_hashed_and_a_flood_evicts_its_own_platform_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("viva.db")).expect("open");
+        let now = viva_lti::now_secs();
+        let limits = StateLimits {
+            max_states: 50,
+            max_bytes: 1 << 20,
+            max_state_bytes: 4096,
+            max_per_issuer: 10,
+        };
+        let put = |state: String, issuer: &'static str, at: u64| {
+            store.write(move |tx| put_login_state(tx, &state, &login_state(issuer, at), limits))
+        };
+        put("calm-1".into(), "https://calm.example", now)
+            .await
+            .expect("put");
+        for i in 0..40 {
+            put(format!("flood-{i}"), "https://flood.example", now)
+                .await
+                .expect("put");
+        }
+        let peek = |s: &'static str| store.read(move |c| peek_login_state(c, s));
+        let take = |s: &'static str| store.write(move |tx| take_login_state(tx, s));
+        assert!(
+            peek("calm-1").await.expect("peek").is_some(),
+            "another platform's state survives"
+        );
+        assert!(
+            peek("flood-0").await.expect("peek").is_none(),
+            "the flood's oldest went"
+        );
+        assert!(peek("flood-39").await.expect("peek").is_some());
+        let flood: i64 = store
+            .read(|c| {
+                Ok(c.query_row(
+                    "SELECT COUNT(*) FROM lti_states WHERE issuer = 'https://flood.example'",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .expect("count");
+        assert_eq!(flood, 10);
+        let kept: Vec<String> = store
+            .read(|c| {
+                Ok(c.prepare("SELECT state_hash FROM lti_states")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<crate::db::Result<_>>()?)
+            })
+            .await
+            .expect("hashes");
+        assert!(
+            !kept.iter().any(|k| k.contains("calm")),
+            "only hashes are stored"
+        );
+        // Single use.
+        assert_eq!(
+            take("calm-1")
+                .await
+                .expect("take")
+                .map(|s| s.issuer)
+                .as_deref(),
+            Some("https://calm.example")
+        );
+        assert!(take("calm-1").await.expect("take").is_none());
+        // Expired states go on the next login.
+        put(
+            "old".into(),
+            "https://calm.example",
+            now - STATE_TTL_SECS - 1,
+        )
+        .await
+        .expect("put");
+        put("new".into(), "https://calm.example", now)
+            .await
+            .expect("put");
+        assert!(peek("old").await.expect("peek").is_none());
+        // An oversized login is refused.
+        let mut big = login_state("https://calm.example", now);
+        big.request.lti_message_hint = Some("x".repeat(8000));
+        let e = store
+            .write(move |tx| put_login_state(tx, "big", &big, limits))
+            .await
+            .expect_err("too large");
+        assert!(e.to_string().contains("too large"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn deep_linking_requests_are_found_by_handle_until_they_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("viva.db")).expect("open");
+        let ctx = |expires_at: u64| DeepLinkContext {
+            issuer: "https://i".into(),
+            client_id: "c".into(),
+            deployment_id: "d".into(),
+            context_id: "ctx".into(),
+            settings: serde_json::from_value(serde_json::json!({
+                "deep_link_return_url": "https://i/return",
+                "accept_types": ["ltiResourceLink"],
+                "accept_multiple": false,
+                "data": null,
+                "title": null
+            }))
+            .expect("settings"),
+            expires_at,
+        };
+        let live = ctx(viva_lti::now_secs() + 3600);
+        let handle = store
+            .write(move |tx| save_deep_link(tx, &live))
+            .await
+            .expect("save");
+        let h = handle.clone();
+        let got = store.read(move |c| deep_link(c, &h)).await.expect("get");
+        assert_eq!(got.map(|c| c.context_id).as_deref(), Some("ctx"));
+        assert!(
+            store
+                .read(|c| deep_link(c, "guessed"))
+                .await
+                .expect("get")
+                .is_none()
+        );
+        let dead = ctx(viva_lti::now_secs() - 1);
+        let old = store
+            .write(move |tx| save_deep_link(tx, &dead))
+            .await
+            .expect("save");
+        assert!(
+            store
+                .read(move |c| deep_link(c, &old))
+                .await
+                .expect("get")
+                .is_none()
+        );
+    }
 
     #[tokio::test]
     async fn invitations_are_shown_once_used_once_and_expire() {

@@ -94,13 +94,25 @@ enum Outcome {
     Failed(LtiError),
 }
 
+/// How often a node looks for a key ring another node rotated.
+const KEY_REFRESH: Duration = Duration::from_secs(60);
+
 /// Delivers due outbox rows until `shutdown`; also runs tool key rotation.
 pub(crate) async fn run(st: Passback, shutdown: CancellationToken) {
     let mut next_key_check = std::time::Instant::now();
+    let mut next_key_refresh = std::time::Instant::now() + KEY_REFRESH;
     loop {
         if std::time::Instant::now() >= next_key_check {
-            st.lti.maintain_keys().await;
+            st.lti.maintain_keys(&st.store, &st.node).await;
             next_key_check = std::time::Instant::now() + Duration::from_secs(3600);
+        }
+        // Another node's rotation reaches this one within a minute (a new
+        // key is published for `key_publish_lead` before it signs).
+        if std::time::Instant::now() >= next_key_refresh {
+            if let Err(e) = st.lti.refresh_keys(&st.store).await {
+                tracing::warn!(error = %e, "LTI keys: cannot read the shared key ring");
+            }
+            next_key_refresh = std::time::Instant::now() + KEY_REFRESH;
         }
         // One node delivers at a time (several api nodes on one store).
         let node = st.node.clone();

@@ -355,6 +355,11 @@ pub const MIGRATIONS: &[&str] = &[
     // not seen for a lease has its batches dissolved and its leases taken),
     // and jobs that run on one node at a time (grade passback, retention).
     NODES_MIGRATION,
+    // 15: what every api node must see, in the store rather than in one
+    // node's memory or files: shared secrets (sealed; only used on
+    // PostgreSQL), single-use tickets, LTI login states and deep-linking
+    // requests (each keyed by the sha256 of its token).
+    SHARED_STATE_MIGRATION,
 ];
 
 /// Migration 14 of SQLite, 2 of PostgreSQL (the same SQL on both).
@@ -373,10 +378,49 @@ const NODES_MIGRATION: &str = r#"
     );
 "#;
 
+/// Migration 15 of SQLite, 3 of PostgreSQL (the same SQL on both).
+const SHARED_STATE_MIGRATION: &str = r#"
+    CREATE TABLE secrets (
+        name        TEXT PRIMARY KEY,
+        sealed      TEXT NOT NULL,
+        version     BIGINT NOT NULL,
+        updated_at  BIGINT NOT NULL
+    );
+    CREATE TABLE tickets (
+        id_hash     TEXT PRIMARY KEY,
+        user_id     TEXT NOT NULL,
+        scope       TEXT NOT NULL,
+        claims      TEXT NOT NULL,
+        created_at  BIGINT NOT NULL,
+        expires_at  BIGINT NOT NULL
+    );
+    CREATE INDEX tickets_by_user ON tickets (user_id, created_at);
+    CREATE INDEX tickets_by_expiry ON tickets (expires_at);
+    CREATE TABLE lti_states (
+        state_hash  TEXT PRIMARY KEY,
+        issuer      TEXT NOT NULL,
+        value       TEXT NOT NULL,
+        size        BIGINT NOT NULL,
+        created_at  BIGINT NOT NULL
+    );
+    CREATE INDEX lti_states_by_issuer ON lti_states (issuer, created_at);
+    CREATE INDEX lti_states_by_age ON lti_states (created_at);
+    CREATE TABLE lti_deep_links (
+        handle_hash TEXT PRIMARY KEY,
+        context     TEXT NOT NULL,
+        created_at  BIGINT NOT NULL,
+        expires_at  BIGINT NOT NULL
+    );
+"#;
+
 /// PostgreSQL's migrations (`store = "postgres://…"`). The first one is
 /// SQLite's migrations 1–13 at once; later changes add a migration to both
 /// lists. The schemas differ only in types (tested).
-pub const PG_MIGRATIONS: &[&str] = &[include_str!("store/postgres-1.sql"), NODES_MIGRATION];
+pub const PG_MIGRATIONS: &[&str] = &[
+    include_str!("store/postgres-1.sql"),
+    NODES_MIGRATION,
+    SHARED_STATE_MIGRATION,
+];
 
 /// The schema version this build understands (SQLite's numbering).
 #[cfg(test)]

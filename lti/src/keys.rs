@@ -51,6 +51,19 @@ struct Manifest {
     keys: Vec<KeyMeta>,
 }
 
+/// The ring as [`ToolKeys::export`] gives it.
+#[derive(Serialize, Deserialize)]
+struct Exported {
+    keys: Vec<ExportedKey>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ExportedKey {
+    meta: KeyMeta,
+    /// PKCS#8 DER, base64url.
+    pkcs8: String,
+}
+
 struct LoadedKey {
     meta: KeyMeta,
     /// PKCS#1 RSAPrivateKey DER, what jsonwebtoken's aws-lc backend signs with.
@@ -265,6 +278,85 @@ impl ToolKeys {
         }
     }
 
+    /// The whole ring as one value (every key's metadata and private key),
+    /// for a store several nodes share, which keeps it sealed. It holds
+    /// private keys: never log it.
+    pub fn export(&self) -> Result<Vec<u8>> {
+        let mut keys = Vec::new();
+        for meta in self.metadata() {
+            let path = key_file(&self.dir, &meta.kid);
+            let pkcs8 = std::fs::read(&path)
+                .map_err(LtiError::io(format!("reading {}", path.display())))?;
+            keys.push(ExportedKey {
+                meta,
+                pkcs8: URL_SAFE_NO_PAD.encode(pkcs8),
+            });
+        }
+        serde_json::to_vec(&Exported { keys }).map_err(|e| keys_err(e.to_string()))
+    }
+
+    /// Makes the ring what `exported` ([`export`](Self::export) on another
+    /// node) holds: writes the keys it lacks (0600), drops the ones no
+    /// longer there. Every key is checked against its id; a ring without a
+    /// current key is refused. Returns whether the ring changed.
+    pub fn import(&self, exported: &[u8]) -> Result<bool> {
+        let ring: Exported = serde_json::from_slice(exported)
+            .map_err(|e| keys_err(format!("the shared key ring is damaged: {e}")))?;
+        if !ring.keys.iter().any(|k| k.meta.state == KeyState::Current) {
+            return Err(keys_err("the shared key ring has no current key"));
+        }
+        let mut loaded = Vec::new();
+        for k in ring.keys {
+            let path = key_file(&self.dir, &k.meta.kid);
+            let fresh = !path.exists();
+            if fresh {
+                let pkcs8 = URL_SAFE_NO_PAD
+                    .decode(k.pkcs8.as_bytes())
+                    .map_err(|_| keys_err(format!("the shared key {} is damaged", k.meta.kid)))?;
+                let tmp = self
+                    .dir
+                    .join(format!("{}.pk8.{}", k.meta.kid, std::process::id()));
+                let written = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .and_then(|mut f| f.write_all(&pkcs8).and_then(|_| f.sync_all()))
+                    .and_then(|_| std::fs::rename(&tmp, &path));
+                if let Err(e) = written {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(LtiError::io(format!("writing {}", path.display()))(e));
+                }
+            }
+            match load_key(&self.dir, k.meta) {
+                Ok(key) => loaded.push(key),
+                Err(e) => {
+                    if fresh {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let before = self.metadata();
+        let after: Vec<KeyMeta> = loaded.iter().map(|k| k.meta.clone()).collect();
+        if before == after {
+            return Ok(false);
+        }
+        let gone: Vec<String> = before
+            .iter()
+            .filter(|m| !after.iter().any(|a| a.kid == m.kid))
+            .map(|m| m.kid.clone())
+            .collect();
+        *self.write()? = loaded;
+        self.save()?;
+        for kid in gone {
+            let _ = std::fs::remove_file(key_file(&self.dir, &kid));
+        }
+        Ok(true)
+    }
+
     fn purge(&self, now: u64, retire_after: u64) -> Result<()> {
         let gone: Vec<String> = {
             let mut keys = self.write()?;
@@ -463,6 +555,59 @@ mod tests {
         let again = ToolKeys::open(&dir.path().join("lti"), 200).expect("reopen");
         assert_eq!(again.current_kid(), keys.current_kid());
         assert!(!format!("{keys:?}").contains("pkcs1"));
+    }
+
+    #[test]
+    fn a_ring_exported_on_one_node_signs_and_rotates_the_same_on_another() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let a = ToolKeys::open(&dir.path().join("a"), 0).expect("a");
+        let b = ToolKeys::open(&dir.path().join("b"), 0).expect("b");
+        assert_ne!(a.current_kid(), b.current_kid(), "two fresh rings");
+        assert!(b.import(&a.export().expect("export")).expect("import"));
+        assert_eq!(b.current_kid(), a.current_kid());
+        assert_eq!(b.jwks(), a.jwks());
+        let token = b.sign(&serde_json::json!({"from": "b"})).expect("sign");
+        assert_eq!(
+            verify(&a, &token)["from"],
+            "b",
+            "a's JWKS verifies b's token"
+        );
+        // b's own first key is gone, file and all.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("b"))
+                .expect("dir")
+                .filter(|e| e
+                    .as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "pk8")))
+                .count(),
+            1
+        );
+        assert!(
+            !b.import(&a.export().expect("export")).expect("again"),
+            "no change"
+        );
+        // A rotation on a reaches b with the next import; b survives a restart.
+        let Rotation::Prepared { kid } = a.rotate(10, 0, 100).expect("prepare") else {
+            panic!("prepared");
+        };
+        assert!(b.import(&a.export().expect("export")).expect("import"));
+        a.rotate(20, 0, 100).expect("promote");
+        b.import(&a.export().expect("export")).expect("import");
+        assert_eq!(b.current_kid().as_deref(), Some(kid.as_str()));
+        let reopened = ToolKeys::open(&dir.path().join("b"), 30).expect("reopen");
+        assert_eq!(reopened.metadata(), a.metadata());
+        // Damaged or keyless rings are refused, and change nothing.
+        assert!(b.import(b"{not json").is_err());
+        assert!(b.import(br#"{"keys":[]}"#).is_err());
+        let mut bad: serde_json::Value =
+            serde_json::from_slice(&a.export().expect("export")).expect("json");
+        bad["keys"][0]["meta"]["kid"] = "someone-else".into();
+        bad["keys"][0]["meta"]["state"] = "current".into();
+        assert!(
+            b.import(bad.to_string().as_bytes()).is_err(),
+            "a key not matching its id"
+        );
+        assert_eq!(b.metadata(), a.metadata());
     }
 
     #[test]

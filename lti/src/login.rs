@@ -380,6 +380,19 @@ pub fn begin_login(
     store: &dyn StateStore,
     now: u64,
 ) -> Result<LoginStart> {
+    let (start, state) = prepare_login(req, registration, tool, now)?;
+    store.put(&start.state, state)?;
+    Ok(start)
+}
+
+/// [`begin_login`] without the store: the redirect and the state to keep
+/// under `start.state` (for a caller whose state store is asynchronous).
+pub fn prepare_login(
+    req: &LoginRequest,
+    registration: &Registration,
+    tool: &ToolUrls,
+    now: u64,
+) -> Result<(LoginStart, LoginState)> {
     if req.iss != registration.issuer {
         return Err(LtiError::UnknownRegistration {
             issuer: req.iss.clone(),
@@ -419,22 +432,22 @@ pub fn begin_login(
             q.append_pair("lti_deployment_id", d);
         }
     }
-    store.put(
-        &state,
-        LoginState {
-            issuer: registration.issuer.clone(),
-            client_id: registration.client_id.clone(),
-            nonce,
-            binding: binding.clone(),
-            created_at: now,
-            request: req.clone(),
+    let kept = LoginState {
+        issuer: registration.issuer.clone(),
+        client_id: registration.client_id.clone(),
+        nonce,
+        binding: binding.clone(),
+        created_at: now,
+        request: req.clone(),
+    };
+    Ok((
+        LoginStart {
+            redirect_url: url.to_string(),
+            state,
+            binding,
         },
-    )?;
-    Ok(LoginStart {
-        redirect_url: url.to_string(),
-        state,
-        binding,
-    })
+        kept,
+    ))
 }
 
 /// The cookie that carries a state's binding.
@@ -457,12 +470,23 @@ pub fn check_binding(
     now: u64,
 ) -> Result<LoginState> {
     let s = store.peek(state).ok_or(LtiError::UnknownState)?;
+    if let Err(e) = check_state(&s, presented, now) {
+        if matches!(e, LtiError::StateExpired) {
+            store.take(state);
+        }
+        return Err(e);
+    }
+    Ok(s)
+}
+
+/// [`check_binding`] on a state already read: `StateExpired` (the caller
+/// removes it) or `StateNotBound` unless `presented` is its binding.
+pub fn check_state(s: &LoginState, presented: Option<&str>, now: u64) -> Result<()> {
     if s.expired(now) {
-        store.take(state);
         return Err(LtiError::StateExpired);
     }
     match presented {
-        Some(p) if constant_time_eq(p.as_bytes(), s.binding.as_bytes()) => Ok(s),
+        Some(p) if constant_time_eq(p.as_bytes(), s.binding.as_bytes()) => Ok(()),
         _ => Err(LtiError::StateNotBound),
     }
 }

@@ -221,6 +221,8 @@ impl TestDaemon {
         // switch at once, as the seed does (tests of the rule opt in).
         config.scheduler.swap_work_ratio = 0.0;
         let mut db = data.join("viva.db");
+        // Used only on PostgreSQL (a test may switch a daemon to it).
+        config.node.secrets_key_file = Some(pg::secrets_key_file());
         if pg::enabled() {
             let url = pg::fresh_database().expect("a PostgreSQL test database");
             db = PathBuf::from(&url);

@@ -28,6 +28,7 @@ store = "{store}"
 [node]
 id = "{id}"
 role = "{role}"
+secrets_key_file = "{secrets}"
 
 [sandbox]
 enabled = {sandbox}
@@ -52,6 +53,7 @@ stop_grace = "2s"
 "#,
         data = dir.join("var").display(),
         sandbox = role != "gpu",
+        secrets = crate::pg::secrets_key_file().display(),
     );
     if role != "api" {
         let env = format!(

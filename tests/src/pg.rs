@@ -87,6 +87,38 @@ pub fn fresh_database() -> Result<String> {
     Ok(format!("{}/{name}", c.base))
 }
 
+/// The `[node] secrets_key_file` of every node this test process starts on
+/// PostgreSQL (they share the session and LTI keys through the store):
+/// 32 random bytes, mode 0600, made once per process, beside the cluster.
+pub fn secrets_key_file() -> PathBuf {
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
+    FILE.get_or_init(|| {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let cluster = std::env::temp_dir().join(format!("viva-pg-{}", std::process::id()));
+        let dir = if cluster.is_dir() {
+            cluster
+        } else {
+            std::env::temp_dir()
+        };
+        let path = dir.join(format!("viva-test-secrets-{}.key", std::process::id()));
+        let mut key = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+            .expect("random bytes");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&key))
+            .expect("writing the test secrets key");
+        path
+    })
+    .clone()
+}
+
 fn start() -> Result<Cluster> {
     if let Ok(url) = std::env::var("VIVA_TEST_POSTGRES") {
         let base = url

@@ -47,7 +47,7 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>> {
 
 /// Bearer header, or else a single-use ticket for `scope` (EventSource and
 /// `<video src>` cannot send headers).
-pub(crate) fn claims_from(
+pub(crate) async fn claims_from(
     st: &AppState,
     headers: &HeaderMap,
     ticket: Option<&str>,
@@ -57,7 +57,12 @@ pub(crate) fn claims_from(
         return st.sessions.verify(token);
     }
     match ticket {
-        Some(t) => st.sessions.redeem(t, scope),
+        Some(t) => {
+            let (t, scope) = (t.to_owned(), scope.to_owned());
+            st.store
+                .write(move |tx| crate::auth::redeem_ticket(tx, &t, &scope))
+                .await
+        }
         None => Err(Error::Unauthorized(
             "send a bearer token, or a ticket from POST /api/v1/tickets as ?ticket=".into(),
         )),
@@ -198,6 +203,6 @@ pub(crate) async fn load_media(
     q: &TicketQuery,
     id: String,
 ) -> Result<Submission> {
-    let mut c = claims_from(st, headers, q.ticket.as_deref(), &format!("media:{id}"))?;
+    let mut c = claims_from(st, headers, q.ticket.as_deref(), &format!("media:{id}")).await?;
     load_readable(st, &mut c, id).await
 }

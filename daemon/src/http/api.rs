@@ -772,7 +772,11 @@ pub(super) async fn ticket(
             "scope must be \"events\" or \"media:<submission id>\"",
         ));
     }
-    let (ticket, ttl) = st.sessions.ticket(&c, &req.scope);
+    let ttl = st.sessions.ticket_ttl();
+    let ticket = st
+        .store
+        .write(move |tx| crate::auth::issue_ticket(tx, &c, &req.scope, ttl))
+        .await?;
     Ok(Json(TicketResponse {
         ticket,
         expires_in: ttl.as_secs(),
@@ -816,7 +820,7 @@ pub(super) async fn events(
     headers: HeaderMap,
     Query(q): Query<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
-    let mut c = claims_from(&st, &headers, q.ticket.as_deref(), "events")?;
+    let mut c = claims_from(&st, &headers, q.ticket.as_deref(), "events").await?;
     // Held by the stream: its place is given back when the client goes.
     let slot = st.limits.open_stream(&c.sub)?;
     let rx = st.scheduler.subscribe();

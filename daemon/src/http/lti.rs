@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use viva_lti::deep_linking::{LineItemSpec, ResourceLinkItem};
 use viva_lti::launch::{Expectations, Launch, MessageType};
-use viva_lti::login::{self, LoginRequest};
+use viva_lti::login::{self, LoginRequest, StateLimits};
 use viva_lti::{LtiError, Registration};
 
 use super::AppState;
@@ -157,16 +157,19 @@ async fn login_response(st: &AppState, params: Vec<(String, String)>) -> Respons
         Ok(r) => r.clone(),
         Err(e) => return lti_error_page(&e),
     };
-    let start = match login::begin_login(
-        &req,
-        &reg,
-        &st.lti.tool,
-        &st.lti.states,
-        viva_lti::now_secs(),
-    ) {
+    let (start, kept) = match login::prepare_login(&req, &reg, &st.lti.tool, viva_lti::now_secs()) {
         Ok(s) => s,
         Err(e) => return lti_error_page(&e),
     };
+    // In the store: the launch may come to another api node.
+    let state = start.state.clone();
+    if let Err(e) = st
+        .store
+        .write(move |tx| lti::put_login_state(tx, &state, &kept, StateLimits::default()))
+        .await
+    {
+        return daemon_error_page(&e);
+    }
     tracing::info!(issuer = %reg.issuer, client_id = %reg.client_id, storage = req.lti_storage_target.is_some(), "LTI login");
     let cookie = state_cookie(&start.state, &start.binding, login::STATE_TTL_SECS);
     match (&req.lti_storage_target, reg.platform_origin()) {
@@ -267,8 +270,17 @@ pub(super) async fn launch(
         return lti_error_page(&LtiError::MissingParam("id_token"));
     };
     let now = viva_lti::now_secs();
-    let Some(pending) = login::StateStore::peek(&st.lti.states, &state) else {
-        return lti_error_page(&LtiError::UnknownState);
+    let pending = {
+        let state = state.clone();
+        match st
+            .store
+            .read(move |c| lti::peek_login_state(c, &state))
+            .await
+        {
+            Ok(Some(p)) => p,
+            Ok(None) => return lti_error_page(&LtiError::UnknownState),
+            Err(e) => return daemon_error_page(&e),
+        }
     };
     let cookie_name = login::state_cookie_name(&state);
     // A binding in the body comes only from the platform-storage page this
@@ -349,9 +361,22 @@ pub(super) async fn launch(
         p.frame_ancestors = Some(reg.frame_ancestors());
         return p.render();
     }
-    if let Err(e) = login::check_binding(&st.lti.states, &state, presented.as_deref(), now)
-        .and_then(|_| login::consume(&st.lti.states, &state))
-    {
+    let checked = login::check_state(&pending, presented.as_deref(), now);
+    if checked.is_ok() || matches!(checked, Err(LtiError::StateExpired)) {
+        // Single use: of two launches with this state, on any nodes, one
+        // goes on.
+        let s = state.clone();
+        match st
+            .store
+            .write(move |tx| lti::take_login_state(tx, &s))
+            .await
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => return lti_error_page(&LtiError::UnknownState),
+            Err(e) => return daemon_error_page(&e),
+        }
+    }
+    if let Err(e) = checked {
         return lti_error_page(&e);
     }
     let expect = Expectations {
@@ -603,14 +628,19 @@ async fn complete_launch(
                 .clone()
                 .ok_or(Error::Lti(LtiError::MissingClaim("deep_linking_settings")))?;
             let return_origin = viva_lti::registration::origin_of(&settings.deep_link_return_url);
-            scope.deep_link = Some(st.lti.save_deep_link(DeepLinkContext {
+            let ctx = DeepLinkContext {
                 issuer: launch.issuer.clone(),
                 client_id: launch.client_id.clone(),
                 deployment_id: launch.deployment_id.clone(),
                 context_id: p.context.clone(),
                 settings,
                 expires_at: viva_lti::now_secs() + 3600,
-            }));
+            };
+            scope.deep_link = Some(
+                st.store
+                    .write(move |tx| lti::save_deep_link(tx, &ctx))
+                    .await?,
+            );
             let (token, claims) = st.sessions.mint_scoped(
                 &p.user,
                 &p.context,
@@ -863,11 +893,15 @@ pub(super) async fn deep_link(
     Json(req): Json<DeepLinkRequest>,
 ) -> Result<Json<viva_lti::deep_linking::DeepLinkResponse>> {
     let handle = deep_link_handle(&c)?;
-    let dl = st.lti.deep_link(&handle).ok_or_else(|| {
-        Error::Unauthorized(
-            "the deep-linking request has expired; start again from your course".into(),
-        )
-    })?;
+    let dl = st
+        .store
+        .read(move |c| lti::deep_link(c, &handle))
+        .await?
+        .ok_or_else(|| {
+            Error::Unauthorized(
+                "the deep-linking request has expired; start again from your course".into(),
+            )
+        })?;
     if dl.context_id != c.ctx || !c.can_manage(&dl.context_id) {
         return Err(Error::Forbidden(
             "only the course's instructors can add assignments to it".into(),

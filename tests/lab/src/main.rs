@@ -866,6 +866,9 @@ fn daemon_config(
     });
     if args.postgres {
         cfg["store"] = json!(viva_tests::pg::fresh_database()?);
+        cfg["node"] = json!({
+            "secrets_key_file": viva_tests::pg::secrets_key_file().display().to_string()
+        });
     }
     let mut table: toml::Table = toml::Value::try_from(cfg)?
         .as_table()
