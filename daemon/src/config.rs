@@ -78,6 +78,13 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Database, media and caches live here.
     pub data_dir: PathBuf,
+    /// Where recordings are kept (default `<data_dir>/media`). Several nodes
+    /// share one: a shared filesystem (NFS, CephFS) mounted at the same path
+    /// on every node, so any api node serves any recording and gpu nodes
+    /// read what api nodes wrote. Uploads are staged beside it, in
+    /// `<media_dir>/.staging-<node>` (one filesystem: the final move is a
+    /// rename).
+    pub media_dir: Option<PathBuf>,
     /// Where grades and the queue live: unset (or `sqlite`) for the embedded
     /// SQLite file `<data_dir>/viva.db`; `postgres://user:password@host/db`
     /// for a PostgreSQL database several nodes share (`VIVA_STORE`).
@@ -167,6 +174,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./var"),
             store: None,
             public_url: None,
+            media_dir: None,
             log_format: LogFormat::Text,
             intake: IntakeConfig::default(),
             scheduler: SchedulerConfig::default(),
@@ -600,11 +608,26 @@ impl Config {
     }
 
     pub fn media_dir(&self) -> PathBuf {
-        self.data_dir.join("media")
+        self.media_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("media"))
     }
 
+    /// Where uploads wait until they are whole: on the media's filesystem,
+    /// one directory per node (each node clears its own at start).
     pub fn staging_dir(&self) -> PathBuf {
-        self.data_dir.join("staging")
+        match &self.media_dir {
+            None => self.data_dir.join("staging"),
+            Some(media) => {
+                let node = self.node.id.clone().unwrap_or_else(host_name);
+                let parent = media.parent().unwrap_or(media);
+                let name = media
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "media".into());
+                parent.join(format!(".{name}-staging-{node}"))
+            }
+        }
     }
 
     pub fn public_url(&self) -> String {
@@ -784,9 +807,47 @@ impl LtiConfig {
     }
 }
 
+/// This machine's host name (`viva` when it has none): a node's default id
+/// on a shared store.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into `buf`.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    if name.is_empty() {
+        "viva".to_owned()
+    } else {
+        name
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_media_dir_stages_uploads_beside_it_per_node() {
+        let mut c = Config {
+            data_dir: PathBuf::from("/var/lib/viva"),
+            ..Config::default()
+        };
+        assert_eq!(c.media_dir(), PathBuf::from("/var/lib/viva/media"));
+        assert_eq!(c.staging_dir(), PathBuf::from("/var/lib/viva/staging"));
+        c.media_dir = Some(PathBuf::from("/srv/shared/media"));
+        c.node.id = Some("api-2".into());
+        assert_eq!(c.media_dir(), PathBuf::from("/srv/shared/media"));
+        // Same filesystem as the media (the final move is a rename), and
+        // not another node's (each clears its own at start).
+        assert_eq!(
+            c.staging_dir(),
+            PathBuf::from("/srv/shared/.media-staging-api-2")
+        );
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -287,6 +287,9 @@ pub async fn run(inputs: &Inputs<'_>) -> Report {
     checks.push(data_dir(&config.data_dir));
     checks.push(disk(config, &file));
     checks.push(database(config));
+    if let Some(c) = secrets_key(config) {
+        checks.push(c);
+    }
     checks.push(ffmpeg(config, &file).await);
     for (slot, kind, role, worker) in configured_workers(config) {
         let error = inputs
@@ -648,6 +651,47 @@ fn database(config: &Config) -> Check {
             "check its owner (viva) and mode; restore it from a backup if it is damaged",
         ),
     }
+}
+
+/// On PostgreSQL: the secrets key file loads and opens the session key the
+/// store holds (another node's file would not).
+fn secrets_key(config: &Config) -> Option<Check> {
+    let Ok(crate::config::StoreLocation::Postgres(url)) = config.store_location() else {
+        return None;
+    };
+    let key = match crate::secrets::sealing_key(config) {
+        Ok(Some(k)) => k,
+        Ok(None) => return None,
+        Err(e) => {
+            return Some(Check::fail(
+                "secrets key",
+                e.to_string(),
+                "copy /etc/viva/secrets.key from a node already running (the same file on every node), and set [node] secrets_key_file",
+            ));
+        }
+    };
+    Some(match crate::store::pg_sealed_secret(&url, "session_key") {
+        Ok(None) => Check::ok(
+            "secrets key",
+            "the secrets key loads; no node has stored the shared keys yet (the first to start does)",
+        ),
+        Ok(Some(sealed)) => match key.open("session_key", &sealed) {
+            Ok(_) => Check::ok(
+                "secrets key",
+                "the secrets key opens the shared session key: this node accepts every node's sessions",
+            ),
+            Err(e) => Check::fail(
+                "secrets key",
+                e.to_string(),
+                "copy the secrets key file from a node already running: every node needs the same one",
+            ),
+        },
+        Err(e) => Check::warn(
+            "secrets key",
+            format!("the store cannot be read to check the secrets key: {e}"),
+            "fix the database check first",
+        ),
+    })
 }
 
 // ---- ffmpeg ---------------------------------------------------------------------------

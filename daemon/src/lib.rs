@@ -184,7 +184,7 @@ impl Daemon {
         // shared store it stays the same across restarts.
         let instance = match (&config.node.id, store.engine()) {
             (Some(id), _) => id.clone(),
-            (None, db::Engine::Postgres) => host_name(),
+            (None, db::Engine::Postgres) => config::host_name(),
             (None, db::Engine::Sqlite) => domain::new_id("daemon"),
         };
         // A daemon killed a moment ago holds the lock until PostgreSQL sees
@@ -339,24 +339,6 @@ async fn retention_sweeper(state: AppState, shutdown: CancellationToken) {
         {
             tracing::warn!(error = %e, "retention sweep failed");
         }
-    }
-}
-
-/// This machine's host name (a node's default id on a shared store).
-fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `len` bytes into `buf`.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let name = if rc == 0 {
-        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        String::from_utf8_lossy(&buf[..end]).into_owned()
-    } else {
-        String::new()
-    };
-    if name.is_empty() {
-        "viva".to_owned()
-    } else {
-        name
     }
 }
 

@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use rusqlite::{OpenFlags, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::{Connection, DbError, Engine, PgConn, Transaction};
+use crate::db::{Connection, DbError, Engine, OptionalExtension, PgConn, Transaction};
 use crate::error::{Error, Result};
 
 /// Numbered migrations; the index + 1 is the schema version. Never edit a
@@ -449,6 +449,28 @@ pub fn stored_version_at(location: &Location) -> Result<Option<u32>> {
             })?
         }),
     }
+}
+
+/// The sealed value of the shared secret `name` in the PostgreSQL store at
+/// `url`, read without changing the store (`viva doctor`): `None` when the
+/// store has no such secret yet (or no schema).
+pub fn pg_sealed_secret(url: &str, name: &str) -> Result<Option<String>> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let conn = RefCell::new(pg_connect(url)?);
+            let conn = Connection::postgres(&conn);
+            if version_in(&conn)?.unwrap_or(0) < PG_MIGRATIONS.len() as u32 {
+                return Ok(None);
+            }
+            Ok(conn
+                .query_row("SELECT sealed FROM secrets WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
+                .optional()?)
+        })
+        .join()
+        .map_err(|_| Error::Internal("reading a shared secret panicked".into()))?
+    })
 }
 
 fn pg_stored_version(url: &str) -> Result<Option<u32>> {

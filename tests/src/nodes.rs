@@ -143,21 +143,32 @@ pub async fn upload(
     token: &str,
     file: &Path,
 ) -> Option<String> {
+    upload_to(client, url, token, "sandbox-oral-1", file, None).await
+}
+
+/// Uploads `file` to `assignment` (under `key` as its `Idempotency-Key`:
+/// every try of one recording); the submission's id when accepted (201).
+pub async fn upload_to(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    assignment: &str,
+    file: &Path,
+    key: Option<&str>,
+) -> Option<String> {
     let bytes = std::fs::read(file).expect("media");
     let name = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let resp = client
-        .post(format!(
-            "{url}/api/v1/assignments/sandbox-oral-1/submissions"
-        ))
+    let mut req = client
+        .post(format!("{url}/api/v1/assignments/{assignment}/submissions"))
         .query(&[("filename", name)])
-        .bearer_auth(token)
-        .body(bytes)
-        .send()
-        .await
-        .ok()?;
+        .bearer_auth(token);
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let resp = req.body(bytes).send().await.ok()?;
     if resp.status().as_u16() != 201 {
         return None;
     }
@@ -171,5 +182,105 @@ pub async fn get_json(client: &reqwest::Client, url: &str, token: &str) -> serde
     match client.get(url).bearer_auth(token).send().await {
         Ok(r) => r.json().await.unwrap_or_default(),
         Err(_) => serde_json::Value::Null,
+    }
+}
+
+/// Adds `toml` to a node's configuration file (a section of its own).
+pub fn append_config(config: &Path, toml: &str) {
+    let text = std::fs::read_to_string(config).expect("config");
+    std::fs::write(config, format!("{text}\n{toml}\n")).expect("config");
+}
+
+/// Adds a top-level `key = value` line to a node's configuration.
+pub fn set_top_level(config: &Path, line: &str) {
+    let text = std::fs::read_to_string(config).expect("config");
+    std::fs::write(config, format!("{line}\n{text}")).expect("config");
+}
+
+/// Sets a node's `public_url` (the address a load balancer in front of the
+/// api nodes answers on: the URLs the LTI platform and browsers use).
+pub fn set_public_url(config: &Path, url: &str) {
+    set_top_level(config, &format!("public_url = \"{url}\""));
+}
+
+/// A TCP load balancer in front of the api nodes, as a site puts one: each
+/// new connection goes to the next backend in turn (round robin, no
+/// sticky sessions); a backend that refuses the connection (a node being
+/// restarted) is skipped. Stops when dropped.
+pub struct Balancer {
+    pub addr: std::net::SocketAddr,
+    backends: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+    served: std::sync::Arc<std::sync::Mutex<HashMap<std::net::SocketAddr, u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Balancer {
+    pub async fn start() -> Balancer {
+        use std::sync::{Arc, Mutex};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("balancer listens");
+        let addr = listener.local_addr().expect("balancer address");
+        let backends: Arc<Mutex<Vec<std::net::SocketAddr>>> = Arc::default();
+        let served: Arc<Mutex<HashMap<std::net::SocketAddr, u64>>> = Arc::default();
+        let (b, s) = (backends.clone(), served.clone());
+        let task = tokio::spawn(async move {
+            let mut next = 0usize;
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let list = b.lock().map(|l| l.clone()).unwrap_or_default();
+                let start = next;
+                next = next.wrapping_add(1);
+                let served = s.clone();
+                tokio::spawn(async move {
+                    for k in 0..list.len() {
+                        let target = list[(start + k) % list.len()];
+                        let connect = tokio::time::timeout(
+                            std::time::Duration::from_secs(2),
+                            tokio::net::TcpStream::connect(target),
+                        )
+                        .await;
+                        if let Ok(Ok(mut outbound)) = connect {
+                            if let Ok(mut m) = served.lock() {
+                                *m.entry(target).or_default() += 1;
+                            }
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Balancer {
+            addr,
+            backends,
+            served,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The api nodes behind it now.
+    pub fn set_backends(&self, list: Vec<std::net::SocketAddr>) {
+        if let Ok(mut b) = self.backends.lock() {
+            *b = list;
+        }
+    }
+
+    /// Connections each backend has taken.
+    pub fn served(&self) -> HashMap<std::net::SocketAddr, u64> {
+        self.served.lock().map(|m| m.clone()).unwrap_or_default()
     }
 }

@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::anyhow;
-use serde_json::Value;
+use anyhow::{anyhow, bail};
+use serde_json::{Value, json};
 
 use crate::process::{Background, STARTUP};
 
@@ -140,6 +140,145 @@ pub fn page_data(html: &str) -> Option<Value> {
     let rest = &html[start..];
     let json = rest.split_once('>')?.1.split("</script>").next()?;
     serde_json::from_str(json).ok()
+}
+
+/// The harness's registration token (`REGISTRATION_TOKEN` in the script).
+pub const REGISTRATION_TOKEN: &str = "reg-token-3f9c2a";
+
+/// The LTI launch dance as a browser does it, against the harness
+/// (`platform`) and a Viva (`tool`: a daemon, or a load balancer in front of
+/// several api nodes). `http` must not follow redirects.
+pub struct Lti {
+    pub http: reqwest::Client,
+    pub platform: String,
+    pub tool: String,
+}
+
+impl Lti {
+    pub async fn post_json(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.platform))
+            .json(&body)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("platform {path}: {}", r.status());
+        }
+        Ok(r.json().await?)
+    }
+
+    pub async fn log(&self) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}/control/log", self.platform))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Dynamic registration through a one-time registration URL that a
+    /// Viva administrator (`admin`, a `viva session --role admin` token) makes.
+    pub async fn register(&self, admin: &str) -> anyhow::Result<()> {
+        let invite: Value = self
+            .http
+            .post(format!("{}/api/v1/admin/platforms/invites", self.tool))
+            .bearer_auth(admin)
+            .json(&json!({}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let url = invite["url"]
+            .as_str()
+            .ok_or_else(|| anyhow!("the invitation has no url: {invite}"))?;
+        let r = self
+            .http
+            .get(url)
+            .query(&[
+                (
+                    "openid_configuration",
+                    format!("{}/.well-known/openid-configuration", self.platform),
+                ),
+                ("registration_token", REGISTRATION_TOKEN.to_owned()),
+            ])
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            let code = r
+                .headers()
+                .get("x-viva-error")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            bail!("dynamic registration failed: {} {code}", r.status());
+        }
+        Ok(())
+    }
+
+    /// login → platform auth → launch; returns the launched page's data.
+    pub async fn launch(&self, spec: Value) -> anyhow::Result<Value> {
+        let prepared = self.post_json("/control/launch", spec).await?;
+        let params: Vec<(String, String)> = prepared["params"]
+            .as_object()
+            .ok_or_else(|| anyhow!("the platform prepared no launch"))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+            .collect();
+        let resp = self
+            .http
+            .post(format!("{}/lti/login", self.tool))
+            .form(&params)
+            .send()
+            .await?;
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let cookie = resp
+            .headers()
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|c| c.starts_with("viva_lti_"))
+            .and_then(|c| c.split(';').next())
+            .map(str::to_owned);
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let auth_url = match location {
+            Some(l) => l,
+            None => page_data(&body)
+                .and_then(|d| d["next"].as_str().map(str::to_owned))
+                .ok_or_else(|| anyhow!("login answered {status} and went nowhere"))?,
+        };
+        let auth = self.http.get(&auth_url).send().await?;
+        let auth_status = auth.status();
+        let auth_body = auth.text().await?;
+        if !auth_status.is_success() {
+            bail!("the platform refused the auth request: {auth_body}");
+        }
+        let (launch_url, form) = parse_form(&auth_body);
+        let mut req = self.http.post(&launch_url).form(&form);
+        if let Some(c) = cookie {
+            req = req.header(reqwest::header::COOKIE, c);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let code = resp
+            .headers()
+            .get("x-viva-error")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!("launch refused: {status} {code}");
+        }
+        page_data(&body).ok_or_else(|| anyhow!("the launch page carries no session"))
+    }
 }
 
 #[cfg(test)]
