@@ -217,6 +217,13 @@ impl Daemon {
             store.clone(),
             compiler,
         )?);
+        match plugins.share_local_components().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(n, "put this node's uploaded plugins into the store"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot put this node's uploaded plugins into the store")
+            }
+        }
         let scorer: Option<Arc<dyn Scorer>> = match scoring {
             Scoring::Off => None,
             Scoring::Plugins(_) => {

@@ -26,6 +26,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::db::{Connection, OptionalExtension, Row, params};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use serde::Serialize;
 use viva_plugins::{
     CompileLimits, Compiler, HostOptions, Plugin, PluginHost, ScoreRequest, SubmissionFacts,
@@ -143,13 +145,120 @@ impl PluginRegistry {
         if let Some(p) = self.cached(&row.sha256) {
             return Ok(p);
         }
-        let path = self.dir.join(format!("{}.wasm", row.sha256));
-        let bytes = std::fs::read(&path).map_err(Error::io(format!(
-            "reading plugin {} ({})",
-            row.name,
-            path.display()
-        )))?;
+        let bytes = self.component(&row.sha256, &row.name)?.ok_or_else(|| {
+            Error::Internal(format!(
+                "plugin {} ({}) is in neither this node's plugins directory nor the store",
+                row.name, row.sha256
+            ))
+        })?;
         self.load_bytes(&bytes)
+    }
+
+    /// An uploaded component: this node's copy in `<data_dir>/plugins`,
+    /// else the store's (`plugin_components`, which every node shares),
+    /// then kept here too. `None` when neither has it. Blocking.
+    fn component(&self, sha256: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.dir.join(format!("{sha256}.wasm"));
+        if path.is_file() {
+            return std::fs::read(&path).map(Some).map_err(Error::io(format!(
+                "reading plugin {name} ({})",
+                path.display()
+            )));
+        }
+        let sha = sha256.to_owned();
+        let stored: Option<String> = self.store.read_blocking(move |c| {
+            Ok(c.query_row(
+                "SELECT component FROM plugin_components WHERE sha256 = ?1",
+                [sha],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })?;
+        let Some(encoded) = stored else {
+            return Ok(None);
+        };
+        let bytes = STANDARD
+            .decode(encoded.as_bytes())
+            .ok()
+            .filter(|b| viva_sha256(b) == sha256)
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "the stored component of plugin {name} ({sha256}) is damaged; upload it again"
+                ))
+            })?;
+        self.keep_local(&path, &bytes)?;
+        Ok(Some(bytes))
+    }
+
+    /// Writes this node's copy of a component (atomically).
+    fn keep_local(&self, path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+        if path.exists() {
+            return Ok(());
+        }
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(Error::io(format!("storing plugin {}", path.display())))
+    }
+
+    /// Puts the components this node has and the store lacks (uploaded
+    /// before the store kept them) into the store, so other nodes sharing
+    /// it can score with them. Returns how many. Called at start.
+    pub async fn share_local_components(&self) -> Result<usize> {
+        let dir = self.dir.clone();
+        let local: Vec<(String, PathBuf)> = tokio::task::spawn_blocking(move || {
+            std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .filter_map(|e| {
+                            let p = e.path();
+                            let stem = p.file_stem()?.to_str()?.to_owned();
+                            (p.extension()? == "wasm" && stem.len() == 64).then_some((stem, p))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("listing plugins: {e}")))?;
+        let mut shared = 0;
+        for (sha, path) in local {
+            let s = sha.clone();
+            let known: bool = self
+                .store
+                .read(move |c| {
+                    Ok(c.query_row(
+                        "SELECT COUNT(*) > 0 FROM plugin_components WHERE sha256 = ?1",
+                        [s],
+                        |r| r.get(0),
+                    )?)
+                })
+                .await?;
+            if known {
+                continue;
+            }
+            let bytes = tokio::fs::read(&path)
+                .await
+                .map_err(Error::io(format!("reading {}", path.display())))?;
+            if viva_sha256(&bytes) != sha {
+                continue;
+            }
+            let encoded = STANDARD.encode(&bytes);
+            self.store
+                .write(move |tx| {
+                    tx.execute(
+                        "INSERT INTO plugin_components (sha256, component, created_at)
+                         VALUES (?1, ?2, ?3) ON CONFLICT (sha256) DO NOTHING",
+                        params![sha, encoded, now_ms()],
+                    )?;
+                    Ok(())
+                })
+                .await?;
+            shared += 1;
+        }
+        Ok(shared)
     }
 
     /// The plugin an assignment pinned: the file with `sha256` (uploaded or
@@ -193,12 +302,7 @@ impl PluginRegistry {
         {
             return self.load_bytes(bytes);
         }
-        let path = self.dir.join(format!("{sha256}.wasm"));
-        if path.is_file() {
-            let bytes = std::fs::read(&path).map_err(Error::io(format!(
-                "reading plugin {name} ({})",
-                path.display()
-            )))?;
+        if let Some(bytes) = self.component(sha256, name)? {
             return self.load_bytes(&bytes);
         }
         if builtin::all().iter().any(|(n, _)| *n == name) {
@@ -361,18 +465,19 @@ impl PluginRegistry {
         let plugin = self.load_bytes(bytes)?;
         let sha = plugin.sha256().to_owned();
         let path = self.dir.join(format!("{sha}.wasm"));
-        if !path.exists() {
-            let tmp = self.dir.join(format!(".{sha}.{}.tmp", std::process::id()));
-            std::fs::write(&tmp, bytes)
-                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(Error::io(format!("storing plugin {}", path.display())))?;
-        }
+        self.keep_local(&path, bytes)?;
+        // Every node scores with it: the store keeps the component too.
+        let encoded = STANDARD.encode(bytes);
         let info = plugin.info().clone();
         let size = bytes.len() as u64;
         let actor = actor.to_owned();
         let id = new_id("plg");
         let (stored, created) = self.store_blocking_write(move |tx| {
+            tx.execute(
+                "INSERT INTO plugin_components (sha256, component, created_at)
+                 VALUES (?1, ?2, ?3) ON CONFLICT (sha256) DO NOTHING",
+                params![sha, encoded, now_ms()],
+            )?;
             if let Some(ctx) = &context_id {
                 crate::domain::ensure_context(tx, ctx, ctx)?;
             }

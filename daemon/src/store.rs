@@ -358,7 +358,9 @@ pub const MIGRATIONS: &[&str] = &[
     // 15: what every api node must see, in the store rather than in one
     // node's memory or files: shared secrets (sealed; only used on
     // PostgreSQL), single-use tickets, LTI login states and deep-linking
-    // requests (each keyed by the sha256 of its token).
+    // requests (each keyed by the sha256 of its token), and uploaded plugin
+    // components (base64, by sha256; each node caches them in
+    // <data_dir>/plugins).
     SHARED_STATE_MIGRATION,
 ];
 
@@ -410,6 +412,11 @@ const SHARED_STATE_MIGRATION: &str = r#"
         context     TEXT NOT NULL,
         created_at  BIGINT NOT NULL,
         expires_at  BIGINT NOT NULL
+    );
+    CREATE TABLE plugin_components (
+        sha256      TEXT PRIMARY KEY,
+        component   TEXT NOT NULL,
+        created_at  BIGINT NOT NULL
     );
 "#;
 

@@ -550,3 +550,59 @@ async fn an_assignment_keeps_its_pinned_plugin_until_saved_again() {
     assert_eq!(versions["needs_rescore"], 1, "alice's grade; bob's failed");
     d.stop().await;
 }
+
+/// Several nodes share uploaded plugins through the store: a daemon with a
+/// data directory that never saw the upload (another node on the same
+/// store) scores with the pinned file, and keeps its own copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploaded_plugin_reaches_a_node_that_never_saw_the_file() {
+    let d = TestDaemon::start_scoring(&fast(), |c| {
+        c.store = None;
+        short_window(c);
+    })
+    .await;
+    let admin = d.token(Role::Admin, "admin", "sandbox");
+    let teacher = d.token(Role::Instructor, "teacher", "sandbox");
+    let (status, up) = upload_plugin(&d, &admin, hostile_wasm()).await;
+    assert_eq!(status, 201, "{up}");
+    let sha = up["sha256"].as_str().expect("sha").to_owned();
+    let body = assignment("shared", "hostile", json!({"mode": "ok"}), "manual");
+    let (status, a) = d
+        .send(
+            reqwest::Method::POST,
+            &teacher,
+            "/api/v1/assignments",
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, 201, "{a}");
+    let kept = d.stop_keeping_files().await;
+    let db = kept.path().join("var/viva.db");
+
+    let other = TestDaemon::start_scoring(&fast(), move |c| {
+        c.store = Some(format!("sqlite:{}", db.display()));
+        short_window(c);
+    })
+    .await;
+    let copy = other
+        .dir
+        .path()
+        .join("var/plugins")
+        .join(format!("{sha}.wasm"));
+    assert!(!copy.exists(), "this node never saw the upload");
+    let alice = other.token(Role::Learner, "alice", "sandbox");
+    let f = tone(other.dir.path(), "a.wav", 1.0);
+    let (status, sub) = other.upload(&alice, "shared", &f).await;
+    assert_eq!(status, 201, "{sub}");
+    let id = sub["id"].as_str().expect("id").to_owned();
+    let done = other.wait_scored(&[id], Duration::from_secs(60)).await;
+    assert_eq!(done[0]["state"], "awaiting_review", "{}", done[0]);
+    assert_eq!(
+        done[0]["score"]["report"]["plugin"]["sha256"], sha,
+        "scored with the uploaded file from the store: {}",
+        done[0]
+    );
+    assert!(copy.exists(), "the node keeps its own copy");
+    other.stop().await;
+    drop(kept);
+}
