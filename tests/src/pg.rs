@@ -24,6 +24,21 @@ pub fn enabled() -> bool {
     std::env::var("VIVA_TEST_STORE").is_ok_and(|v| v == "postgres")
 }
 
+/// Whether a PostgreSQL test must be skipped: no server installed and no
+/// `VIVA_TEST_POSTGRES`; panics instead when `VIVA_REQUIRE_POSTGRES` is set
+/// (scripts/test sets it: CI never skips them).
+pub fn unavailable() -> bool {
+    if bin_dir().is_none() && std::env::var_os("VIVA_TEST_POSTGRES").is_none() {
+        assert!(
+            std::env::var_os("VIVA_REQUIRE_POSTGRES").is_none(),
+            "VIVA_REQUIRE_POSTGRES is set but PostgreSQL's server is not installed"
+        );
+        eprintln!("SKIPPED: PostgreSQL's server is not installed (apt-get install postgresql)");
+        return true;
+    }
+    false
+}
+
 /// The directory holding `initdb` and `postgres` (the newest installed).
 pub fn bin_dir() -> Option<PathBuf> {
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")

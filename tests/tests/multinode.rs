@@ -30,18 +30,6 @@ const STUDENTS: usize = 60;
 const ROLE: &str = "http://purl.imsglobal.org/vocab/lis/v2/membership#";
 const LINK: &str = "rl-many-nodes";
 
-fn skip() -> bool {
-    if viva_tests::pg::bin_dir().is_none() && std::env::var_os("VIVA_TEST_POSTGRES").is_none() {
-        assert!(
-            std::env::var_os("VIVA_REQUIRE_POSTGRES").is_none(),
-            "VIVA_REQUIRE_POSTGRES is set but PostgreSQL's server is not installed"
-        );
-        eprintln!("SKIPPED: PostgreSQL's server is not installed (apt-get install postgresql)");
-        return true;
-    }
-    false
-}
-
 fn spec(user: &str, role: &str, assignment: Option<&str>) -> Value {
     let mut s = json!({"user": user, "roles": [format!("{ROLE}{role}")], "name": format!("Student {user}"),
                        "context": "course-1", "resource_link": LINK, "ags": {"lineitems": true}});
@@ -73,7 +61,7 @@ async fn two_api_nodes_behind_a_balancer_and_two_gpu_nodes_grade_every_student_o
 }
 
 async fn many_nodes(api_nodes: usize) {
-    if skip() {
+    if viva_tests::pg::unavailable() {
         return;
     }
     let Some(platform) = Platform::start_or_skip() else {

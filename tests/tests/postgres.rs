@@ -11,18 +11,6 @@ use std::collections::BTreeMap;
 use viva_daemon::db::{Connection, Engine, Value};
 use viva_daemon::store::{Location, Store};
 
-fn skip() -> bool {
-    if viva_tests::pg::bin_dir().is_none() && std::env::var_os("VIVA_TEST_POSTGRES").is_none() {
-        assert!(
-            std::env::var_os("VIVA_REQUIRE_POSTGRES").is_none(),
-            "VIVA_REQUIRE_POSTGRES is set but PostgreSQL's server is not installed"
-        );
-        eprintln!("SKIPPED: PostgreSQL's server is not installed (apt-get install postgresql)");
-        return true;
-    }
-    false
-}
-
 fn pg_store() -> Store {
     let url = viva_tests::pg::fresh_database().expect("a test database");
     let store = Store::open_at(&Location::Postgres(url)).expect("open the PostgreSQL store");
@@ -78,7 +66,7 @@ fn schema(conn: &Connection<'_>) -> viva_daemon::Result<Schema> {
 
 #[tokio::test]
 async fn the_postgres_schema_is_sqlites_with_postgres_types() {
-    if skip() {
+    if viva_tests::pg::unavailable() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -112,7 +100,7 @@ async fn the_postgres_schema_is_sqlites_with_postgres_types() {
 
 #[tokio::test]
 async fn values_cross_postgres_as_they_cross_sqlite() {
-    if skip() {
+    if viva_tests::pg::unavailable() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -215,7 +203,7 @@ async fn migrate_store_moves_a_sqlite_site_to_postgres() {
     use std::time::Duration;
     use viva_daemon::Role;
     use viva_tests::{TestDaemon, tone};
-    if skip() {
+    if viva_tests::pg::unavailable() {
         return;
     }
     // A site on SQLite (whatever VIVA_TEST_STORE says) with graded work.
@@ -310,7 +298,7 @@ async fn migrate_store_moves_a_sqlite_site_to_postgres() {
 /// start once the first is gone.
 #[tokio::test]
 async fn a_second_daemon_with_the_same_node_id_is_refused() {
-    if skip() {
+    if viva_tests::pg::unavailable() {
         return;
     }
     let url = viva_tests::pg::fresh_database().expect("a test database");
