@@ -256,11 +256,20 @@ async fn migrate_store_moves_a_sqlite_site_to_postgres() {
 
     // The same site on PostgreSQL.
     let target = url.clone();
+    // The same data directory (media, keys), now with the PostgreSQL store.
+    let data_dir = kept.path().join("var");
     let new = TestDaemon::start(&[], move |c| {
         c.store = Some(target);
+        c.data_dir = data_dir;
         c.scheduler.stt_batch_size = 1;
     })
     .await;
+    // The first node on the database seeded the shared session key from the
+    // site's own: sessions from before the move still work.
+    let (status, v) = new
+        .get(&tok, &format!("/api/v1/submissions/{}", ids[0]))
+        .await;
+    assert_eq!(status, 200, "a session from the SQLite site: {v}");
     let admin = new.token(Role::Admin, "test-admin", "sandbox");
     for (id, was) in ids.iter().zip(&before) {
         let (status, now) = new.get(&admin, &format!("/api/v1/submissions/{id}")).await;
