@@ -805,12 +805,11 @@ fn two_phase(
         let next_upload = unbatched.front().map(|&j| arrived(j));
         let upload_here = next_upload.is_some_and(|a| a <= t + 1e-9);
         if !eval_wait.is_empty() && loaded == Some(Loaded::Stt) && !hold_over && !quick_eval {
-            // As the scheduler decides: a hold keeps its first deadline
-            // (`swap::hold_until`), the scheduler's own included.
-            if cost_aware || hold_eval.is_none() {
-                hold_eval = swap::hold_until(decide(false, &eval_wait, t), t, hold_eval);
-            }
-            if let Some(until) = hold_eval.filter(|&u| u > t + 1e-6) {
+            let until = hold_eval.or_else(|| match decide(false, &eval_wait, t) {
+                swap::Swap::Now => None,
+                swap::Swap::HoldFor(s) => Some(t + s),
+            });
+            if let Some(until) = until.filter(|&u| u > t + 1e-6) {
                 if upload_here {
                     batch = Some(open(&mut unbatched, &subs, t, inp.stt_batch_size));
                     continue;
@@ -860,10 +859,11 @@ fn two_phase(
                 .copied()
                 .take_while(|&j| arrived(j) <= t + 1e-9)
                 .collect();
-            if cost_aware || hold_stt.is_none() {
-                hold_stt = swap::hold_until(decide(true, &waiting, t), t, hold_stt);
-            }
-            if let Some(until) = hold_stt.filter(|&u| u > t + 1e-6) {
+            let until = hold_stt.or_else(|| match decide(true, &waiting, t) {
+                swap::Swap::Now => None,
+                swap::Swap::HoldFor(s) => Some(t + s),
+            });
+            if let Some(until) = until.filter(|&u| u > t + 1e-6) {
                 let next = unbatched
                     .iter()
                     .map(|&j| arrived(j))
@@ -1622,53 +1622,6 @@ mod tests {
             ..input(&lone, &roles, Policy::TwoPhase)
         };
         assert!((plan(&quiet, &st)["s1"].done_ms - quick_done).abs() <= 1);
-    }
-
-    /// A held evaluation keeps its first deadline (`swap::hold_until`), as
-    /// the scheduler does: the uploads transcribed meanwhile do not push it
-    /// back (deciding afresh after each of them, the plan held on until
-    /// the latency bound), and once it has run out the evaluations start.
-    #[test]
-    fn a_held_evaluation_starts_by_its_first_deadline() {
-        let roles = vec!["a".to_string(), "b".to_string()];
-        let st = gpu_stats();
-        let load = st.start_seconds("evaluator");
-        let jobs = vec![
-            job("s1", Stage::Eval, "a", 1, 10.0, Some(1)),
-            job("s1", Stage::Eval, "b", 1, 10.0, Some(1)),
-        ];
-        let rate = 0.09;
-        let held = PlanInput {
-            swap_work_ratio: 1.0,
-            stt_batch_size: 10,
-            stt_ready: true,
-            arrival_rate: rate,
-            ..input(&jobs, &roles, Policy::TwoPhase)
-        };
-        let (work, per_item) = swap_work(&st, &roles, 4, false, &[10.0]);
-        let first = match swap::decide(&swap::SwapInput {
-            waiting_work_s: work,
-            oldest_wait_s: 0.001,
-            per_item_work_s: per_item,
-            arrival_rate: rate,
-            round_trip_s: st.round_trip_seconds(),
-            ratio: 1.0,
-            max_wait_s: 300.0,
-        }) {
-            swap::Swap::HoldFor(s) => s,
-            swap::Swap::Now => panic!("a trickle holds one evaluation"),
-        };
-        assert!(first > 30.0 && first < 150.0, "{first}");
-        let p = plan(&held, &st)["s1"];
-        // By then s1 and the uploads expected meanwhile (every 11.1 s) are
-        // transcribed: at most one call of 4 items (6 s) per 4 of them.
-        let items = 1 + (first * rate).floor() as usize;
-        let by = first + load + items.div_ceil(4) as f64 * 6.0;
-        assert!(p.done_ms as f64 >= first * 1000.0, "held: {p:?}");
-        assert!(
-            p.done_ms as f64 <= by * 1000.0 + 1.0,
-            "started by its first deadline ({first:.1} s): {p:?} vs {by:.1} s"
-        );
     }
 
     #[test]

@@ -342,9 +342,7 @@ pub struct Scheduler {
     arrivals: VecDeque<i64>,
     last_arrival_ms: i64,
     /// A phase switch held back to save a model swap: to which kind, until
-    /// when (ms). The ETA planner starts that phase no earlier. Kept from
-    /// one decision to the next while the same switch is held: when it runs
-    /// out, the switch happens (`swap::hold_until`).
+    /// when (ms). The ETA planner starts that phase no earlier.
     hold: Option<(WorkerKind, i64)>,
     /// The batch opened on the quick path a lone upload is promised
     /// (`swap::quick_path`): closed at once, its evaluation not held.
@@ -770,10 +768,7 @@ impl Scheduler {
             .iter()
             .filter(|j| j.stage == Stage::Stt && j.batch_id.is_none() && !stt_paused)
             .collect();
-        // The switch held last time, if any: its deadline stands while the
-        // same switch is held (see `swap::hold_until`).
-        let held = self.hold.take();
-        let earlier = |kind: WorkerKind| held.filter(|h| h.0 == kind).map(|h| h.1 as f64 / 1000.0);
+        self.hold = None;
         if let Some(q) = self.quick_batch
             && !pending.iter().any(|j| j.batch_id == Some(q))
         {
@@ -787,19 +782,15 @@ impl Scheduler {
             // The STT model is loaded and idle: evaluate now only when the
             // waiting evaluations pay for the swap (see `swap`); meanwhile
             // new uploads are transcribed by the model already loaded.
-            let decision = self.swap_to(WorkerKind::Evaluator, &eval_pending, now);
-            if let Some(until) = swap::hold_until(
-                decision,
-                now as f64 / 1000.0,
-                earlier(WorkerKind::Evaluator),
-            ) {
-                let until = (until * 1000.0).ceil() as i64;
-                self.hold = Some((WorkerKind::Evaluator, until));
+            if let swap::Swap::HoldFor(s) = self.swap_to(WorkerKind::Evaluator, &eval_pending, now)
+            {
+                let until = now + (s * 1000.0).ceil() as i64;
+                let recheck = self.recheck_at(now).unwrap_or(until).min(until);
                 if !waiting.is_empty() {
                     self.open_batch(&waiting, false).await?;
                     return Ok(true);
                 }
-                let recheck = self.recheck_at(now).unwrap_or(until).min(until);
+                self.hold = Some((WorkerKind::Evaluator, until));
                 self.set_phase(Phase::Idle);
                 self.wake_at(recheck);
                 return Ok(false);
@@ -814,15 +805,11 @@ impl Scheduler {
         }
         if let Some(first) = waiting.first() {
             if self.loaded() == Some(WorkerKind::Evaluator)
-                && let Some(until) = swap::hold_until(
-                    self.swap_to(WorkerKind::Stt, &waiting, now),
-                    now as f64 / 1000.0,
-                    earlier(WorkerKind::Stt),
-                )
+                && let swap::Swap::HoldFor(s) = self.swap_to(WorkerKind::Stt, &waiting, now)
             {
                 // The evaluators are loaded and idle: gather uploads until
                 // their transcription pays for the swap (see `swap`).
-                let until = (until * 1000.0).ceil() as i64;
+                let until = now + (s * 1000.0).ceil() as i64;
                 let recheck = self.recheck_at(now).unwrap_or(until).min(until);
                 self.hold = Some((WorkerKind::Stt, until));
                 self.set_phase(Phase::Idle);

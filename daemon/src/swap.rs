@@ -77,23 +77,6 @@ pub fn decide(i: &SwapInput) -> Swap {
     Swap::HoldFor(to_fill.min(to_bound).max(0.0))
 }
 
-/// The deadline of a held switch, or `None` to switch now (times in
-/// seconds). A hold keeps the deadline it was first given (`earlier`, while
-/// the same switch is still held): when it runs out the switch happens, even
-/// if the arrivals it waited for brought less work than expected — deciding
-/// afresh would hold again and again until the arrival rate fell silent
-/// (three mean gaps), the end of a class waiting out an idle GPU. The ETA
-/// planner replays holds this way too.
-pub fn hold_until(decision: Swap, now: f64, earlier: Option<f64>) -> Option<f64> {
-    match decision {
-        Swap::Now => None,
-        Swap::HoldFor(s) => {
-            let until = earlier.map_or(now + s, |e| e.min(now + s));
-            (until > now).then_some(until)
-        }
-    }
-}
-
 /// Whether a batch opened now is the quick path the rule promises a lone
 /// upload into a quiet daemon: no arrival rate (so nothing would be held
 /// for it now), on a scale where its evaluation alone does not pay for a
@@ -242,21 +225,6 @@ mod tests {
             Swap::Now,
             "no company expected before the bound"
         );
-    }
-
-    #[test]
-    fn a_hold_keeps_its_first_deadline_and_then_switches() {
-        assert_eq!(hold_until(Swap::Now, 10.0, Some(50.0)), None);
-        assert_eq!(hold_until(Swap::HoldFor(30.0), 10.0, None), Some(40.0));
-        // Decided again later with the same work: the first deadline stands.
-        assert_eq!(
-            hold_until(Swap::HoldFor(30.0), 20.0, Some(40.0)),
-            Some(40.0)
-        );
-        // ... and once it has run out, the switch happens.
-        assert_eq!(hold_until(Swap::HoldFor(30.0), 40.0, Some(40.0)), None);
-        // More work meanwhile can only bring it forward.
-        assert_eq!(hold_until(Swap::HoldFor(5.0), 20.0, Some(40.0)), Some(25.0));
     }
 
     #[test]
