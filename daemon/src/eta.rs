@@ -349,6 +349,14 @@ pub struct PlanInput<'a> {
     /// first by the STT model already loaded.
     pub hold_stt_until_ms: Option<i64>,
     pub hold_eval_until_ms: Option<i64>,
+    /// The batch the scheduler opened on the quick path of a lone upload
+    /// (`swap::quick_path`): it takes no one else and its evaluation is not
+    /// held.
+    pub quick_batch: Option<i64>,
+    /// Since when the STT worker, or the last evaluator, now loading has
+    /// been loading (ms): only the rest of its load is still to come.
+    pub stt_loading_since_ms: Option<i64>,
+    pub eval_loading_since_ms: Option<i64>,
     /// Recent uploads per second ([`swap::arrival_rate`]): the plan expects
     /// more at this rate, who join the open batch and weigh in the held
     /// switches, as they will.
@@ -360,6 +368,21 @@ pub struct PlanInput<'a> {
 }
 
 impl PlanInput<'_> {
+    /// Seconds until a worker of `kind` ("stt" or "evaluator") that is not
+    /// ready can work: what is left of a load in progress, else a whole
+    /// one.
+    fn start_left(&self, stats: &ServiceStats, kind: &str) -> f64 {
+        let full = stats.start_seconds(kind);
+        let since = match kind {
+            "stt" => self.stt_loading_since_ms,
+            _ => self.eval_loading_since_ms,
+        };
+        match since {
+            Some(t) => (full - (self.now_ms - t) as f64 / 1000.0).max(0.0),
+            None => full,
+        }
+    }
+
     /// A job that waits on a model that cannot start.
     fn blocked(&self, j: &PendingJob) -> bool {
         !j.running
@@ -669,21 +692,27 @@ fn two_phase(
         closed: bool,
         size: usize,
         members: Vec<usize>,
+        /// The quick path of a lone upload: evaluated at once.
+        quick: bool,
     }
     let mut batch: Option<Batch> = None;
     let mut unbatched: VecDeque<usize> = VecDeque::new();
     let mut eval_wait: Vec<usize> = Vec::new();
+    // The evaluations waiting include a quick-path batch's: not held.
+    let mut quick_eval = false;
     let mut known_left = 0usize;
     for (i, s) in known.iter().enumerate() {
         if s.stt.is_some() {
             known_left += 1;
             match (s.batch, &inp.batch) {
                 (Some(_), Some(b)) => {
+                    let quick = inp.quick_batch == Some(b.id);
                     let open = batch.get_or_insert_with(|| Batch {
                         opened: b.opened_at as f64 / 1000.0,
-                        closed: b.closed,
+                        closed: b.closed || quick,
                         size: b.size,
                         members: Vec::new(),
+                        quick,
                     });
                     open.members.push(i);
                 }
@@ -694,6 +723,7 @@ fn two_phase(
         } else if s.evals.iter().any(|e| !e.1) {
             known_left += 1;
             eval_wait.push(i);
+            quick_eval |= s.batch.is_some() && s.batch == inp.quick_batch;
         }
     }
     unbatched.extend(n_known..subs.len());
@@ -710,6 +740,9 @@ fn two_phase(
     // switches (the arrivals it waited for came, or the bound is near).
     let mut hold_over = false;
     let mut first_eval = true;
+    // A load in progress now has only its rest to go; later ones are whole.
+    let mut stt_start = Some(inp.start_left(stats, "stt"));
+    let mut eval_start = Some(inp.start_left(stats, "evaluator"));
     let mut t = now;
     for _ in 0..(4 * subs.len() + 64) {
         if known_left == 0 {
@@ -720,7 +753,9 @@ fn two_phase(
             // it is being transcribed.
             let mut start = t;
             if loaded != Some(Loaded::Stt) {
-                start += stats.start_seconds("stt");
+                start += stt_start
+                    .take()
+                    .unwrap_or_else(|| stats.start_seconds("stt"));
                 loaded = Some(Loaded::Stt);
             }
             let mut free = vec![start; inp.stt_concurrency.max(1)];
@@ -763,12 +798,13 @@ fn two_phase(
                 end = end.max(run(j, at, &mut free));
             }
             eval_wait.extend(b.members.iter().copied());
+            quick_eval |= b.quick;
             t = end;
             continue;
         }
         let next_upload = unbatched.front().map(|&j| arrived(j));
         let upload_here = next_upload.is_some_and(|a| a <= t + 1e-9);
-        if !eval_wait.is_empty() && loaded == Some(Loaded::Stt) && !hold_over {
+        if !eval_wait.is_empty() && loaded == Some(Loaded::Stt) && !hold_over && !quick_eval {
             let until = hold_eval.or_else(|| match decide(false, &eval_wait, t) {
                 swap::Swap::Now => None,
                 swap::Swap::HoldFor(s) => Some(t + s),
@@ -792,10 +828,12 @@ fn two_phase(
             // Evaluation phase: everything transcribed so far.
             let mut start = t;
             if loaded != Some(Loaded::Evaluators) {
-                start += stats.start_seconds("evaluator");
+                start += eval_start
+                    .take()
+                    .unwrap_or_else(|| stats.start_seconds("evaluator"));
                 loaded = Some(Loaded::Evaluators);
             }
-            if let Some(h) = hold_eval.take() {
+            if let Some(h) = hold_eval.take().filter(|_| !quick_eval) {
                 start = start.max(h);
             }
             let items = queued_evals(inp, &subs, &eval_wait, &HashMap::new(), start);
@@ -806,6 +844,7 @@ fn two_phase(
             eval_wait.clear();
             first_eval = false;
             hold_over = false;
+            quick_eval = false;
             continue;
         }
         let Some(first) = next_upload else { break };
@@ -846,7 +885,23 @@ fn two_phase(
             t = open_at;
             continue;
         }
-        batch = Some(open(&mut unbatched, &subs, t, inp.stt_batch_size));
+        let mut b = open(&mut unbatched, &subs, t, inp.stt_batch_size);
+        // A lone upload into a quiet daemon: the quick path, as the
+        // scheduler takes it (`swap::quick_path`).
+        if cost_aware {
+            let audio: Vec<f64> = b.members.iter().map(|&i| subs[i].duration).collect();
+            let (work, _) = swap_work(stats, inp.roles, inp.eval_batch_size, false, &audio);
+            if swap::quick_path(
+                inp.swap_work_ratio,
+                inp.arrival_rate,
+                work,
+                stats.round_trip_seconds(),
+            ) {
+                b.quick = true;
+                b.closed = true;
+            }
+        }
+        batch = Some(b);
     }
 
     /// Opens a batch at `t` of the uploads there by then (closed when full).
@@ -866,6 +921,7 @@ fn two_phase(
             closed: members.len() >= cap.max(1),
             size: members.len(),
             members,
+            quick: false,
         }
     }
 }
@@ -897,12 +953,12 @@ pub fn plan(inp: &PlanInput<'_>, stats: &ServiceStats) -> HashMap<String, Predic
     let stt_start_cost = if inp.stt_ready {
         0.0
     } else {
-        stats.start_seconds("stt")
+        inp.start_left(stats, "stt")
     };
     let eval_start_cost = if inp.eval_ready {
         0.0
     } else {
-        stats.start_seconds("evaluator")
+        inp.start_left(stats, "evaluator")
     };
     // A role's running call holds the items of that role now running (one
     // worker per role, one call at a time): its remaining time is the model's
@@ -1230,6 +1286,9 @@ mod tests {
             unavailable: &NONE_DOWN,
             hold_stt_until_ms: None,
             hold_eval_until_ms: None,
+            quick_batch: None,
+            stt_loading_since_ms: None,
+            eval_loading_since_ms: None,
             arrival_rate: 0.0,
             swap_work_ratio: 0.0,
             max_phase_wait_ms: 300_000,
@@ -1506,6 +1565,63 @@ mod tests {
             p.done_ms <= 300_000 + alone,
             "and never past the latency bound: {p:?}"
         );
+    }
+
+    /// A GPU-like swap: about 20 s to load each kind.
+    fn gpu_stats() -> ServiceStats {
+        let mut st = stats();
+        for _ in 0..20 {
+            st.observe_start("stt", 20.0);
+            st.observe_start("evaluator", 20.0);
+        }
+        st
+    }
+
+    /// The quick path a lone upload is promised (`swap::quick_path`) is
+    /// kept, and planned so: its batch takes no one else and its
+    /// evaluation is not held, however busy the arrivals have become since;
+    /// a batch that is not on it takes the next uploads and waits for the
+    /// work to pay for the swap.
+    #[test]
+    fn the_quick_path_of_a_lone_upload_is_planned_as_kept() {
+        let roles = vec!["a".to_string(), "b".to_string()];
+        let st = gpu_stats();
+        let load = st.start_seconds("evaluator");
+        let jobs = vec![job("s1", Stage::Stt, "", 1, 10.0, Some(1))];
+        let busy = PlanInput {
+            batch: Some(OpenBatch {
+                id: 1,
+                opened_at: 0,
+                closed: false,
+                size: 1,
+            }),
+            stt_batch_size: 10,
+            swap_work_ratio: 1.0,
+            arrival_rate: 0.5,
+            ..input(&jobs, &roles, Policy::TwoPhase)
+        };
+        // STT 2 s, the evaluators' load, one call of 1 item (3 s).
+        let quick_done = ((2.0 + load + 3.0) * 1000.0) as i64;
+        let quick = PlanInput {
+            quick_batch: Some(1),
+            ..busy.clone()
+        };
+        let p = plan(&quick, &st)["s1"];
+        assert!((p.done_ms - quick_done).abs() <= 1, "{p:?} vs {quick_done}");
+        let p = plan(&busy, &st)["s1"];
+        assert!(
+            p.done_ms > quick_done + 5_000,
+            "not on the quick path: joined and held: {p:?}"
+        );
+        // A lone upload into a quiet daemon, not yet in a batch: the plan
+        // opens it on the quick path too (nobody is expected to join).
+        let lone = vec![job("s1", Stage::Stt, "", 1, 10.0, None)];
+        let quiet = PlanInput {
+            stt_batch_size: 10,
+            swap_work_ratio: 1.0,
+            ..input(&lone, &roles, Policy::TwoPhase)
+        };
+        assert!((plan(&quiet, &st)["s1"].done_ms - quick_done).abs() <= 1);
     }
 
     #[test]

@@ -277,6 +277,9 @@ struct Slot {
     /// of `stt_concurrency`/`eval_concurrency`, and never counted against
     /// the GPU memory budget.
     remote: bool,
+    /// When the worker now starting was spawned (ms): the ETA planner
+    /// counts what is left of its load, not a whole one.
+    starting_since_ms: i64,
 }
 
 enum Event {
@@ -341,6 +344,9 @@ pub struct Scheduler {
     /// A phase switch held back to save a model swap: to which kind, until
     /// when (ms). The ETA planner starts that phase no earlier.
     hold: Option<(WorkerKind, i64)>,
+    /// The batch opened on the quick path a lone upload is promised
+    /// (`swap::quick_path`): closed at once, its evaluation not held.
+    quick_batch: Option<i64>,
     /// `scheduler.policy = "auto"`: decided again from measured GPU memory.
     auto: bool,
     /// Each slot's GPU memory as its worker last reported it (MiB): what
@@ -453,6 +459,7 @@ impl Scheduler {
             arrivals: VecDeque::new(),
             last_arrival_ms: 0,
             hold: None,
+            quick_batch: None,
         };
         (scheduler, handle)
     }
@@ -762,7 +769,16 @@ impl Scheduler {
             .filter(|j| j.stage == Stage::Stt && j.batch_id.is_none() && !stt_paused)
             .collect();
         self.hold = None;
-        if !eval_pending.is_empty() && self.loaded() == Some(WorkerKind::Stt) {
+        if let Some(q) = self.quick_batch
+            && !pending.iter().any(|j| j.batch_id == Some(q))
+        {
+            self.quick_batch = None;
+        }
+        // The quick path's batch is evaluated at once (see `swap::quick_path`).
+        let quick = self
+            .quick_batch
+            .is_some_and(|q| eval_pending.iter().any(|j| j.batch_id == Some(q)));
+        if !eval_pending.is_empty() && self.loaded() == Some(WorkerKind::Stt) && !quick {
             // The STT model is loaded and idle: evaluate now only when the
             // waiting evaluations pay for the swap (see `swap`); meanwhile
             // new uploads are transcribed by the model already loaded.
@@ -771,7 +787,7 @@ impl Scheduler {
                 let until = now + (s * 1000.0).ceil() as i64;
                 let recheck = self.recheck_at(now).unwrap_or(until).min(until);
                 if !waiting.is_empty() {
-                    self.open_batch(&waiting).await?;
+                    self.open_batch(&waiting, false).await?;
                     return Ok(true);
                 }
                 self.hold = Some((WorkerKind::Evaluator, until));
@@ -802,7 +818,8 @@ impl Scheduler {
             }
             let open_at = first.submitted_at + self.cfg.min_batch_wait.as_millis() as i64;
             if now >= open_at {
-                self.open_batch(&waiting).await?;
+                let quick = self.quick_path(&waiting, now);
+                self.open_batch(&waiting, quick).await?;
                 return Ok(true);
             }
             // Gathering a batch: warm the STT worker meanwhile.
@@ -816,14 +833,14 @@ impl Scheduler {
     }
 
     /// Opens an STT batch of the first waiting uploads (closed at once when
-    /// full).
-    async fn open_batch(&mut self, waiting: &[&PendingJob]) -> Result<()> {
+    /// full, or when it is the quick path of a lone upload).
+    async fn open_batch(&mut self, waiting: &[&PendingJob], quick: bool) -> Result<()> {
         let ids: Vec<String> = waiting
             .iter()
             .take(self.cfg.stt_batch_size)
             .map(|j| j.submission_id.clone())
             .collect();
-        let full = ids.len() >= self.cfg.stt_batch_size;
+        let full = quick || ids.len() >= self.cfg.stt_batch_size;
         let node = self.instance.clone();
         let id = self
             .store
@@ -835,8 +852,43 @@ impl Scheduler {
                 Ok(id)
             })
             .await?;
-        tracing::info!(batch = id, "opened STT batch");
+        tracing::info!(batch = id, quick, "opened STT batch");
+        self.quick_batch = quick.then_some(id);
         Ok(())
+    }
+
+    /// When the last local worker of `kind` now loading was spawned (ms), if
+    /// one is loading.
+    fn loading_since(&self, kind: WorkerKind) -> Option<i64> {
+        self.slots
+            .values()
+            .filter(|s| s.spec_kind == kind && !s.remote && matches!(s.state, SlotState::Starting))
+            .map(|s| s.starting_since_ms)
+            .max()
+    }
+
+    /// Whether a batch of the `waiting` uploads opened now is the quick
+    /// path of a lone upload (see [`swap::quick_path`]).
+    fn quick_path(&self, waiting: &[&PendingJob], now: i64) -> bool {
+        let audio: Vec<f64> = waiting
+            .iter()
+            .take(self.cfg.stt_batch_size)
+            .map(|j| j.duration_seconds)
+            .collect();
+        let (work, _) = crate::eta::swap_work(
+            &self.stats,
+            &self.roles,
+            self.cfg.eval_batch_size,
+            false,
+            &audio,
+        );
+        let window = 2.0 * self.cfg.max_phase_wait.as_secs_f64();
+        swap::quick_path(
+            self.cfg.swap_work_ratio,
+            swap::arrival_rate(self.arrivals.iter().copied(), now, window),
+            work,
+            self.stats.round_trip_seconds(),
+        )
     }
 
     /// The kind whose workers are loaded or loading now (two-phase: at most
@@ -934,12 +986,14 @@ impl Scheduler {
             return Ok(false);
         }
         self.set_phase(Phase::Pipelined);
+        // Both kinds stay loaded in pipelined: the evaluators load while the
+        // first upload is transcribed, not after (as the ETA plans them).
+        self.ensure_started(WorkerKind::Evaluator);
         if !stt.is_empty() {
             self.ensure_started(WorkerKind::Stt);
             self.dispatch_stt(&stt).await?;
         }
         if !eval.is_empty() {
-            self.ensure_started(WorkerKind::Evaluator);
             self.dispatch_evals(&eval).await?;
         }
         Ok(false)
@@ -1032,6 +1086,7 @@ impl Scheduler {
                 continue;
             }
             slot.state = SlotState::Starting;
+            slot.starting_since_ms = now;
             let spec = slot.spec(name);
             let sup = self.supervisor.clone();
             let tx = self.events_tx.clone();
@@ -2022,6 +2077,9 @@ impl Scheduler {
                 .hold
                 .filter(|h| h.0 == WorkerKind::Evaluator)
                 .map(|h| h.1),
+            quick_batch: self.quick_batch,
+            stt_loading_since_ms: self.loading_since(WorkerKind::Stt),
+            eval_loading_since_ms: self.loading_since(WorkerKind::Evaluator),
             arrival_rate: swap::arrival_rate(
                 self.arrivals.iter().copied(),
                 now,
@@ -2161,6 +2219,7 @@ impl Slot {
             idle_since: Instant::now(),
             last_error: None,
             remote: false,
+            starting_since_ms: 0,
         }
     }
 

@@ -77,6 +77,19 @@ pub fn decide(i: &SwapInput) -> Swap {
     Swap::HoldFor(to_fill.min(to_bound).max(0.0))
 }
 
+/// Whether a batch opened now is the quick path the rule promises a lone
+/// upload into a quiet daemon: no arrival rate (so nothing would be held
+/// for it now), on a scale where its evaluation alone does not pay for a
+/// round trip (so arrivals coming while it is transcribed would make the
+/// rule hold it). Such a batch takes no one else and its evaluation is not
+/// held: the ETA its student read at upload (STT, then evaluation at once)
+/// is kept, instead of being stretched by a hold that the next arrivals
+/// bring. With small models one answer pays for the swap and batches keep
+/// the seed's rules.
+pub fn quick_path(ratio: f64, arrival_rate: f64, eval_work_s: f64, round_trip_s: f64) -> bool {
+    ratio > 0.0 && round_trip_s > 0.0 && arrival_rate <= 0.0 && eval_work_s < ratio * round_trip_s
+}
+
 /// Submissions per second expected from now, from the arrivals of the last
 /// `window_s` (timestamps in ms): one over their mean gap, or 0 when there
 /// were fewer than two, or when it has been silent for more than three mean
@@ -212,6 +225,19 @@ mod tests {
             Swap::Now,
             "no company expected before the bound"
         );
+    }
+
+    #[test]
+    fn only_a_lone_upload_at_gpu_scale_takes_the_quick_path() {
+        // A lone upload: no rate; its evaluation (2.2 s) is far below the
+        // 15 s round trip.
+        assert!(quick_path(1.0, 0.0, 2.2, 15.0));
+        assert!(!quick_path(1.0, 0.1, 2.2, 15.0), "others are arriving");
+        assert!(
+            !quick_path(1.0, 0.0, 6.0, 1.4),
+            "small models: one answer pays for the swap, the seed's batch"
+        );
+        assert!(!quick_path(0.0, 0.0, 2.2, 15.0), "holding off");
     }
 
     #[test]

@@ -442,6 +442,71 @@ async fn cost_aware_switching_gathers_a_trickle_and_keeps_its_bound() {
     d.stop().await;
 }
 
+/// The first submission of the first started query of a stage, from the
+/// database (ms).
+async fn first_start(d: &TestDaemon, id: &str, stage: &str) -> i64 {
+    let (id, stage) = (id.to_owned(), stage.to_owned());
+    d.state
+        .store
+        .read(move |c| {
+            c.query_row(
+                "SELECT MIN(started_at) FROM jobs WHERE submission_id = ?1 AND stage = ?2",
+                viva_daemon::db::params![id, stage],
+                |r| r.get(0),
+            )
+            .map_err(Into::into)
+        })
+        .await
+        .expect("started_at")
+}
+
+/// A lone upload into a quiet daemon is promised the quick path (STT, then
+/// evaluation at once): with cost-aware switching, uploads that follow
+/// while it is transcribed neither join its batch nor get its evaluation
+/// held for them, so the ETA its student read is kept; they are served
+/// next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_uploads_quick_path_is_kept_when_others_follow() {
+    let d = TestDaemon::start(
+        &[
+            ("FAKE_LOAD_MS", ms(400)),
+            ("FAKE_STT_FIXED_MS", ms(20)),
+            ("FAKE_EVAL_FIXED_MS", ms(20)),
+        ],
+        |c| {
+            c.scheduler.swap_work_ratio = 1.0;
+            c.scheduler.max_phase_wait = Duration::from_secs(2);
+            c.scheduler.batch_window = Duration::from_secs(600);
+            c.intake.max_uploads_per_user = 0;
+        },
+    )
+    .await;
+    // One upload first, so that load and service times are measured (the
+    // priors would make one answer's evaluation pay for the swap) ...
+    let warm = upload_all(&d, &["warm.wav"], 0.5).await;
+    d.wait_settled(&warm, Duration::from_secs(30)).await;
+    // ... then silence for longer than the arrival window (2 × 2 s).
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let lone = upload_all(&d, &["lone.wav"], 0.5).await;
+    let next = upload_all(&d, &["n1.wav", "n2.wav"], 0.5).await;
+    let all: Vec<String> = lone.iter().chain(&next).cloned().collect();
+    let done = d.wait_settled(&all, Duration::from_secs(60)).await;
+    assert!(done.iter().all(|s| s["state"] == "evaluated"), "{done:?}");
+    let sizes = batch_sizes(&d).await;
+    assert_eq!(
+        sizes[1], 1,
+        "the lone upload's batch took no one else: {sizes:?}"
+    );
+    let evaluated = first_start(&d, &lone[0], "eval").await;
+    for id in &next {
+        assert!(
+            evaluated < first_start(&d, id, "stt").await,
+            "the lone upload was evaluated before the next were transcribed"
+        );
+    }
+    d.stop().await;
+}
+
 /// Workers on a GPU report the device memory they hold (NVML; here the
 /// fake workers' `FAKE_DEVICE_MEMORY_MB`): the admin view and metrics show
 /// the measured figures, a phase switch records the memory before and
