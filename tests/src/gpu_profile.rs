@@ -98,6 +98,32 @@ impl Profile {
         }
         eval_free
     }
+
+    /// The lower bound of a two-phase run, whose promise is that the two
+    /// kinds of model are never loaded together: the bound above, or when
+    /// later, the last transcription (the STT model loaded once, uploads
+    /// back to back from their arrivals) followed by the evaluators' load —
+    /// which cannot start before that transcription ends — and the last
+    /// item's evaluation; or all the work in series (the kinds never run
+    /// side by side) with one load of each, every item in one evaluator
+    /// call. No two-phase schedule, however well timed, beats it.
+    pub fn two_phase_lower_bound(&self, uploads: &[(f64, f64)]) -> f64 {
+        let mut sorted = uploads.to_vec();
+        sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut stt_free = self.stt_load;
+        let mut stt_total = 0.0;
+        for (at, audio) in &sorted {
+            stt_free = stt_free.max(*at) + self.stt_seconds(*audio);
+            stt_total += self.stt_seconds(*audio);
+        }
+        let after_last = stt_free + self.eval_load + self.eval_fixed + self.eval_per_item;
+        let serial = self.stt_load
+            + stt_total
+            + self.eval_load
+            + self.eval_fixed
+            + sorted.len() as f64 * self.eval_per_item;
+        self.lower_bound(uploads).max(after_last).max(serial)
+    }
 }
 
 fn ms(seconds: f64, scale: f64) -> String {
@@ -117,6 +143,16 @@ mod tests {
         let lb = H100.lower_bound(&[(0.0, 100.0), (60.0, 100.0)]);
         assert!((lb - (60.0 + 3.3 + 2.2)).abs() < 1e-9, "{lb}");
         assert_eq!(by_name("h100"), Some(H100));
+        // Two-phase: the evaluators load only after the transcription
+        // (5 + 3.3), then evaluate (2.2).
+        let two = H100.two_phase_lower_bound(&[(0.0, 100.0)]);
+        assert!((two - 20.5).abs() < 1e-9, "{two}");
+        // A late upload: after its transcription, one evaluator load.
+        let two = H100.two_phase_lower_bound(&[(0.0, 100.0), (60.0, 100.0)]);
+        assert!((two - (60.0 + 3.3 + 10.0 + 2.2)).abs() < 1e-9, "{two}");
+        // Never below the co-resident bound.
+        let many: Vec<(f64, f64)> = (0..40).map(|i| (i as f64, 60.0)).collect();
+        assert!(H100.two_phase_lower_bound(&many) >= H100.lower_bound(&many));
         let env = H100.stt_env(10.0, false);
         assert!(
             env.contains(&("FAKE_STT_MS_PER_AUDIO_SEC", "3".into())),

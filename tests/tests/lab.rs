@@ -141,9 +141,22 @@ fn a_gpu_scale_lab_grades_everyone_and_reports_against_the_profile() {
         stderr.contains("phase pipelined"),
         "auto ran pipelined: {stderr}"
     );
+    let two = report["lower_bound"]["two_phase_full_scale_seconds"].as_f64();
+    let co = report["lower_bound"]["full_scale_seconds"].as_f64();
+    assert!(
+        matches!((two, co), (Some(t), Some(c)) if t >= c),
+        "two-phase's own bound is never below the co-resident one: {}",
+        report["lower_bound"]
+    );
     for e in report["eta"].as_array().expect("eta") {
         assert!(
             e["first_batch_at_upload_n"].as_u64().is_some_and(|n| n > 0),
+            "{e}"
+        );
+        assert!(
+            e["first_arrivals_at_upload_n"]
+                .as_u64()
+                .is_some_and(|n| n > 0),
             "{e}"
         );
     }
