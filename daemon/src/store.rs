@@ -398,15 +398,18 @@ const SHARED_STATE_MIGRATION: &str = r#"
     );
     CREATE INDEX tickets_by_user ON tickets (user_id, created_at);
     CREATE INDEX tickets_by_expiry ON tickets (expires_at);
+    -- The state's text comes last and its size is in the indexes: a
+    -- login counts and sums its platform's states from the indexes alone
+    -- (SQLite reads a large text's overflow pages to reach later columns).
     CREATE TABLE lti_states (
         state_hash  TEXT PRIMARY KEY,
         issuer      TEXT NOT NULL,
-        value       TEXT NOT NULL,
         size        BIGINT NOT NULL,
-        created_at  BIGINT NOT NULL
+        created_at  BIGINT NOT NULL,
+        value       TEXT NOT NULL
     );
-    CREATE INDEX lti_states_by_issuer ON lti_states (issuer, created_at);
-    CREATE INDEX lti_states_by_age ON lti_states (created_at);
+    CREATE INDEX lti_states_by_issuer ON lti_states (issuer, created_at, size);
+    CREATE INDEX lti_states_by_age ON lti_states (created_at, size);
     CREATE TABLE lti_deep_links (
         handle_hash TEXT PRIMARY KEY,
         context     TEXT NOT NULL,
