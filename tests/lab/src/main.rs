@@ -2271,6 +2271,13 @@ fn report(
         if let Some(l) = lb {
             bars.push(("lower bound".into(), l));
         }
+        if let Some(two) = lower_bound
+            .as_ref()
+            .and_then(|l| l["two_phase_full_scale_seconds"].as_f64())
+            && runs.iter().any(|r| r.policy == "two-phase")
+        {
+            bars.push(("two-phase lower bound".into(), two / scale));
+        }
         let c = chart::Chart {
             title: format!(
                 "Viva lab: {} students, {} policy, per-student latency and phases",
