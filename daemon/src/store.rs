@@ -453,11 +453,7 @@ pub fn schema_version_at(location: &Location) -> u32 {
 pub fn stored_version_at(location: &Location) -> Result<Option<u32>> {
     match location {
         Location::Sqlite(path) => stored_version(path),
-        Location::Postgres(url) => std::thread::scope(|s| {
-            s.spawn(|| pg_stored_version(url)).join().map_err(|_| {
-                Error::Internal("reading the PostgreSQL schema version panicked".into())
-            })?
-        }),
+        Location::Postgres(url) => pg_read_once(url, version_in),
     }
 }
 
@@ -465,27 +461,33 @@ pub fn stored_version_at(location: &Location) -> Result<Option<u32>> {
 /// `url`, read without changing the store (`viva doctor`): `None` when the
 /// store has no such secret yet (or no schema).
 pub fn pg_sealed_secret(url: &str, name: &str) -> Result<Option<String>> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let conn = RefCell::new(pg_connect(url)?);
-            let conn = Connection::postgres(&conn);
-            if version_in(&conn)?.unwrap_or(0) < PG_MIGRATIONS.len() as u32 {
-                return Ok(None);
-            }
-            Ok(conn
-                .query_row("SELECT sealed FROM secrets WHERE name = ?1", [name], |r| {
-                    r.get(0)
-                })
-                .optional()?)
-        })
-        .join()
-        .map_err(|_| Error::Internal("reading a shared secret panicked".into()))?
+    pg_read_once(url, |conn| {
+        if version_in(conn)?.unwrap_or(0) < PG_MIGRATIONS.len() as u32 {
+            return Ok(None);
+        }
+        Ok(conn
+            .query_row("SELECT sealed FROM secrets WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?)
     })
 }
 
-fn pg_stored_version(url: &str) -> Result<Option<u32>> {
-    let conn = RefCell::new(pg_connect(url)?);
-    version_in(&Connection::postgres(&conn))
+/// One read on a connection of its own to the PostgreSQL store at `url`,
+/// without opening the store. Runs on a plain thread: the client blocks on
+/// a runtime of its own, which panics inside another runtime.
+fn pg_read_once<T: Send>(
+    url: &str,
+    f: impl FnOnce(&Connection<'_>) -> Result<T> + Send,
+) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let conn = RefCell::new(pg_connect(url)?);
+            f(&Connection::postgres(&conn))
+        })
+        .join()
+        .map_err(|_| Error::Internal("a read of the PostgreSQL store panicked".into()))?
+    })
 }
 
 /// The schema version of the database at `path`, read without changing
