@@ -8,7 +8,9 @@ http://127.0.0.1:<tool port>: a cross-site iframe. Modes:
   all-blocked          every cookie blocked: only the LTI postMessage storage
                        flow can carry the launch state
 
-Prints one JSON line: {"ready", "me", "frame_url", "storage", "new_window"}.
+Prints one JSON line: {"ready", "me", "frame_url", "storage", "new_window"};
+new_window is true only once the "open in a new window" offer is shown (the
+platform-storage page carries it hidden while it waits for the answer).
 Uses Debian's chromium and chromedriver through selenium (no downloads).
 """
 
@@ -70,7 +72,7 @@ def main():
             driver.switch_to.frame(frames[0])
             state = driver.execute_script(
                 "return [document.body ? document.body.getAttribute('data-ready') : null,"
-                " location.href, !!document.getElementById('new-window'),"
+                " location.href, (function(){var e=document.getElementById('new-window'); return !!e && !e.closest('[hidden]');})(),"
                 " document.getElementById('me') ? document.getElementById('me').textContent : null,"
                 " document.getElementById('error-code') ? document.getElementById('error-code').textContent : null]"
             )
