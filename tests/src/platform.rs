@@ -110,6 +110,18 @@ pub fn unescape(s: &str) -> String {
         .replace("&amp;", "&")
 }
 
+/// The login-initiation parameters of a launch the platform prepared
+/// (`/control/launch`'s `params`), in order; None when it prepared none.
+pub fn launch_params(prepared: &Value) -> Option<Vec<(String, String)>> {
+    Some(
+        prepared["params"]
+            .as_object()?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+            .collect(),
+    )
+}
+
 /// The action and the named fields, in page order, of the first form in a
 /// page (the platform's auto-submitted launch form).
 pub fn parse_form(html: &str) -> (String, Vec<(String, String)>) {
@@ -221,12 +233,8 @@ impl Lti {
     /// login → platform auth → launch; returns the launched page's data.
     pub async fn launch(&self, spec: Value) -> anyhow::Result<Value> {
         let prepared = self.post_json("/control/launch", spec).await?;
-        let params: Vec<(String, String)> = prepared["params"]
-            .as_object()
-            .ok_or_else(|| anyhow!("the platform prepared no launch"))?
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-            .collect();
+        let params =
+            launch_params(&prepared).ok_or_else(|| anyhow!("the platform prepared no launch"))?;
         let resp = self
             .http
             .post(format!("{}/lti/login", self.tool))

@@ -19,7 +19,7 @@ use reqwest::header::{COOKIE, HOST, LOCATION, SET_COOKIE};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use viva_daemon::Config;
-use viva_tests::platform::{Platform, page_data, parse_form, python};
+use viva_tests::platform::{Platform, launch_params, page_data, parse_form, python};
 
 const ROLE: &str = "http://purl.imsglobal.org/vocab/lis/v2/membership#";
 const REGISTRATION_TOKEN: &str = "reg-token-3f9c2a";
@@ -267,12 +267,7 @@ impl Env {
         tweak: impl FnOnce(&mut Launched),
     ) -> Launched {
         let prepared = self.platform_post_at(base, "/control/launch", spec).await;
-        let params: Vec<(String, String)> = prepared["params"]
-            .as_object()
-            .expect("params")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-            .collect();
+        let params = launch_params(&prepared).expect("params");
         // Platforms POST the login initiation too.
         let resp = self
             .http
@@ -1260,12 +1255,7 @@ async fn forged_malformed_and_replayed_launches_are_rejected_without_side_effect
 
     // ---- Login initiation ----------------------------------------------------------
     let prepared = env.prepare(learner("neg-login")).await;
-    let base: Vec<(String, String)> = prepared["params"]
-        .as_object()
-        .expect("params")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-        .collect();
+    let base = launch_params(&prepared).expect("params");
     let without = |name: &str| -> Vec<(String, String)> {
         base.iter().filter(|(k, _)| k != name).cloned().collect()
     };
@@ -1682,12 +1672,7 @@ async fn an_uninvited_platform_is_refused_and_an_admitted_one_stays_in_its_tenan
     let prepared = env
         .platform_post_at(&attacker.base, "/control/launch", evil_admin.clone())
         .await;
-    let mut params: Vec<(String, String)> = prepared["params"]
-        .as_object()
-        .expect("params")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-        .collect();
+    let mut params = launch_params(&prepared).expect("params");
     // It has never seen Viva: it names the tool's launch URL and a client id it guessed.
     for (k, v) in &mut params {
         match k.as_str() {
